@@ -1,0 +1,36 @@
+# Two commands for a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE=1
+export HF_DATASETS_OFFLINE=1
+export WANDB_MODE=disabled
+export TOKENIZERS_PARALLELISM=false
+
+.PHONY: demo test setup lint bench clean
+
+setup: $(STAMP)
+
+# torch goes first so the project's ">=2.4" never pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m analyses.hesitation
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mechdiff attribution analyses tests benchmarks
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.generation
+
+clean:
+	rm -rf $(VENV) .pytest_cache
