@@ -1,0 +1,568 @@
+"""Load base/fine-tuned model pairs as TransformerLens ``HookedTransformer``s.
+
+This is the only module in the project that constructs a ``HookedTransformer``;
+everything else gets models from :func:`load_pair` / :func:`load_hooked`.
+
+No weight processing: layer norms are not folded, writing weights and the
+unembedding are not centred, value biases are not folded (``process_weights_``
+is never called). Every hook carries the model's true activations
+(``blocks.L.hook_resid_post`` equals the HF decoder layer L output), which is
+what a base-vs-target diff must compare. Consequently ``ln_final`` must be
+applied explicitly before unembedding a residual-stream vector.
+
+Supported: Qwen2ForCausalLM and LlamaForCausalLM (no o_proj/MLP biases,
+rotary scaling "default" or "llama3"). Weights are read only from safetensors;
+pickle checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import einops
+import torch
+import transformers
+from jaxtyping import Float
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.pretrained.weight_conversions import (
+    convert_llama_weights,
+    convert_qwen2_weights,
+)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights  # transformers-internal; pinned <6
+
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+ORGANISM_DIR: Path = Path(__file__).parent / "organism" / "shipped"
+PRESETS: dict[str, tuple[str, str]] = {
+    "r1-distill-qwen-7b": ("Qwen/Qwen2.5-Math-7B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"),
+    "s1.1-32b": ("Qwen/Qwen2.5-32B-Instruct", "simplescaling/s1.1-32B"),
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CONVERTERS = {"Qwen2ForCausalLM": convert_qwen2_weights, "LlamaForCausalLM": convert_llama_weights}
+_HF_CONFIGS = {"Qwen2ForCausalLM": "Qwen2Config", "LlamaForCausalLM": "LlamaConfig"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+_SHAPE_ATTRS = ("original_architecture", "d_model", "n_layers", "n_heads", "d_head", "d_mlp",
+                "n_key_value_heads", "d_vocab")  # fmt: skip
+
+
+class ModelPairMismatch(ValueError):
+    """Base and target cannot be diffed; the message names the attribute and both values."""
+
+
+@dataclass
+class ModelPair:
+    """A base model and its fine-tuned target, sharing one tokenizer.
+
+    Example:
+        >>> pair = load_pair("organism", device="cpu")  # doctest: +SKIP
+        >>> pair.n_layers, pair.d_model, pair.meta["architecture"]  # doctest: +SKIP
+    """
+
+    base: HookedTransformer
+    target: HookedTransformer
+    tokenizer: PreTrainedTokenizerBase
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.base.cfg.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.base.cfg.d_model
+
+    def save_hf(self, directory: str | Path) -> tuple[Path, Path]:
+        """Write ``directory/base`` and ``directory/target`` as HF folders; return both paths.
+
+        Example:
+            >>> base_dir, target_dir = pair.save_hf("out/pair")  # doctest: +SKIP
+            >>> load_hooked(target_dir)  # doctest: +SKIP
+        """
+        paths = (Path(directory) / "base", Path(directory) / "target")
+        for path, model in zip(paths, (self.base, self.target), strict=True):
+            path.mkdir(parents=True, exist_ok=True)
+            hooked_to_hf(model).save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+        return paths
+
+
+def load_pair(
+    pair: str = "organism",
+    *,
+    base: str | None = None,
+    target: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+    n_devices: int = 1,
+) -> ModelPair:
+    """Load a base/target pair, after checking they can be diffed.
+
+    ``pair`` is ``"organism"`` (folders ``ORGANISM_DIR/base`` and ``/target``),
+    a ``PRESETS`` key (hub names: needs a network or a filled HF cache), or
+    ``"custom"`` with ``base=``/``target=`` each a local HF folder or hub name.
+    Tokenizers and configs are compared before any weights are read.
+
+    Example:
+        >>> pair = load_pair("custom", base="runs/base", target="runs/ft")  # doctest: +SKIP
+        >>> pair.meta["source"]  # doctest: +SKIP
+        'local'
+    """
+    sources, names = _pair_sources(pair, base, target)
+    toks = [load_tokenizer(s) for s in sources]
+    # Hub fine-tunes (e.g. R1-distill) rename special tokens at fixed ids: tolerated
+    # for presets only (listed in meta); the target's tokenizer is the shared one.
+    diffs = _check_tokenizers(toks[0], toks[1], allow_added=pair in PRESETS)
+    _check_cfgs(*(_cfg_from_config(s) for s in sources))  # cheap: no weights yet
+    kw = dict(dtype=dtype, device=device, n_devices=n_devices, tokenizer=toks[1])
+    models = [load_hooked(s, **kw) for s in sources]
+    _check_cfgs(models[0].cfg, models[1].cfg)
+    hub = any(_source_kind(s)[0] == "hub" for s in sources)
+    meta = {
+        "base_name": names[0],
+        "target_name": names[1],
+        "source": "organism" if pair == "organism" else ("hub" if hub else "local"),
+        "architecture": models[0].cfg.original_architecture,
+        "dtype": str(models[0].cfg.dtype).removeprefix("torch."),
+        "device": str(models[0].cfg.device),
+        "n_devices": n_devices,
+        "tokenizer_differences": diffs,
+    }
+    return ModelPair(models[0], models[1], toks[1], meta)
+
+
+def load_hooked(
+    source: str | Path,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+    n_devices: int = 1,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    n_ctx: int | None = None,
+) -> HookedTransformer:
+    """Load one model from a local HF folder (with config.json) or a hub name.
+
+    The tokenizer is read from the same place unless given (see :func:`load_tokenizer`).
+
+    Example:
+        >>> model = load_hooked("runs/base", device="cpu")  # doctest: +SKIP
+        >>> model.to_str_tokens("w1 w2")  # doctest: +SKIP
+        ['<bos>', 'w1', 'w2']
+    """
+    kind, where = _source_kind(source)
+    torch_dtype = _resolve_dtype(dtype)
+    _check_supported(_load_hf_config(where, kind), str(source))
+    if kind == "local":
+        _check_weight_files(where)
+    try:
+        hf_model, info = AutoModelForCausalLM.from_pretrained(
+            str(where), dtype=torch_dtype, use_safetensors=True, trust_remote_code=False,
+            output_loading_info=True,
+        )  # fmt: skip
+    except OSError as e:
+        raise (_hub_error(source, e) if kind == "hub" else _weights_error(where, e)) from e
+    except Exception as e:  # safetensors/JSON errors share no base class
+        raise _weights_error(where, e) from e
+    # HF fills absent weights with random values and only warns: refuse instead.
+    bad = sorted(info["missing_keys"]) + [str(m[0]) for m in info["mismatched_keys"]]
+    if bad:
+        raise ValueError(f"Weights in {where} are incomplete or misshapen: {bad[:8]}")
+    tokenizer = tokenizer if tokenizer is not None else _find_tokenizer(source)
+    cfg = _hooked_config(_with_architecture(hf_model), torch_dtype, device, n_devices, n_ctx, tokenizer)
+    cfg.model_name = str(source)
+    state_dict = _CONVERTERS[cfg.original_architecture](hf_model, cfg)
+    del hf_model  # so each HF tensor is freed once copied (peak ~1x model, not 2x)
+    return _build_hooked(cfg, state_dict, tokenizer)
+
+
+def hooked_from_hf(
+    hf_model: transformers.PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+    n_devices: int = 1,
+    n_ctx: int | None = None,
+) -> HookedTransformer:
+    """Convert an in-memory HF Qwen2/Llama causal LM to an unprocessed HookedTransformer.
+
+    Example:
+        >>> from transformers import Qwen2Config, Qwen2ForCausalLM
+        >>> hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=64,
+        ...     intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        ...     num_key_value_heads=2))
+        >>> hooked_from_hf(hf, device="cpu").cfg.n_layers
+        2
+    """
+    hf_config = _with_architecture(hf_model)
+    _check_supported(hf_config, "hooked_from_hf")
+    cfg = _hooked_config(hf_config, _resolve_dtype(dtype), device, n_devices, n_ctx, tokenizer)
+    return _build_hooked(cfg, _CONVERTERS[cfg.original_architecture](hf_model, cfg), tokenizer)
+
+
+def hooked_to_hf(model: HookedTransformer) -> transformers.PreTrainedModel:
+    """Convert an unprocessed Qwen2/Llama HookedTransformer back to an HF model (on CPU).
+
+    Raises ValueError for non-zero biases HF has no slot for (attention output,
+    MLP, unembedding; q/k/v too for Llama). Embeddings are tied iff W_U == W_E.T.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> hf = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64,
+        ...     intermediate_size=128, num_hidden_layers=2, num_attention_heads=4))
+        >>> type(hooked_to_hf(hooked_from_hf(hf, device="cpu"))).__name__
+        'LlamaForCausalLM'
+    """
+    cfg = model.cfg
+    if cfg.original_architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"hooked_to_hf supports {SUPPORTED_ARCHITECTURES}, not {cfg.original_architecture}")
+    state_dict = _hf_state_dict(model)
+    tied = torch.equal(state_dict["lm_head.weight"], state_dict["model.embed_tokens.weight"])
+    with no_init_weights():  # the random init would be overwritten anyway
+        hf_model = AutoModelForCausalLM.from_config(_hf_config(cfg, model.tokenizer, tied), dtype=cfg.dtype)
+    # assign=True adopts our fresh CPU copies instead of copying them a second time
+    hf_model.load_state_dict(state_dict, strict=True, assign=True)
+    if tied:
+        hf_model.tie_weights()
+    return hf_model.eval()
+
+
+def check_pair(
+    base: HookedTransformer,
+    target: HookedTransformer,
+    base_tokenizer: PreTrainedTokenizerBase | None,
+    target_tokenizer: PreTrainedTokenizerBase | None,
+    *,
+    allow_added_token_differences: bool = False,
+) -> list[str]:
+    """Raise :class:`ModelPairMismatch` unless base and target can be diffed.
+
+    Compares architecture, d_model, n_layers, heads, d_mlp, d_vocab and the
+    tokenizers' vocabularies. Differing added/special tokens raise too, unless
+    ``allow_added_token_differences``; they are returned as descriptions.
+
+    Example:
+        >>> check_pair(pair.base, pair.target, pair.tokenizer, pair.tokenizer)  # doctest: +SKIP
+        []
+    """
+    _check_cfgs(base.cfg, target.cfg)
+    return _check_tokenizers(base_tokenizer, target_tokenizer, allow_added_token_differences)
+
+
+def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a local HF folder (or hub name) exactly as it was saved.
+
+    Use this, not ``AutoTokenizer``, for the organism: for ``model_type: qwen2``
+    folders transformers 5 ignores a saved generic ``tokenizer_class``
+    ("TokenizersBackend") and rebuilds a Qwen2 BPE tokenizer from the vocab,
+    silently breaking any non-Qwen tokenizer.
+
+    Example:
+        >>> load_tokenizer(ORGANISM_DIR / "base").bos_token  # doctest: +SKIP
+        '<bos>'
+    """
+    tokenizer = _find_tokenizer(source)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{source} has no tokenizer files (any of {_TOKENIZER_FILES})")
+    return tokenizer
+
+
+def hybrid(pair: ModelPair, backbone: str = "target") -> HookedTransformer:
+    """A new model: the target's embeddings, norms, unembedding and attention with the base's MLPs.
+
+    ``backbone="base"`` takes the base's attention too (only embeddings, norms and
+    unembedding stay the target's). Used by the transcoder adapters; the pair is untouched.
+
+    Example:
+        >>> model = hybrid(pair, backbone="target")  # doctest: +SKIP
+        >>> torch.equal(model.blocks[0].mlp.W_in, pair.base.blocks[0].mlp.W_in)  # doctest: +SKIP
+        True
+    """
+    if backbone not in ("target", "base"):
+        raise ValueError(f"backbone must be 'target' or 'base', not {backbone!r}")
+    _check_cfgs(pair.base.cfg, pair.target.cfg)
+    from_base = ("mlp.", "attn.") if backbone == "base" else ("mlp.",)
+    sources = dict(pair.target.named_parameters())
+    for name, param in pair.base.named_parameters():
+        if name.startswith("blocks.") and name.split(".", 2)[2].startswith(from_base):
+            sources[name] = param
+    cfg = dataclasses.replace(pair.target.cfg, model_name=f"hybrid-{backbone}")
+    state_dict = {name: p.detach() for name, p in sources.items()}
+    return _build_hooked(cfg, state_dict, pair.tokenizer)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _pair_sources(pair: str, base: str | None, target: str | None) -> tuple[tuple, tuple[str, str]]:
+    if pair != "custom" and (base is not None or target is not None):
+        raise ValueError(f"base=/target= are only used with pair='custom', not pair={pair!r}")
+    if pair == "organism":
+        if not all((ORGANISM_DIR / n / "config.json").is_file() for n in ("base", "target")):
+            raise FileNotFoundError(f"No organism in {ORGANISM_DIR}; build it: python -m mechdiff.organism train")
+        return (ORGANISM_DIR / "base", ORGANISM_DIR / "target"), ("organism-base", "organism-target")
+    if pair in PRESETS:
+        return PRESETS[pair], PRESETS[pair]
+    if pair != "custom":
+        raise ValueError(f"Unknown pair {pair!r}; choose one of {['organism', 'custom', *PRESETS]}")
+    if base is None or target is None:
+        raise ValueError("pair='custom' needs both base= and target= (a folder or hub name each)")
+    return (base, target), (str(base), str(target))
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {list(_DTYPES)} or a torch.dtype")
+    return _DTYPES[dtype]
+
+
+def _source_kind(source: str | Path) -> tuple[str, Path | str]:
+    """('local', Path) for folders; ('hub', name) for a missing 'org/name'-shaped string."""
+    text = str(source)
+    path = Path(text).expanduser()
+    pathlike = isinstance(source, Path) or text.startswith(("/", ".", "~")) or text.count("/") > 1
+    if not (path.exists() or pathlike):
+        return "hub", text
+    if not path.is_dir():
+        raise FileNotFoundError(f"Model folder {path} {'is not a folder' if path.exists() else 'does not exist'}")
+    return "local", path
+
+
+def _hub_error(source: str | Path, err: Exception) -> FileNotFoundError:
+    reason = (str(err).splitlines() or [""])[0]
+    return FileNotFoundError(
+        f"{str(source)!r} is not a local folder, and loading it from the Hugging Face Hub failed "
+        f"({type(err).__name__}: {reason}). Offline (HF_HUB_OFFLINE=1) or without a network only "
+        "models already in the HF cache load; pass a local HF folder (config.json, "
+        "model.safetensors, tokenizer files) instead."
+    )
+
+
+def _weights_error(folder: Path | str, err: Exception) -> ValueError:
+    return ValueError(f"Could not read the weights in {folder} (corrupt or truncated?): {err}")
+
+
+def _load_hf_config(where: Path | str, kind: str) -> transformers.PretrainedConfig:
+    if kind == "local" and not (Path(where) / "config.json").is_file():
+        raise FileNotFoundError(f"{where} has no config.json; is it a Hugging Face model folder?")
+    try:
+        return AutoConfig.from_pretrained(str(where), trust_remote_code=False)
+    except OSError as e:
+        raise (_hub_error(where, e) if kind == "hub" else e) from e
+    except ValueError as e:  # unknown model_type and the like
+        raise ValueError(f"Unreadable config in {where}: {e}; supported: {SUPPORTED_ARCHITECTURES}") from e
+
+
+def _with_architecture(hf_model: transformers.PreTrainedModel) -> transformers.PretrainedConfig:
+    # In-memory models built from a bare config have `architectures=None`.
+    if not getattr(hf_model.config, "architectures", None):
+        hf_model.config.architectures = [type(hf_model).__name__]
+    return hf_model.config
+
+
+def _check_supported(hf_config: transformers.PretrainedConfig, what: str) -> None:
+    arch = (getattr(hf_config, "architectures", None) or ["unknown"])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{what}: unsupported architecture {arch}; supported: {SUPPORTED_ARCHITECTURES}")
+    # TL's Llama converter silently drops these biases, and TL does not model Qwen2 windowing.
+    if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
+        raise ValueError(f"{what}: Llama with attention_bias/mlp_bias=True is not supported")
+    if getattr(hf_config, "use_sliding_window", False):
+        raise ValueError(f"{what}: Qwen2 with use_sliding_window=True is not supported")
+
+
+def _check_weight_files(folder: Path) -> None:
+    if any(folder.glob("*.safetensors")):
+        return
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+        raise ValueError(
+            f"{folder} has only pickle weights (pytorch_model.bin); they are refused because "
+            "unpickling can run arbitrary code. Re-save the model with safetensors "
+            "(model.save_pretrained(folder)) somewhere you trust the file."
+        )
+    raise FileNotFoundError(f"{folder} has no model.safetensors weights")
+
+
+def _find_tokenizer(source: str | Path) -> PreTrainedTokenizerBase | None:
+    kind, where = _source_kind(source)
+    if kind == "local":
+        if not any((where / f).is_file() for f in _TOKENIZER_FILES):
+            return None
+        config = where / "tokenizer_config.json"
+        declared = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and (where / "tokenizer.json").is_file():
+            return transformers.PreTrainedTokenizerFast.from_pretrained(str(where))  # see load_tokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(where), trust_remote_code=False)
+    except OSError as e:
+        raise (_hub_error(source, e) if kind == "hub" else e) from e
+
+
+def _rope_fields(hf_config: transformers.PretrainedConfig) -> dict:
+    # transformers 5 keeps theta and scaling in `rope_parameters` (`rope_scaling` is an
+    # alias); older configs have a top-level `rope_theta`.
+    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return {"rotary_base": theta}
+    if rope_type == "llama3":
+        return {
+            "rotary_base": theta, "use_NTK_by_parts_rope": True,
+            "NTK_original_ctx_len": params["original_max_position_embeddings"],
+            "NTK_by_parts_low_freq_factor": params.get("low_freq_factor", 1.0),
+            "NTK_by_parts_high_freq_factor": params.get("high_freq_factor", 4.0),
+            "NTK_by_parts_factor": params.get("factor", 1.0),
+        }  # fmt: skip
+    raise ValueError(f"Unsupported rope scaling {rope_type!r}; supported: 'default', 'llama3'")
+
+
+def _hooked_config(hf_config, dtype, device, n_devices, n_ctx, tokenizer) -> HookedTransformerConfig:
+    """Built here, not by TL's get_pretrained_model_config: that needs a folder on disk and
+    routes by *path name* (a folder whose path contains "llama"/"gemma" is misrouted)."""
+    arch, n_heads = hf_config.architectures[0], hf_config.num_attention_heads
+    n_kv = getattr(hf_config, "num_key_value_heads", None) or n_heads
+    d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
+    return HookedTransformerConfig(
+        model_name=str(getattr(hf_config, "_name_or_path", "") or arch), original_architecture=arch,
+        d_model=hf_config.hidden_size, d_head=d_head, n_heads=n_heads,
+        d_mlp=hf_config.intermediate_size, n_layers=hf_config.num_hidden_layers,
+        d_vocab=hf_config.vocab_size, eps=hf_config.rms_norm_eps, act_fn=hf_config.hidden_act,
+        # TL's Qwen2 converter always writes grouped K/V (`_W_K`); Llama's only under GQA.
+        n_key_value_heads=n_kv if arch == "Qwen2ForCausalLM" or n_kv != n_heads else None,
+        # TL 3.9 builds the causal mask per forward and grows the rotary cache lazily, so
+        # the full trained context costs no memory up front: no cap needed.
+        n_ctx=n_ctx or hf_config.max_position_embeddings,
+        normalization_type="RMS", final_rms=True, gated_mlp=True, use_attn_scale=True,
+        positional_embedding_type="rotary", rotary_dim=d_head, rotary_adjacent_pairs=False,
+        initializer_range=getattr(hf_config, "initializer_range", 0.02),
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        # to_tokens prepends BOS only if there is one (Qwen2 hub tokenizers have none).
+        default_prepend_bos=tokenizer is not None and tokenizer.bos_token is not None,
+        init_weights=False, dtype=dtype, device=device, n_devices=n_devices,
+        **_rope_fields(hf_config),
+    )  # fmt: skip
+
+
+def _cfg_from_config(source: str | Path) -> HookedTransformerConfig:
+    kind, where = _source_kind(source)
+    hf_config = _load_hf_config(where, kind)
+    _check_supported(hf_config, str(source))
+    return _hooked_config(hf_config, torch.float32, "cpu", 1, None, None)
+
+
+def _build_hooked(cfg, state_dict: dict[str, torch.Tensor], tokenizer) -> HookedTransformer:
+    with warnings.catch_warnings():  # TL 3.x deprecation notice for HookedTransformer itself
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(cfg, move_to_device=False)  # params: uninitialised torch.empty
+    params = dict(model.named_parameters())
+    missing, unexpected = sorted(set(params) - set(state_dict)), sorted(set(state_dict) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"Weight conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():  # one tensor at a time, so each source can be freed as we go
+        for name in list(state_dict):
+            params[name].copy_(state_dict.pop(name))
+    if tokenizer is not None:
+        _attach_tokenizer(model, tokenizer)
+    model.move_model_modules_to_device()
+    return model.eval()
+
+
+def _attach_tokenizer(model: HookedTransformer, tokenizer: PreTrainedTokenizerBase) -> None:
+    """``set_tokenizer`` minus its reload of the tokenizer with ``add_bos_token=True``, which
+    crashes on in-memory tokenizers and would make model.tokenizer differ from the pair's."""
+    model.tokenizer = tokenizer
+    tokenizer.padding_side = "left"  # batched generation needs left padding
+    # If the tokenizer doesn't add BOS itself, to_tokens prepends bos_token exactly once.
+    model.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _check_cfgs(a: HookedTransformerConfig, b: HookedTransformerConfig) -> None:
+    for attr in _SHAPE_ATTRS:
+        va, vb = getattr(a, attr), getattr(b, attr)
+        if va != vb:
+            name = "architecture" if attr == "original_architecture" else attr
+            raise ModelPairMismatch(f"base and target differ in {name}: base={va!r}, target={vb!r}")
+
+
+def _check_tokenizers(a, b, allow_added: bool) -> list[str]:
+    if (a is None) != (b is None):
+        raise ModelPairMismatch("tokenizer: only one of base/target has a tokenizer")
+    if a is None:
+        return []
+    va, vb = a.get_vocab(), b.get_vocab()
+    added = set(a.get_added_vocab()) | set(b.get_added_vocab())
+    diff = {t: f"{t!r}: base={va.get(t)}, target={vb.get(t)}" for t in set(va) ^ set(vb)}
+    diff.update({t: f"{t!r}: base={va[t]}, target={vb[t]}" for t in set(va) & set(vb) if va[t] != vb[t]})
+    regular = [d for t, d in sorted(diff.items()) if t not in added]
+    if regular:
+        raise ModelPairMismatch(f"tokenizer vocab differs between base and target: {regular[:5]}")
+    special = [d for t, d in sorted(diff.items()) if t in added]
+    for role in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        if getattr(a, role) != getattr(b, role):
+            special.append(f"{role}: base={getattr(a, role)!r}, target={getattr(b, role)!r}")
+    if special and not allow_added:
+        raise ModelPairMismatch(f"tokenizer special/added tokens differ: {special[:5]}")
+    return special
+
+
+def _hf_state_dict(model: HookedTransformer) -> dict[str, Float[torch.Tensor, "..."]]:
+    """TL names/shapes -> HF Qwen2/Llama names/shapes: the inverse of TL's converters."""
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    is_qwen = model.cfg.original_architecture == "Qwen2ForCausalLM"
+    no_slot = ("attn.b_O", "mlp.b_in", "mlp.b_out", "unembed.b_U")
+    no_slot += () if is_qwen else ("attn.b_Q", "attn.b_K", "attn.b_V", "attn._b_K", "attn._b_V")
+    for key in (k for k in sd if k.endswith(no_slot)):
+        if sd[key].abs().max() > 0:
+            raise ValueError(f"{key} is non-zero, but {model.cfg.original_architecture} has no such bias")
+    out = {
+        "model.embed_tokens.weight": sd["embed.W_E"],
+        "model.norm.weight": sd["ln_final.w"],
+        "lm_head.weight": sd["unembed.W_U"].T,
+    }
+    for layer in range(model.cfg.n_layers):
+        tl, hf = f"blocks.{layer}.", f"model.layers.{layer}."
+        g = "_" if f"{tl}attn._W_K" in sd else ""  # TL stores grouped (GQA) K/V as `_W_K`, `_W_V`
+        for proj, w in (("q", "W_Q"), ("k", f"{g}W_K"), ("v", f"{g}W_V")):
+            out[f"{hf}self_attn.{proj}_proj.weight"] = einops.rearrange(sd[tl + "attn." + w], "n m h -> (n h) m")
+            if is_qwen:
+                bias = sd[tl + "attn." + w.replace("W_", "b_")]
+                out[f"{hf}self_attn.{proj}_proj.bias"] = einops.rearrange(bias, "n h -> (n h)")
+        out[f"{hf}self_attn.o_proj.weight"] = einops.rearrange(sd[f"{tl}attn.W_O"], "n h m -> m (n h)")
+        out[f"{hf}mlp.up_proj.weight"] = sd[f"{tl}mlp.W_in"].T
+        out[f"{hf}mlp.gate_proj.weight"] = sd[f"{tl}mlp.W_gate"].T
+        out[f"{hf}mlp.down_proj.weight"] = sd[f"{tl}mlp.W_out"].T
+        out[f"{hf}input_layernorm.weight"] = sd[f"{tl}ln1.w"]
+        out[f"{hf}post_attention_layernorm.weight"] = sd[f"{tl}ln2.w"]
+    # Fresh contiguous copies: the HF model adopts them, and must not share TL's storage.
+    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in out.items()}
+
+
+def _hf_config(cfg: HookedTransformerConfig, tokenizer, tied: bool) -> transformers.PretrainedConfig:
+    rope = {"rope_type": "default", "rope_theta": float(cfg.rotary_base)}
+    if cfg.use_NTK_by_parts_rope:
+        rope.update(
+            rope_type="llama3", factor=cfg.NTK_by_parts_factor,
+            low_freq_factor=cfg.NTK_by_parts_low_freq_factor,
+            high_freq_factor=cfg.NTK_by_parts_high_freq_factor,
+            original_max_position_embeddings=cfg.NTK_original_ctx_len,
+        )  # fmt: skip
+    ids = {}
+    if tokenizer is not None:
+        ids = {f"{r}_token_id": getattr(tokenizer, f"{r}_token_id") for r in ("bos", "eos", "pad")}
+    return getattr(transformers, _HF_CONFIGS[cfg.original_architecture])(
+        vocab_size=cfg.d_vocab, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_key_value_heads or cfg.n_heads, head_dim=cfg.d_head,
+        hidden_act=cfg.act_fn, max_position_embeddings=cfg.n_ctx, rms_norm_eps=cfg.eps,
+        rope_parameters=rope, tie_word_embeddings=tied, architectures=[cfg.original_architecture],
+        **ids,
+    )  # fmt: skip
+
