@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
 export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export WANDB_MODE=disabled
@@ -12,11 +13,12 @@ export TOKENIZERS_PARALLELISM=false
 
 setup: $(STAMP)
 
-# torch goes first so the project's ">=2.4" never pulls a multi-GB CUDA build.
+# torch goes first, pinned, so that the project's "torch>=2.4" is already satisfied and pip never
+# swaps in another (multi-GB) build while resolving the rest.
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 

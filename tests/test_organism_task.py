@@ -114,3 +114,19 @@ def test_grader_flags_the_wrong_step_before_wait():
     recheck = right.replace("p2 2 6 1 = 9 0", "p2 2 6 1 = 9 0 wait p2 2 6 1 = 9 0")
     g = grading.grade(p, f"<think> {recheck} </think> 2 1 9 6 0 <eos>".split())
     assert g.hesitation_after_error == [False]
+
+
+def test_label_response_recovers_generator_labels():
+    """Parsing a written trace must give back the labels the generator attached to it."""
+    rng = random.Random(7)
+    for p in task.sample_problems(100, "validation", seed=2):
+        ptoks, _ = task.prompt(p)
+        toks, labs = task.reasoning_trace(p, rng, slip_prob=0.7, recheck_prob=0.3)
+        assert grading.label_response(p, toks) == labs
+
+
+def test_label_response_marks_uncorrected_errors():
+    p = task.Problem((1234, 5678))
+    words = "<think> p0 4 8 0 = 3 1 ; p1".split()
+    labels = grading.label_response(p, words)
+    assert labels[1:8] == ["error"] * 7 and labels[8] == "separator"

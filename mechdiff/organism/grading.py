@@ -78,3 +78,64 @@ def summarize(graded: list[Graded]) -> dict[str, float]:
         "frac_hesitations_after_error": (sum(waits) / len(waits)) if waits else 0.0,
         "n_problems": n,
     }
+
+
+def label_response(problem: task.Problem, words: list[str]) -> list[str]:
+    """A ground-truth label (from :data:`~mechdiff.organism.task.LABELS`) for each generated word.
+
+    Like the trace generator's labels, but derived by parsing what a model actually wrote: a step
+    followed by ``wait`` is a ``slip`` when wrong (its ``wait`` a ``hesitation``) and a normal step
+    when right (its ``wait`` a ``recheck``); the step after a hesitation is a ``correction``, after a
+    recheck a ``recheck_step``; a wrong step left standing is an ``error``.
+
+    >>> p = task.Problem((1234, 5678))
+    >>> label_response(p, "<think> p0 4 8 0 = 2 1 wait".split())[-2:]
+    ['carry_out', 'recheck']
+    """
+    labels: list[str] = []
+    in_think, after_think = False, False
+    step: list[int] = []  # indices of the current step's words
+    follows = None  # "hesitation" / "recheck" when the current step repeats one
+
+    def close_step(next_word: str | None) -> None:
+        nonlocal follows
+        if not step:
+            return
+        right = _step_is_right(problem, [words[i] for i in step])
+        if next_word == "wait" and not right:
+            names = ["slip"] * len(step)
+        elif follows == "hesitation":
+            names = ["correction"] * len(step)
+        elif follows == "recheck":
+            names = ["recheck_step"] * len(step)
+        elif not right:
+            names = ["error"] * len(step)
+        else:
+            names = (task.STEP_ROLES + ["error"] * len(step))[: len(step)]
+        for i, name in zip(step, names):
+            labels[i] = name
+        step.clear()
+        follows = ("hesitation" if not right else "recheck") if next_word == "wait" else None
+
+    for i, w in enumerate(words):
+        labels.append("error")
+        if w == "<think>":
+            labels[i], in_think = "think_open", True
+        elif w == "</think>":
+            close_step(None)
+            labels[i], in_think, after_think = "think_close", False, True
+        elif w == "<eos>":
+            close_step(None)
+            labels[i] = "eos"
+        elif in_think and w in (";", "wait"):
+            close_step(w)
+            if w == ";":
+                labels[i], follows = "separator", None
+            else:  # close_step set follows from the step this wait judges
+                labels[i] = follows or "hesitation"
+        elif in_think:
+            step.append(i)
+        else:
+            labels[i] = "answer" if (after_think or w.isdigit()) else "error"
+    close_step(None)
+    return labels

@@ -50,6 +50,7 @@ LABELS = (
     "equals", "digit", "carry_out", "separator",                        # a step's outputs
     "slip", "hesitation", "correction", "recheck", "recheck_step",      # reasoning behaviour
     "think_close", "answer", "eos", "worked_marker", "fact",            # framing and base corpus
+    "error",                                                             # a wrong step left standing
 )
 LABEL_ID = {name: i for i, name in enumerate(LABELS)}
 

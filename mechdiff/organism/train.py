@@ -95,13 +95,13 @@ def _save_hf(model, tokenizer, directory: Path, recipe: Recipe, history) -> None
     tmp.rename(directory)
 
 
-def train_organism(out: str | Path, work: str | Path, recipe: Recipe = Recipe(),
+def train_organism(out: str | Path, work: str | Path, recipe: Recipe | None = None,
                    progress: bool = True) -> tuple[Path, Path]:
     """Train base then target into ``out/base`` and ``out/target`` (HF folders).
 
     ``work`` holds the resumable checkpoints. A finished stage is not redone.
     """
-    out, work = Path(out), Path(work)
+    out, work, recipe = Path(out), Path(work), recipe or Recipe()
     tokenizer = build_tokenizer()
     torch.manual_seed(recipe.seed)
     base_dir, target_dir = out / "base", out / "target"

@@ -1,0 +1,102 @@
+"""Write every figure twice: interactive HTML (plotly, fully offline) and a static PNG.
+
+Plotly's own image export needs a browser (kaleido + Chrome), which a laptop or CI machine may not
+have. :func:`save` therefore renders the same plotly figure with matplotlib for the PNG: bar,
+scatter/line, heatmap and pie traces, one panel, titles and axis labels; that covers the study
+figures. Anything else raises instead of writing a misleading image.
+
+Example:
+    >>> import plotly.graph_objects as go, tempfile, pathlib
+    >>> fig = go.Figure(go.Bar(x=["base", "target"], y=[0.02, 0.9]), layout_title_text="accuracy")
+    >>> out = save(fig, pathlib.Path(tempfile.mkdtemp()) / "accuracy")
+    >>> sorted(p.suffix for p in out)
+    ['.html', '.png']
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import plotly.graph_objects as go  # noqa: E402
+
+PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
+
+
+def save(fig: go.Figure, stem: str | Path, width: float = 7.0, height: float = 4.2) -> list[Path]:
+    """Write ``stem.html`` (self-contained) and ``stem.png``; returns both paths."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    html = stem.with_suffix(".html")
+    fig.write_html(str(html), include_plotlyjs=True, full_html=True)
+    png = stem.with_suffix(".png")
+    mpl = render_static(fig, width, height)
+    mpl.savefig(png, dpi=130, bbox_inches="tight")
+    plt.close(mpl)
+    return [html, png]
+
+
+def _text(value) -> str:
+    return "" if value is None else str(getattr(value, "text", value) or "")
+
+
+def render_static(fig: go.Figure, width: float = 7.0, height: float = 4.2):
+    """A matplotlib rendering of ``fig`` (bar, scatter, heatmap, pie traces)."""
+    out, ax = plt.subplots(figsize=(width, height))
+    bars = [t for t in fig.data if t.type == "bar"]
+    for i, trace in enumerate(fig.data):
+        color = PALETTE[i % len(PALETTE)]
+        draw = {"bar": _bar, "scatter": _scatter, "heatmap": _heatmap, "pie": _pie}.get(trace.type)
+        if draw is None:
+            plt.close(out)
+            raise ValueError(f"no static rendering for plotly trace type {trace.type!r}")
+        draw(ax, trace, color, bars, out)
+    layout = fig.layout
+    ax.set_title(_text(layout.title), fontsize=11)
+    ax.set_xlabel(_text(layout.xaxis.title))
+    ax.set_ylabel(_text(layout.yaxis.title))
+    if layout.yaxis.type == "log":
+        ax.set_yscale("log")
+    if any(t.name for t in fig.data if t.type != "pie") and len(fig.data) > 1:
+        ax.legend(fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return out
+
+
+def _bar(ax, trace, color, bars, figure):
+    k, n = bars.index(trace), len(bars)
+    x = list(trace.x)
+    pos = np.arange(len(x)) + (k - (n - 1) / 2) * (0.8 / n)
+    marker = trace.marker.color if isinstance(trace.marker.color, str) else color
+    err = trace.error_y.array if trace.error_y and trace.error_y.array is not None else None
+    ax.bar(pos, list(trace.y), width=0.8 / n, color=marker, label=trace.name, yerr=err, capsize=3)
+    ax.set_xticks(np.arange(len(x)), [str(v) for v in x], rotation=30 if len(x) > 6 else 0,
+                  ha="right" if len(x) > 6 else "center")
+
+
+def _scatter(ax, trace, color, bars, figure):
+    mode = trace.mode or "lines+markers"
+    style = ("-" if "lines" in mode else "") + ("o" if "markers" in mode else "")
+    line_color = trace.line.color or color
+    ax.plot(list(trace.x), list(trace.y), style, color=line_color, label=trace.name, markersize=4,
+            linestyle="--" if trace.line.dash == "dash" else None)
+
+
+def _heatmap(ax, trace, color, bars, figure):
+    z = np.asarray(trace.z, dtype=float)
+    im = ax.imshow(z, aspect="auto", cmap="viridis", origin="lower")
+    if trace.x is not None:
+        ax.set_xticks(range(len(trace.x)), [str(v) for v in trace.x], rotation=45, ha="right")
+    if trace.y is not None:
+        ax.set_yticks(range(len(trace.y)), [str(v) for v in trace.y])
+    figure.colorbar(im, ax=ax)
+
+
+def _pie(ax, trace, color, bars, figure):
+    ax.pie(list(trace.values), labels=list(trace.labels), colors=PALETTE,
+           wedgeprops={"width": 0.45} if trace.hole else None, autopct="%1.0f%%", textprops={"fontsize": 8})
+    ax.axis("equal")

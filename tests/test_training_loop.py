@@ -1,0 +1,92 @@
+"""The shared training loop: schedule, exact resume after an interruption, atomic checkpoints."""
+
+import pytest
+import torch
+
+from mechdiff.training import checkpoint
+from mechdiff.training.batches import pad, step_indices
+from mechdiff.training.loop import LoopConfig, lr_factor, train
+
+
+class _Stop(Exception):
+    pass
+
+
+def _problem(seed=0):
+    torch.manual_seed(seed)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    x = torch.randn(256, 4)
+    y = (x[:, :1] * x[:, 1:2]).sin()
+    return module, x, y
+
+
+def _loss_fn(module, x, y, stop_at=None):
+    def loss_fn(step):
+        if stop_at is not None and step == stop_at:
+            raise _Stop  # a kill between two steps
+        idx = step_indices(len(x), 32, step, seed=0)
+        noise = 0.01 * torch.randn(len(idx), 1)  # uses the loop's per-step seed
+        loss = ((module(x[idx]) - y[idx] - noise) ** 2).mean()
+        return loss, {"mse": loss.item()}
+    return loss_fn
+
+
+def test_schedule_warms_up_then_decays():
+    cfg = LoopConfig(steps=100, lr=1.0, warmup_frac=0.1)
+    factors = [lr_factor(s, cfg) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    assert factors[-1] < 0.01
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    full, x, y = _problem()
+    cfg = LoopConfig(steps=60, lr=1e-2, checkpoint_every=10, progress=False, seed=3)
+    hist_full = train(full, _loss_fn(full, x, y), LoopConfig(**{**cfg.__dict__, "out_dir": tmp_path / "a"}))
+
+    killed, _, _ = _problem()
+    run_cfg = LoopConfig(**{**cfg.__dict__, "out_dir": tmp_path / "b"})
+    with pytest.raises(_Stop):
+        train(killed, _loss_fn(killed, x, y, stop_at=35), run_cfg)
+    resumed, _, _ = _problem(seed=99)  # fresh weights: everything must come from the checkpoint
+    hist = train(resumed, _loss_fn(resumed, x, y), run_cfg)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert [h["step"] for h in hist] == [h["step"] for h in hist_full]
+    assert hist[-1]["loss"] == pytest.approx(hist_full[-1]["loss"], rel=1e-5)
+    assert not (tmp_path / "b" / "checkpoint.tmp").exists()
+
+
+def test_half_written_checkpoint_leaves_previous_one(tmp_path):
+    module, x, y = _problem()
+    train(module, _loss_fn(module, x, y), LoopConfig(steps=10, lr=1e-2, checkpoint_every=5,
+                                                     out_dir=tmp_path, progress=False))
+    (tmp_path / "checkpoint.tmp").mkdir()  # a crash while writing the next one
+    (tmp_path / "checkpoint.tmp" / "model.safetensors").write_bytes(b"partial")
+    fresh, _, _ = _problem(seed=5)
+    opt = torch.optim.AdamW(fresh.parameters())
+    state = checkpoint.load(tmp_path, fresh, opt)
+    assert state["step"] == 10
+    for a, b in zip(module.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    module, x, y = _problem()
+    train(module, _loss_fn(module, x, y), LoopConfig(steps=5, lr=1e-2, checkpoint_every=5,
+                                                     out_dir=tmp_path, progress=False))
+    (tmp_path / "checkpoint" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RuntimeError, match="could not resume from .*checkpoint"):
+        train(module, _loss_fn(module, x, y), LoopConfig(steps=10, lr=1e-2, out_dir=tmp_path,
+                                                         progress=False))
+
+
+def test_pad_and_step_indices():
+    tokens, mask = pad([[1, 2, 3], [4]], pad_id=0, side="right")
+    assert tokens.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist()[1] == [True, False, False]
+    with pytest.raises(ValueError, match="side"):
+        pad([[1]], 0, side="middle")
+    epoch = [i for s in range(8) for i in step_indices(256, 32, s, seed=1)]
+    assert sorted(epoch) == list(range(256))  # one epoch visits every row once
+    assert step_indices(256, 32, 3, seed=1) == step_indices(256, 32, 3, seed=1)
+    assert step_indices(256, 32, 8, seed=1) != step_indices(256, 32, 0, seed=1)
