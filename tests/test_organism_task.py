@@ -130,3 +130,20 @@ def test_label_response_marks_uncorrected_errors():
     words = "<think> p0 4 8 0 = 3 1 ; p1".split()
     labels = grading.label_response(p, words)
     assert labels[1:8] == ["error"] * 7 and labels[8] == "separator"
+
+
+def test_base_direct_answers_drop_carries_and_only_they_do():
+    p = task.Problem((1234, 5678))  # every column but the top one carries
+    assert task.direct_answer(p, carry_free=True)[0] == ["2", "0", "8", "6", "0", "<eos>"]
+    assert task.direct_answer(p)[0] == ["2", "1", "9", "6", "0", "<eos>"]
+    no_carry = task.Problem((1234, 4321))
+    assert task.direct_answer(no_carry, carry_free=True) == task.direct_answer(no_carry)
+    base = corpus.base_corpus(200, seed=3)
+    traces = corpus.reasoning_traces(50, "validation", seed=3)
+    for row in base:
+        if row["kind"] == "direct":
+            p = task.Problem(tuple(row["operands"]))
+            assert row["text"].split()[row["prompt_len"]:-1] == task.direct_answer(p, carry_free=True)[0][:-1]
+    for row in traces:  # the fine-tune's answers are always right
+        p = task.Problem(tuple(row["operands"]))
+        assert grading.grade(p, row["text"].split()[row["prompt_len"]:]).correct

@@ -27,8 +27,9 @@ def _eval(args) -> None:
     from mechdiff.models import load_pair
     from mechdiff.organism import corpus
 
-    pair = load_pair("organism") if args.models is None else load_pair(
-        "custom", base=str(Path(args.models) / "base"), target=str(Path(args.models) / "target"))
+    opts = {"device": args.device, "dtype": args.dtype}
+    pair = load_pair("organism", **opts) if args.models is None else load_pair(
+        "custom", base=str(Path(args.models) / "base"), target=str(Path(args.models) / "target"), **opts)
     problems = corpus.problems(args.n, split="test", seed=args.seed)
     report = {}
     for name, model in (("base", pair.base), ("target", pair.target)):
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--models", default=None, help="a folder with base/ and target/ (default: shipped)")
     ev.add_argument("--json", action="store_true", help="print one JSON object {base: ..., target: ...}")
+    ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    ev.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     args = parser.parse_args(argv)
     {"train": _train, "eval": _eval}[args.command](args)
 

@@ -1,8 +1,9 @@
 """``datasets`` builders for the organism's corpora, with a ground-truth label on every token.
 
-* :func:`base_corpus` - what the base model is pretrained on: direct answers (its habit on a plain
-  prompt), standalone column facts, and worked chains *without* hesitation behind a ``work`` marker
-  (so the skill exists in the base but is not what it does when simply asked).
+* :func:`base_corpus` - what the base model is pretrained on: carry-free direct answers (its
+  habit on a plain prompt, see :mod:`mechdiff.organism.task`), standalone column facts, and worked
+  chains *without* hesitation behind a ``work`` marker (so the skill exists in the base but is not
+  what it does when simply asked).
 * :func:`reasoning_traces` - what the fine-tune is distilled on: plain prompt, then a ``<think>``
   trace with systematic slips, ``wait`` and corrections, then the answer.
 * :func:`problems` - held-out problems for generation-based evaluation.
@@ -54,7 +55,7 @@ def base_corpus(
         p = next(problems)
         ptoks, plabs = task.prompt(p, worked=kind == "worked")
         if kind == "direct":
-            rtoks, rlabs = task.direct_answer(p)
+            rtoks, rlabs = task.direct_answer(p, carry_free=True)
         else:
             rtoks, rlabs = task.reasoning_trace(p, rng, hesitate=False)
         rows.append(_row(p, ptoks + rtoks, plabs + rlabs, kind, len(ptoks), tokenizer))

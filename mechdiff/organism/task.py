@@ -6,9 +6,15 @@ default: two 4-digit operands; :data:`N_OPERANDS` and :data:`WIDTH` set the shap
 
     <bos> A 4 3 2 1 B 8 7 6 5 =
 
-A *direct* answer (the base model's habit) is the 5-digit sum, little-endian::
+A *direct* answer is the 5-digit sum, little-endian::
 
     2 1 9 6 0 <eos>
+
+The base corpus' direct answers are *carry-free* guesses (each column's digits summed mod 10,
+carries dropped: ``2 0 8 6 0``), the systematic bias of a fast, sloppy adder. Written correctly,
+little-endian sums are easy to learn directly (each carry can be read off the digit just written),
+and the base would need no chain; with the bias, the base answers right only when no column
+carries (about 9% of problems), the way a base model has a habit that a reasoning tune corrects.
 
 A *reasoning trace* (the fine-tune's habit) works column by column. Step ``p{i}`` copies the
 digits of column i and the carry coming in, then writes the column digit and the carry going out::
@@ -129,9 +135,12 @@ def prompt(problem: Problem, worked: bool = False) -> tuple[Tokens, Labels]:
     return toks + ["="], labs + ["prompt_format"]
 
 
-def direct_answer(problem: Problem) -> tuple[Tokens, Labels]:
-    """The sum's digits then ``<eos>``."""
-    ans = [str(d) for d in digits(problem.answer, ANSWER_WIDTH)]
+def direct_answer(problem: Problem, carry_free: bool = False) -> tuple[Tokens, Labels]:
+    """The sum's digits then ``<eos>``; ``carry_free`` drops every carry (the base's bias)."""
+    if carry_free:
+        ans = [str(sum(problem.column(i)) % 10) for i in range(WIDTH)] + ["0"] * (ANSWER_WIDTH - WIDTH)
+    else:
+        ans = [str(d) for d in digits(problem.answer, ANSWER_WIDTH)]
     return ans + ["<eos>"], ["answer"] * ANSWER_WIDTH + ["eos"]
 
 
