@@ -1,0 +1,106 @@
+"""Build one attribution graph and write every view of it.
+
+    python -m attribution [--prompt "A 3 2 1 ..."] [--target wait] [--max-feature-nodes 500]
+                          [--adapters auto|random] [--base DIR --target-model DIR] [--out DIR]
+
+Writes to ``--out`` (default ``figures/attribution``): ``graph.safetensors`` + ``graph.json``
+(:meth:`Graph.save`), ``graph.html`` + ``graph.png`` (the pruned graph), ``features.html``
+(circuitsvis token views of the most influential features) and ``circuit-tracer/`` (the graph
+JSON and index circuit-tracer's frontend serves). The default prompt is an organism reasoning
+trace cut just before its first "wait"; adapters are the shipped ones when present, else random
+(``attribution.synthetic``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from attribution.build import attribute  # noqa: E402
+from attribution.export import write_circuit_tracer_files  # noqa: E402
+from attribution.plot import feature_token_views, save_graph_figure  # noqa: E402
+from attribution.synthetic import randomize_adapters  # noqa: E402
+
+
+def _adapted(args):
+    from mechdiff.adapters.transcoder import AdaptedModel
+    from mechdiff.models import load_pair
+
+    pair = (load_pair("custom", base=args.base, target=args.target_model or args.base) if args.base
+            else load_pair("organism"))
+    if args.adapters == "auto":
+        try:
+            from mechdiff.adapters.formats import load_adapted
+            return load_adapted(pair), "shipped adapters"
+        except Exception as err:  # noqa: BLE001 - fall back to random adapters, and say why
+            print(f"shipped adapters unavailable ({type(err).__name__}); using random ones")
+    torch.manual_seed(0)
+    adapted = AdaptedModel.from_pair(pair, d_sae=args.d_sae)
+    return (randomize_adapters(adapted, seed=0, density=args.density, dec_norm=args.dec_norm),
+            "random adapters")
+
+
+def _default_prompt(tokenizer) -> torch.Tensor:
+    """An organism trace (prompt + response) cut just before its first "wait"."""
+    from mechdiff.organism import task
+
+    rng, vocab = random.Random(0), tokenizer.get_vocab()
+    for problem in task.sample_problems(50, "test", 0):
+        words = [w for w in task.prompt(problem)[0] + task.reasoning_trace(problem, rng)[0] if w in vocab]
+        if "wait" in words:
+            return torch.tensor(tokenizer.convert_tokens_to_ids(words[: words.index("wait")]))
+    raise SystemExit("no organism trace with a 'wait'; pass --prompt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", default=None, help="space-separated tokens after <bos>")
+    parser.add_argument("--target", default="wait", help='a token, "a,b" for a logit difference, or "top"')
+    parser.add_argument("--max-feature-nodes", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--adapters", choices=["auto", "random"], default="auto")
+    parser.add_argument("--d-sae", type=int, default=1024)
+    parser.add_argument("--density", type=float, default=0.01, help="random adapters: firing rate")
+    parser.add_argument("--dec-norm", type=float, default=2.0, help="random adapters: decoder row norm")
+    parser.add_argument("--base", default=None, help="custom pair: base HF folder (default: organism)")
+    parser.add_argument("--target-model", default=None, help="custom pair: target HF folder")
+    parser.add_argument("--top", type=int, default=8, help="features shown in the token views")
+    parser.add_argument("--node-threshold", type=float, default=0.8)
+    parser.add_argument("--edge-threshold", type=float, default=0.98)
+    parser.add_argument("--out", default="figures/attribution")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    adapted, kind = _adapted(args)
+    tok = adapted.model.tokenizer
+    tokens = (torch.tensor([tok.bos_token_id] + tok(args.prompt)["input_ids"]) if args.prompt
+              else _default_prompt(tok))
+    target = None if args.target == "top" else tuple(args.target.split(",")) if "," in args.target else args.target
+    graph = attribute(adapted, tokens, target, max_feature_nodes=args.max_feature_nodes,
+                      batch_size=args.batch_size)
+    out = Path(args.out)
+    graph.save(out / "graph")
+    title = f"{' '.join(graph.token_strs[-12:])} -> {graph.targets[0]['label']} ({kind})"
+    thresholds = (args.node_threshold, args.edge_threshold)
+    save_graph_figure(graph, out / "graph", *thresholds, title=title)
+    top = graph.feature_ranking(0, aggregate=True)[: args.top]
+    feature_token_views(adapted, [tokens], [(g["layer"], g["feature"]) for g in top], out / "features.html")
+    write_circuit_tracer_files(graph, out / "circuit-tracer", "organism-wait", *thresholds)
+    scores = graph.scores()
+    summary = {"prompt": graph.token_strs, "adapters": kind, "targets": graph.targets,
+               "n_features": graph.n_features, "n_active": graph.info["n_active"], "meta": graph.meta,
+               "scores": scores.__dict__, "top_features": top, "thresholds": thresholds,
+               "kept_features": int(graph.prune(*thresholds).node_mask[: graph.n_features].sum())}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps({k: summary[k] for k in ("adapters", "n_features", "n_active", "scores")}, indent=1))
+    print(f"wrote {out}/graph.{{safetensors,json,html,png}}, features.html, circuit-tracer/")
+
+
+if __name__ == "__main__":
+    main()

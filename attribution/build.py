@@ -1,0 +1,238 @@
+"""Build an attribution graph: batched backward passes through the linearized adapted model.
+
+Nodes are the active adapter features (layer, position, feature) with activation > 0, the token
+embeddings (one per position) and the targets. The edge from source s to target t is
+``activation(s) * d target / d activation(s)`` in the linearized model (:mod:`attribution.linearize`),
+which is affine in the sources, so each target's incoming edges plus its frozen terms (biases, the
+BOS position, dropped features) sum to its value exactly. The first (BOS) position is zeroed:
+no nodes and no edges from it.
+
+The linearized forward is run once (once per prompt-prefix bucket, see ``prefix_buckets``) and
+its autograd graph kept; each backward pass (one ``torch.autograd.grad`` call) then computes
+``batch_size`` rows at once, every batch row of the injected gradient carrying one target. By
+default the forward runs at batch 1 and the backward is vmapped over the injected gradients
+(``is_grads_batched``); ``vmap=False`` instead repeats the prompt ``batch_size`` times along the
+batch dimension (same rows, more memory). Target rows
+come first; features are then visited greedily by their influence on the targets (recomputed
+every ``refresh_every`` rows, independent of the batch size) up to ``max_feature_nodes``.
+
+Example:
+    >>> import torch
+    >>> from attribution.synthetic import tiny_adapted
+    >>> adapted = tiny_adapted(seed=0)
+    >>> graph = attribute(adapted, torch.tensor([2, 5, 9, 11, 7, 20]), target="w3", batch_size=8)
+    >>> graph.n_targets, graph.adjacency.shape[0] == graph.n_features + 6 + 1
+    (1, True)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from attribution.graph import Graph, partial_influence
+from attribution.linearize import Leaves, _as_prompt, check_supported, linearized
+from attribution.targets import TargetRow, resolve_targets
+from mechdiff.adapters.transcoder import AdaptedModel
+
+
+def attribute(adapted: AdaptedModel, tokens: Int[Tensor, " pos"], target=None, *,
+              max_feature_nodes: int | None = 4096, batch_size: int = 64,
+              refresh_every: int = 1024, zero_bos: bool = True, vmap: bool = True,
+              prefix_buckets: int = 8) -> Graph:
+    """Attribution graph of ``target`` (see :func:`attribution.targets.resolve_targets`) on one prompt.
+
+    ``max_feature_nodes``: keep at most this many features, the most influential first (all when
+    ``None``); the edge rows take ``(targets + max_feature_nodes) x (active features + n_pos)``
+    floats. ``batch_size``: rows per backward pass (backward memory grows linearly with it).
+    ``vmap``: batch the injected gradients with ``is_grads_batched`` over a batch-1 forward
+    (default; less memory) instead of repeating the prompt along the batch (same result).
+    ``prefix_buckets``: rows injected at early positions run on prompt prefixes (same rows,
+    less work; each bucket may add one partial backward pass). 1 turns this off.
+
+    Example:
+        >>> graph = attribute(adapted, tokens, target="wait", max_feature_nodes=500)  # doctest: +SKIP
+        >>> graph.top_features("wait", k=5)  # doctest: +SKIP
+    """
+    check_supported(adapted)
+    if batch_size < 1 or refresh_every < 1:
+        raise ValueError(f"batch_size and refresh_every must be >= 1, got {batch_size}, {refresh_every}")
+    start = time.perf_counter()
+    tokens = _as_prompt(adapted, tokens)
+    model, n_layers, n_pos = adapted.model, adapted.model.cfg.n_layers, int(tokens.shape[0])
+    names = [adapted.acts_name(layer) for layer in range(n_layers)]
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in names)
+    acts = torch.stack([cache[name][0] for name in names])  # [layer pos d_sae]
+    if zero_bos:
+        acts[:, 0] = 0
+    found = (acts > 0).nonzero()  # [n_active, 3] sorted by (layer, pos, feature)
+    dtype = torch.float64 if acts.dtype == torch.float64 else torch.float32  # edge storage (CPU)
+    feats, feat_acts = found.cpu(), acts[tuple(found.T)].to("cpu", dtype)
+    targets = resolve_targets(adapted, tokens, target, logits[0])
+    n_active, n_t = len(feats), len(targets)
+    max_f = n_active if max_feature_nodes is None else min(int(max_feature_nodes), n_active)
+    if max_f < 0:
+        raise ValueError(f"max_feature_nodes must be >= 0, got {max_feature_nodes}")
+    engine = _RowEngine(adapted, tokens, feats, feat_acts, min(batch_size, n_t + max_f), zero_bos, vmap,
+                        prefix_buckets)
+    t_sites, t_pos, t_vecs = _target_inputs(targets)
+
+    def feature_inputs(idx: Tensor):
+        """(layer, pos, encoder row) of features ``idx``: their injection sites and vectors."""
+        layer, pos, feat = feats[idx].T
+        vecs = torch.zeros(len(idx), model.cfg.d_model, dtype=model.cfg.dtype, device=model.cfg.device)
+        for la in layer.unique().tolist():
+            m = layer == la
+            W_enc = adapted.adapters[la].W_enc.detach()
+            vecs[m.to(vecs.device)] = W_enc[:, feat[m].to(W_enc.device)].T
+        return layer, pos, vecs
+
+    edges = torch.zeros(n_t + max_f, n_active + n_pos, dtype=dtype)
+    row_node = torch.zeros(n_t + max_f, dtype=torch.long)  # node index of each row
+    row_node[:n_t] = n_active + n_pos + torch.arange(n_t)
+    visited = torch.zeros(n_active, dtype=torch.bool)
+    if max_f == n_active:  # every feature: no ranking, so targets and features share batches
+        f_sites, f_pos, f_vecs = feature_inputs(torch.arange(n_active))
+        engine.rows(torch.cat([t_sites, f_sites]), torch.cat([t_pos, f_pos]),
+                    torch.cat([t_vecs, f_vecs]), out=edges)
+        row_node[n_t:] = torch.arange(n_active)
+        visited[:] = True
+    else:
+        engine.rows(t_sites, t_pos, t_vecs, out=edges[:n_t])
+        filled, weights = n_t, torch.tensor([t.weight for t in targets], dtype=edges.dtype)
+        while filled < n_t + max_f:
+            infl = partial_influence(edges[:filled], row_node[:filled], weights, n_active + n_pos)
+            order = torch.argsort(infl[:n_active], descending=True, stable=True)
+            pending = order[~visited[order]][: min(refresh_every, n_t + max_f - filled)]
+            engine.rows(*feature_inputs(pending), out=edges[filled:filled + len(pending)])
+            row_node[filled:filled + len(pending)] = pending
+            visited[pending] = True
+            filled += len(pending)
+
+    t_values = engine.values(t_sites, t_pos, t_vecs) + torch.tensor(
+        [t.bias for t in targets], dtype=edges.dtype)
+    selected = visited.nonzero()[:, 0]
+    row_of = torch.full((n_active,), -1, dtype=torch.long)
+    row_of[row_node[n_t:]] = torch.arange(n_t, n_t + max_f)
+    b_enc = torch.stack([a.b_enc.detach() for a in adapted.adapters]).to("cpu", dtype)  # [layer d_sae]
+    f_values = engine.values(*feature_inputs(selected)) + b_enc[feats[selected, 0], feats[selected, 2]]
+    graph = Graph.assemble(
+        adapted=adapted, tokens=tokens, features=feats[selected], activations=feat_acts[selected],
+        edges=edges, feature_rows=row_of[selected], selected=selected,
+        n_active=n_active, targets=targets, target_values=t_values, feature_values=f_values,
+        meta={"n_backward": engine.n_backward, "batch_size": engine.batch,
+              "n_rows": n_t + max_f, "floor_backward": math.ceil((n_t + max_f) / engine.batch),
+              "refresh_every": refresh_every, "zero_bos": zero_bos, "vmap": vmap,
+              "prefix_buckets": len(engine.lengths),
+              "time_s": time.perf_counter() - start})
+    return graph
+
+
+def _target_inputs(targets: list[TargetRow]):
+    sites = torch.tensor([t.site for t in targets], dtype=torch.long)
+    pos = torch.tensor([t.pos for t in targets], dtype=torch.long)
+    return sites, pos, torch.stack([t.vector for t in targets])
+
+
+class _RowEngine:
+    """Retained forwards of the linearized model; edge rows from batched backward passes.
+
+    ``vmap=True``: each forward runs at batch 1 and each backward is ``torch.autograd.grad`` with
+    ``is_grads_batched`` (the injected gradients carry the batch dimension; saved activations are
+    not repeated). ``vmap=False``: the prompt is repeated ``batch`` times along the batch and each
+    batch row carries its own injected gradient. Both give the same rows.
+
+    ``buckets`` prefixes (lengths ``ceil(n_pos * k / buckets)``) each get a forward: a row injected
+    at position p is computed on the shortest prefix containing p (the model is causal, so the
+    prefix's values are the full prompt's), which makes rows at early positions cheaper.
+    """
+
+    def __init__(self, adapted: AdaptedModel, tokens: Tensor, feats: Tensor, acts: Tensor,
+                 batch: int, zero_bos: bool, vmap: bool = True, buckets: int = 1):
+        self.adapted, self.batch, self.zero_bos, self.vmap = adapted, max(batch, 1), zero_bos, vmap
+        self.n_layers = adapted.model.cfg.n_layers
+        self.n_pos, self.n_active = int(tokens.shape[0]), len(feats)
+        self.dtype, self.device = acts.dtype, adapted.model.cfg.device
+        self.n_backward = 0
+        buckets = max(1, min(buckets, self.n_pos))
+        self.lengths = sorted({math.ceil(self.n_pos * (k + 1) / buckets) for k in range(buckets)})
+        self.leaves = [self._forward(tokens[:n]) for n in self.lengths]
+        self.embed_values = self.leaves[-1].embed[0].detach()
+        self.blocks = [self._decoder_block(adapted, feats, acts, layer) for layer in range(self.n_layers)]
+
+    def _forward(self, tokens: Tensor) -> Leaves:
+        leaves = Leaves()
+        with torch.enable_grad(), linearized(self.adapted, leaves=leaves):
+            resid = self.adapted.model(tokens[None].expand(1 if self.vmap else self.batch, -1),
+                                       stop_at_layer=self.n_layers)
+            leaves.final = self.adapted.model.ln_final(resid)
+        return leaves
+
+    def _decoder_block(self, adapted, feats, acts, layer):
+        """Active features of ``layer`` as padded blocks ``[pos, slot, d_model]`` of ``a_j W_dec[f_j]``,
+        so one batched matmul projects gradients on every active decoder row of every position."""
+        idx = (feats[:, 0] == layer).nonzero()[:, 0]
+        pos, feat = feats[idx, 1], feats[idx, 2]
+        counts = torch.bincount(pos, minlength=self.n_pos)
+        slot = torch.arange(len(idx)) - (torch.cumsum(counts, 0) - counts)[pos]  # rank within position
+        W_dec = adapted.adapters[layer].W_dec.detach()
+        dev = W_dec.device
+        block = torch.zeros(self.n_pos, int(counts.max()) if len(idx) else 0, W_dec.shape[1],
+                            dtype=W_dec.dtype, device=dev)
+        block[pos.to(dev), slot.to(dev)] = W_dec[feat.to(dev)] * acts[idx, None].to(dev, W_dec.dtype)
+        return idx, pos, slot.to(dev), block
+
+    def values(self, sites: Tensor, positions: Tensor, vectors: Tensor) -> Float[Tensor, " n"]:
+        """``vector . x[site, pos]`` of each row, in the (unperturbed) linearized forward."""
+        out = torch.zeros(len(sites), dtype=self.dtype)
+        for site in sites.unique().tolist():
+            m = sites == site
+            x = self.leaves[-1].site(site, self.n_layers)[0].detach()
+            dot = (x[positions[m].to(x.device)] * vectors[m].to(x.device, x.dtype)).sum(-1)
+            out[m] = dot.to("cpu", out.dtype)
+        return out
+
+    def rows(self, sites: Tensor, positions: Tensor, vectors: Tensor, out: Tensor) -> None:
+        """Write into ``out`` the edge rows (sources: active features, then embeddings) of
+        ``vectors`` injected at ``(sites, positions)``: grouped by prefix, ``batch`` rows per
+        backward pass."""
+        bucket = torch.bucketize(positions.contiguous(), torch.tensor(self.lengths), right=True)
+        for k in bucket.unique().tolist():
+            rows = (bucket == k).nonzero()[:, 0]
+            for i in range(0, len(rows), self.batch):
+                j = rows[i:i + self.batch]
+                out[j] = self._batch(k, sites[j], positions[j], vectors[j])
+
+    def _batch(self, k: int, sites: Tensor, positions: Tensor, vectors: Tensor,
+               ) -> Float[Tensor, "n n_active+n_pos"]:
+        n, B, P, leaves = len(sites), self.batch, self.lengths[k], self.leaves[k]
+        outputs, grads = [], []
+        for site in sites.unique().tolist():
+            m = sites == site
+            x = leaves.site(site, self.n_layers)
+            g = torch.zeros(B, *x.shape[1:], dtype=x.dtype, device=x.device)
+            g[torch.arange(n)[m].to(x.device), positions[m].to(x.device)] = vectors[m].to(x.device, x.dtype)
+            outputs.append(x)
+            grads.append(g[:, None] if self.vmap else g)
+        depth = min(int(sites.max()), self.n_layers)  # adapters below the deepest site
+        inputs = [leaves.embed] + [leaves.adapter_out[la] for la in range(depth)]
+        got = torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=True,
+                                  is_grads_batched=self.vmap)
+        self.n_backward += 1
+        row = torch.zeros(B, self.n_active + self.n_pos, dtype=self.dtype, device=self.device)
+        if got[0] is not None:
+            emb = (got[0].reshape(B, P, -1) * self.embed_values[:P]).sum(-1)
+            row[:, self.n_active:self.n_active + P] = emb.to(self.dtype)
+            if self.zero_bos:
+                row[:, self.n_active] = 0
+        for grad, (idx, pos, slot, block) in zip(got[1:], self.blocks):
+            here = pos < P
+            if grad is not None and here.any():  # [pos, B, d] @ [pos, d, slot] -> [pos, B, slot]
+                projected = torch.bmm(grad.reshape(B, P, -1).transpose(0, 1), block[:P].transpose(1, 2))
+                row[:, idx[here]] = projected[pos[here].to(self.device), :, slot[here]].T.to(self.dtype)
+        return row[:n].cpu()
