@@ -4,6 +4,11 @@ bar with the loss parts, periodic validation, atomic checkpoints and exact resum
 Objectives plug in as ``loss_fn(step) -> (loss, metrics)``: each draws its own batch from the step
 number, so a resumed run sees exactly the batches an uninterrupted one would have seen.
 
+Under ``torchrun`` (a ``torch.distributed`` process group, see :mod:`mechdiff.distributed`) the same
+call trains data-parallel: gradients are averaged over ranks, rank 0 alone writes checkpoints and
+shows the bar, and the logged loss and metrics are rank averages. A ``loss_fn`` then takes its
+part of each global batch with :func:`mechdiff.distributed.shard`.
+
 Example:
     >>> import torch
     >>> w = torch.nn.Linear(2, 1)
@@ -28,6 +33,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mechdiff.distributed import LoopSync
 from mechdiff.training import checkpoint
 
 LossFn = Callable[[int], tuple[torch.Tensor, dict[str, float]]]
@@ -74,17 +80,28 @@ def train(
     cfg: LoopConfig,
     validate: Callable[[], dict[str, float]] | None = None,
     on_step: Callable[[int], None] | None = None,
+    *,
+    distributed: bool | None = None,
 ) -> list[dict]:
     """Optimise the trainable parameters of ``module``; returns the logged history.
 
     ``on_step(step)`` runs after each optimiser step (e.g. to re-normalise or resample weights).
+    ``distributed``: ``None`` (default) trains data-parallel exactly when a process group of more
+    than one rank is running; ``False`` never does; ``True`` requires a process group.
     """
+    sync = LoopSync.current(distributed)
     optimizer = _optimizer(module, cfg)
     out = Path(cfg.out_dir) if cfg.out_dir else None
-    saved = checkpoint.load(out, module, optimizer) if (out and cfg.resume) else None
+    if sync is None:
+        saved = checkpoint.load(out, module, optimizer) if (out and cfg.resume) else None
+    else:  # rank 0 first: a load may repair a checkpoint killed between its renames
+        saved, error = sync.main_first(
+            lambda: checkpoint.load(out, module, optimizer) if (out and cfg.resume) else None)
+        sync.start(module, saved["step"] if saved else 0, error)
     start, history = (saved["step"], saved["history"]) if saved else (0, [])
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.desc,
-               disable=not cfg.progress, dynamic_ncols=True)
+               disable=not cfg.progress or (sync is not None and not sync.is_main),
+               dynamic_ncols=True)
     t0 = time.perf_counter()
     for step in bar:
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # per-step randomness survives a resume
@@ -93,14 +110,19 @@ def train(
         loss, metrics = loss_fn(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if sync is not None:
+            sync.grads(p for g in optimizer.param_groups for p in g["params"])
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
         optimizer.step()
         if on_step:
             on_step(step)
+            if sync is not None:
+                sync.resync(module)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            record = {"step": done, "loss": loss.item(), "grad_norm": grad_norm.item(),
+            loss_value, metrics = (loss.item(), metrics) if sync is None else sync.mean(loss, metrics)
+            record = {"step": done, "loss": loss_value, "grad_norm": grad_norm.item(),
                       "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
                       **metrics}
             if validate and cfg.validate_every and done % cfg.validate_every == 0:
@@ -108,8 +130,11 @@ def train(
             history.append(record)
             bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()}, refresh=False)
         if out and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            checkpoint.save(out, module, optimizer, {"step": done, "history": history,
-                                                     "config": _jsonable(cfg)})
+            if sync is None or sync.is_main:
+                checkpoint.save(out, module, optimizer, {"step": done, "history": history,
+                                                         "config": _jsonable(cfg)})
+            if sync is not None:
+                sync.barrier()
     if validate and history and not any(k.startswith("val_") for k in history[-1]):
         history[-1].update({f"val_{k}": v for k, v in validate().items()})
     return history
