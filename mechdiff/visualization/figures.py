@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 
 PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
@@ -59,6 +60,9 @@ def render_static(fig: go.Figure, width: float = 7.0, height: float = 4.2):
     ax.set_title(_text(layout.title), fontsize=11)
     ax.set_xlabel(_text(layout.xaxis.title))
     ax.set_ylabel(_text(layout.yaxis.title))
+    xs = [v for t in fig.data if t.type == "scatter" for v in (t.x or [])]
+    if xs and all(float(v).is_integer() for v in xs):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if layout.yaxis.type == "log":
         ax.set_yscale("log")
     if any(t.name for t in fig.data if t.type != "pie") and len(fig.data) > 1:
@@ -80,10 +84,10 @@ def _bar(ax, trace, color, bars, figure):
 
 def _scatter(ax, trace, color, bars, figure):
     mode = trace.mode or "lines+markers"
-    style = ("-" if "lines" in mode else "") + ("o" if "markers" in mode else "")
-    line_color = trace.line.color or color
-    ax.plot(list(trace.x), list(trace.y), style, color=line_color, label=trace.name, markersize=4,
-            linestyle="--" if trace.line.dash == "dash" else None)
+    dashed = "--" if trace.line.dash == "dash" else "-"
+    ax.plot(list(trace.x), list(trace.y), color=trace.line.color or color, label=trace.name,
+            marker="o" if "markers" in mode else None, markersize=4,
+            linestyle=dashed if "lines" in mode else "none")
 
 
 def _heatmap(ax, trace, color, bars, figure):

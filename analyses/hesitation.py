@@ -1,0 +1,255 @@
+"""The hesitation study: trace "wait" to adapter features, then ablate, keep and steer them.
+
+    python -m analyses.hesitation [--pair organism] [--adapters DIR] [--out figures/hesitation]
+
+Steps (each printed as it runs):
+ 1. faithfulness and behaviour of base / hybrid / adapted / target;
+ 2. hesitation prompts (target responses cut right before each "wait") and matched controls;
+ 3. an attribution graph for "wait" on each prompt; influence aggregated across prompts; the
+    hesitation set = the fewest features covering ``--share`` of it;
+ 4. roles: output features (decoder promotes "wait"), error detection (fire on wrong steps),
+    context/format (the rest), with top activating contexts;
+ 5. necessity (ablate the set while generating; random and activation-difference controls;
+    dose-response), sufficiency (keep only the set), steering (add output features in the hybrid).
+Writes ``figures/hesitation/``: HTML + PNG figures, ``summary.json`` and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+for _var, _val in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("WANDB_MODE", "disabled")):
+    os.environ.setdefault(_var, _val)
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from analyses import hesitation_figures as figs  # noqa: E402
+from attribution.build import attribute  # noqa: E402
+from mechdiff.adapters.formats import SHIPPED_DIR, load_adapted  # noqa: E402
+from mechdiff.evaluation import hesitation as H  # noqa: E402
+from mechdiff.evaluation.behaviour import HESITATION_WORD, evaluate  # noqa: E402
+from mechdiff.evaluation.faithfulness import adapter_report  # noqa: E402
+from mechdiff.models import hybrid, load_pair  # noqa: E402
+from mechdiff.organism import corpus  # noqa: E402
+
+PUBLISHED = {"hesitation_fraction": 0.024, "gain_recovered": (0.5, 0.9)}
+
+
+def _log(msg: str) -> None:
+    print(f"[hesitation] {msg}", flush=True)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m analyses.hesitation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pair", default="organism", help="model pair (default: the built-in organism)")
+    p.add_argument("--adapters", default=str(SHIPPED_DIR), help="trained adapters folder")
+    p.add_argument("--out", default="figures/hesitation", help="output folder")
+    p.add_argument("--n-prompts", type=int, default=120, help="hesitation prompts (graphs) to use")
+    p.add_argument("--n-problems", type=int, default=300, help="test problems for generation")
+    p.add_argument("--n-traces", type=int, default=200, help="held-out traces for faithfulness")
+    p.add_argument("--share", type=float, default=0.8, help="influence share the set must cover")
+    p.add_argument("--max-feature-nodes", type=int, default=256, help="features visited per graph")
+    p.add_argument("--random-draws", type=int, default=5, help="random same-size control sets")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    return p.parse_args(argv)
+
+
+def hesitation_set(adapted, prompts, wait_id, args):
+    rankings, graphs = [], []
+    for tokens in tqdm(prompts.tokens, desc="attribution graphs", leave=False):
+        graph = attribute(adapted, torch.tensor(tokens), target=wait_id,
+                          max_feature_nodes=args.max_feature_nodes)
+        rankings.append(graph.feature_ranking(0, aggregate=True))
+        graphs.append(graph)
+    scores = H.aggregate_influence(rankings)
+    return H.covering_set(scores, args.share), scores, graphs
+
+
+def roles(adapted, tokenizer, hes, feature_set, wait_id):
+    effect = H.decoder_logit_effect(adapted, wait_id)
+    w_u = adapted.model.W_U.detach().float()
+    lens = torch.stack([a.W_dec.detach().float() @ (w_u - w_u.mean(1, keepdim=True)) for a in adapted.adapters])
+    rank = (lens > lens[..., wait_id:wait_id + 1]).sum(-1)  # how many tokens it promotes more
+    acts = H.feature_activations(adapted, hes.tokens)
+    prompt_len = [len(t) - len(lab) for t, lab in zip(hes.tokens, hes.labels)]
+    labels = [["prompt"] * n + list(lab) for n, lab in zip(prompt_len, hes.labels)]
+    mass = H.activation_mass_by_label(acts, labels, feature_set)
+    return H.assign_roles(feature_set, effect, rank, mass), mass, acts
+
+
+def necessity(adapted, tokenizer, problems, feature_set, alive, hes, ctl, args):
+    model, n = adapted.model, len(feature_set)
+    after = evaluate(model, tokenizer, problems, fwd_hooks=adapted.ablation_hooks(feature_set))
+    rng = random.Random(args.seed)
+    random_after = [evaluate(model, tokenizer, problems,
+                             fwd_hooks=adapted.ablation_hooks(rng.sample(alive, n)))
+                    for _ in tqdm(range(args.random_draws), desc="random controls", leave=False)]
+    last = lambda acts: torch.stack([a[-1] for a in acts])  # noqa: E731  [n layer d_sae]
+    diff = last(H.feature_activations(adapted, hes.tokens)).mean(0) - last(
+        H.feature_activations(adapted, ctl.tokens)).mean(0)
+    top = torch.topk(diff.flatten(), n).indices
+    actdiff_set = [(int(i) // diff.shape[1], int(i) % diff.shape[1]) for i in top]
+    actdiff_after = evaluate(model, tokenizer, problems, fwd_hooks=adapted.ablation_hooks(actdiff_set))
+    return after, random_after, actdiff_after, actdiff_set
+
+
+def dose_response(adapted, tokenizer, problems, ranked, alive, args):
+    ks = sorted({0, *[k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k < len(ranked)], len(ranked)})
+    shuffled = random.Random(args.seed + 1).sample(alive, len(alive))
+    curves = {"ranked": [], "random": []}
+    for k in tqdm(ks, desc="dose-response", leave=False):
+        for name, order in (("ranked", ranked), ("random", shuffled)):
+            stats = evaluate(adapted.model, tokenizer, problems, fwd_hooks=adapted.ablation_hooks(order[:k]))
+            curves[name].append(stats["hesitations_per_response"])
+    return ks, curves
+
+
+def steering(pair, adapted, hes, acts, output_features, wait_id, backbone):
+    """Add the output features' decoder vectors (at their mean activation on hesitation prompts)
+    to the hybrid's MLP output at the last position; report P("wait") there before and after."""
+    base_model = hybrid(pair, backbone)
+    if not output_features:
+        p = H.next_token_probability(base_model, hes.tokens, wait_id).mean().item()
+        return {"wait_prob_before": p, "wait_prob_after": p, "n_output_features": 0}
+    last = torch.stack([a[-1] for a in acts])  # [n layer d_sae]
+    hooks = []
+    for layer in sorted({f[0] for f in output_features}):
+        feats = [f[1] for f in output_features if f[0] == layer]
+        vec = (last[:, layer, feats].mean(0) @ adapted.adapters[layer].W_dec.detach()[feats])
+
+        def add(resid, hook, vec=vec):
+            resid = resid.clone()
+            resid[:, -1] += vec.to(resid.dtype)
+            return resid
+        hooks.append((f"blocks.{layer}.hook_mlp_out", add))
+    before = H.next_token_probability(base_model, hes.tokens, wait_id)
+    after = H.next_token_probability(base_model, hes.tokens, wait_id, fwd_hooks=hooks)
+    full = H.next_token_probability(adapted.model, hes.tokens, wait_id)
+    return {"wait_prob_before": before.mean().item(), "wait_prob_after": after.mean().item(),
+            "wait_prob_adapted": full.mean().item(), "n_output_features": len(output_features)}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    torch.manual_seed(args.seed)
+    out, t0 = Path(args.out), time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    pair = load_pair(args.pair, dtype=args.dtype, device=args.device)
+    adapted = load_adapted(pair, args.adapters)
+    tok = pair.tokenizer
+    wait_id = tok.convert_tokens_to_ids(HESITATION_WORD)
+    problems = corpus.problems(args.n_problems, "test", seed=args.seed)
+
+    _log("1/5 faithfulness and behaviour of base, hybrid, adapted, target")
+    report = adapter_report(pair, adapted, corpus.reasoning_traces(args.n_traces, "test", seed=args.seed),
+                            problems, progress=False)
+
+    _log("2/5 hesitation prompts from target responses")
+    hes, ctl = H.hesitation_prompts(pair.target, tok, corpus.problems(args.n_prompts, "validation", args.seed))
+    hes = _first(hes, args.n_prompts)
+    ctl = _first(ctl, args.n_prompts)
+    _log(f"    {len(hes)} hesitation prompts, {len(ctl)} controls, "
+         f"{sum(hes.after_error) / max(1, len(hes)):.0%} after a wrong step")
+
+    _log("3/5 attribution graphs for 'wait' and the hesitation set")
+    feature_set, scores, graphs = hesitation_set(adapted, hes, wait_id, args)
+    n_total = adapted.n_features
+    _log(f"    {len(feature_set)} features cover {args.share:.0%} of the influence "
+         f"({len(feature_set) / n_total:.2%} of {n_total})")
+
+    _log("4/5 roles")
+    role_of, mass, acts = roles(adapted, tok, hes, feature_set, wait_id)
+    counts = {r: sum(v == r for v in role_of.values()) for r in ("output", "error_detection", "context/format")}
+
+    _log("5/5 necessity, dose-response, sufficiency, steering")
+    alive_mask = torch.stack([a.amax(0) for a in acts]).amax(0) > 0  # [layer d_sae]
+    alive = [tuple(map(int, ij)) for ij in alive_mask.nonzero()]
+    before = report["adapted"]
+    after, random_after, actdiff_after, actdiff_set = necessity(
+        adapted, tok, problems, feature_set, alive, hes, ctl, args)
+    ks, curves = dose_response(adapted, tok, corpus.problems(min(200, args.n_problems), "test", args.seed),
+                               feature_set, alive, args)
+    keep = evaluate(adapted.model, tok, problems, fwd_hooks=H.keep_only_hooks(adapted, feature_set))
+    outputs = [f for f in feature_set if role_of[f] == "output"]
+    steer = steering(pair, adapted, hes, acts, outputs, wait_id, adapted.config.backbone)
+
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    summary = {
+        "pair": args.pair, "adapters": args.adapters,
+        "n_adapter_features": n_total, "n_alive_features": len(alive),
+        "n_hesitation_prompts": len(hes), "n_control_prompts": len(ctl),
+        "frac_prompts_after_error": sum(hes.after_error) / max(1, len(hes)),
+        "n_hesitation_features": len(feature_set),
+        "hesitation_fraction": len(feature_set) / n_total,
+        "influence_share": args.share,
+        "roles": counts,
+        "role_rule": H.ROLE_RULE,
+        "hesitation_features": [{"layer": f[0], "feature": f[1], "role": role_of[f],
+                                 "influence": scores[f], "top_labels": _top_labels(mass[f])}
+                                for f in feature_set],
+        "necessity": {
+            "hesitations_per_response_before": before["hesitations_per_response"],
+            "hesitations_per_response_after": after["hesitations_per_response"],
+            "random_control_after": mean([r["hesitations_per_response"] for r in random_after]),
+            "random_control_after_draws": [r["hesitations_per_response"] for r in random_after],
+            "activation_difference_control_after": actdiff_after["hesitations_per_response"],
+            "length_before": before["mean_response_tokens"], "length_after": after["mean_response_tokens"],
+            "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
+            "cut": _cut(before["hesitations_per_response"], after["hesitations_per_response"]),
+            "random_cut": _cut(before["hesitations_per_response"],
+                               mean([r["hesitations_per_response"] for r in random_after])),
+        },
+        "dose_response": {"k": ks, **curves},
+        "sufficiency": {"hesitations_per_response_kept_only": keep["hesitations_per_response"],
+                        "hesitation_retained": _ratio(keep["hesitations_per_response"],
+                                                      before["hesitations_per_response"]),
+                        "accuracy_kept_only": keep["accuracy"]},
+        "steering": steer,
+        "models": {k: {m: report[k].get(m) for m in ("accuracy", "mean_response_tokens",
+                                                    "hesitations_per_response", "fve_per_layer",
+                                                    "kl_to_target", "top1_agreement")}
+                   for k in ("base", "hybrid", "adapted", "target")},
+        "gain_recovered": report.get("gain_recovered"),
+        "seconds": time.perf_counter() - t0,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    figs.write_all(out, summary, report, graphs, hes, acts, role_of, tok)
+    (out / "report.md").write_text(figs.report_markdown(summary, PUBLISHED))
+    _log(f"wrote {out}/ in {summary['seconds']:.0f} s")
+    return summary
+
+
+def _ratio(x: float, ref: float) -> float | None:
+    """``x / ref``, or None when the reference is zero (nothing to cut or retain)."""
+    return None if ref == 0 else x / ref
+
+
+def _cut(before: float, after: float) -> float | None:
+    ratio = _ratio(after, before)
+    return None if ratio is None else 1 - ratio
+
+
+def _first(prompts: H.CutPrompts, n: int) -> H.CutPrompts:
+    out = H.CutPrompts(prompts.kind)
+    for i in range(min(n, len(prompts))):
+        out.add(prompts.tokens[i], prompts.problem_index[i], prompts.response_position[i],
+                prompts.after_error[i], prompts.labels[i])
+    return out
+
+
+def _top_labels(mass: dict[str, float], k: int = 3) -> dict[str, float]:
+    return dict(sorted(mass.items(), key=lambda kv: -kv[1])[:k])
+
+
+if __name__ == "__main__":
+    main()

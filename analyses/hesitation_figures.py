@@ -1,0 +1,166 @@
+"""Figures and the prose report of the hesitation study (see :mod:`analyses.hesitation`)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from mechdiff.visualization.figures import save
+
+MODELS = ("base", "hybrid", "adapted", "target")
+
+
+def _bars(title: str, ytitle: str, names, values, error=None) -> go.Figure:
+    fig = go.Figure(go.Bar(x=list(names), y=list(values),
+                           error_y={"type": "data", "array": error} if error else None))
+    fig.update_layout(title_text=title, yaxis_title_text=ytitle, template="simple_white")
+    return fig
+
+
+def faithfulness_figure(summary: dict) -> go.Figure:
+    fig = go.Figure()
+    for name in ("base", "hybrid", "adapted"):
+        fve = summary["models"][name]["fve_per_layer"]
+        fig.add_trace(go.Scatter(x=list(range(len(fve))), y=fve, mode="lines+markers", name=name))
+    fig.update_layout(title_text="Residual-stream FVE to the target, per layer",
+                      xaxis_title_text="layer", yaxis_title_text="FVE (1 - NMSE)", template="simple_white")
+    return fig
+
+
+def behaviour_figures(summary: dict) -> dict[str, go.Figure]:
+    m = summary["models"]
+    return {
+        "accuracy": _bars("Accuracy on held-out problems (greedy)", "accuracy", MODELS,
+                          [m[k]["accuracy"] for k in MODELS]),
+        "length": _bars("Mean response length", "tokens", MODELS,
+                        [m[k]["mean_response_tokens"] for k in MODELS]),
+    }
+
+
+def roles_figure(summary: dict) -> go.Figure:
+    roles = summary["roles"]
+    title = (f"Hesitation set: {summary['n_hesitation_features']} features "
+             f"({summary['hesitation_fraction']:.2%} of {summary['n_adapter_features']})")
+    return _bars(title, "features", roles.keys(), roles.values())
+
+
+def dose_response_figure(summary: dict) -> go.Figure:
+    d = summary["dose_response"]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=d["k"], y=d["ranked"], mode="lines+markers", name="ranked by influence"))
+    fig.add_trace(go.Scatter(x=d["k"], y=d["random"], mode="lines+markers", name="random order",
+                             line={"dash": "dash"}))
+    fig.update_layout(title_text="Dose-response: features ablated during generation",
+                      xaxis_title_text="features ablated", yaxis_title_text="hesitations per response",
+                      template="simple_white")
+    return fig
+
+
+def necessity_figure(summary: dict) -> go.Figure:
+    n, s = summary["necessity"], summary["sufficiency"]
+    draws = n["random_control_after_draws"]
+    names = ["adapted (full)", "hesitation set ablated", "random sets ablated",
+             "activation-diff set ablated", "only the set kept"]
+    values = [n["hesitations_per_response_before"], n["hesitations_per_response_after"],
+              n["random_control_after"], n["activation_difference_control_after"],
+              s["hesitations_per_response_kept_only"]]
+    error = [0, 0, statistics.pstdev(draws) if len(draws) > 1 else 0, 0, 0]
+    return _bars("Necessity and sufficiency of the hesitation set", "hesitations per response",
+                 names, values, error)
+
+
+def example_graph(graphs, out: Path) -> list[Path]:
+    """The pruned attribution graph of the first prompt, via :mod:`attribution.plot`."""
+    from attribution import plot
+
+    graph = graphs[0]
+    fig = plot.graph_figure(graph)
+    return save(fig, out / "example_graph")
+
+
+def role_examples(out: Path, hes, acts, role_of: dict, tokenizer, per_role: int = 3) -> Path:
+    """circuitsvis views of each role's top features on their most activating prompt."""
+    import circuitsvis as cv
+
+    parts = ["<html><head><meta charset='utf-8'><title>Hesitation features</title></head><body>",
+             "<h1>Hesitation features: top activating prompts by role</h1>"]
+    for role in ("output", "error_detection", "context/format"):
+        feats = [f for f, r in role_of.items() if r == role][:per_role]
+        parts.append(f"<h2>{role} ({sum(r == role for r in role_of.values())} features)</h2>")
+        for layer, feat in feats:
+            best = max(range(len(acts)), key=lambda i: float(acts[i][:, layer, feat].max()))
+            words = tokenizer.convert_ids_to_tokens(hes.tokens[best])
+            values = acts[best][:, layer, feat].tolist()
+            view = cv.tokens.colored_tokens(words, values)
+            parts.append(f"<h3>layer {layer} feature {feat} (max {max(values):.2f})</h3>{view.local_src}")
+    parts.append("</body></html>")
+    path = out / "role_examples.html"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def write_all(out: Path, summary: dict, report: dict, graphs, hes, acts, role_of, tokenizer) -> None:
+    save(faithfulness_figure(summary), out / "faithfulness")
+    for name, fig in behaviour_figures(summary).items():
+        save(fig, out / name)
+    save(roles_figure(summary), out / "hesitation_set")
+    save(dose_response_figure(summary), out / "dose_response")
+    save(necessity_figure(summary), out / "necessity_sufficiency")
+    if graphs:
+        example_graph(graphs, out)
+    role_examples(out, hes, acts, role_of, tokenizer)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def report_markdown(s: dict, published: dict) -> str:
+    n, suf, st, m = s["necessity"], s["sufficiency"], s["steering"], s["models"]
+    lo, hi = published["gain_recovered"]
+    gain = s.get("gain_recovered")
+    gain_txt = f"{gain:.2f}" if isinstance(gain, float) else "n/a"
+    return f"""# Hesitation study ({s['pair']})
+
+Adapters: `{s['adapters']}`. Regenerate with `python -m analyses.hesitation`.
+
+## Faithfulness and behaviour
+| model | accuracy | mean length | hesitations / response | KL to target |
+|---|---|---|---|---|
+""" + "".join(
+        f"| {k} | {m[k]['accuracy']:.3f} | {m[k]['mean_response_tokens']:.1f} | "
+        f"{m[k]['hesitations_per_response']:.2f} | {m[k]['kl_to_target']:.4f} |\n" for k in MODELS
+    ) + f"""
+The adapters recover **{gain_txt}** of the base -> target accuracy gain (published: {lo:.0%}-{hi:.0%}).
+Per-layer FVE of the adapted model: {', '.join(f'{v:.3f}' for v in m['adapted']['fve_per_layer'])}.
+
+## The hesitation set
+{s['n_hesitation_prompts']} prompts cut right before a "wait" ({s['frac_prompts_after_error']:.0%} of
+them right after a wrong step), {s['n_control_prompts']} matched controls. Aggregating "wait"
+attribution graphs, **{s['n_hesitation_features']} features** cover {s['influence_share']:.0%} of the
+influence: **{s['hesitation_fraction']:.2%}** of the {s['n_adapter_features']} adapter features
+(published on R1-Distill-7B: {published['hesitation_fraction']:.1%}).
+
+Roles ({s['role_rule']}): {', '.join(f'{k}: {v}' for k, v in s['roles'].items())}.
+
+## Necessity
+Zeroing the set during generation takes hesitations per response from
+{n['hesitations_per_response_before']:.2f} to **{n['hesitations_per_response_after']:.2f}**
+(a {_pct(n['cut'])} cut); random sets of the same size leave {n['random_control_after']:.2f}
+(a {_pct(n['random_cut'])} cut, mean of {len(n['random_control_after_draws'])} draws); the same number
+of features chosen by activation difference between hesitation and control prompts leave
+{n['activation_difference_control_after']:.2f}. Response length goes from {n['length_before']:.1f} to
+{n['length_after']:.1f} tokens and accuracy from {n['accuracy_before']:.3f} to {n['accuracy_after']:.3f}.
+
+## Sufficiency and steering
+Keeping only the set (every other adapter feature zeroed) retains **{_pct(suf['hesitation_retained'])}**
+of the full model's hesitations (accuracy {suf['accuracy_kept_only']:.3f}). Adding the
+{st['n_output_features']} output features' decoder vectors to the hybrid at the last position
+moves P("wait") from {st['wait_prob_before']:.3f} to **{st['wait_prob_after']:.3f}**
+(the adapted model: {st.get('wait_prob_adapted', float('nan')):.3f}).
+
+Figures: `faithfulness`, `accuracy`, `length`, `hesitation_set`, `dose_response`,
+`necessity_sufficiency`, `example_graph` (HTML + PNG), `role_examples.html`; numbers in `summary.json`.
+"""
