@@ -1,0 +1,362 @@
+"""The transcoder-adapter objective and the recipe that trains adapters with it.
+
+Per teacher-forced batch (target activations computed online, one target forward reused for all
+parts), with ``mask`` the non-pad tokens::
+
+    loss = kl     * KL(p_target || p_adapted)                       (all non-pad tokens)
+         + nmse   * mean_layers |h_adapted - h_target|^2 / |h_target|^2   (residual after each layer)
+         + bridge * (KL(target || adapted[<k] -> target[>=k]) + KL(target || target[<k] -> adapted[>=k]))
+         + l1     * sum_layers mean_tokens sum_i f_i |W_dec[i]|
+
+with a random cutoff ``0 < k < n_layers`` per step. The first bridge reuses the adapted model's
+residual at layer ``k`` from the main forward (``stop_at_layer``) and finishes it with the target
+(``start_at_layer``); the second starts the adapted model from the target's cached residual. So a
+step costs one target forward, one adapted forward and two half forwards, plus the backward.
+
+:func:`train_adapters` runs the recipe (:class:`AdapterRecipe`) through the project's one loop
+(:func:`mechdiff.training.loop.train`), with the sparsity levers measured for the organism:
+an L1 warm-up, a negative encoder-bias start, resampling of dead and always-on features, and the
+TopK activation.
+
+Example:
+    >>> from mechdiff.models import load_pair
+    >>> pair = load_pair("organism")
+    >>> recipe = AdapterRecipe(d_sae=64, steps=4, batch_size=8, n_traces=64, progress=False)
+    >>> adapted, history = train_adapters(pair, recipe)
+    >>> sorted(k for k in history[-1] if k.startswith("bridge"))
+    ['bridge_a2t', 'bridge_t2a']
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from mechdiff.adapters.transcoder import AdaptedModel
+from mechdiff.models import ModelPair
+from mechdiff.training.batches import pad, step_indices
+from mechdiff.training.loop import LoopConfig, train
+
+Mask = Bool[Tensor, "batch pos"]
+
+
+# ----------------------------------------------------------------------------- loss parts
+
+
+def run_capture(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], mask: Mask,
+                extra: tuple[str, ...] = ()) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
+    """Logits, the residual stream ``[resid_pre 0, resid_post 0, ..., resid_post n-1]`` and the
+    activations at the hook points in ``extra`` (gradients flow through all of them)."""
+    n = model.cfg.n_layers
+    names = [f"blocks.{i}.hook_resid_pre" for i in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
+    store: dict[str, Tensor] = {}
+
+    def save(tensor, hook):
+        store[hook.name] = tensor
+
+    with model.hooks(fwd_hooks=[(name, save) for name in (*names, *extra)]):
+        logits = model(tokens, attention_mask=mask.long())
+    return logits, [store[name] for name in names], {name: store[name] for name in extra}
+
+
+def masked_kl(target_logits: Float[Tensor, "batch pos vocab"], logits: Float[Tensor, "batch pos vocab"],
+              mask: Mask) -> Tensor:
+    """Mean over ``mask`` tokens of KL(softmax(target_logits) || softmax(logits))."""
+    lp_t, lp = target_logits.float().log_softmax(-1), logits.float().log_softmax(-1)
+    kl = (lp_t.exp() * (lp_t - lp)).sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def nmse_per_layer(resid: list[Tensor], target_resid: list[Tensor], mask: Mask) -> Tensor:
+    """|h - h_target|^2 / |h_target|^2 summed over ``mask`` tokens, for the residual after each layer."""
+    h, ht = torch.stack(resid[1:]), torch.stack(target_resid[1:])  # layer batch pos d_model
+    err = ((h - ht) ** 2).sum(-1) * mask
+    return err.sum((1, 2)) / ((ht**2).sum(-1) * mask).sum((1, 2)).clamp(min=1e-12)
+
+
+def l1_penalty(acts: list[Tensor], adapted: AdaptedModel, mask: Mask) -> Tensor:
+    """sum_layers mean_tokens sum_i f_i |W_dec[i]| (decoder-norm weighted L1)."""
+    total = acts[0].new_zeros(())
+    for a, adapter in zip(acts, adapted.adapters, strict=True):
+        per_token = a @ adapter.W_dec.norm(dim=-1)
+        total = total + (per_token * mask).sum() / mask.sum().clamp(min=1)
+    return total
+
+
+def aux_dead_loss(pre: list[Tensor], adapted: AdaptedModel, dead: Bool[Tensor, "layer d_sae"],
+                  resid: list[Tensor], target_resid: list[Tensor], mask: Mask, k_aux: int) -> Tensor:
+    """AuxK (Gao et al. 2024) for adapters: at each layer the ``k_aux`` largest (ReLU'd)
+    pre-activations among *dead* features, decoded, fit the residual error left after that layer
+    (``h_target - h_adapted``, detached). Mean over layers of that NMSE; not added to the model."""
+    total = pre[0].new_zeros(())
+    for layer, adapter in enumerate(adapted.adapters):
+        n_dead = int(dead[layer].sum())
+        if n_dead == 0:
+            continue
+        p = pre[layer].masked_fill(~dead[layer].to(pre[layer].device), float("-inf"))
+        top = p.topk(min(k_aux, n_dead), dim=-1)
+        acts = torch.zeros_like(pre[layer]).scatter(-1, top.indices, top.values.relu())
+        err = (target_resid[layer + 1] - resid[layer + 1]).detach()
+        num = (((acts @ adapter.W_dec - err) ** 2).sum(-1) * mask).sum()
+        total = total + num / ((err**2).sum(-1) * mask).sum().clamp(min=1e-12)
+    return total / len(pre)
+
+
+@dataclass
+class LossWeights:
+    """Weights of the parts (published: 1, 1, 2 and a swept L1; ``aux``: AuxK for dead features)."""
+
+    kl: float = 1.0
+    nmse: float = 1.0
+    bridge: float = 2.0
+    l1: float = 3e-3
+    aux: float = 0.0
+
+
+class AdapterObjective:
+    """``objective(tokens, mask) -> (loss, parts, stats)``; ``parts`` are floats for logging,
+    ``stats`` holds per-feature firing counts ``[layer, d_sae]``, token count and MLP inputs."""
+
+    def __init__(self, adapted: AdaptedModel, target: HookedTransformer, weights: LossWeights):
+        self.adapted, self.target, self.weights = adapted, target, weights
+        for p in target.parameters():  # the target is a frozen teacher (bridging runs through it)
+            p.requires_grad_(False)
+        self.n_layers = adapted.config.n_layers
+        self.acts_names = tuple(adapted.acts_name(i) for i in range(self.n_layers))
+        self.in_names = tuple(f"blocks.{i}.adapter.hook_in" for i in range(self.n_layers))
+        self.pre_names = tuple(f"blocks.{i}.adapter.hook_pre" for i in range(self.n_layers))
+
+    def __call__(self, tokens: Int[Tensor, "batch pos"], mask: Mask, cutoff: int | None = None,
+                 l1_scale: float = 1.0, dead: Bool[Tensor, "layer d_sae"] | None = None, k_aux: int = 64,
+                 ) -> tuple[Tensor, dict[str, float], dict[str, Tensor]]:
+        """``dead`` (features that have not fired lately) enables the AuxK part when ``weights.aux``."""
+        w, model = self.weights, self.adapted.model
+        use_aux = bool(w.aux) and dead is not None and bool(dead.any())
+        with torch.no_grad():
+            t_logits, t_resid, _ = run_capture(self.target, tokens, mask)
+        names = self.acts_names + self.in_names + (self.pre_names if use_aux else ())
+        logits, resid, extra = run_capture(model, tokens, mask, names)
+        acts = [extra[name] for name in self.acts_names]
+        kl = masked_kl(t_logits, logits, mask)
+        nmse = nmse_per_layer(resid, t_resid, mask)
+        l1 = l1_penalty(acts, self.adapted, mask)
+        loss = w.kl * kl + w.nmse * nmse.mean() + w.l1 * l1_scale * l1
+        parts = {"kl": kl.item(), "nmse": nmse.mean().item(), "l1": l1.item()}
+        if use_aux:
+            aux = aux_dead_loss([extra[n] for n in self.pre_names], self.adapted, dead, resid, t_resid,
+                                mask, k_aux)
+            loss = loss + w.aux * aux
+            parts["aux"] = aux.item()
+        if w.bridge and self.n_layers > 1:
+            k = int(torch.randint(1, self.n_layers, ())) if cutoff is None else cutoff
+            attn = mask.long()
+            a2t = self.target(resid[k], start_at_layer=k, attention_mask=attn)
+            t2a = model(t_resid[k], start_at_layer=k, attention_mask=attn)
+            b_a2t, b_t2a = masked_kl(t_logits, a2t, mask), masked_kl(t_logits, t2a, mask)
+            loss = loss + w.bridge * (b_a2t + b_t2a)
+            parts.update(bridge_a2t=b_a2t.item(), bridge_t2a=b_t2a.item())
+        with torch.no_grad():
+            fired = torch.stack([(a > 0) & mask[..., None] for a in acts])  # layer batch pos d_sae
+            counts = fired.sum((1, 2))
+            n_tok = mask.sum()
+            parts["l0"] = (counts.sum(-1).float().mean() / n_tok).item()
+            err = torch.stack([((r - rt) ** 2).sum(-1) for r, rt in zip(resid[1:], t_resid[1:], strict=True)])
+        stats = {"counts": counts, "n_tokens": n_tok, "nmse": nmse.detach(), "err": err * mask,
+                 "mask": mask, "mlp_in": [extra[n].detach() for n in self.in_names]}
+        return loss, parts, stats
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+@dataclass
+class AdapterRecipe:
+    """Everything that determines a set of trained adapters (saved beside them).
+
+    The defaults are the shipped organism recipe (see ``mechdiff/adapters/shipped/organism``).
+    """
+
+    d_sae: int = 1024
+    activation: str = "relu"
+    k: int = 8
+    backbone: str = "target"
+    enc_bias_init: float = 0.0
+    weights: LossWeights = field(default_factory=LossWeights)
+    l1_warmup_frac: float = 0.0  # L1 weight ramps linearly from 0 over this share of the steps
+    resample_every: int = 0  # 0: never; else re-initialise dead / always-on features this often
+    resample_until: float = 0.6  # ... during this share of the steps
+    dense_threshold: float = 1.1  # firing frequency above which a feature is reset (>1: never)
+    dead_window: int = 50  # steps without firing after which a feature counts as dead (AuxK)
+    k_aux: int = 64  # dead features used by the AuxK part (weights.aux)
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_frac: float = 0.05
+    grad_clip: float = 1.0
+    n_traces: int = 50_000
+    data: str = "corpus"  # organism traces: "corpus" (its distillation data) or "target" (sampled)
+    n_val: int = 256
+    validate_every: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 200
+    seed: int = 0
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AdapterRecipe:
+        d = dict(d)
+        d["weights"] = LossWeights(**d.get("weights", {}))
+        return cls(**d)
+
+
+def organism_traces(n: int, split: str = "train", seed: int = 0) -> Dataset:
+    """The organism's reasoning traces (what its target was distilled on)."""
+    from mechdiff.organism import corpus
+
+    return corpus.reasoning_traces(n, split=split, seed=seed)
+
+
+def target_traces(target: HookedTransformer, n: int, split: str = "train", seed: int = 0,
+                  temperature: float = 1.0, max_new_tokens: int = 96, progress: bool = False) -> Dataset:
+    """Traces the target writes itself: organism prompts of ``split`` continued by sampling.
+
+    Example:
+        >>> ds = target_traces(pair.target, 8)  # doctest: +SKIP
+        >>> ds[0]["input_ids"][:1] == [pair.tokenizer.bos_token_id]  # doctest: +SKIP
+        True
+    """
+    from mechdiff.generation import generate
+    from mechdiff.organism import corpus
+
+    prompts = corpus.problems(n, split=split, seed=seed)["input_ids"]
+    outs = generate(target, prompts, max_new_tokens, temperature=temperature, seed=seed,
+                    batch_size=256, progress=progress)
+    pad_id = target.tokenizer.pad_token_id
+    rows = [p + [t for t in o if t != pad_id] for p, o in zip(prompts, outs, strict=True)]
+    return Dataset.from_dict({"input_ids": rows, "prompt_len": [len(p) for p in prompts]})
+
+
+class _Resampler(torch.nn.Module):
+    """Tracks when each feature last fired and re-initialises dead / always-on features.
+
+    Its counters are buffers, so they are checkpointed with the adapters and a resumed run
+    resamples exactly as an uninterrupted one.
+    """
+
+    def __init__(self, adapted: AdaptedModel, recipe: AdapterRecipe):
+        super().__init__()
+        self.adapted, self.recipe = [adapted], recipe  # a list: not a submodule
+        shape = (adapted.config.n_layers, adapted.config.d_sae)
+        self.register_buffer("last_fired", torch.zeros(shape, dtype=torch.long))
+        self.register_buffer("window_counts", torch.zeros(shape))
+        self.register_buffer("window_tokens", torch.zeros((), dtype=torch.long))
+        self.last: dict | None = None
+
+    def observe(self, step: int, stats: dict) -> float:
+        """Record a batch; returns the share of features that have not fired for ``dead_window`` steps."""
+        counts = stats["counts"].cpu()
+        self.last_fired[counts > 0] = step
+        self.window_counts += counts
+        self.window_tokens += int(stats["n_tokens"])
+        self.last = stats
+        return (step - self.last_fired >= self.recipe.dead_window).float().mean().item()
+
+    @torch.no_grad()
+    def forward(self, step: int) -> None:
+        """After optimiser step ``step``: resample if it is time to."""
+        r = self.recipe
+        done = step + 1
+        if not r.resample_every or done % r.resample_every or done > r.resample_until * r.steps:
+            return
+        freq = self.window_counts / self.window_tokens.clamp(min=1)
+        dead = done - self.last_fired >= r.resample_every
+        dense = freq > r.dense_threshold
+        gen = torch.Generator().manual_seed(r.seed * 31 + done)
+        for layer, adapter in enumerate(self.adapted[0].adapters):
+            idx = torch.nonzero(dead[layer] | dense[layer]).flatten()
+            if len(idx) and self.last is not None:
+                keep = self.last["mask"].flatten()
+                x = self.last["mlp_in"][layer].flatten(0, 1)[keep]
+                err = self.last["err"][layer].flatten()[keep].float()
+                pick = torch.multinomial(err + 1e-12, len(idx), replacement=True, generator=gen)
+                _reinit(adapter, idx, dense[layer][idx], x, x[pick])
+        self.last_fired[dead | dense] = done
+        self.window_counts.zero_()
+        self.window_tokens.zero_()
+
+
+def _reinit(adapter, idx: Tensor, was_dense: Tensor, x_all: Float[Tensor, "tok d_model"],
+            x: Float[Tensor, "n d_model"]) -> None:
+    """Point features ``idx`` at inputs ``x`` (high-error tokens), with a zero decoder row.
+
+    A dense feature's mean contribution (over the tokens ``x_all``) moves into ``b_dec`` first, so
+    its reset changes the model only by that feature's variation around its mean.
+    """
+    if was_dense.any():
+        d_idx = idx[was_dense]
+        mean_act = (x_all @ adapter.W_enc[:, d_idx] + adapter.b_enc[d_idx]).relu().mean(0)
+        adapter.b_dec += mean_act @ adapter.W_dec[d_idx]
+    alive = torch.ones(adapter.d_sae, dtype=torch.bool)
+    alive[idx] = False
+    norm = adapter.W_enc[:, alive if alive.any() else ~alive].norm(dim=0).mean()
+    direction = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    adapter.W_enc[:, idx] = direction.T * norm
+    adapter.b_enc[idx] = -0.5 * norm * x.norm(dim=-1)  # fires on inputs within ~60 deg of x
+    adapter.W_dec[idx] = 0.0
+
+
+def train_adapters(pair: ModelPair, recipe: AdapterRecipe, out_dir: str | Path | None = None,
+                   traces: Dataset | None = None, val_traces: Dataset | None = None,
+                   pad_id: int | None = None) -> tuple[AdaptedModel, list[dict]]:
+    """Train adapters for ``pair``; returns the adapted model and the logged history.
+
+    ``traces`` / ``val_traces`` are datasets with ``input_ids`` (default: the organism's reasoning
+    traces). ``out_dir`` holds checkpoints: a killed run resumes where it stopped.
+    """
+    torch.manual_seed(recipe.seed)
+    adapted = AdaptedModel.from_pair(pair, recipe.d_sae, recipe.activation, recipe.k,
+                                     recipe.backbone, recipe.enc_bias_init)
+    if traces is None and recipe.data == "target":
+        traces = target_traces(pair.target, recipe.n_traces, "train", recipe.seed, progress=recipe.progress)
+    traces = traces if traces is not None else organism_traces(recipe.n_traces, "train", recipe.seed)
+    val_traces = val_traces if val_traces is not None else organism_traces(recipe.n_val, "validation")
+    pad_id = pad_id if pad_id is not None else (pair.tokenizer.pad_token_id or 0)
+    objective = AdapterObjective(adapted, pair.target, recipe.weights)
+    resampler = _Resampler(adapted, recipe)
+    warm = max(1, int(recipe.l1_warmup_frac * recipe.steps))
+
+    def loss_fn(step: int):
+        rows = traces[step_indices(len(traces), recipe.batch_size, step, recipe.seed)]
+        tokens, mask = pad(rows["input_ids"], pad_id, side="right")
+        l1_scale = min(1.0, (step + 1) / warm) if recipe.l1_warmup_frac else 1.0
+        dead = (step - resampler.last_fired >= recipe.dead_window) if recipe.weights.aux else None
+        loss, parts, stats = objective(tokens, mask, l1_scale=l1_scale, dead=dead, k_aux=recipe.k_aux)
+        parts["dead"] = resampler.observe(step, stats)
+        return loss, parts
+
+    val_tokens, val_mask = pad(val_traces["input_ids"], pad_id, side="right")
+
+    @torch.no_grad()
+    def validate() -> dict[str, float]:
+        _, parts, stats = objective(val_tokens, val_mask, cutoff=1)
+        parts.update({f"fve_{i}": 1 - v for i, v in enumerate(stats["nmse"].tolist())})
+        return parts
+
+    cfg = LoopConfig(steps=recipe.steps, lr=recipe.lr, warmup_frac=recipe.warmup_frac,
+                     grad_clip=recipe.grad_clip, seed=recipe.seed, log_every=recipe.log_every,
+                     validate_every=recipe.validate_every, out_dir=out_dir,
+                     checkpoint_every=recipe.checkpoint_every,
+                     progress=recipe.progress, desc="adapters")
+    trained = torch.nn.ModuleDict({"adapters": adapted.adapters, "resampler": resampler})
+    history = train(trained, loss_fn, cfg, validate=validate, on_step=resampler)
+    return adapted, history
+
