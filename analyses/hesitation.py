@@ -103,6 +103,18 @@ def necessity(adapted, tokenizer, problems, feature_set, alive, hes, ctl, args):
     return after, random_after, actdiff_after, actdiff_set
 
 
+def hesitation_at_prompts(adapted, hes, ctl, feature_set, wait_id):
+    """Greedy-"wait" rate and mean P("wait") at hesitation and control prompts, with every adapter
+    feature (full) and with only the hesitation set kept."""
+    out = {}
+    for name, hooks in (("full", []), ("kept_only", H.keep_only_hooks(adapted, feature_set))):
+        p_hes = H.next_token_probability(adapted.model, hes.tokens, wait_id, fwd_hooks=hooks)
+        p_ctl = H.next_token_probability(adapted.model, ctl.tokens, wait_id, fwd_hooks=hooks)
+        out[name] = {"wait_rate": float((p_hes > 0.5).float().mean()), "wait_prob": float(p_hes.mean()),
+                     "control_wait_rate": float((p_ctl > 0.5).float().mean())}
+    return out
+
+
 def dose_response(adapted, tokenizer, problems, ranked, alive, args):
     ks = sorted({0, *[k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k < len(ranked)], len(ranked)})
     shuffled = random.Random(args.seed + 1).sample(alive, len(alive))
@@ -180,6 +192,7 @@ def main(argv=None) -> dict:
     ks, curves = dose_response(adapted, tok, corpus.problems(min(200, args.n_problems), "test", args.seed),
                                feature_set, alive, args)
     keep = evaluate(adapted.model, tok, problems, fwd_hooks=H.keep_only_hooks(adapted, feature_set))
+    at_prompts = hesitation_at_prompts(adapted, hes, ctl, feature_set, wait_id)
     outputs = [f for f in feature_set if role_of[f] == "output"]
     steer = steering(pair, adapted, hes, acts, outputs, wait_id, adapted.config.backbone)
 
@@ -210,10 +223,15 @@ def main(argv=None) -> dict:
                                mean([r["hesitations_per_response"] for r in random_after])),
         },
         "dose_response": {"k": ks, **curves},
-        "sufficiency": {"hesitations_per_response_kept_only": keep["hesitations_per_response"],
-                        "hesitation_retained": _ratio(keep["hesitations_per_response"],
-                                                      before["hesitations_per_response"]),
-                        "accuracy_kept_only": keep["accuracy"]},
+        "sufficiency": {
+            # at the moments the target hesitates (its own prefixes): the paper's sense
+            "hesitation_retained": _ratio(at_prompts["kept_only"]["wait_rate"], at_prompts["full"]["wait_rate"]),
+            "at_hesitation_prompts": at_prompts,
+            # in free generation the set must also reproduce the slips that precede each wait
+            "hesitations_per_response_kept_only": keep["hesitations_per_response"],
+            "hesitation_retained_in_generation": _ratio(keep["hesitations_per_response"],
+                                                        before["hesitations_per_response"]),
+            "accuracy_kept_only": keep["accuracy"]},
         "steering": steer,
         "models": {k: {m: report[k].get(m) for m in ("accuracy", "mean_response_tokens",
                                                     "hesitations_per_response", "fve_per_layer",

@@ -60,8 +60,8 @@ def render_static(fig: go.Figure, width: float = 7.0, height: float = 4.2):
     ax.set_title(_text(layout.title), fontsize=11)
     ax.set_xlabel(_text(layout.xaxis.title))
     ax.set_ylabel(_text(layout.yaxis.title))
-    xs = [v for t in fig.data if t.type == "scatter" for v in (t.x or [])]
-    if xs and all(float(v).is_integer() for v in xs):
+    xs = [v for t in fig.data if t.type == "scatter" for v in (t.x or []) if v is not None]
+    if xs and all(isinstance(v, (int, float)) and float(v).is_integer() for v in xs):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if layout.yaxis.type == "log":
         ax.set_yscale("log")
