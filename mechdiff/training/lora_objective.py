@@ -1,0 +1,129 @@
+"""The LoRA distillation objective: next-token loss on the response tokens of target traces.
+
+A trace is ``prompt + response``; position ``t`` predicts token ``t + 1`` and only predictions of
+response tokens (index ``>= prompt_len``) count. The loss mixes two targets::
+
+    loss = (1 - kl_weight) * CE(next trace token) + kl_weight * KL(p_target || p_lora)
+
+``kl_weight = 0`` (the paper's recipe: plain SFT on the traces) needs no target model;
+``kl_weight > 0`` also runs the target model on the batch to distil its full next-token
+distribution. Batches are right-padded, which a causal model needs no mask for.
+
+Example:
+    >>> import torch
+    >>> tokens = torch.tensor([[1, 5, 6, 7, 0], [1, 5, 8, 0, 0]])
+    >>> lengths, prompt_len = torch.tensor([4, 3]), torch.tensor([2, 2])
+    >>> response_mask(lengths, prompt_len, tokens.shape[1]).int().tolist()
+    [[0, 1, 1, 0], [0, 1, 0, 0]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from mechdiff.training.batches import pad, step_indices
+
+
+def response_mask(
+    lengths: Int[Tensor, " batch"], prompt_len: Int[Tensor, " batch"], width: int
+) -> Bool[Tensor, "batch width_minus_1"]:
+    """True where position ``t`` predicts a real response token (``prompt_len <= t + 1 < length``)."""
+    if (prompt_len < 1).any() or (prompt_len > lengths).any():
+        raise ValueError("need 1 <= prompt_len <= length for every row")
+    nxt = torch.arange(1, width)[None]
+    return (nxt >= prompt_len[:, None]) & (nxt < lengths[:, None])
+
+
+def distillation_loss(
+    logits: Float[Tensor, "batch pos vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    keep: Bool[Tensor, "batch pos_minus_1"],
+    target_logits: Float[Tensor, "batch pos vocab"] | None = None,
+    kl_weight: float = 0.0,
+) -> tuple[Float[Tensor, ""], dict[str, float]]:
+    """``(loss, metrics)``; metrics hold ``ce``, ``token_acc`` and, with a target, ``kl``.
+
+    Example:
+        >>> logits = torch.zeros(1, 3, 4); tokens = torch.tensor([[0, 1, 2]])
+        >>> loss, m = distillation_loss(logits, tokens, torch.tensor([[True, True]]))
+        >>> round(m["ce"], 4) == round(float(torch.log(torch.tensor(4.0))), 4)
+        True
+    """
+    if not 0.0 <= kl_weight <= 1.0:
+        raise ValueError(f"kl_weight must be in [0, 1], not {kl_weight}")
+    if kl_weight > 0 and target_logits is None:
+        raise ValueError("kl_weight > 0 needs target_logits")
+    if not keep.any():
+        raise ValueError("no response tokens in the batch (check prompt_len)")
+    logp = logits[:, :-1][keep].float().log_softmax(-1)  # [n vocab]
+    nxt = tokens[:, 1:][keep]
+    ce = F.nll_loss(logp, nxt)
+    metrics = {"ce": ce.item(), "token_acc": (logp.argmax(-1) == nxt).float().mean().item()}
+    loss = ce
+    if target_logits is not None:
+        tlogp = target_logits[:, :-1][keep].float().log_softmax(-1)
+        kl = F.kl_div(logp, tlogp, log_target=True, reduction="batchmean")
+        metrics["kl"] = kl.item()
+        loss = (1 - kl_weight) * ce + kl_weight * kl
+    return loss, metrics
+
+
+class TraceBatches:
+    """All traces padded once into one tensor; ``batch(step)`` is a pure function of the step.
+
+    Example:
+        >>> from mechdiff.organism import corpus
+        >>> tb = TraceBatches(corpus.reasoning_traces(8, "validation"), batch_size=4, seed=0)
+        >>> tokens, keep = tb.batch(0)
+        >>> tokens.shape[0], keep.shape[1] == tokens.shape[1] - 1
+        (4, True)
+    """
+
+    def __init__(self, data: Dataset, batch_size: int, seed: int = 0, pad_id: int = 0):
+        if len(data) == 0:
+            raise ValueError("no traces")
+        missing = {"input_ids", "prompt_len"} - set(data.column_names)
+        if missing:
+            raise ValueError(f"traces need columns input_ids and prompt_len; missing {sorted(missing)}")
+        self.tokens, mask = pad(list(data["input_ids"]), pad_id)
+        self.lengths = mask.sum(1)
+        self.prompt_len = torch.tensor(data["prompt_len"])
+        self.batch_size, self.seed = min(batch_size, len(data)), seed
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def rows(self, rows: list[int] | Tensor) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos_minus_1"]]:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        width = int(self.lengths[rows].max())
+        tokens = self.tokens[rows, :width]
+        return tokens, response_mask(self.lengths[rows], self.prompt_len[rows], width)
+
+    def batch(self, step: int) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos_minus_1"]]:
+        return self.rows(step_indices(len(self), self.batch_size, step, self.seed))
+
+
+def make_loss_fn(
+    lora, batches: TraceBatches, target=None, kl_weight: float = 0.0
+) -> Callable[[int], tuple[Tensor, dict[str, float]]]:
+    """``loss_fn(step)`` for :func:`mechdiff.training.loop.train` (LoRA model in, loss out)."""
+    if kl_weight > 0 and target is None:
+        raise ValueError("kl_weight > 0 needs the target model")
+    device = lora.model.cfg.device
+
+    def loss_fn(step: int):
+        tokens, keep = batches.batch(step)
+        tokens, keep = tokens.to(device), keep.to(device)
+        target_logits = None
+        if kl_weight > 0:
+            with torch.no_grad():
+                target_logits = target(tokens)
+        return distillation_loss(lora(tokens), tokens, keep, target_logits, kl_weight)
+
+    return loss_fn
