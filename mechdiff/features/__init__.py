@@ -1,0 +1,1 @@
+"""Feature interpretation: activation store, label-rule classification, dashboards, and the LoRA lens."""
