@@ -82,10 +82,19 @@ def example_graph(graphs, out: Path) -> list[Path]:
 
 
 def role_examples(out: Path, hes, acts, role_of: dict, tokenizer, per_role: int = 3) -> Path:
-    """circuitsvis views of each role's top features on their most activating prompt."""
-    import circuitsvis as cv
+    """circuitsvis views of each role's top features on their most activating prompt.
 
-    parts = ["<html><head><meta charset='utf-8'><title>Hesitation features</title></head><body>",
+    The circuitsvis bundle is written once beside the page (as the feature dashboards do), not
+    inlined in every view.
+    """
+    import re
+
+    from mechdiff.features import dashboard
+
+    bundle = dashboard._bundle()
+    (out / "circuitsvis.js").write_text(re.sub(r"//# sourceMappingURL=\S+\s*$", "", bundle), encoding="utf-8")
+    parts = ["<html><head><meta charset='utf-8'><title>Hesitation features</title>",
+             "<script src='circuitsvis.js'></script></head><body>",
              "<h1>Hesitation features: top activating prompts by role</h1>"]
     for role in ("output", "error_detection", "context/format"):
         feats = [f for f, r in role_of.items() if r == role][:per_role]
@@ -94,8 +103,8 @@ def role_examples(out: Path, hes, acts, role_of: dict, tokenizer, per_role: int 
             best = max(range(len(acts)), key=lambda i: float(acts[i][:, layer, feat].max()))
             words = tokenizer.convert_ids_to_tokens(hes.tokens[best])
             values = acts[best][:, layer, feat].tolist()
-            view = cv.tokens.colored_tokens(words, values)
-            parts.append(f"<h3>layer {layer} feature {feat} (max {max(values):.2f})</h3>{view.local_src}")
+            view = dashboard.token_view(words, values, max(values), bundle)
+            parts.append(f"<h3>layer {layer} feature {feat} (max {max(values):.2f})</h3>{view}")
     parts.append("</body></html>")
     path = out / "role_examples.html"
     path.write_text("\n".join(parts))
