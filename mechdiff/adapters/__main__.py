@@ -2,7 +2,7 @@
 
 Examples (the organism pair, shipped with the package)::
 
-    python -m mechdiff.adapters train --out runs/adapters          # the shipped recipe (~25 min)
+    python -m mechdiff.adapters train --out runs/adapters --threads 1   # the shipped recipe (~5-10 min)
     python -m mechdiff.adapters eval --json                         # the shipped adapters
     python -m mechdiff.adapters eval --adapters runs/adapters --json
     python -m mechdiff.adapters sweep --l1 1e-3 3e-3 1e-2 --steps 400 --out figures/adapters
@@ -48,6 +48,8 @@ _WEIGHT_FLAGS = {"kl": "weight of KL(target || adapted)", "nmse": "weight of the
 
 
 def _add_pair_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default; 1 is fastest on a busy 2-core machine)")
     p.add_argument("--pair", default="organism", help="organism (default), a preset name, or custom")
     p.add_argument("--base", help="base model folder / hub name (with --pair custom)")
     p.add_argument("--target", help="target model folder / hub name (with --pair custom)")
@@ -281,6 +283,10 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--n-problems", type=int, default=500, help="test problems per evaluation")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.command == "train":
         args.adapters, args.n_eval_traces, args.n_problems = args.out, 512, 500
         args.json, args.write_metrics = False, args.eval
