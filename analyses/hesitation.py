@@ -10,7 +10,8 @@ Steps (each printed as it runs):
  4. roles: output features (decoder promotes "wait"), error detection (fire on wrong steps),
     context/format (the rest), with top activating contexts;
  5. necessity (ablate the set while generating; random and activation-difference controls;
-    dose-response), sufficiency (keep only the set), steering (add output features in the hybrid).
+    dose-response), sufficiency (only the set decides when to hesitate; keep only the set),
+    steering (add output features in the hybrid).
 Writes ``figures/hesitation/``: HTML + PNG figures, ``summary.json`` and ``report.md``.
 """
 
@@ -37,7 +38,7 @@ from mechdiff.evaluation import hesitation as H  # noqa: E402
 from mechdiff.evaluation.behaviour import HESITATION_WORD, evaluate  # noqa: E402
 from mechdiff.evaluation.faithfulness import adapter_report  # noqa: E402
 from mechdiff.models import hybrid, load_pair  # noqa: E402
-from mechdiff.organism import corpus  # noqa: E402
+from mechdiff.organism import corpus, grading, task  # noqa: E402
 
 PUBLISHED = {"hesitation_fraction": 0.024, "gain_recovered": (0.5, 0.9)}
 
@@ -113,6 +114,23 @@ def hesitation_at_prompts(adapted, hes, ctl, feature_set, wait_id):
         out[name] = {"wait_rate": float((p_hes > 0.5).float().mean()), "wait_prob": float(p_hes.mean()),
                      "control_wait_rate": float((p_ctl > 0.5).float().mean())}
     return out
+
+
+def set_decides(adapted, tokenizer, problems, feature_set, alive, args):
+    """Hesitations per response when only ``feature_set`` decides whether to hesitate (the full
+    model writes every other token); controls: random sets of the same size, and no feature."""
+    def rate(features):
+        words = H.set_decides_generation(adapted, tokenizer, problems, features)
+        graded = [grading.grade(task.Problem(tuple(r["operands"])), w) for r, w in zip(problems, words)]
+        return grading.summarize(graded)
+
+    rng = random.Random(args.seed + 2)
+    randoms = [rate(rng.sample(alive, len(feature_set)))["hesitations_per_response"]
+               for _ in tqdm(range(args.random_draws), desc="random deciding sets", leave=False)]
+    kept = rate(feature_set)
+    return {"hesitations_per_response": kept["hesitations_per_response"], "accuracy": kept["accuracy"],
+            "frac_hesitations_after_error": kept["frac_hesitations_after_error"],
+            "random_sets": randoms, "no_features": rate([])["hesitations_per_response"]}
 
 
 def dose_response(adapted, tokenizer, problems, ranked, alive, args):
@@ -193,6 +211,7 @@ def main(argv=None) -> dict:
                                feature_set, alive, args)
     keep = evaluate(adapted.model, tok, problems, fwd_hooks=H.keep_only_hooks(adapted, feature_set))
     at_prompts = hesitation_at_prompts(adapted, hes, ctl, feature_set, wait_id)
+    decides = set_decides(adapted, tok, problems, feature_set, alive, args)
     outputs = [f for f in feature_set if role_of[f] == "output"]
     steer = steering(pair, adapted, hes, acts, outputs, wait_id, adapted.config.backbone)
 
@@ -224,10 +243,17 @@ def main(argv=None) -> dict:
         },
         "dose_response": {"k": ks, **curves},
         "sufficiency": {
-            # at the moments the target hesitates (its own prefixes): the paper's sense
-            "hesitation_retained": _ratio(at_prompts["kept_only"]["wait_rate"], at_prompts["full"]["wait_rate"]),
+            # in generation, the kept-only copy making every hesitate-or-go-on decision while the full
+            # model writes the steps (mechdiff.evaluation.hesitation.set_decides_generation)
+            "hesitation_retained": _ratio(decides["hesitations_per_response"],
+                                          before["hesitations_per_response"]),
+            "set_decides_in_generation": decides,
+            "random_sets_retained": _ratio(mean(decides["random_sets"]), before["hesitations_per_response"]),
+            # teacher-forced, at the target's own hesitation prefixes (the paper's sense)
+            "hesitation_retained_at_prompts": _ratio(at_prompts["kept_only"]["wait_rate"],
+                                                     at_prompts["full"]["wait_rate"]),
             "at_hesitation_prompts": at_prompts,
-            # in free generation the set must also reproduce the slips that precede each wait
+            # free generation with only the set, everywhere: it must also write the slips itself
             "hesitations_per_response_kept_only": keep["hesitations_per_response"],
             "hesitation_retained_in_generation": _ratio(keep["hesitations_per_response"],
                                                         before["hesitations_per_response"]),

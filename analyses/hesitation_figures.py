@@ -61,12 +61,15 @@ def dose_response_figure(summary: dict) -> go.Figure:
 def necessity_figure(summary: dict) -> go.Figure:
     n, s = summary["necessity"], summary["sufficiency"]
     draws = n["random_control_after_draws"]
+    decides = s["set_decides_in_generation"]
     names = ["adapted (full)", "hesitation set ablated", "random sets ablated",
-             "activation-diff set ablated", "only the set kept"]
+             "activation-diff set ablated", "set decides", "random set decides", "only the set kept"]
     values = [n["hesitations_per_response_before"], n["hesitations_per_response_after"],
               n["random_control_after"], n["activation_difference_control_after"],
+              decides["hesitations_per_response"], statistics.fmean(decides["random_sets"]),
               s["hesitations_per_response_kept_only"]]
-    error = [0, 0, statistics.pstdev(draws) if len(draws) > 1 else 0, 0, 0]
+    spread = lambda xs: statistics.pstdev(xs) if len(xs) > 1 else 0  # noqa: E731
+    error = [0, 0, spread(draws), 0, 0, spread(decides["random_sets"]), 0]
     return _bars("Necessity and sufficiency of the hesitation set", "hesitations per response",
                  names, values, error)
 
@@ -165,14 +168,24 @@ of features chosen by activation difference between hesitation and control promp
 {n['length_after']:.1f} tokens and accuracy from {n['accuracy_before']:.3f} to {n['accuracy_after']:.3f}.
 
 ## Sufficiency and steering
-Keeping only the set (every other adapter feature zeroed) at the target's own hesitation prefixes,
-the adapted model still says "wait" on **{_pct(suf['hesitation_retained'])}** of the prompts where the
-full model does (P("wait") {suf['at_hesitation_prompts']['kept_only']['wait_prob']:.3f} against
-{suf['at_hesitation_prompts']['full']['wait_prob']:.3f}; on control prompts it says "wait"
-{suf['at_hesitation_prompts']['kept_only']['control_wait_rate']:.0%} of the time). In free generation
-the kept set retains only {_pct(suf['hesitation_retained_in_generation'])} of the hesitations
-per response (accuracy {suf['accuracy_kept_only']:.3f}): with every other feature zeroed the model
-no longer writes the slips that the hesitation features respond to. Adding the
+In generation, when a copy of the adapted model keeping only the set (every other adapter feature
+zeroed at every position) makes each decision whether to hesitate, while the full model writes the
+steps, the responses hold {suf['set_decides_in_generation']['hesitations_per_response']:.2f} hesitations
+each: **{_pct(suf['hesitation_retained'])}** of the full model's
+{n['hesitations_per_response_before']:.2f} ({suf['set_decides_in_generation']['frac_hesitations_after_error']:.0%}
+after a wrong step; accuracy {suf['set_decides_in_generation']['accuracy']:.3f}). Random sets of the same
+size deciding give {_pct(suf['random_sets_retained'])}; no feature at all gives
+{suf['set_decides_in_generation']['no_features']:.2f} per response.
+At the target's own hesitation prefixes (teacher-forced), the kept set says "wait" on
+{_pct(suf['hesitation_retained_at_prompts'])} of the prompts where the full model does (P("wait")
+{suf['at_hesitation_prompts']['kept_only']['wait_prob']:.3f} against
+{suf['at_hesitation_prompts']['full']['wait_prob']:.3f}; on control prompts
+{suf['at_hesitation_prompts']['kept_only']['control_wait_rate']:.0%}). Generating freely with only the set
+everywhere retains {_pct(suf['hesitation_retained_in_generation'])} of the hesitations per response
+(accuracy {suf['accuracy_kept_only']:.3f}): with every other feature zeroed the model writes correct
+steps from the start (the slips come from features outside the set), so there is little to hesitate about;
+the set answers slips, it does not make them.
+Adding the
 {st['n_output_features']} output features' decoder vectors to the hybrid at the last position
 moves P("wait") from {st['wait_prob_before']:.3f} to **{st['wait_prob_after']:.3f}**
 (the adapted model: {st.get('wait_prob_adapted', float('nan')):.3f}).

@@ -33,8 +33,9 @@ def _adapted(args):
     from mechdiff.adapters.transcoder import AdaptedModel
     from mechdiff.models import load_pair
 
-    pair = (load_pair("custom", base=args.base, target=args.target_model or args.base) if args.base
-            else load_pair("organism"))
+    where = dict(device=args.device, dtype=args.dtype)
+    pair = (load_pair("custom", base=args.base, target=args.target_model or args.base, **where)
+            if args.base else load_pair("organism", **where))
     if args.adapters == "auto":
         try:
             from mechdiff.adapters.formats import load_adapted
@@ -59,7 +60,7 @@ def _default_prompt(tokenizer) -> torch.Tensor:
     raise SystemExit("no organism trace with a 'wait'; pass --prompt")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", default=None, help="space-separated tokens after <bos>")
     parser.add_argument("--target", default="wait", help='a token, "a,b" for a logit difference, or "top"')
@@ -75,7 +76,12 @@ def main() -> None:
     parser.add_argument("--node-threshold", type=float, default=0.8)
     parser.add_argument("--edge-threshold", type=float, default=0.98)
     parser.add_argument("--out", default="figures/attribution")
-    args = parser.parse_args()
+    parser.add_argument("--device", default=None,
+                        help="torch device: cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the models and adapters (default float32; bfloat16 on a GPU halves "
+                             "the memory; edges are then accurate to bf16 rounding)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     adapted, kind = _adapted(args)
     tok = adapted.model.tokenizer

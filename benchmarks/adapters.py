@@ -1,6 +1,7 @@
 """Transcoder-adapter costs: training throughput and generation with adapters attached.
 
     python -m benchmarks.adapters [--batch 64] [--d-sae 1024] [--threads 1] [--json]
+                                  [--device cuda --dtype bfloat16]
 
 * Training: tokens/s of one full adapter training step (target forward with cache, adapted forward,
   two bridging half-forwards, backward, AdamW step) beside its baseline, one plain target forward
@@ -45,6 +46,7 @@ def _timed(fn, repeats: int) -> float:
 
 def training(pair, adapted: AdaptedModel, batch: int, repeats: int) -> dict:
     tokens, mask = pad(corpus.reasoning_traces(batch, "validation")["input_ids"], 0, side="right")
+    tokens, mask = tokens.to(pair.target.cfg.device), mask.to(pair.target.cfg.device)
     n_tok = int(mask.sum())
     objective = AdapterObjective(adapted, pair.target, LossWeights())
     opt = torch.optim.AdamW(adapted.adapters.parameters(), lr=1e-6)
@@ -79,7 +81,7 @@ def generation(pair, adapted: AdaptedModel, n: int, new: int, repeats: int) -> d
             "ratio_with_over_without": t_with / t_without}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64, help="traces per training step")
     parser.add_argument("--d-sae", type=int, default=1024, help="features per layer if nothing is shipped")
@@ -89,14 +91,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="figures/adapters/benchmark.json")
     parser.add_argument("--json", action="store_true", help="print JSON only")
-    args = parser.parse_args()
+    parser.add_argument("--device", default=None,
+                        help="torch device: cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the models and adapters (default float32; use bfloat16 on a GPU, as "
+                             "a real run would: half the memory, tensor-core speed)")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pair = load_pair("organism")
+    pair = load_pair("organism", device=args.device, dtype=args.dtype)
     shipped = (SHIPPED_DIR / "adapters.json").exists()
     adapted = load_adapted(pair) if shipped else AdaptedModel.from_pair(pair, args.d_sae)
     result = {"adapters": str(SHIPPED_DIR) if shipped else f"fresh, d_sae={args.d_sae}",
               "d_sae": adapted.config.d_sae, "threads": torch.get_num_threads(),
+              "device": str(adapted.model.cfg.device), "dtype": args.dtype,
               "training": training(pair, adapted, args.batch, args.repeats),
               "generation": generation(pair, adapted, args.n, args.new, args.repeats)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -89,13 +89,18 @@ def organism_prompt(tokenizer, length: int, seed: int = 0) -> torch.Tensor:
 
 def load_adapted_model(args) -> tuple[AdaptedModel, str]:
     if args.random_model:
-        adapted = tiny_adapted(seed=0, dtype=torch.float32, n_layers=3, d_model=128, d_mlp=512,
-                               d_sae=args.d_sae, vocab=26, density=args.density, dec_norm=0.5, n_ctx=512)
+        adapted = tiny_adapted(seed=0, dtype=getattr(torch, args.dtype), n_layers=3, d_model=128,
+                               d_mlp=512, d_sae=args.d_sae, vocab=26, density=args.density,
+                               dec_norm=0.5, n_ctx=512)
+        if args.device:
+            # TransformerLens' .to updates cfg.device; the adapters, submodules of the blocks, move along
+            adapted.model.to(args.device, print_details=False)
         return adapted, f"random organism-shaped model (n_ctx 512), random adapters (d_sae={args.d_sae})"
+    where = dict(device=args.device, dtype=args.dtype)
     if args.base:
-        pair = load_pair("custom", base=args.base, target=args.target or args.base)
+        pair = load_pair("custom", base=args.base, target=args.target or args.base, **where)
     else:
-        pair = load_pair("organism")
+        pair = load_pair("organism", **where)
     if args.adapters == "auto":
         try:
             from mechdiff.adapters.formats import load_adapted
@@ -118,7 +123,7 @@ def forward_backward(adapted: AdaptedModel, tokens: torch.Tensor):
     return step
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--batch-size", type=int, default=64)
@@ -135,7 +140,14 @@ def main() -> None:
     parser.add_argument("--base", default=None, help="custom pair: base HF folder (default: organism)")
     parser.add_argument("--target", default=None)
     parser.add_argument("--json", default=None, help="also write the rows here")
-    args = parser.parse_args()
+    parser.add_argument("--device", default=None,
+                        help="torch device: cpu, cuda, cuda:1 ... (default: cuda when available, else "
+                             "cpu). Peak memory is the host's resident set: on a GPU it leaves out "
+                             "device memory")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the models and adapters (default float32; use bfloat16 on a GPU, as "
+                             "a real run would: half the memory, tensor-core speed)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     adapted, kind = load_adapted_model(args)
     cfg = adapted.model.cfg

@@ -1,7 +1,7 @@
 """Generation throughput: mechdiff's batched KV-cached generate beside TransformerLens' and
 ``transformers``' own ``generate`` on the same weights (the organism target, exported with save_hf).
 
-    python -m benchmarks.generation [--n 64] [--new 64] [--device cpu]
+    python -m benchmarks.generation [--n 64] [--new 64] [--device cpu] [--dtype float32]
 
 Every engine decodes greedily for exactly ``--new`` tokens (no early stop) so the token counts
 match; the table prints tokens/s and the ratio to mechdiff at batch 1 and batch 64.
@@ -31,18 +31,22 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=64, help="prompts in the batched run")
     parser.add_argument("--new", type=int, default=64, help="new tokens per prompt")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    pair = load_pair("organism", device=args.device)
+    parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1 ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the weights, for all three engines (default float32; use "
+                             "bfloat16 on a GPU, as a real run would: half the memory, tensor-core speed)")
+    args = parser.parse_args(argv)
+    pair = load_pair("organism", device=args.device, dtype=args.dtype)
     model = pair.target
     prompts = corpus.problems(args.n, "test")["input_ids"]
     with tempfile.TemporaryDirectory() as tmp:
         _, target_dir = pair.save_hf(tmp)
-        hf = AutoModelForCausalLM.from_pretrained(target_dir).to(args.device).eval()
+        hf = AutoModelForCausalLM.from_pretrained(target_dir, dtype=pair.target.cfg.dtype)
+        hf = hf.to(args.device).eval()
     rows = []
     for batch in (1, args.n):
         batch_prompts = prompts[:batch]

@@ -1,6 +1,7 @@
 """LoRA training throughput beside a plain base forward + backward on the same batch.
 
     python -m benchmarks.lora [--rank 1] [--batch 64] [--steps 10] [--threads 0]
+                              [--device cuda --dtype bfloat16]
 
 Both sides run the organism on the same right-padded batch of reasoning traces. The LoRA side is
 one full training step of :func:`mechdiff.lora.train_lora`'s objective (hooked forward with all
@@ -36,17 +37,23 @@ def _time(step, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64, help="traces per batch")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    args = parser.parse_args()
+    parser.add_argument("--device", default=None,
+                        help="torch device: cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the models and the LoRA (default float32; use bfloat16 on a GPU, as "
+                             "a real run would: half the memory, tensor-core speed)")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pair = load_pair("organism")
+    pair = load_pair("organism", device=args.device, dtype=args.dtype)
     tokens, keep = TraceBatches(corpus.reasoning_traces(args.batch, "validation"), args.batch).batch(0)
+    tokens, keep = tokens.to(pair.base.cfg.device), keep.to(pair.base.cfg.device)
     n_tok = int(tokens.numel())
 
     lora = LoRAModel.from_base(pair.base, LoRAConfig(rank=args.rank))
@@ -68,7 +75,7 @@ def main() -> None:
 
     t_lora, t_base = _time(lora_step, args.steps), _time(base_step, args.steps)
     print(f"batch {args.batch} traces x {tokens.shape[1]} positions = {n_tok} tokens, "
-          f"{torch.get_num_threads()} threads, rank {args.rank}")
+          f"{torch.get_num_threads()} threads, rank {args.rank}, {pair.meta['device']} {args.dtype}")
     print(f"{'':<34} {'s/step':>8} {'tokens/s':>10}")
     print(f"{'LoRA train step (fwd+bwd+AdamW)':<34} {t_lora:>8.4f} {n_tok / t_lora:>10.0f}")
     print(f"{'base forward+backward (all W)':<34} {t_base:>8.4f} {n_tok / t_base:>10.0f}")

@@ -327,8 +327,7 @@ def _unit(pair, w: Workload):
         from mechdiff.adapters.transcoder import AdaptedModel
         from mechdiff.training.adapter_objective import AdapterObjective, LossWeights
 
-        # .to(): AdaptedModel makes fp32 CPU adapters whatever the pair's device and dtype
-        adapted = AdaptedModel.from_pair(pair, w.d_sae).to(pair.target.cfg.device, pair.target.cfg.dtype)
+        adapted = AdaptedModel.from_pair(pair, w.d_sae)  # adapters follow the pair's device and dtype
         for p in pair.target.parameters():
             p.requires_grad_(False)
         if w.task == "attribution":

@@ -102,9 +102,13 @@ def load_pair(
     """Load a base/target pair, after checking they can be diffed.
 
     ``pair`` is ``"organism"`` (folders ``ORGANISM_DIR/base`` and ``/target``),
-    a ``PRESETS`` key (hub names: needs a network or a filled HF cache), or
-    ``"custom"`` with ``base=``/``target=`` each a local HF folder or hub name.
-    Tokenizers and configs are compared before any weights are read.
+    ``"smollm2"`` or ``"smollm2:RUN"`` (SmolLM2-135M-Instruct and its fine-tune run ``RUN``,
+    default ``default``, from ``python -m mechdiff.real train``; see
+    :func:`mechdiff.real.smollm2.pair_sources`), a ``PRESETS`` key (hub names: needs a network
+    or a filled HF cache), or ``"custom"`` with ``base=``/``target=`` each a local HF folder or
+    hub name. Tokenizers and configs are compared before any weights are read.
+    ``meta["workload"]`` names the data and grader of a pair that is not the organism's
+    (see :func:`mechdiff.workloads.for_pair`).
 
     Example:
         >>> pair = load_pair("custom", base="runs/base", target="runs/ft")  # doctest: +SKIP
@@ -131,6 +135,8 @@ def load_pair(
         "n_devices": n_devices,
         "tokenizer_differences": diffs,
     }
+    if _is_smollm2(pair):  # organism meta stays as it was: its workload is the default
+        meta["workload"] = "chat"
     return ModelPair(models[0], models[1], toks[1], meta)
 
 
@@ -304,13 +310,22 @@ def _pair_sources(pair: str, base: str | None, target: str | None) -> tuple[tupl
         if not all((ORGANISM_DIR / n / "config.json").is_file() for n in ("base", "target")):
             raise FileNotFoundError(f"No organism in {ORGANISM_DIR}; build it: python -m mechdiff.organism train")
         return (ORGANISM_DIR / "base", ORGANISM_DIR / "target"), ("organism-base", "organism-target")
+    if _is_smollm2(pair):
+        from mechdiff.real import smollm2  # here, not at the top: smollm2 imports this module
+
+        return smollm2.pair_sources(pair)
     if pair in PRESETS:
         return PRESETS[pair], PRESETS[pair]
     if pair != "custom":
-        raise ValueError(f"Unknown pair {pair!r}; choose one of {['organism', 'custom', *PRESETS]}")
+        choices = ["organism", "smollm2", "smollm2:<run>", "custom", *PRESETS]
+        raise ValueError(f"Unknown pair {pair!r}; choose one of {choices}")
     if base is None or target is None:
         raise ValueError("pair='custom' needs both base= and target= (a folder or hub name each)")
     return (base, target), (str(base), str(target))
+
+
+def _is_smollm2(pair: str) -> bool:
+    return pair == "smollm2" or pair.startswith("smollm2:")
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

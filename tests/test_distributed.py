@@ -15,7 +15,7 @@ from mechdiff import distributed
 from mechdiff.evaluation import sharded
 from mechdiff.generation import generate
 from mechdiff.models import ModelPair, hooked_from_hf
-from mechdiff.training.batches import pad, step_indices
+from mechdiff.training.batches import step_indices
 from mechdiff.training.loop import LoopConfig, train
 
 GLOBAL_BATCH = 8
@@ -70,54 +70,59 @@ def _tiny_hooked(seed):
     return hooked_from_hf(hf.eval(), device="cpu")
 
 
-def _traces(n=32):
-    gen = torch.Generator().manual_seed(3)
+def _traces(n=32, seed=3):
+    gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(6, 16, (n,), generator=gen).tolist()
     ids = [torch.randint(4, 32, (k,), generator=gen).tolist() for k in lengths]
     prompt_len = torch.randint(2, 5, (n,), generator=gen).tolist()
     return Dataset.from_dict({"input_ids": ids, "prompt_len": prompt_len})
 
 
+class _Recorded:
+    """A dataset / batches wrapper that records the rows each step asks for (which shows that a
+    rank takes only its shard: repeating the whole batch on every rank would match too)."""
+
+    def __init__(self, inner):
+        self.inner, self.seen = inner, []
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getattr__(self, name):  # batch_size, seed, ... of TraceBatches
+        return getattr(self.inner, name)
+
+    def __getitem__(self, rows):  # a Dataset, as train_adapters indexes it
+        self.seen.append(list(rows))
+        return self.inner[rows]
+
+    def rows(self, rows):  # TraceBatches, as make_loss_fn reads it
+        self.seen.append(list(rows))
+        return self.inner.rows(rows)
+
+
 def _lora(steps=6):
     from mechdiff.adapters.lora import LoRAConfig, LoRAModel
-    from mechdiff.training.lora_objective import TraceBatches, distillation_loss
+    from mechdiff.training.lora_objective import TraceBatches, make_loss_fn
 
     base, target = _tiny_hooked(0), _tiny_hooked(1)
     lora = LoRAModel.from_base(base, LoRAConfig(rank=1))
-    batches = TraceBatches(_traces(), batch_size=GLOBAL_BATCH, seed=0)
-
-    def loss_fn(step):
-        rows = step_indices(len(batches), batches.batch_size, step, batches.seed)
-        tokens, keep = batches.rows(distributed.shard(rows))
-        with torch.no_grad():
-            target_logits = target(tokens)
-        loss, metrics = distillation_loss(lora(tokens), tokens, keep, target_logits, kl_weight=0.5)
-        return distributed.as_global_mean(loss, keep.sum()), metrics
-
-    train(lora.layers, loss_fn, LoopConfig(steps=steps, lr=1e-2, progress=False))
-    return {k: v.clone() for k, v in lora.layers.state_dict().items()}
+    batches = _Recorded(TraceBatches(_traces(), batch_size=GLOBAL_BATCH, seed=0))
+    loss_fn = make_loss_fn(lora, batches, target=target, kl_weight=0.5)  # the library's sharding
+    history = train(lora.layers, loss_fn, LoopConfig(steps=steps, lr=1e-2, log_every=3, progress=False))
+    return {k: v.clone() for k, v in lora.layers.state_dict().items()}, history, batches.seen
 
 
 def _adapters(steps=6):
-    from mechdiff.adapters.transcoder import AdaptedModel
-    from mechdiff.training.adapter_objective import AdapterObjective, LossWeights
+    from mechdiff.training.adapter_objective import AdapterRecipe, LossWeights, train_adapters
 
     pair = ModelPair(_tiny_hooked(0), _tiny_hooked(1), None)
-    torch.manual_seed(0)
-    adapted = AdaptedModel.from_pair(pair, d_sae=16)
-    # KL, bridges and L1 are token means: exact under as_global_mean. NMSE is a ratio of sums
-    # over the batch, so a rank's share is not exact: weight 0 here (see the report).
-    objective = AdapterObjective(adapted, pair.target, LossWeights(nmse=0.0, l1=1e-2))
-    seqs = _traces()["input_ids"]
-
-    def loss_fn(step):
-        rows = distributed.shard(step_indices(len(seqs), GLOBAL_BATCH, step, seed=0))
-        tokens, mask = pad([seqs[i] for i in rows], 0, side="right")
-        loss, parts, _ = objective(tokens, mask)
-        return distributed.as_global_mean(loss, mask.sum()), parts
-
-    train(adapted.adapters, loss_fn, LoopConfig(steps=steps, lr=1e-2, progress=False))
-    return {k: v.clone() for k, v in adapted.adapters.state_dict().items()}
+    # Every part weighted: KL, bridges and L1 are token means, NMSE and AuxK ratios of sums; all
+    # are exact under sharding. dead_window=2 gives AuxK dead features within the few steps.
+    recipe = AdapterRecipe(d_sae=64, k=4, steps=steps, batch_size=GLOBAL_BATCH, lr=1e-2, dead_window=2,
+                           weights=LossWeights(l1=1e-2), log_every=3, progress=False)
+    traces = _Recorded(_traces())
+    adapted, history = train_adapters(pair, recipe, traces=traces, val_traces=_traces(8, seed=4), pad_id=0)
+    return {k: v.clone() for k, v in adapted.adapters.state_dict().items()}, history, traces.seen
 
 
 def _prompts():
@@ -194,13 +199,33 @@ def test_rank_local_on_step_edits_are_resynced(ranks):
     assert not torch.equal(results[0]["resynced"]["0.bias"], results[0]["generic"][0]["0.bias"])
 
 
+def _check_sharded_run(results, single, loss_keys):
+    """Both ranks end with the single-process weights and log its loss and parts; each step, the
+    ranks read disjoint halves of the single process's global batch."""
+    params, history, seen = single
+    assert set(loss_keys) <= history[-1].keys()
+    for r in results:
+        _close(r[0], params)
+    for got, want in zip(results[0][1], history, strict=True):
+        assert got.keys() == want.keys()
+        for key in set(loss_keys) & want.keys():  # val_* only in the last record
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+    seen0, seen1 = (r[2] for r in results)
+    assert len(seen0) == len(seen1) == len(seen) == history[-1]["step"]  # one read per step
+    for rows0, rows1, rows in zip(seen0, seen1, seen, strict=True):
+        assert rows0 + rows1 == rows and len(rows0) == len(rows) // 2
+
+
 def test_ddp_lora_objective(ranks):
-    _close(ranks[0][0]["lora"], _lora())
-    _close(ranks[0][1]["lora"], _lora())
+    _check_sharded_run([r["lora"] for r in ranks[0]], _lora(), ("loss", "grad_norm"))
 
 
 def test_ddp_adapter_objective(ranks):
-    _close(ranks[0][0]["adapters"], _adapters())
+    single = _adapters()
+    assert all("aux" in record for record in single[1])  # AuxK was on (dead features existed)
+    keys = ("loss", "grad_norm", "kl", "nmse", "l1", "aux", "bridge_a2t", "bridge_t2a", "l0", "dead",
+            "val_kl", "val_nmse")
+    _check_sharded_run([r["adapters"] for r in ranks[0]], single, keys)
 
 
 def test_sharded_generation_matches_generate(ranks):

@@ -6,6 +6,12 @@ Examples (the organism pair, shipped with the package)::
     python -m mechdiff.adapters eval --json                         # the shipped adapters
     python -m mechdiff.adapters eval --adapters runs/adapters --json
     python -m mechdiff.adapters sweep --l1 1e-3 3e-3 1e-2 --steps 400 --out figures/adapters
+
+SmolLM2 and its fine-tune (``python -m mechdiff.real train`` first; ``--pair smollm2:RUN`` for
+another run): the same commands on its chat traces, test problems and chat grader::
+
+    python -m mechdiff.adapters train --pair smollm2 --out runs/adapters-smollm2 --n-traces 4096
+    python -m mechdiff.adapters eval --pair smollm2 --adapters runs/adapters-smollm2 --n-problems 100
 """
 
 from __future__ import annotations
@@ -50,11 +56,17 @@ _WEIGHT_FLAGS = {"kl": "weight of KL(target || adapted)", "nmse": "weight of the
 def _add_pair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default; 1 is fastest on a busy 2-core machine)")
-    p.add_argument("--pair", default="organism", help="organism (default), a preset name, or custom")
+    p.add_argument("--pair", default="organism",
+                   help="organism (default), smollm2 or smollm2:RUN (SmolLM2 and its fine-tune run "
+                        "RUN, default 'default': python -m mechdiff.real train), a preset, or custom")
     p.add_argument("--base", help="base model folder / hub name (with --pair custom)")
     p.add_argument("--target", help="target model folder / hub name (with --pair custom)")
     p.add_argument("--dataset", help="datasets.load_from_disk folder with input_ids (non-organism pairs)")
-    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--device", default=None,
+                   help="torch device: cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the models and the adapters (default float32; use bfloat16 on a GPU: "
+                        "half the memory and tensor-core speed, results within bf16 rounding)")
 
 
 def _add_recipe_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -83,50 +95,70 @@ def _recipe(args) -> AdapterRecipe:
 def _pair(args):
     from mechdiff.models import load_pair
 
+    where = dict(device=args.device, dtype=args.dtype)
     if args.pair == "custom":
-        return load_pair("custom", base=args.base, target=args.target, device=args.device)
-    return load_pair(args.pair, device=args.device)
+        return load_pair("custom", base=args.base, target=args.target, **where)
+    return load_pair(args.pair, **where)
 
 
-def _traces(args, n: int, split: str):
+def _traces(args, n: int, split: str, pair):
+    """``--dataset`` rows, else the pair's workload traces (the organism's, or SmolLM2's chat)."""
     if args.dataset:
         from datasets import load_from_disk
 
         ds = load_from_disk(args.dataset)
         return ds.select(range(min(n, len(ds))))
-    from mechdiff.organism import corpus
+    from mechdiff.workloads import for_pair
 
-    return corpus.reasoning_traces(n, split=split, seed=args.seed or 0)
+    return for_pair(pair).traces(n, split, seed=args.seed or 0)
 
 
-def _problems(args):
+def _problems(args, pair):
     if args.dataset or args.n_problems <= 0:
         return None
-    from mechdiff.organism import corpus
+    from mechdiff.workloads import for_pair
 
-    return corpus.problems(args.n_problems, split="test", seed=args.seed or 0)
+    return for_pair(pair).problems(args.n_problems, "test", seed=args.seed or 0)
+
+
+def _training_traces(args, recipe: AdapterRecipe, pair):
+    """``(traces, val_traces)`` for train_adapters; ``None`` leaves its default (organism data)."""
+    from mechdiff.workloads import for_pair
+
+    traces = _traces(args, recipe.n_traces, "train", pair) if args.dataset else None
+    work = for_pair(pair)
+    if args.dataset or work.name == "organism":
+        return traces, None
+    if recipe.data != "corpus":
+        raise SystemExit(f"error: --data {recipe.data} samples organism prompts; with --pair "
+                         f"{args.pair} use --data corpus (the {work.name} workload's traces)")
+    return work.traces(recipe.n_traces, "train", recipe.seed), work.traces(recipe.n_val, "validation")
 
 
 def _work_dir(args, recipe: AdapterRecipe, out: Path, pair) -> Path:
     """Checkpoints: ``--work``, or a folder keyed by the recipe and pair (no stale resumes)."""
     if getattr(args, "work", None):
         return Path(args.work)
-    key = json.dumps([recipe.to_dict(), pair.meta.get("base_name"), pair.meta.get("target_name"),
-                      args.dataset], sort_keys=True, default=str)
+    parts = [recipe.to_dict(), pair.meta.get("base_name"), pair.meta.get("target_name"), args.dataset]
+    if pair.meta.get("dtype", "float32") != "float32":  # float32 keys stay as before: runs resume
+        parts.append(pair.meta["dtype"])  # a bf16 run must not resume float32 checkpoints
+    key = json.dumps(parts, sort_keys=True, default=str)
     return Path("runs") / "adapters-ckpt" / f"{out.name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
 def train_and_save(args, recipe: AdapterRecipe, out: Path, pair=None):
     """Train with ``recipe``, save to ``out``; returns (adapted, history, pair)."""
+    from mechdiff import distributed
     from mechdiff.adapters.formats import save_adapters
     from mechdiff.training.adapter_objective import train_adapters
 
     pair = pair or _pair(args)
-    traces = _traces(args, recipe.n_traces, "train") if args.dataset else None
+    traces, val_traces = _training_traces(args, recipe, pair)
     work = _work_dir(args, recipe, out, pair)
-    adapted, history = train_adapters(pair, recipe, out_dir=work, traces=traces)
+    adapted, history = train_adapters(pair, recipe, out_dir=work, traces=traces, val_traces=val_traces)
     last = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))} if history else {}
-    save_adapters(adapted, out, recipe=recipe.to_dict(), metrics={"train_last": last})
+    if distributed.rank() == 0:  # under torchrun every rank holds the same adapters; one writes them
+        save_adapters(adapted, out, recipe=recipe.to_dict(), metrics={"train_last": last})
     return adapted, history, pair
 
 
@@ -147,8 +179,8 @@ def _eval(args, pair=None, adapted=None) -> dict:
 
     pair = pair or _pair(args)
     adapted = adapted or load_adapted(pair, args.adapters)
-    traces = _traces(args, args.n_eval_traces, "test")
-    report = adapter_report(pair, adapted, traces, _problems(args), progress=not args.json)
+    traces = _traces(args, args.n_eval_traces, "test", pair)
+    report = adapter_report(pair, adapted, traces, _problems(args, pair), progress=not args.json)
     if "gain_recovered" in report:
         report["targets"] = check_targets(report)
     report["adapters"] = str(args.adapters)
@@ -183,7 +215,7 @@ def _sweep(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pair = _pair(args)
-    traces, problems = _traces(args, args.n_eval_traces, "test"), _problems(args)
+    traces, problems = _traces(args, args.n_eval_traces, "test", pair), _problems(args, pair)
     rows, work_root = [], args.work
     for l1 in args.l1:
         recipe = _recipe(args)

@@ -145,7 +145,8 @@ def save_adapters(adapted: AdaptedModel, folder: str | Path, *, recipe: dict | N
     meta = {
         "format": FORMAT, "version": VERSION, "adapter": config.to_dict(),
         "model": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "d_mlp": cfg.d_mlp,
-                  "d_vocab": cfg.d_vocab, "architecture": cfg.original_architecture},
+                  "d_vocab": cfg.d_vocab, "architecture": cfg.original_architecture,
+                  "dtype": str(cfg.dtype).removeprefix("torch.")},
         "fingerprint": fingerprint(adapted.model),
         "layers": [f"layer_{i}" for i in range(config.n_layers)],
         "recipe": recipe or {}, "metrics": metrics or {},
@@ -197,6 +198,7 @@ def check_compatible(meta: dict, model: HookedTransformer, folder: Path, *, rtol
     stored = meta.get("fingerprint") or {}
     if not stored:
         return
+    rtol = _fingerprint_rtol(meta, model, rtol)
     have = fingerprint(model)
     differ = [n for n, v in stored.items() if n not in have or abs(have[n] - v) > rtol * max(abs(v), 1e-6)]
     if differ or set(have) - set(stored):
@@ -205,6 +207,14 @@ def check_compatible(meta: dict, model: HookedTransformer, folder: Path, *, rtol
             f"{meta['adapter'].get('base_name')!r}, target={meta['adapter'].get('target_name')!r}): "
             f"{len(differ)} of {len(stored)} parameters differ, e.g. {differ[:3]}. Retrain them for "
             "this pair, or pass check_weights=False to load them anyway.")
+
+
+def _fingerprint_rtol(meta: dict, model: HookedTransformer, rtol: float) -> float:
+    """The same weights in a coarser dtype (a bfloat16 pair, adapters saved from float32) have
+    norms within that dtype's rounding (eps / 2): tolerate it, not a retrained model."""
+    saved = getattr(torch, str(meta["model"].get("dtype", "float32")), torch.float32)
+    dtypes = [d for d in (saved, model.cfg.dtype) if isinstance(d, torch.dtype) and d.is_floating_point]
+    return max([rtol] + [torch.finfo(d).eps for d in dtypes])
 
 
 def _load_layer(layer_dir: Path, d_model: int, d_sae: int) -> dict[str, torch.Tensor]:
@@ -227,7 +237,8 @@ def _load_layer(layer_dir: Path, d_model: int, d_sae: int) -> dict[str, torch.Te
 
 def load_adapted(pair: ModelPair, folder: str | Path = SHIPPED_DIR, *, check_weights: bool = True,
                  ) -> AdaptedModel:
-    """Build the hybrid of ``pair`` and attach the adapters saved in ``folder``.
+    """Build the hybrid of ``pair`` and attach the adapters saved in ``folder``, on the pair's
+    device and in its dtype (e.g. bfloat16 adapters on a bfloat16 pair).
 
     Raises :class:`AdapterFormatError` when the folder is missing or corrupt, or was made for a
     pair of other shapes or (unless ``check_weights=False``) other weights.

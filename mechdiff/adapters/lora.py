@@ -171,9 +171,11 @@ class LoRAModel(nn.Module):
 
     ``model`` runs the adapted network (``model(tokens)``, ``run_with_cache``, ``hooks``...);
     ``layers`` holds the only trainable parameters, so ``layers.state_dict()`` is the adapter.
+    Each layer's adapters live on its block's device, in the model's dtype unless ``dtype`` is
+    given (float32 adapters on a bfloat16 model: full-precision training, as PEFT's default).
     """
 
-    def __init__(self, model: HookedTransformer, config: LoRAConfig):
+    def __init__(self, model: HookedTransformer, config: LoRAConfig, dtype: torch.dtype | None = None):
         super().__init__()
         if getattr(model.cfg, "original_architecture", None) not in ("Qwen2ForCausalLM", "LlamaForCausalLM"):
             raise ValueError(f"LoRA supports Qwen2/Llama HookedTransformers, not {model.cfg.original_architecture}")
@@ -187,15 +189,18 @@ class LoRAModel(nn.Module):
         shapes = module_shapes(model.cfg)
         self.layers = nn.ModuleList(LoRALayer(shapes, config, model.cfg.d_head) for _ in model.blocks)
         for block, layer in zip(model.blocks, self.layers, strict=True):
+            # Initialised on the CPU in float32 (above), then moved: the same seed gives the same
+            # adapters on every device and in every dtype. Per block: models may span devices.
+            layer.to(next(block.parameters()).device, dtype or model.cfg.dtype)
             block.lora = layer  # registers blocks.{L}.lora.hook_*_act
             layer.attach(block)
         model.setup()  # rebuild TransformerLens' hook_dict with the new hook points
-        self.to(model.cfg.device)
 
     @classmethod
-    def from_base(cls, base: HookedTransformer, config: LoRAConfig | None = None) -> LoRAModel:
+    def from_base(cls, base: HookedTransformer, config: LoRAConfig | None = None,
+                  dtype: torch.dtype | None = None) -> LoRAModel:
         """Deep-copy ``base`` (left untouched) and attach fresh adapters (B = 0: same function)."""
-        return cls(copy.deepcopy(base), config or LoRAConfig())
+        return cls(copy.deepcopy(base), config or LoRAConfig(), dtype)
 
     def forward(self, tokens: Int[Tensor, "batch pos"], **kwargs) -> Float[Tensor, "batch pos vocab"]:
         return self.model(tokens, **kwargs)

@@ -122,7 +122,8 @@ def _target_modules(targets, path: Path) -> tuple[str, ...] | None:
 
 
 def import_peft(folder: str | Path, base: HookedTransformer) -> LoRAModel:
-    """Load a PEFT LoRA folder onto a copy of ``base``; returns the :class:`LoRAModel`.
+    """Load a PEFT LoRA folder onto a copy of ``base``; returns the :class:`LoRAModel`, whose
+    adapters take ``base``'s device and dtype (the stored weights are cast, e.g. to bfloat16).
 
     Only ``adapter_model.safetensors`` is read (pickled ``adapter_model.bin`` is refused). Every
     adapted module must be present in every layer, with the shapes ``base`` implies.

@@ -72,17 +72,25 @@ class AdapterConfig:
 
 
 class TranscoderAdapter(nn.Module):
-    """One layer's adapter: ``act(x W_enc + b_enc) W_dec + b_dec`` with named hook points."""
+    """One layer's adapter: ``act(x W_enc + b_enc) W_dec + b_dec`` with named hook points.
+
+    ``device`` / ``dtype``: where its parameters live (default: CPU, float32).
+    """
 
     def __init__(self, d_model: int, d_sae: int, activation: str = "relu", k: int = 8,
-                 enc_bias_init: float = 0.0):
+                 enc_bias_init: float = 0.0, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.activation, self.k = activation, k
-        self.W_enc = nn.Parameter(torch.empty(d_model, d_sae))
-        nn.init.kaiming_uniform_(self.W_enc.T, a=5**0.5)  # as nn.Linear(d_model, d_sae)
-        self.b_enc = nn.Parameter(torch.full((d_sae,), float(enc_bias_init)))
-        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_model))
-        self.b_dec = nn.Parameter(torch.zeros(d_model))
+        # Drawn in float32 on the CPU, then moved: a seed gives the same adapter on every device
+        # and in every dtype (CUDA's generator draws other numbers).
+        W_enc = torch.empty(d_model, d_sae)
+        nn.init.kaiming_uniform_(W_enc.T, a=5**0.5)  # as nn.Linear(d_model, d_sae)
+        put = dict(device=device, dtype=dtype)
+        self.W_enc = nn.Parameter(W_enc.to(**put))
+        self.b_enc = nn.Parameter(torch.full((d_sae,), float(enc_bias_init)).to(**put))
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_model, **put))
+        self.b_dec = nn.Parameter(torch.zeros(d_model, **put))
         self.hook_in, self.hook_pre = HookPoint(), HookPoint()
         self.hook_acts, self.hook_out = HookPoint(), HookPoint()
 
@@ -108,7 +116,9 @@ class TranscoderAdapter(nn.Module):
 
 def _add_adapter_output(adapter: TranscoderAdapter):
     def hook(module, inputs, output):
-        return output + adapter(inputs[0])
+        # Casts are no-ops when the adapter has the model's dtype; they let float32 adapters
+        # (e.g. master weights for training) run on a bfloat16 model.
+        return output + adapter(inputs[0].to(adapter.W_enc.dtype)).to(output.dtype)
     return hook
 
 
@@ -116,9 +126,12 @@ class AdaptedModel(nn.Module):
     """A hybrid ``HookedTransformer`` with one :class:`TranscoderAdapter` per layer.
 
     ``model`` is the runnable HookedTransformer (adapters included); only ``adapters`` train.
+    Each adapter is created on its block's device, in the model's dtype unless ``dtype`` is given
+    (float32 adapters on a bfloat16 model train with full-precision weights, as PEFT does).
     """
 
-    def __init__(self, model: HookedTransformer, config: AdapterConfig, enc_bias_init: float = 0.0):
+    def __init__(self, model: HookedTransformer, config: AdapterConfig, enc_bias_init: float = 0.0,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         if model.cfg.n_layers != config.n_layers or model.cfg.d_model != config.d_model:
             raise ValueError(
@@ -129,8 +142,10 @@ class AdaptedModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.adapters = nn.ModuleList(
-            TranscoderAdapter(config.d_model, config.d_sae, config.activation, config.k, enc_bias_init)
-            for _ in range(config.n_layers))
+            TranscoderAdapter(config.d_model, config.d_sae, config.activation, config.k, enc_bias_init,
+                              device=next(block.mlp.parameters()).device,
+                              dtype=dtype or model.cfg.dtype)
+            for block in model.blocks)  # a block's device: models may span several (n_devices)
         self._handles = []
         for block, adapter in zip(model.blocks, self.adapters, strict=True):
             block.adapter = adapter  # registers blocks.{L}.adapter.* hook points
@@ -139,13 +154,15 @@ class AdaptedModel(nn.Module):
 
     @classmethod
     def from_pair(cls, pair: ModelPair, d_sae: int, activation: str = "relu", k: int = 8,
-                  backbone: str = "target", enc_bias_init: float = 0.0) -> AdaptedModel:
-        """Build the hybrid of ``pair`` and attach freshly initialised adapters."""
+                  backbone: str = "target", enc_bias_init: float = 0.0,
+                  dtype: torch.dtype | None = None) -> AdaptedModel:
+        """Build the hybrid of ``pair`` and attach freshly initialised adapters (on the pair's
+        device, in its dtype unless ``dtype`` is given)."""
         cfg = AdapterConfig(d_model=pair.d_model, d_sae=d_sae, n_layers=pair.n_layers,
                             activation=activation, k=k, backbone=backbone,
                             base_name=pair.meta.get("base_name", ""),
                             target_name=pair.meta.get("target_name", ""))
-        return cls(hybrid(pair, backbone), cfg, enc_bias_init)
+        return cls(hybrid(pair, backbone), cfg, enc_bias_init, dtype)
 
     @classmethod
     def load(cls, pair: ModelPair, folder: str | Path = SHIPPED_DIR) -> AdaptedModel:

@@ -26,6 +26,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from mechdiff.evaluation.behaviour import HESITATION_WORD, responses
+from mechdiff.generation import generate
 from mechdiff.organism import grading, task
 from mechdiff.training.batches import pad
 
@@ -140,6 +141,74 @@ def keep_only_hooks(adapted, features: Sequence[Feature]) -> list[tuple[str, cal
         return hook
 
     return [(adapted.acts_name(layer), make(layer)) for layer in range(n_layers)]
+
+
+def set_decides_generation(
+    adapted, tokenizer, problems: Dataset, features: Sequence[Feature], *, hesitate: str = HESITATION_WORD,
+    go_on: str = ";", max_new_tokens: int = 96,
+) -> list[list[str]]:
+    """Greedy responses in which the full adapted model writes every token except the decisions
+    whether to hesitate, which a copy keeping only ``features`` makes.
+
+    Why: zeroing every other feature for the whole response (:func:`keep_only_hooks`) also stops
+    the model from writing the slips that hesitations answer, so free generation cannot tell "the
+    set does not hesitate" from "there was nothing to hesitate about". Here both copies read the
+    same tokens; wherever the full copy's greedy token is ``hesitate`` or ``go_on`` (the slot after
+    a step), the kept-only copy's choice between the two is used. Its later states are computed
+    with only ``features`` at every position, as in the teacher-forced measurement.
+
+    Example:
+        >>> from mechdiff.models import load_pair
+        >>> from mechdiff.adapters.formats import SHIPPED_DIR, load_adapted
+        >>> from mechdiff.organism import corpus
+        >>> pair = load_pair("organism"); adapted = load_adapted(pair, SHIPPED_DIR)
+        >>> words = set_decides_generation(adapted, pair.tokenizer, corpus.problems(4, "test"), [])
+        >>> sum(w.count("wait") for w in words)  # with no feature kept, nothing hesitates
+        0
+    """
+    ids = tokenizer.convert_tokens_to_ids([hesitate, go_on])
+    prompts = [list(p) for p in problems["input_ids"]]
+    out: list[list[str]] = [[] for _ in prompts]
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    for group in by_length.values():  # equal lengths: generate() keeps the two halves in order
+        n = len(group)
+        rows = [prompts[i] for i in group]
+        hooks = _second_half_keeps_only(adapted, features, n)
+        new = generate(adapted.model, rows + rows, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, fwd_hooks=hooks, batch_size=2 * n,
+                       logit_processors=[_decision_from_second_half(n, ids)])
+        for i, row in zip(group, new[:n]):
+            out[i] = tokenizer.convert_ids_to_tokens(row)
+    return out
+
+
+def _second_half_keeps_only(adapted, features: Sequence[Feature], n: int) -> list[tuple[str, callable]]:
+    """Hooks that zero every adapter feature outside ``features`` in batch rows ``n:2n`` only."""
+    hooks = []
+    for name, keep in keep_only_hooks(adapted, features):
+        def hook(acts, hook, keep=keep):
+            return torch.cat([acts[:n], keep(acts[n:], hook)])
+        hooks.append((name, hook))
+    return hooks
+
+
+def _decision_from_second_half(n: int, ids: Sequence[int]):
+    """A logit processor: where the first half's greedy token is one of ``ids``, both halves take
+    the second half's preferred one of ``ids``; elsewhere both take the first half's token."""
+    ids_t = torch.tensor(ids)
+
+    def process(logits, generated):
+        full, kept = logits[:n], logits[n:]
+        choice = full.argmax(-1)
+        ids_here = ids_t.to(logits.device)
+        deciding = torch.isin(choice, ids_here)
+        choice = torch.where(deciding, ids_here[kept[:, ids_here].argmax(-1)], choice)
+        forced = torch.full_like(logits, float("-inf"))
+        forced.scatter_(1, choice.repeat(2)[:, None], 0.0)
+        return forced
+    return process
 
 
 def decoder_logit_effect(adapted, token_id: int) -> Float[Tensor, "layer d_sae"]:

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import torch
 
+from mechdiff import distributed
 from mechdiff.adapters.lora import MODULES, LoRAConfig, LoRAModel
 from mechdiff.adapters.peft_format import export_peft, import_peft
-from mechdiff.evaluation.behaviour import evaluate, gain_recovered
+from mechdiff.evaluation.behaviour import gain_recovered
 from mechdiff.models import ModelPair
-from mechdiff.organism import corpus
 from mechdiff.training.loop import LoopConfig, train
 from mechdiff.training.lora_objective import TraceBatches, make_loss_fn
+from mechdiff.workloads import Workload, for_pair
 
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "adapters" / "shipped"
 
@@ -61,17 +62,20 @@ class TrainConfig:
 
 def train_lora(
     pair: ModelPair, cfg: TrainConfig, out_dir: str | Path | None = None, *, progress: bool = True,
-    resume: bool = True,
+    resume: bool = True, workload: Workload | None = None,
 ) -> tuple[LoRAModel, list[dict]]:
     """Train a LoRA on ``pair.base`` towards the target's traces; returns ``(lora, history)``.
 
+    The traces are ``workload``'s training traces (default: the pair's,
+    :func:`mechdiff.workloads.for_pair`: the organism corpus, or SmolLM2's chat traces).
     With ``out_dir`` the run checkpoints to ``out_dir/checkpoint`` (resumed if present and
     ``resume``) and finishes by writing the PEFT folder (``adapter_config.json``,
-    ``adapter_model.safetensors``) plus ``training.json`` into ``out_dir``.
+    ``adapter_model.safetensors``) plus ``training.json`` into ``out_dir``. The LoRA takes the
+    base's device and dtype; under torchrun each rank trains on its shard of every batch.
     """
     torch.manual_seed(cfg.seed)
     lora = LoRAModel.from_base(pair.base, cfg.lora_config())
-    data = corpus.reasoning_traces(cfg.n_traces, "train", seed=cfg.seed)
+    data = (workload or for_pair(pair)).traces(cfg.n_traces, "train", seed=cfg.seed)
     batches = TraceBatches(data, cfg.batch_size, seed=cfg.seed, pad_id=pair.tokenizer.pad_token_id or 0)
     target = pair.target if cfg.kl_weight > 0 else None
     loss_fn = make_loss_fn(lora, batches, target=target, kl_weight=cfg.kl_weight)
@@ -83,7 +87,7 @@ def train_lora(
     start = time.perf_counter()
     history = train(lora.layers, loss_fn, loop)
     lora.eval()
-    if out_dir is not None:
+    if out_dir is not None and distributed.is_main():  # under torchrun: one writer
         export_peft(lora, out_dir, base_model_name_or_path=pair.meta.get("base_name"))
         info = {"config": asdict(cfg), "history": history, "seconds": time.perf_counter() - start,
                 "tokens_seen": int(cfg.steps * batches.batch_size * batches.lengths.float().mean())}
@@ -104,24 +108,26 @@ def shipped_lora(pair: ModelPair, rank: int = 1) -> LoRAModel | None:
 
 def evaluate_lora(
     pair: ModelPair, loras: dict[str, LoRAModel], n_problems: int = 500, *, seed: int = 0,
-    progress: bool = False, reference: dict[str, dict] | None = None,
+    progress: bool = False, reference: dict[str, dict] | None = None, workload: Workload | None = None,
 ) -> dict[str, dict]:
     """Behaviour of base, target and each LoRA on ``n_problems`` held-out test problems.
 
-    Returns ``{name: stats}`` with :func:`~mechdiff.evaluation.behaviour.evaluate`'s numbers plus
-    ``gain_recovered`` for each LoRA. ``reference`` reuses already measured base/target stats.
+    Returns ``{name: stats}`` with ``workload.evaluate``'s numbers (default workload: the pair's;
+    for the organism :func:`~mechdiff.evaluation.behaviour.evaluate`) plus ``gain_recovered``
+    for each LoRA. ``reference`` reuses already measured base/target stats.
 
     Example:
         >>> stats = evaluate_lora(pair, {"r1": lora}, n_problems=16)  # doctest: +SKIP
         >>> stats["r1"]["gain_recovered"]  # doctest: +SKIP
     """
-    problems = corpus.problems(n_problems, "test", seed=seed)
+    workload = workload or for_pair(pair)
+    problems = workload.problems(n_problems, "test", seed=seed)
     out = dict(reference or {})
     for name, model in (("base", pair.base), ("target", pair.target)):
         if name not in out:
-            out[name] = evaluate(model, pair.tokenizer, problems, progress=progress)
+            out[name] = workload.evaluate(model, problems, progress=progress)
     for name, lora in loras.items():
-        stats = evaluate(lora.model, pair.tokenizer, problems, progress=progress)
+        stats = workload.evaluate(lora.model, problems, progress=progress)
         stats["gain_recovered"] = gain_recovered(
             stats["accuracy"], out["base"]["accuracy"], out["target"]["accuracy"])
         out[name] = stats

@@ -5,6 +5,11 @@ Examples:
     python -m mechdiff.lora train --rank 4 --steps 600 --kl-weight 0.5 --out runs/lora_r4
     python -m mechdiff.lora eval runs/lora_r1 runs/lora_r4 --n-problems 500
     python -m mechdiff.lora eval --shipped 1 2 4 8
+    python -m mechdiff.lora --pair smollm2 train --rank 1 --batch-size 8 --out runs/lora_smollm2_r1
+    python -m mechdiff.lora --pair smollm2 eval runs/lora_smollm2_r1 --n-problems 100
+
+``--pair smollm2`` (or ``smollm2:RUN``) is SmolLM2 and its fine-tune from ``python -m mechdiff.real
+train``: traces, test problems and grader are then its chat ones (:mod:`mechdiff.workloads`).
 """
 
 from __future__ import annotations
@@ -33,19 +38,26 @@ eval:  greedy-generate on held-out test problems with base, target and each LoRA
 def _pair(args):
     from mechdiff.models import load_pair
 
+    where = dict(device=args.device, dtype=args.dtype)
     if args.base or args.target:
-        return load_pair("custom", base=args.base, target=args.target)
-    return load_pair(args.pair)
+        return load_pair("custom", base=args.base, target=args.target, **where)
+    return load_pair(args.pair, **where)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mechdiff.lora", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pair", default="organism", help="model pair name (default: organism)")
+    parser.add_argument("--pair", default="organism",
+                        help="model pair name: organism (default), smollm2 or smollm2:RUN, a preset")
     parser.add_argument("--base", help="base model folder (with --target: a custom pair)")
     parser.add_argument("--target", help="fine-tuned model folder (with --base)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1, fastest for tiny models; 0: torch default)")
+    parser.add_argument("--device", default=None,
+                        help="torch device: cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the models and the LoRA (default float32; use bfloat16 on a GPU: "
+                             "half the memory and tensor-core speed, results within bf16 rounding)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="train a LoRA and write a PEFT folder",
@@ -97,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(stats, indent=1))
         return 0
     loras = {folder: load_lora(folder, pair) for folder in args.folders}
+    if args.shipped and pair.meta.get("workload", "organism") != "organism":
+        parser.error(f"--shipped LoRAs are the organism's; --pair {args.pair} has none")
     for rank in args.shipped or []:
         lora = shipped_lora(pair, rank)
         if lora is None:

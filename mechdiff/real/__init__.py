@@ -6,6 +6,9 @@
 * :mod:`mechdiff.real.chat` - the organism's addition problems as natural-language chat, reasoning
   traces in words (slips, "Wait," and a correction), and a grader for the replies.
 * ``python -m mechdiff.real {check,train,eval}`` - check the conversion, fine-tune, measure.
+* ``load_pair("smollm2")`` / ``load_pair("smollm2:RUN")`` (:mod:`mechdiff.models`) - the cached
+  base and a finished fine-tune run as a pair, judged on the chat workload
+  (:class:`mechdiff.workloads.ChatWorkload`): ``--pair smollm2`` in the adapters and LoRA commands.
 
 Install the optional pieces with::
 

