@@ -5,7 +5,8 @@ Loads the shipped LoRAs (ranks 1, 2, 4, 8; ``--retrain`` trains them afresh), th
 MLP-only against attention-only adapters; LoRA adapters against MLP neurons on a label-based
 monosemanticity score with top contexts; a BatchTopK SAE on the L x 7 state (SAELens folder
 ``sae/``) with FVU, L0, dead latents, label distributions and a category donut. Outputs:
-``index.html`` (every figure, interactive, plotly.js embedded for offline use), one PNG per figure,
+one interactive HTML (offline: plotly.js sits in the folder) and one PNG per figure, ``index.html``
+showing them all,
 ``summary.json`` and ``report.md``. About 3-5 minutes on 2 CPU cores with the shipped LoRAs.
 """
 
@@ -21,10 +22,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 import torch  # noqa: E402
 
@@ -36,66 +33,42 @@ from mechdiff.models import load_pair  # noqa: E402
 from mechdiff.organism import corpus  # noqa: E402
 from mechdiff.organism.task import LABELS  # noqa: E402
 from mechdiff.training.lora_objective import TraceBatches  # noqa: E402
+from mechdiff.visualization.figures import save  # noqa: E402
 
 PUBLISHED = {"gain_recovered": "0.73-0.90", "monosemantic_lora": 0.16, "monosemantic_mlp": 0.13,
              "ablation_kl_mlp_over_attention": 2.4}  # fmt: skip
 
 
 class Figures:
-    """Collects plotly figures for one offline HTML page and writes a matplotlib PNG per figure."""
+    """Collects the plotly figures; each is saved as HTML + PNG (:func:`mechdiff.visualization.figures.save`)
+    and ``index.html`` shows them all on one page."""
 
     def __init__(self, out: Path):
-        self.out, self.figs = out, []
+        self.out, self.names = out, []
 
     def bars(self, name, title, x, series: dict[str, list[float]], ylabel, hline=None):
         fig = go.Figure([go.Bar(name=k, x=x, y=v) for k, v in series.items()])
-        fig.update_layout(title=title, barmode="group", yaxis_title=ylabel)
-        ax = plt.subplots(figsize=(7, 4))[1]
-        width = 0.8 / len(series)
-        for i, (k, v) in enumerate(series.items()):
-            ax.bar([j + i * width for j in range(len(x))], v, width, label=k)
-        ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(x))], x, rotation=20)
+        fig.update_layout(title=title, barmode="group", yaxis_title=ylabel, showlegend=len(series) > 1)
         if hline is not None:
-            ax.axhline(hline, color="k", ls="--", lw=1)
             fig.add_hline(y=hline, line_dash="dash")
-        if len(series) > 1:
-            ax.legend()
-        self._save(name, fig, ax, title, ylabel)
+        self._save(name, fig)
 
     def heatmap(self, name, title, z, x, y, zlabel):
         fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorbar_title=zlabel, colorscale="Viridis"))
-        fig.update_layout(title=title)
-        ax = plt.subplots(figsize=(7, 4))[1]
-        im = ax.imshow(z, aspect="auto", cmap="viridis")
-        if len(x) <= 40:
-            ax.set_xticks(range(len(x)), x, rotation=90 if len(x) > 8 else 0, fontsize=7 if len(x) > 8 else 10)
-        else:
-            ax.set_xlabel(f"{len(x)} units")
-        ax.set_yticks(range(len(y)), y)
-        plt.colorbar(im, ax=ax, label=zlabel)
-        self._save(name, fig, ax, title)
+        self._save(name, fig.update_layout(title=title))
 
     def donut(self, name, title, labels, values):
-        fig = go.Figure(go.Pie(labels=labels, values=values, hole=0.5))
-        fig.update_layout(title=title)
-        ax = plt.subplots(figsize=(7, 4))[1]
-        ax.pie(values, labels=None, wedgeprops={"width": 0.45}, autopct=lambda p: f"{p:.0f}%" if p > 3 else "")
-        ax.legend(labels, loc="center left", bbox_to_anchor=(1, 0.5), fontsize=8)
-        self._save(name, fig, ax, title)
+        self._save(name, go.Figure(go.Pie(labels=labels, values=values, hole=0.5)).update_layout(title=title))
 
-    def _save(self, name, fig, ax, title, ylabel=None):
-        ax.set_title(title, fontsize=10)
-        if ylabel:
-            ax.set_ylabel(ylabel)
-        ax.figure.tight_layout()
-        ax.figure.savefig(self.out / f"{name}.png", dpi=130)
-        plt.close(ax.figure)
-        self.figs.append(fig)
+    def _save(self, name, fig):
+        save(fig, self.out / name)
+        self.names.append(name)
 
     def write_html(self, path: Path, header: str):
-        parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(self.figs)]
+        frames = "".join(f"<iframe src='{n}.html' style='width:100%;height:520px;border:0'></iframe>"
+                         for n in self.names)
         path.write_text(f"<html><head><meta charset='utf-8'><title>LoRA lens</title></head><body>"
-                        f"{header}{''.join(parts)}</body></html>")
+                        f"{header}{frames}</body></html>")
 
 
 def get_loras(pair, ranks, args):

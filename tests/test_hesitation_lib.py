@@ -78,3 +78,36 @@ def test_activation_mass_by_label_is_a_distribution(adapted):
         assert sum(shares.values()) == pytest.approx(1.0)
     ref = H.feature_activations(adapted, rows["input_ids"][:1])[0]
     assert torch.allclose(acts[0], ref, atol=1e-5)  # batching and padding change nothing
+
+
+def test_set_decides_generation_takes_only_the_decisions_from_the_kept_copy(pair):
+    """Checked token by token against teacher-forced forwards of the full and the kept-only model."""
+    from mechdiff.adapters.formats import SHIPPED_DIR, load_adapted
+    from mechdiff.evaluation.behaviour import responses
+
+    adapted = load_adapted(pair, SHIPPED_DIR)
+    tok, problems = pair.tokenizer, corpus.problems(12, "test", seed=3)
+    every = [(layer, f) for layer in range(3) for f in range(adapted.config.d_sae)]
+    assert H.set_decides_generation(adapted, tok, problems, every) == responses(adapted.model, tok, problems)
+
+    wait = tok.convert_tokens_to_ids("wait")
+    effect = H.decoder_logit_effect(adapted, wait)
+    top = torch.topk(effect.flatten(), 20).indices.tolist()
+    kept = [divmod(i, effect.shape[1]) for i in top]
+    words = H.set_decides_generation(adapted, tok, problems, kept)
+    decisions, choices = set(tok.convert_tokens_to_ids(["wait", ";"])), {"wait": 0, ";": 0}
+    for prompt, response in zip(problems["input_ids"], words):
+        ids = list(prompt) + tok.convert_tokens_to_ids(response)
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            full = adapted.model(x)[0, len(prompt) - 1:-1]
+            only = adapted.model.run_with_hooks(x, fwd_hooks=H.keep_only_hooks(adapted, kept))[0, len(prompt) - 1:-1]
+        for t, token in enumerate(ids[len(prompt):]):
+            greedy = int(full[t].argmax())
+            if greedy in decisions:  # a decision: the kept-only copy's preference between the two
+                other = (decisions - {token}).pop()
+                assert token in decisions and only[t, token] >= only[t, other]
+                choices[tok.convert_ids_to_tokens(token)] += 1
+            else:
+                assert token == greedy
+    assert choices["wait"] > 0 and choices[";"] > 0  # both kinds of decision were exercised

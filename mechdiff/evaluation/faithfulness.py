@@ -40,9 +40,10 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mechdiff.adapters.transcoder import AdaptedModel
-from mechdiff.evaluation.behaviour import evaluate, gain_recovered
+from mechdiff.evaluation.behaviour import gain_recovered
 from mechdiff.training.adapter_objective import run_capture
 from mechdiff.training.batches import pad
+from mechdiff.workloads import Workload, for_pair
 
 ModelSpec = HookedTransformer | tuple[HookedTransformer, Sequence[tuple]]
 
@@ -141,19 +142,22 @@ def _acts_names(model: HookedTransformer) -> tuple[str, ...]:
 
 
 def adapter_report(pair, adapted: AdaptedModel, traces: Dataset, problems: Dataset | None = None, *,
-                   batch_size: int = 64, progress: bool = False) -> dict:
+                   batch_size: int = 64, progress: bool = False, workload: Workload | None = None,
+                   ) -> dict:
     """Faithfulness, sparsity and behaviour of base, hybrid, adapted and target (a JSON-able dict).
 
-    ``problems`` (test prompts) are answered greedily by each model; without them only the
-    teacher-forced metrics are reported.
+    ``problems`` (test prompts, from ``workload.problems``) are answered greedily by each model
+    and graded by ``workload`` (default: the pair's, :func:`mechdiff.workloads.for_pair`);
+    without them only the teacher-forced metrics are reported.
     """
     models = {"base": pair.base, "hybrid": (adapted.model, adapted.bypass_hooks()),
               "adapted": adapted.model, "target": pair.target}
     report = faithfulness(models, pair.target, traces, batch_size=batch_size, progress=progress)
     if problems is not None:
+        workload = workload if workload is not None else for_pair(pair)
         for name, spec in models.items():
             model, hooks = (spec, ()) if isinstance(spec, HookedTransformer) else spec
-            stats = evaluate(model, pair.tokenizer, problems, fwd_hooks=hooks, progress=progress)
+            stats = workload.evaluate(model, problems, fwd_hooks=hooks, progress=progress)
             report[name].update({k: stats[k] for k in ("accuracy", "mean_response_tokens",
                                                        "hesitations_per_response")})
         acc = {name: report[name]["accuracy"] for name in models}

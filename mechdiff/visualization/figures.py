@@ -69,6 +69,9 @@ def render_static(fig: go.Figure, width: float = 7.0, height: float = 4.2):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if layout.yaxis.type == "log":
         ax.set_yscale("log")
+    for shape in layout.shapes or ():  # fig.add_hline: a reference level (chance, a target)
+        if shape.type == "line" and shape.y0 is not None and shape.y0 == shape.y1:
+            ax.axhline(shape.y0, color="k", ls="--", lw=1)
     if any(t.name for t in fig.data if t.type != "pie") and len(fig.data) > 1:
         ax.legend(fontsize=8, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)

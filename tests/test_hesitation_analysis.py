@@ -1,0 +1,60 @@
+"""``python -m analyses.hesitation`` end to end on small settings (the shipped organism adapters)."""
+
+import json
+
+import pytest
+import torch
+
+from analyses import hesitation
+from mechdiff.adapters.formats import SHIPPED_DIR
+
+FIGURES = ("faithfulness", "accuracy", "length", "hesitation_set", "dose_response", "necessity_sufficiency")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    if not (SHIPPED_DIR / "adapters.json").exists():
+        pytest.skip("no shipped adapters")
+    out = tmp_path_factory.mktemp("hesitation")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = hesitation.main(["--out", str(out), "--n-prompts", "12", "--n-problems", "40",
+                                   "--n-traces", "16", "--random-draws", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    return out, summary
+
+
+def test_summary_holds_every_number_the_issue_names(run):
+    out, summary = run
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    for key in ("n_adapter_features", "n_hesitation_features", "hesitation_fraction", "roles"):
+        assert key in summary
+    for key in ("hesitations_per_response_before", "hesitations_per_response_after", "random_control_after",
+                "length_before", "length_after", "accuracy_before", "accuracy_after"):
+        assert isinstance(summary["necessity"][key], float)
+    assert {"hesitation_retained"} <= set(summary["sufficiency"])
+    assert {"wait_prob_before", "wait_prob_after"} <= set(summary["steering"])
+    assert summary["hesitation_fraction"] == summary["n_hesitation_features"] / summary["n_adapter_features"]
+    assert sum(summary["roles"].values()) == summary["n_hesitation_features"]
+
+
+def test_the_set_is_small_necessary_and_decides_hesitation(run):
+    _, s = run
+    n, suf = s["necessity"], s["sufficiency"]
+    assert 0 < s["hesitation_fraction"] <= 0.05
+    assert n["hesitations_per_response_before"] > 0.5
+    assert n["hesitations_per_response_after"] < 0.2 * n["hesitations_per_response_before"]
+    assert n["random_control_after"] > 0.8 * n["hesitations_per_response_before"]
+    assert suf["hesitation_retained"] >= 0.7 and suf["random_sets_retained"] < 0.3
+    assert s["dose_response"]["ranked"][-1] < s["dose_response"]["random"][-1]
+    assert s["steering"]["wait_prob_after"] > s["steering"]["wait_prob_before"] + 0.3
+
+
+def test_every_figure_is_written_as_html_and_png_with_a_report(run):
+    out, s = run
+    for name in FIGURES:
+        assert (out / f"{name}.html").stat().st_size > 1000 and (out / f"{name}.png").stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert f"**{s['n_hesitation_features']} features**" in report and "published" in report
