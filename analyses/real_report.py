@@ -1,0 +1,161 @@
+"""``figures/real/summary.json``, ``report.md`` and figures from the stages of :mod:`analyses.real`,
+with the organism's numbers (from its shipped adapters and its study summaries) beside them.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp())
+    >>> summary = write(out, {})   # no stage has run yet: every section is None
+    >>> summary["base"] is None and (out / "report.md").is_file()
+    True
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from mechdiff.visualization.figures import save
+
+BEHAVIOUR_KEYS = ("accuracy", "mean_response_tokens", "hesitations_per_response")
+
+
+def _read(path: Path | str) -> dict | None:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _behaviour(stats: dict | None) -> dict | None:
+    return None if stats is None else {k: stats.get(k) for k in (*BEHAVIOUR_KEYS, "frac_hesitations_after_error",
+                                                                   "accuracy_hesitation_banned")}
+
+
+def _adapters(report: dict | None) -> dict | None:
+    if report is None:
+        return None
+    adapted = report["adapted"]
+    return {"fve_mean": adapted["mean_fve"], "fve_per_layer": adapted["fve_per_layer"],
+            "kl_to_target": adapted["kl_to_target"], "kl_to_target_hybrid": report["hybrid"]["kl_to_target"],
+            "l0_mean": adapted["mean_l0"], "dead_fraction": adapted["dead_fraction"],
+            "gain_recovered": report.get("gain_recovered"),
+            "behaviour": {k: _behaviour(report[k]) for k in ("base", "hybrid", "adapted", "target")}}
+
+
+def _hesitation(summary: dict | None) -> dict | None:
+    if summary is None:
+        return None
+    n, s = summary["necessity"], summary["sufficiency"]
+    return {"n_hesitation_features": summary["n_hesitation_features"],
+            "n_adapter_features": summary["n_adapter_features"],
+            "hesitation_fraction": summary["hesitation_fraction"], "ablation_cut": n["cut"],
+            "random_ablation_cut": n["random_cut"], "roles": summary["roles"],
+            "hesitations_per_response_before": n["hesitations_per_response_before"],
+            "hesitations_per_response_after": n["hesitations_per_response_after"],
+            "sufficiency_retained": s.get("hesitation_retained"),
+            "steering": {k: summary["steering"].get(k) for k in ("wait_prob_before", "wait_prob_after")},
+            "n_hesitation_prompts": summary["n_hesitation_prompts"]}
+
+
+def organism_numbers(paths: dict) -> dict:
+    """The organism's side of every comparison, from its committed study outputs."""
+    shipped = _read(paths.get("behaviour", "")) or {}
+    report = shipped.get("metrics", {}).get("eval")
+    hes, lora = _read(paths.get("hesitation", "")), _read(paths.get("lora", ""))
+    return {"base": _behaviour(report["base"]) if report else None,
+            "target": _behaviour(report["target"]) if report else None,
+            "adapters": _adapters(report), "hesitation": _hesitation(hes),
+            "lora": {"gain_recovered": lora["gain_recovered"]} if lora else None}
+
+
+def real_numbers(out: Path) -> dict:
+    behaviour, adapters = _read(out / "behaviour.json"), _read(out / "adapters.json")
+    hes_stage, lora, cost = _read(out / "hesitation.json"), _read(out / "lora.json"), _read(out / "cost.json")
+    hes = _read(hes_stage["summary"]) if hes_stage else None
+    return {"base": _behaviour(behaviour["base"]) if behaviour else None,
+            "target": _behaviour(behaviour["target"]) if behaviour else None,
+            "adapters": None if adapters is None else {**_adapters(adapters["report"]),
+                                                       "recipe": _recipe(adapters["recipe"]),
+                                                       "train_seconds": adapters.get("train_seconds")},
+            "hesitation": _hesitation(hes),
+            "lora": None if lora is None else {"gain_recovered": lora["eval"]["lora_r1"]["gain_recovered"],
+                                               "behaviour": _behaviour(lora["eval"]["lora_r1"]),
+                                               "config": {k: lora["config"][k] for k in ("rank", "steps", "lr",
+                                                                                          "batch_size")},
+                                               "train_seconds": lora["train_seconds"]},
+            "cost": cost}
+
+
+def _recipe(recipe: dict) -> dict:
+    return {k: recipe[k] for k in ("d_sae", "activation", "k", "steps", "batch_size", "n_traces", "lr")}
+
+
+def write(out: Path, organism_paths: dict) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {**real_numbers(out), "organism": organism_numbers(organism_paths)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    _figures(out, summary)
+    (out / "report.md").write_text(report_markdown(summary))
+    return summary
+
+
+def _figures(out: Path, s: dict) -> None:
+    org = s["organism"]
+    names = [("base", "base"), ("target", "fine-tune")]
+    for key, title in (("accuracy", "Accuracy on held-out problems"),
+                       ("hesitations_per_response", "Hesitations per response")):
+        series = {who: [(src[n] or {}).get(key) for n, _ in names] for who, src in (("organism", org), ("SmolLM2", s))}
+        if all(v is None for vs in series.values() for v in vs):
+            continue
+        fig = go.Figure([go.Bar(name=who, x=[t for _, t in names], y=[float("nan") if v is None else v for v in vals])
+                         for who, vals in series.items()])
+        save(fig.update_layout(title=title, yaxis_title=key.replace("_", " "), barmode="group"), out / key)
+    if s["adapters"]:
+        fve = s["adapters"]["fve_per_layer"]
+        fig = go.Figure(go.Bar(x=[f"L{i}" for i in range(len(fve))], y=fve))
+        save(fig.update_layout(title="SmolLM2 adapters: FVE per layer", yaxis_title="FVE"), out / "faithfulness")
+
+
+def _f(x, fmt=".3f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def _row(label, org, real, fmt=".3f") -> str:
+    return f"| {label} | {_f(org, fmt)} | {_f(real, fmt)} |"
+
+
+def report_markdown(s: dict) -> str:
+    o = s["organism"]
+    get = lambda d, *ks: None if d is None else (get(d.get(ks[0]), *ks[1:]) if ks else d)  # noqa: E731
+    lines = ["# The study on a real model: SmolLM2-135M-Instruct", "",
+             "Regenerate with `python -m analyses.real` (needs `make real` and `python -m mechdiff.real train`).", "",
+             "| | organism | SmolLM2-135M |", "|---|---|---|"]
+    for who in ("base", "target"):
+        for key in BEHAVIOUR_KEYS:
+            lines.append(_row(f"{who}: {key.replace('_', ' ')}", get(o, who, key), get(s, who, key)))
+    for key in ("fve_mean", "kl_to_target", "l0_mean", "gain_recovered"):
+        lines.append(_row(f"adapters: {key.replace('_', ' ')}", get(o, "adapters", key), get(s, "adapters", key)))
+    for key in ("n_hesitation_features", "hesitation_fraction", "ablation_cut", "random_ablation_cut",
+                "sufficiency_retained"):
+        fmt = "d" if key.startswith("n_") else ".3f"
+        lines.append(_row(f"hesitation: {key.replace('_', ' ')}", get(o, "hesitation", key),
+                          get(s, "hesitation", key), fmt))
+    lines.append(_row("rank-1 LoRA: gain recovered", get(o, "lora", "gain_recovered"), get(s, "lora", "gain_recovered")))
+    lines += ["", "## Settings", ""]
+    if s["adapters"]:
+        lines.append(f"Adapters: {s['adapters']['recipe']} (organism: TopK k=8, 1024 features per layer, "
+                     f"300 steps at batch 64); trained in {_f(s['adapters']['train_seconds'], '.0f')} s.")
+    if s["lora"]:
+        lines.append(f"Rank-1 LoRA: {s['lora']['config']}; trained in {_f(s['lora']['train_seconds'], '.0f')} s.")
+    if s.get("cost"):
+        lines += ["", "## Cost (one process each; seconds and peak resident memory)", "",
+                  "| | organism | SmolLM2-135M |", "|---|---|---|"]
+        for what in ("adapter_step", "lora_step", "attribution_graph"):
+            org, real = s["cost"]["organism"][what], s["cost"]["smollm2"][what]
+            lines.append(f"| {what.replace('_', ' ')} | {org['seconds']:.2f} s, {org['peak_rss_gib']:.2f} GiB | "
+                         f"{real['seconds']:.2f} s, {real['peak_rss_gib']:.2f} GiB |")
+        lines.append("")
+        lines.append("Training steps at the batch size shown in cost.json; graphs on one hesitation prefix with "
+                     "random adapters of the same width, 256 feature nodes.")
+    return "\n".join(lines) + "\n"
