@@ -1,6 +1,13 @@
 """The hesitation study: trace "wait" to adapter features, then ablate, keep and steer them.
 
     python -m analyses.hesitation [--pair organism] [--adapters DIR] [--out figures/hesitation]
+    python -m analyses.hesitation --pair smollm2 --adapters runs/adapters-smollm2 \
+        --out figures/real/hesitation --n-prompts 40 --n-problems 100
+
+The pair's workload (:func:`mechdiff.workloads.for_pair`) gives the problems, traces and grader;
+:func:`mechdiff.evaluation.hesitation.hesitation_for` what hesitating is in its tokens: the
+organism's ``wait`` (controls before a ``;``), or on SmolLM2's chat the " Wait" written after a
+step (``ĠWait``, other spellings counted too; controls before the newline after a step).
 
 Steps (each printed as it runs):
  1. faithfulness and behaviour of base / hybrid / adapted / target;
@@ -12,7 +19,7 @@ Steps (each printed as it runs):
  5. necessity (ablate the set while generating; random and activation-difference controls;
     dose-response), sufficiency (only the set decides when to hesitate; keep only the set),
     steering (add output features in the hybrid).
-Writes ``figures/hesitation/``: HTML + PNG figures, ``summary.json`` and ``report.md``.
+Writes ``--out``: HTML + PNG figures, ``summary.json`` and ``report.md``.
 """
 
 from __future__ import annotations
@@ -35,10 +42,10 @@ from analyses import hesitation_figures as figs  # noqa: E402
 from attribution.build import attribute  # noqa: E402
 from mechdiff.adapters.formats import SHIPPED_DIR, load_adapted  # noqa: E402
 from mechdiff.evaluation import hesitation as H  # noqa: E402
-from mechdiff.evaluation.behaviour import HESITATION_WORD, evaluate  # noqa: E402
 from mechdiff.evaluation.faithfulness import adapter_report  # noqa: E402
 from mechdiff.models import hybrid, load_pair  # noqa: E402
-from mechdiff.organism import corpus, grading, task  # noqa: E402
+from mechdiff.organism import task  # noqa: E402
+from mechdiff.workloads import for_pair  # noqa: E402
 
 PUBLISHED = {"hesitation_fraction": 0.024, "gain_recovered": (0.5, 0.9)}
 
@@ -50,11 +57,18 @@ def _log(msg: str) -> None:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m analyses.hesitation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pair", default="organism", help="model pair (default: the built-in organism)")
-    p.add_argument("--adapters", default=str(SHIPPED_DIR), help="trained adapters folder")
+    p.add_argument("--pair", default="organism",
+                   help="model pair: organism (default) or smollm2[:RUN] (needs --adapters)")
+    p.add_argument("--adapters", default=None,
+                   help="trained adapters folder (default: the shipped ones, for the organism only)")
     p.add_argument("--out", default="figures/hesitation", help="output folder")
-    p.add_argument("--n-prompts", type=int, default=120, help="hesitation prompts (graphs) to use")
+    p.add_argument("--n-prompts", type=int, default=120,
+                   help="hesitation prompts (graphs) to use, cut from the target's replies to as many problems")
     p.add_argument("--n-problems", type=int, default=300, help="test problems for generation")
+    p.add_argument("--n-dose-problems", type=int, default=200,
+                   help="test problems per dose-response point (at most --n-problems)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens generated per reply (default: the workload's, 96 organism / 256 chat)")
     p.add_argument("--n-traces", type=int, default=200, help="held-out traces for faithfulness")
     p.add_argument("--share", type=float, default=0.8, help="influence share the set must cover")
     p.add_argument("--max-feature-nodes", type=int, default=256, help="features visited per graph")
@@ -62,7 +76,12 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.adapters is None:
+        if args.pair != "organism":
+            p.error(f"--adapters DIR is required for --pair {args.pair} (the shipped adapters are the organism's)")
+        args.adapters = str(SHIPPED_DIR)
+    return args
 
 
 def hesitation_set(adapted, prompts, wait_id, args):
@@ -76,11 +95,9 @@ def hesitation_set(adapted, prompts, wait_id, args):
     return H.covering_set(scores, args.share), scores, graphs
 
 
-def roles(adapted, tokenizer, hes, feature_set, wait_id):
+def roles(adapted, hes, feature_set, wait_id):
     effect = H.decoder_logit_effect(adapted, wait_id)
-    w_u = adapted.model.W_U.detach().float()
-    lens = torch.stack([a.W_dec.detach().float() @ (w_u - w_u.mean(1, keepdim=True)) for a in adapted.adapters])
-    rank = (lens > lens[..., wait_id:wait_id + 1]).sum(-1)  # how many tokens it promotes more
+    rank = _promote_rank(adapted, wait_id)
     acts = H.feature_activations(adapted, hes.tokens)
     prompt_len = [len(t) - len(lab) for t, lab in zip(hes.tokens, hes.labels)]
     labels = [["prompt"] * n + list(lab) for n, lab in zip(prompt_len, hes.labels)]
@@ -88,41 +105,52 @@ def roles(adapted, tokenizer, hes, feature_set, wait_id):
     return H.assign_roles(feature_set, effect, rank, mass), mass, acts
 
 
-def necessity(adapted, tokenizer, problems, feature_set, alive, hes, ctl, args):
+def _promote_rank(adapted, token_id: int) -> torch.Tensor:
+    """``[layer, d_sae]``: how many tokens each feature's decoder promotes more than ``token_id``.
+    One layer's logit lens (``d_sae x d_vocab``) at a time: all of SmolLM2's would take gigabytes."""
+    w_u = adapted.model.W_U.detach().float()
+    w_u = w_u - w_u.mean(1, keepdim=True)
+    ranks = []
+    for adapter in adapted.adapters:
+        lens = adapter.W_dec.detach().float() @ w_u
+        ranks.append((lens > lens[:, token_id:token_id + 1]).sum(-1))
+    return torch.stack(ranks)
+
+
+def necessity(adapted, spec, problems, feature_set, alive, hes, ctl, hes_acts, args):
     model, n = adapted.model, len(feature_set)
-    after = evaluate(model, tokenizer, problems, fwd_hooks=adapted.ablation_hooks(feature_set))
+    after = spec.evaluate(model, problems, fwd_hooks=adapted.ablation_hooks(feature_set))
     rng = random.Random(args.seed)
-    random_after = [evaluate(model, tokenizer, problems,
-                             fwd_hooks=adapted.ablation_hooks(rng.sample(alive, n)))
+    random_after = [spec.evaluate(model, problems, fwd_hooks=adapted.ablation_hooks(rng.sample(alive, n)))
                     for _ in tqdm(range(args.random_draws), desc="random controls", leave=False)]
     last = lambda acts: torch.stack([a[-1] for a in acts])  # noqa: E731  [n layer d_sae]
-    diff = last(H.feature_activations(adapted, hes.tokens)).mean(0) - last(
-        H.feature_activations(adapted, ctl.tokens)).mean(0)
+    diff = last(hes_acts).mean(0) - last(H.feature_activations(adapted, ctl.tokens)).mean(0)
     top = torch.topk(diff.flatten(), n).indices
     actdiff_set = [(int(i) // diff.shape[1], int(i) % diff.shape[1]) for i in top]
-    actdiff_after = evaluate(model, tokenizer, problems, fwd_hooks=adapted.ablation_hooks(actdiff_set))
+    actdiff_after = spec.evaluate(model, problems, fwd_hooks=adapted.ablation_hooks(actdiff_set))
     return after, random_after, actdiff_after, actdiff_set
 
 
-def hesitation_at_prompts(adapted, hes, ctl, feature_set, wait_id):
-    """Greedy-"wait" rate and mean P("wait") at hesitation and control prompts, with every adapter
-    feature (full) and with only the hesitation set kept."""
+def hesitation_at_prompts(adapted, hes, ctl, feature_set, wait_ids):
+    """Greedy-"wait" rate and mean P("wait") (every spelling in ``wait_ids``) at hesitation and
+    control prompts, with every adapter feature (full) and with only the hesitation set kept."""
     out = {}
     for name, hooks in (("full", []), ("kept_only", H.keep_only_hooks(adapted, feature_set))):
-        p_hes = H.next_token_probability(adapted.model, hes.tokens, wait_id, fwd_hooks=hooks)
-        p_ctl = H.next_token_probability(adapted.model, ctl.tokens, wait_id, fwd_hooks=hooks)
+        p_hes = H.next_token_probability(adapted.model, hes.tokens, wait_ids, fwd_hooks=hooks)
+        p_ctl = H.next_token_probability(adapted.model, ctl.tokens, wait_ids, fwd_hooks=hooks)
         out[name] = {"wait_rate": float((p_hes > 0.5).float().mean()), "wait_prob": float(p_hes.mean()),
                      "control_wait_rate": float((p_ctl > 0.5).float().mean())}
     return out
 
 
-def set_decides(adapted, tokenizer, problems, feature_set, alive, args):
+def set_decides(adapted, spec, problems, feature_set, alive, args):
     """Hesitations per response when only ``feature_set`` decides whether to hesitate (the full
     model writes every other token); controls: random sets of the same size, and no feature."""
     def rate(features):
-        words = H.set_decides_generation(adapted, tokenizer, problems, features)
-        graded = [grading.grade(task.Problem(tuple(r["operands"])), w) for r, w in zip(problems, words)]
-        return grading.summarize(graded)
+        rows = H.set_decides_ids(adapted, spec.tokenizer, problems, features, spec.decisions,
+                                 spec.max_new_tokens)
+        return spec.summarize([spec.grade(task.Problem(tuple(r["operands"])), ids)
+                               for r, ids in zip(problems, rows)])
 
     rng = random.Random(args.seed + 2)
     randoms = [rate(rng.sample(alive, len(feature_set)))["hesitations_per_response"]
@@ -133,23 +161,23 @@ def set_decides(adapted, tokenizer, problems, feature_set, alive, args):
             "random_sets": randoms, "no_features": rate([])["hesitations_per_response"]}
 
 
-def dose_response(adapted, tokenizer, problems, ranked, alive, args):
+def dose_response(adapted, spec, problems, ranked, alive, args):
     ks = sorted({0, *[k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k < len(ranked)], len(ranked)})
     shuffled = random.Random(args.seed + 1).sample(alive, len(alive))
     curves = {"ranked": [], "random": []}
     for k in tqdm(ks, desc="dose-response", leave=False):
         for name, order in (("ranked", ranked), ("random", shuffled)):
-            stats = evaluate(adapted.model, tokenizer, problems, fwd_hooks=adapted.ablation_hooks(order[:k]))
+            stats = spec.evaluate(adapted.model, problems, fwd_hooks=adapted.ablation_hooks(order[:k]))
             curves[name].append(stats["hesitations_per_response"])
     return ks, curves
 
 
-def steering(pair, adapted, hes, acts, output_features, wait_id, backbone):
+def steering(pair, adapted, hes, acts, output_features, wait_ids, backbone):
     """Add the output features' decoder vectors (at their mean activation on hesitation prompts)
     to the hybrid's MLP output at the last position; report P("wait") there before and after."""
     base_model = hybrid(pair, backbone)
     if not output_features:
-        p = H.next_token_probability(base_model, hes.tokens, wait_id).mean().item()
+        p = H.next_token_probability(base_model, hes.tokens, wait_ids).mean().item()
         return {"wait_prob_before": p, "wait_prob_after": p, "n_output_features": 0}
     last = torch.stack([a[-1] for a in acts])  # [n layer d_sae]
     hooks = []
@@ -162,9 +190,9 @@ def steering(pair, adapted, hes, acts, output_features, wait_id, backbone):
             resid[:, -1] += vec.to(resid.dtype)
             return resid
         hooks.append((f"blocks.{layer}.hook_mlp_out", add))
-    before = H.next_token_probability(base_model, hes.tokens, wait_id)
-    after = H.next_token_probability(base_model, hes.tokens, wait_id, fwd_hooks=hooks)
-    full = H.next_token_probability(adapted.model, hes.tokens, wait_id)
+    before = H.next_token_probability(base_model, hes.tokens, wait_ids)
+    after = H.next_token_probability(base_model, hes.tokens, wait_ids, fwd_hooks=hooks)
+    full = H.next_token_probability(adapted.model, hes.tokens, wait_ids)
     return {"wait_prob_before": before.mean().item(), "wait_prob_after": after.mean().item(),
             "wait_prob_adapted": full.mean().item(), "n_output_features": len(output_features)}
 
@@ -176,29 +204,33 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     pair = load_pair(args.pair, dtype=args.dtype, device=args.device)
     adapted = load_adapted(pair, args.adapters)
-    tok = pair.tokenizer
-    wait_id = tok.convert_tokens_to_ids(HESITATION_WORD)
-    problems = corpus.problems(args.n_problems, "test", seed=args.seed)
+    spec = H.hesitation_for(for_pair(pair), args.max_new_tokens)
+    word = spec.word
+    problems = spec.problems(args.n_problems, "test", seed=args.seed)
 
     _log("1/5 faithfulness and behaviour of base, hybrid, adapted, target")
-    report = adapter_report(pair, adapted, corpus.reasoning_traces(args.n_traces, "test", seed=args.seed),
-                            problems, progress=False)
+    report = adapter_report(pair, adapted, spec.traces(args.n_traces, "test", seed=args.seed),
+                            problems, progress=False, workload=spec)
 
     _log("2/5 hesitation prompts from target responses")
-    hes, ctl = H.hesitation_prompts(pair.target, tok, corpus.problems(args.n_prompts, "validation", args.seed))
+    hes, ctl = H.hesitation_prompts(pair.target, spec.tokenizer,
+                                    spec.problems(args.n_prompts, "validation", args.seed), hesitation=spec)
     hes = _first(hes, args.n_prompts)
     ctl = _first(ctl, args.n_prompts)
     _log(f"    {len(hes)} hesitation prompts, {len(ctl)} controls, "
          f"{sum(hes.after_error) / max(1, len(hes)):.0%} after a wrong step")
+    if not len(hes):
+        raise SystemExit(f"the target wrote no {word!r} in its replies to {args.n_prompts} problems: "
+                         "nothing to attribute; raise --n-prompts (or --max-new-tokens)")
 
-    _log("3/5 attribution graphs for 'wait' and the hesitation set")
-    feature_set, scores, graphs = hesitation_set(adapted, hes, wait_id, args)
+    _log(f"3/5 attribution graphs for '{word}' and the hesitation set")
+    feature_set, scores, graphs = hesitation_set(adapted, hes, spec.target, args)
     n_total = adapted.n_features
     _log(f"    {len(feature_set)} features cover {args.share:.0%} of the influence "
          f"({len(feature_set) / n_total:.2%} of {n_total})")
 
     _log("4/5 roles")
-    role_of, mass, acts = roles(adapted, tok, hes, feature_set, wait_id)
+    role_of, mass, acts = roles(adapted, hes, feature_set, spec.target)
     counts = {r: sum(v == r for v in role_of.values()) for r in ("output", "error_detection", "context/format")}
 
     _log("5/5 necessity, dose-response, sufficiency, steering")
@@ -206,18 +238,19 @@ def main(argv=None) -> dict:
     alive = [tuple(map(int, ij)) for ij in alive_mask.nonzero()]
     before = report["adapted"]
     after, random_after, actdiff_after, actdiff_set = necessity(
-        adapted, tok, problems, feature_set, alive, hes, ctl, args)
-    ks, curves = dose_response(adapted, tok, corpus.problems(min(200, args.n_problems), "test", args.seed),
-                               feature_set, alive, args)
-    keep = evaluate(adapted.model, tok, problems, fwd_hooks=H.keep_only_hooks(adapted, feature_set))
-    at_prompts = hesitation_at_prompts(adapted, hes, ctl, feature_set, wait_id)
-    decides = set_decides(adapted, tok, problems, feature_set, alive, args)
+        adapted, spec, problems, feature_set, alive, hes, ctl, acts, args)
+    dose_problems = spec.problems(min(args.n_dose_problems, args.n_problems), "test", args.seed)
+    ks, curves = dose_response(adapted, spec, dose_problems, feature_set, alive, args)
+    keep = spec.evaluate(adapted.model, problems, fwd_hooks=H.keep_only_hooks(adapted, feature_set))
+    at_prompts = hesitation_at_prompts(adapted, hes, ctl, feature_set, spec.variants)
+    decides = set_decides(adapted, spec, problems, feature_set, alive, args)
     outputs = [f for f in feature_set if role_of[f] == "output"]
-    steer = steering(pair, adapted, hes, acts, outputs, wait_id, adapted.config.backbone)
+    steer = steering(pair, adapted, hes, acts, outputs, spec.variants, adapted.config.backbone)
 
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     summary = {
-        "pair": args.pair, "adapters": args.adapters,
+        "pair": args.pair, "adapters": _shown(args.adapters),
+        "hesitation_tokens": _tokens(spec),
         "n_adapter_features": n_total, "n_alive_features": len(alive),
         "n_hesitation_prompts": len(hes), "n_control_prompts": len(ctl),
         "frac_prompts_after_error": sum(hes.after_error) / max(1, len(hes)),
@@ -225,7 +258,7 @@ def main(argv=None) -> dict:
         "hesitation_fraction": len(feature_set) / n_total,
         "influence_share": args.share,
         "roles": counts,
-        "role_rule": H.ROLE_RULE,
+        "role_rule": H.role_rule(word),
         "hesitation_features": [{"layer": f[0], "feature": f[1], "role": role_of[f],
                                  "influence": scores[f], "top_labels": _top_labels(mass[f])}
                                 for f in feature_set],
@@ -267,10 +300,26 @@ def main(argv=None) -> dict:
         "seconds": time.perf_counter() - t0,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    figs.write_all(out, summary, report, graphs, hes, acts, role_of, tok)
+    figs.write_all(out, summary, report, graphs, hes, acts, role_of, spec.tokenizer)
     (out / "report.md").write_text(figs.report_markdown(summary, PUBLISHED))
     _log(f"wrote {out}/ in {summary['seconds']:.0f} s")
     return summary
+
+
+def _tokens(spec: H.Hesitation) -> dict:
+    """What the study counted as hesitating, for the record (token strings as the tokenizer has them)."""
+    names = lambda ids: spec.tokenizer.convert_ids_to_tokens(list(ids))  # noqa: E731
+    return {"workload": spec.name, "word": spec.word, "target": names([spec.target])[0],
+            "variants": names(spec.variants), "go_on": names([spec.go_on])[0],
+            "max_new_tokens": spec.max_new_tokens}
+
+
+def _shown(path: str | Path) -> str:
+    """``path`` relative to the working folder when inside it (summaries stay the same on every machine)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _ratio(x: float, ref: float) -> float | None:

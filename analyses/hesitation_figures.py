@@ -12,6 +12,15 @@ from mechdiff.visualization.figures import save
 MODELS = ("base", "hybrid", "adapted", "target")
 
 
+def _word(summary: dict) -> str:
+    """How the study's hesitation is written: the organism's ``wait``, the chat's ``Wait``."""
+    return summary.get("hesitation_tokens", {}).get("word", "wait")
+
+
+def _is_organism(summary: dict) -> bool:
+    return summary.get("hesitation_tokens", {}).get("workload", "organism") == "organism"
+
+
 def _bars(title: str, ytitle: str, names, values, error=None) -> go.Figure:
     fig = go.Figure(go.Bar(x=list(names), y=list(values),
                            error_y={"type": "data", "array": error} if error else None))
@@ -74,21 +83,23 @@ def necessity_figure(summary: dict) -> go.Figure:
                  names, values, error)
 
 
-def example_graph(graphs, out: Path) -> list[Path]:
+def example_graph(graphs, out: Path, word: str = "wait") -> list[Path]:
     """The pruned attribution graph of the first prompt, via :mod:`attribution.plot`."""
     from attribution import plot
 
     graph = graphs[0]  # pruned harder than the 0.8/0.98 defaults so that a figure stays legible
     fig = plot.graph_figure(graph, node_threshold=0.6, edge_threshold=0.85,
-                            title='"wait" attribution graph (nodes 60%, edges 85% of influence)')
+                            title=f'"{word}" attribution graph (nodes 60%, edges 85% of influence)')
     return save(fig, out / "example_graph")
 
 
-def role_examples(out: Path, hes, acts, role_of: dict, tokenizer, per_role: int = 3) -> Path:
+def role_examples(out: Path, hes, acts, role_of: dict, tokenizer, per_role: int = 3,
+                  decode: bool = False) -> Path:
     """circuitsvis views of each role's top features on their most activating prompt.
 
     The circuitsvis bundle is written once beside the page (as the feature dashboards do), not
-    inlined in every view.
+    inlined in every view. ``decode``: show each token as text (byte-level tokens such as
+    ``ĠWait`` read as `` Wait``) instead of the vocabulary entry.
     """
     import re
 
@@ -104,7 +115,8 @@ def role_examples(out: Path, hes, acts, role_of: dict, tokenizer, per_role: int 
         parts.append(f"<h2>{role} ({sum(r == role for r in role_of.values())} features)</h2>")
         for layer, feat in feats:
             best = max(range(len(acts)), key=lambda i: float(acts[i][:, layer, feat].max()))
-            words = tokenizer.convert_ids_to_tokens(hes.tokens[best])
+            words = ([tokenizer.decode([t]) for t in hes.tokens[best]] if decode
+                     else tokenizer.convert_ids_to_tokens(hes.tokens[best]))
             values = acts[best][:, layer, feat].tolist()
             view = dashboard.token_view(words, values, max(values), bundle)
             parts.append(f"<h3>layer {layer} feature {feat} (max {max(values):.2f})</h3>{view}")
@@ -122,12 +134,40 @@ def write_all(out: Path, summary: dict, report: dict, graphs, hes, acts, role_of
     save(dose_response_figure(summary), out / "dose_response")
     save(necessity_figure(summary), out / "necessity_sufficiency")
     if graphs:
-        example_graph(graphs, out)
-    role_examples(out, hes, acts, role_of, tokenizer)
+        example_graph(graphs, out, _word(summary))
+    role_examples(out, hes, acts, role_of, tokenizer, decode=not _is_organism(summary))
 
 
 def _pct(x) -> str:
     return "n/a" if x is None else f"{x:.0%}"
+
+
+def _command(s: dict) -> str:
+    """The command that regenerates the report (the organism's needs no flag)."""
+    if _is_organism(s) and s["pair"] == "organism":
+        return "python -m analyses.hesitation"
+    return f"python -m analyses.hesitation --pair {s['pair']} --adapters {s['adapters']}"
+
+
+def _tokens_note(s: dict) -> str:
+    """Which tokens a non-organism study counted (the organism's ``wait`` needs no note)."""
+    if _is_organism(s):
+        return ""
+    t = s["hesitation_tokens"]
+    others = ", ".join(f"`{v}`" for v in t["variants"][1:])
+    return (f"Hesitation = the token `{t['target']}` (the attribution target; counted "
+            f"{f'with {others}' if others else 'alone'}); go-on token (controls) `{t['go_on']}`; "
+            f"replies of at most {t['max_new_tokens']} tokens.\n")
+
+
+def _free_generation_note(s: dict) -> str:
+    """Why keeping only the set in free generation retains few hesitations: measured on the
+    organism, so said of the organism only."""
+    if not _is_organism(s):
+        return ""
+    return (": with every other feature zeroed the model writes correct\n"
+            "steps from the start (the slips come from features outside the set), so there is little to hesitate about;\n"
+            "the set answers slips, it does not make them")
 
 
 def report_markdown(s: dict, published: dict) -> str:
@@ -135,10 +175,11 @@ def report_markdown(s: dict, published: dict) -> str:
     lo, hi = published["gain_recovered"]
     gain = s.get("gain_recovered")
     gain_txt = f"{gain:.2f}" if isinstance(gain, float) else "n/a"
+    w = _word(s)
     return f"""# Hesitation study ({s['pair']})
 
-Adapters: `{s['adapters']}`. Regenerate with `python -m analyses.hesitation`.
-
+Adapters: `{s['adapters']}`. Regenerate with `{_command(s)}`.
+{_tokens_note(s)}
 ## Faithfulness and behaviour
 | model | accuracy | mean length | hesitations / response | KL to target |
 |---|---|---|---|---|
@@ -150,8 +191,8 @@ The adapters recover **{gain_txt}** of the base -> target accuracy gain (publish
 Per-layer FVE of the adapted model: {', '.join(f'{v:.3f}' for v in m['adapted']['fve_per_layer'])}.
 
 ## The hesitation set
-{s['n_hesitation_prompts']} prompts cut right before a "wait" ({s['frac_prompts_after_error']:.0%} of
-them right after a wrong step), {s['n_control_prompts']} matched controls. Aggregating "wait"
+{s['n_hesitation_prompts']} prompts cut right before a "{w}" ({s['frac_prompts_after_error']:.0%} of
+them right after a wrong step), {s['n_control_prompts']} matched controls. Aggregating "{w}"
 attribution graphs, **{s['n_hesitation_features']} features** cover {s['influence_share']:.0%} of the
 influence: **{s['hesitation_fraction']:.2%}** of the {s['n_adapter_features']} adapter features
 (published on R1-Distill-7B: {published['hesitation_fraction']:.1%}).
@@ -176,18 +217,16 @@ each: **{_pct(suf['hesitation_retained'])}** of the full model's
 after a wrong step; accuracy {suf['set_decides_in_generation']['accuracy']:.3f}). Random sets of the same
 size deciding give {_pct(suf['random_sets_retained'])}; no feature at all gives
 {suf['set_decides_in_generation']['no_features']:.2f} per response.
-At the target's own hesitation prefixes (teacher-forced), the kept set says "wait" on
-{_pct(suf['hesitation_retained_at_prompts'])} of the prompts where the full model does (P("wait")
+At the target's own hesitation prefixes (teacher-forced), the kept set says "{w}" on
+{_pct(suf['hesitation_retained_at_prompts'])} of the prompts where the full model does (P("{w}")
 {suf['at_hesitation_prompts']['kept_only']['wait_prob']:.3f} against
 {suf['at_hesitation_prompts']['full']['wait_prob']:.3f}; on control prompts
 {suf['at_hesitation_prompts']['kept_only']['control_wait_rate']:.0%}). Generating freely with only the set
 everywhere retains {_pct(suf['hesitation_retained_in_generation'])} of the hesitations per response
-(accuracy {suf['accuracy_kept_only']:.3f}): with every other feature zeroed the model writes correct
-steps from the start (the slips come from features outside the set), so there is little to hesitate about;
-the set answers slips, it does not make them.
+(accuracy {suf['accuracy_kept_only']:.3f}){_free_generation_note(s)}.
 Adding the
 {st['n_output_features']} output features' decoder vectors to the hybrid at the last position
-moves P("wait") from {st['wait_prob_before']:.3f} to **{st['wait_prob_after']:.3f}**
+moves P("{w}") from {st['wait_prob_before']:.3f} to **{st['wait_prob_after']:.3f}**
 (the adapted model: {st.get('wait_prob_adapted', float('nan')):.3f}).
 
 Figures: `faithfulness`, `accuracy`, `length`, `hesitation_set`, `dose_response`,

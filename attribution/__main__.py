@@ -1,14 +1,17 @@
 """Build one attribution graph and write every view of it.
 
     python -m attribution [--prompt "A 3 2 1 ..."] [--target wait] [--max-feature-nodes 500]
-                          [--adapters auto|random] [--base DIR --target-model DIR] [--out DIR]
+                          [--adapters auto|random|DIR] [--pair organism|smollm2[:RUN]]
+                          [--base DIR --target-model DIR] [--out DIR]
 
 Writes to ``--out`` (default ``figures/attribution``): ``graph.safetensors`` + ``graph.json``
 (:meth:`Graph.save`), ``graph.html`` + ``graph.png`` (the pruned graph), ``features.html``
 (circuitsvis token views of the most influential features) and ``circuit-tracer/`` (the graph
-JSON and index circuit-tracer's frontend serves). The default prompt is an organism reasoning
-trace cut just before its first "wait"; adapters are the shipped ones when present, else random
-(``attribution.synthetic``).
+JSON and index circuit-tracer's frontend serves). The default prompt is a reasoning trace of the
+pair's workload cut just before its first hesitation, and the default target that hesitation:
+on the organism a trace cut before "wait"; on SmolLM2 (``--pair smollm2``) a chat trace cut
+before the " Wait" the fine-tune writes (``ĠWait``). Adapters are ``DIR``, or (``auto``) the
+shipped organism ones when they fit the pair, else random (``attribution.synthetic``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,17 +39,19 @@ def _adapted(args):
 
     where = dict(device=args.device, dtype=args.dtype)
     pair = (load_pair("custom", base=args.base, target=args.target_model or args.base, **where)
-            if args.base else load_pair("organism", **where))
+            if args.base else load_pair(args.pair, **where))
+    if args.adapters not in ("auto", "random"):  # a folder: its errors are the user's to see
+        from mechdiff.adapters.formats import load_adapted
+        return pair, load_adapted(pair, args.adapters), f"adapters {args.adapters}"
     if args.adapters == "auto":
         try:
             from mechdiff.adapters.formats import load_adapted
-            return load_adapted(pair), "shipped adapters"
+            return pair, load_adapted(pair), "shipped adapters"
         except Exception as err:  # noqa: BLE001 - fall back to random adapters, and say why
             print(f"shipped adapters unavailable ({type(err).__name__}); using random ones")
     torch.manual_seed(0)
     adapted = AdaptedModel.from_pair(pair, d_sae=args.d_sae)
-    return (randomize_adapters(adapted, seed=0, density=args.density, dec_norm=args.dec_norm),
-            "random adapters")
+    return pair, randomize_adapters(adapted, seed=0, density=args.density, dec_norm=args.dec_norm), "random adapters"
 
 
 def _default_prompt(tokenizer) -> torch.Tensor:
@@ -60,13 +66,55 @@ def _default_prompt(tokenizer) -> torch.Tensor:
     raise SystemExit("no organism trace with a 'wait'; pass --prompt")
 
 
+def _workload_prompt(pair) -> tuple[torch.Tensor, int]:
+    """A trace of the pair's workload (prompt + response) cut just before its first hesitation,
+    and that hesitation's token id (:func:`mechdiff.evaluation.hesitation.hesitation_for`)."""
+    from mechdiff.evaluation.hesitation import hesitation_for
+    from mechdiff.workloads import for_pair
+
+    spec = hesitation_for(for_pair(pair))
+    for row in spec.traces(50, "test", seed=0):
+        ids = row["input_ids"]
+        cut = next((k for k in range(row["prompt_len"], len(ids)) if ids[k] == spec.target), None)
+        if cut is not None:
+            return torch.tensor(ids[:cut]), spec.target
+    raise SystemExit(f"no {spec.name} trace with a {spec.word!r}; pass --prompt")
+
+
+def _prompt_and_target(args, pair, tok):
+    """``--prompt`` / ``--target`` when given; else the organism's trace and "wait", or the
+    workload's trace and hesitation token for any other pair."""
+    if pair.meta.get("workload", "organism") == "organism":
+        tokens, target = (None if args.prompt else _default_prompt(tok)), "wait"
+    else:
+        tokens, target = _workload_prompt(pair)
+    if args.prompt:
+        tokens = torch.tensor([tok.bos_token_id] + tok(args.prompt)["input_ids"])
+    target = args.target or target
+    if isinstance(target, str):
+        target = None if target == "top" else tuple(target.split(",")) if "," in target else target
+    return tokens, target
+
+
+def _slug(args, pair, graph) -> str:
+    """The graph's name in circuit-tracer's index: ``organism-wait`` as before, else pair and target."""
+    if pair.meta.get("workload", "organism") == "organism":
+        return "organism-wait"
+    return re.sub(r"[^a-z0-9]+", "-", f"{args.pair}-{graph.targets[0]['label']}".lower()).strip("-")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", default=None, help="space-separated tokens after <bos>")
-    parser.add_argument("--target", default="wait", help='a token, "a,b" for a logit difference, or "top"')
+    parser.add_argument("--target", default=None,
+                        help='a token, "a,b" for a logit difference, or "top" (default: the hesitation, '
+                             '"wait" on the organism, "ĠWait" on SmolLM2)')
     parser.add_argument("--max-feature-nodes", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--adapters", choices=["auto", "random"], default="auto")
+    parser.add_argument("--adapters", default="auto",
+                        help="auto (shipped when they fit, else random), random, or an adapters folder")
+    parser.add_argument("--pair", default="organism",
+                        help="model pair when --base is not given: organism (default) or smollm2[:RUN]")
     parser.add_argument("--d-sae", type=int, default=1024)
     parser.add_argument("--density", type=float, default=0.01, help="random adapters: firing rate")
     parser.add_argument("--dec-norm", type=float, default=2.0, help="random adapters: decoder row norm")
@@ -83,11 +131,8 @@ def main(argv: list[str] | None = None) -> None:
                              "the memory; edges are then accurate to bf16 rounding)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    adapted, kind = _adapted(args)
-    tok = adapted.model.tokenizer
-    tokens = (torch.tensor([tok.bos_token_id] + tok(args.prompt)["input_ids"]) if args.prompt
-              else _default_prompt(tok))
-    target = None if args.target == "top" else tuple(args.target.split(",")) if "," in args.target else args.target
+    pair, adapted, kind = _adapted(args)
+    tokens, target = _prompt_and_target(args, pair, adapted.model.tokenizer)
     graph = attribute(adapted, tokens, target, max_feature_nodes=args.max_feature_nodes,
                       batch_size=args.batch_size)
     out = Path(args.out)
@@ -97,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     save_graph_figure(graph, out / "graph", *thresholds, title=title)
     top = graph.feature_ranking(0, aggregate=True)[: args.top]
     feature_token_views(adapted, [tokens], [(g["layer"], g["feature"]) for g in top], out / "features.html")
-    write_circuit_tracer_files(graph, out / "circuit-tracer", "organism-wait", *thresholds)
+    write_circuit_tracer_files(graph, out / "circuit-tracer", _slug(args, pair, graph), *thresholds)
     scores = graph.scores()
     summary = {"prompt": graph.token_strs, "adapters": kind, "targets": graph.targets,
                "n_features": graph.n_features, "n_active": graph.info["n_active"], "meta": graph.meta,
