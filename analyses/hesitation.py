@@ -210,7 +210,7 @@ def main(argv=None) -> dict:
 
     _log("1/5 faithfulness and behaviour of base, hybrid, adapted, target")
     report = adapter_report(pair, adapted, spec.traces(args.n_traces, "test", seed=args.seed),
-                            problems, progress=False, workload=spec)
+                            problems, progress=False, workload=spec, bridging=False)
 
     _log("2/5 hesitation prompts from target responses")
     hes, ctl = H.hesitation_prompts(pair.target, spec.tokenizer,

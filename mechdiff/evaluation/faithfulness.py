@@ -143,7 +143,7 @@ def _acts_names(model: HookedTransformer) -> tuple[str, ...]:
 
 def adapter_report(pair, adapted: AdaptedModel, traces: Dataset, problems: Dataset | None = None, *,
                    batch_size: int = 64, progress: bool = False, workload: Workload | None = None,
-                   ) -> dict:
+                   bridging: bool = True) -> dict:
     """Faithfulness, sparsity and behaviour of base, hybrid, adapted and target (a JSON-able dict).
 
     ``problems`` (test prompts, from ``workload.problems``) are answered greedily by each model
@@ -152,7 +152,8 @@ def adapter_report(pair, adapted: AdaptedModel, traces: Dataset, problems: Datas
     """
     models = {"base": pair.base, "hybrid": (adapted.model, adapted.bypass_hooks()),
               "adapted": adapted.model, "target": pair.target}
-    report = faithfulness(models, pair.target, traces, batch_size=batch_size, progress=progress)
+    report = faithfulness(models, pair.target, traces, batch_size=batch_size, progress=progress,
+                          bridging=bridging)  # bridging: 2 (n_layers - 1) partial forwards per model
     if problems is not None:
         workload = workload if workload is not None else for_pair(pair)
         for name, spec in models.items():
