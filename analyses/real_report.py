@@ -78,6 +78,9 @@ def real_numbers(out: Path) -> dict:
                                                        "recipe": _recipe(adapters["recipe"]),
                                                        "train_seconds": adapters.get("train_seconds")},
             "hesitation": _hesitation(hes),
+            "n_problems": {"behaviour": (behaviour or {}).get("base", {}).get("n_problems"),
+                           "adapters": (adapters or {}).get("report", {}).get("n_problems"),
+                           "lora": (lora or {}).get("eval", {}).get("lora_r1", {}).get("n_problems")},
             "lora": None if lora is None else {"gain_recovered": lora["eval"]["lora_r1"]["gain_recovered"],
                                                "behaviour": _behaviour(lora["eval"]["lora_r1"]),
                                                "config": {k: lora["config"][k] for k in ("rank", "steps", "lr",
@@ -142,7 +145,10 @@ def report_markdown(s: dict) -> str:
         lines.append(_row(f"hesitation: {key.replace('_', ' ')}", get(o, "hesitation", key),
                           get(s, "hesitation", key), fmt))
     lines.append(_row("rank-1 LoRA: gain recovered", get(o, "lora", "gain_recovered"), get(s, "lora", "gain_recovered")))
-    lines += ["", "## Settings", ""]
+    lines += ["", "## Settings", "",
+              f"SmolLM2 held-out problems: {s.get('n_problems')} (the organism: 500; hesitation: 300). "
+              f"Hesitation prompts: {get(o, 'hesitation', 'n_hesitation_prompts')} (organism) and "
+              f"{get(s, 'hesitation', 'n_hesitation_prompts')} (SmolLM2).", ""]
     if s["adapters"]:
         lines.append(f"Adapters: {s['adapters']['recipe']} (organism: TopK k=8, 1024 features per layer, "
                      f"300 steps at batch 64); trained in {_f(s['adapters']['train_seconds'], '.0f')} s.")
