@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,6 +26,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from benchmarks import mean_seconds  # noqa: E402
 from mechdiff.adapters.formats import load_adapted  # noqa: E402
 from mechdiff.adapters.transcoder import SHIPPED_DIR, AdaptedModel  # noqa: E402
 from mechdiff.generation import generate  # noqa: E402
@@ -34,14 +34,6 @@ from mechdiff.models import load_pair  # noqa: E402
 from mechdiff.organism import corpus  # noqa: E402
 from mechdiff.training.adapter_objective import AdapterObjective, LossWeights, masked_kl  # noqa: E402
 from mechdiff.training.batches import pad  # noqa: E402
-
-
-def _timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t0) / repeats
 
 
 def training(pair, adapted: AdaptedModel, batch: int, repeats: int) -> dict:
@@ -63,7 +55,7 @@ def training(pair, adapted: AdaptedModel, batch: int, repeats: int) -> dict:
         masked_kl(t_logits, adapted.model(tokens, attention_mask=mask.long()), mask).backward()
         opt.zero_grad(set_to_none=True)
 
-    t_step, t_base = _timed(step, repeats), _timed(baseline, repeats)
+    t_step, t_base = mean_seconds(step, repeats), mean_seconds(baseline, repeats)
     return {"batch": batch, "tokens": n_tok, "step_s": t_step, "baseline_s": t_base,
             "step_tokens_per_s": n_tok / t_step, "baseline_tokens_per_s": n_tok / t_base,
             "ratio_step_over_baseline": t_step / t_base}
@@ -75,7 +67,7 @@ def generation(pair, adapted: AdaptedModel, n: int, new: int, repeats: int) -> d
     def run(model):
         return lambda: generate(model, prompts, new, eos_token_id=-1, batch_size=n)
 
-    t_with, t_without = _timed(run(adapted.model), repeats), _timed(run(pair.target), repeats)
+    t_with, t_without = mean_seconds(run(adapted.model), repeats), mean_seconds(run(pair.target), repeats)
     return {"prompts": n, "new_tokens": new, "with_adapters_s": t_with, "without_s": t_without,
             "with_tokens_per_s": n * new / t_with, "without_tokens_per_s": n * new / t_without,
             "ratio_with_over_without": t_with / t_without}

@@ -12,23 +12,16 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from benchmarks import mean_seconds  # noqa: E402
 from mechdiff.generation import generate  # noqa: E402
 from mechdiff.models import load_pair  # noqa: E402
 from mechdiff.organism import corpus  # noqa: E402
-
-
-def _timed(fn) -> float:
-    fn()  # warm-up
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
                 min_new_tokens=args.new, do_sample=False, pad_token_id=0),
         }
         with torch.no_grad():
-            times = {name: _timed(fn) for name, fn in engines.items()}
+            times = {name: mean_seconds(fn) for name, fn in engines.items()}
         ours = n_tok / times["mechdiff.generate"]
         for name, seconds in times.items():
             rows.append((batch, name, n_tok / seconds, (n_tok / seconds) / ours))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -23,18 +22,11 @@ import copy  # noqa: E402
 
 import torch  # noqa: E402
 
+from benchmarks import mean_seconds  # noqa: E402
 from mechdiff.adapters.lora import LoRAConfig, LoRAModel  # noqa: E402
 from mechdiff.models import load_pair  # noqa: E402
 from mechdiff.organism import corpus  # noqa: E402
 from mechdiff.training.lora_objective import TraceBatches, distillation_loss  # noqa: E402
-
-
-def _time(step, n: int) -> float:
-    step()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    return (time.perf_counter() - t0) / n
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         base.zero_grad()
         distillation_loss(base(tokens), tokens, keep)[0].backward()
 
-    t_lora, t_base = _time(lora_step, args.steps), _time(base_step, args.steps)
+    t_lora, t_base = mean_seconds(lora_step, args.steps), mean_seconds(base_step, args.steps)
     print(f"batch {args.batch} traces x {tokens.shape[1]} positions = {n_tok} tokens, "
           f"{torch.get_num_threads()} threads, rank {args.rank}, {pair.meta['device']} {args.dtype}")
     print(f"{'':<34} {'s/step':>8} {'tokens/s':>10}")

@@ -159,7 +159,7 @@ def load_hooked(
         ['<bos>', 'w1', 'w2']
     """
     kind, where = _source_kind(source)
-    torch_dtype = _resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
     _check_supported(_load_hf_config(where, kind), str(source))
     if kind == "local":
         _check_weight_files(where)
@@ -205,7 +205,7 @@ def hooked_from_hf(
     """
     hf_config = _with_architecture(hf_model)
     _check_supported(hf_config, "hooked_from_hf")
-    cfg = _hooked_config(hf_config, _resolve_dtype(dtype), device, n_devices, n_ctx, tokenizer)
+    cfg = _hooked_config(hf_config, resolve_dtype(dtype), device, n_devices, n_ctx, tokenizer)
     return _build_hooked(cfg, _CONVERTERS[cfg.original_architecture](hf_model, cfg), tokenizer)
 
 
@@ -328,7 +328,7 @@ def _is_smollm2(pair: str) -> bool:
     return pair == "smollm2" or pair.startswith("smollm2:")
 
 
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:

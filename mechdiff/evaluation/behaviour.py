@@ -45,10 +45,19 @@ def evaluate(
     progress: bool = False,
 ) -> dict[str, float]:
     """Generate and grade; the summary of :func:`mechdiff.organism.grading.summarize`."""
-    processors = [ban_tokens([tokenizer.convert_tokens_to_ids(HESITATION_WORD)])] if ban_hesitation else []
     words = responses(model, tokenizer, problems, max_new_tokens=max_new_tokens,
-                      logit_processors=processors, fwd_hooks=fwd_hooks, batch_size=batch_size,
-                      progress=progress)
+                      logit_processors=hesitation_ban(tokenizer, ban_hesitation), fwd_hooks=fwd_hooks,
+                      batch_size=batch_size, progress=progress)
+    return grade_responses(problems, words)
+
+
+def hesitation_ban(tokenizer, ban: bool) -> list:
+    """The logit processors that ban "wait" when ``ban`` (none otherwise)."""
+    return [ban_tokens([tokenizer.convert_tokens_to_ids(HESITATION_WORD)])] if ban else []
+
+
+def grade_responses(problems: Dataset, words: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Grade each problem's response (words) and summarize (:func:`mechdiff.organism.grading.summarize`)."""
     graded = [grading.grade(task.Problem(tuple(r["operands"])), w) for r, w in zip(problems, words)]
     return grading.summarize(graded)
 

