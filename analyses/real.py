@@ -187,17 +187,21 @@ def stage_cost(args, out: Path) -> dict:
     for pair in ("organism", args.pair):
         for what in ("adapter_step", "lora_step", "attribution_graph"):
             code = (f"import json; from analyses.real import measure; "
-                    f"print(json.dumps(measure({pair!r}, {what!r}, {args.d_sae}, {args.batch_size})))")
+                    f"print(json.dumps(measure({pair!r}, {what!r}, {args.d_sae}, {args.batch_size}, {args.threads})))")
             done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
             result.setdefault("smollm2" if pair != "organism" else "organism", {})[what] = json.loads(
                 done.stdout.strip().splitlines()[-1])
     return result
 
 
-def measure(pair_name: str, what: str, d_sae: int, batch_size: int) -> dict:
+def measure(pair_name: str, what: str, d_sae: int, batch_size: int, threads: int = 0) -> dict:
     """Seconds and peak resident memory of ``what`` on ``pair_name``: a training step (the mean of
-    steps 2 and 3 of a real run of the shared loop) or one attribution graph (after a warm-up)."""
+    steps 2 and 3 of a real run of the shared loop) or one attribution graph (after a warm-up).
+    ``threads``: torch CPU threads (0: torch's default), as ``--threads`` gives every stage."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from mechdiff.models import load_pair
     from mechdiff.workloads import for_pair
