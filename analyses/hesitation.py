@@ -12,8 +12,14 @@ step (``ĠWait``, other spellings counted too; controls before the newline after
 Steps (each printed as it runs):
  1. faithfulness and behaviour of base / hybrid / adapted / target;
  2. hesitation prompts (target responses cut right before each "wait") and matched controls;
- 3. an attribution graph for "wait" on each prompt; influence aggregated across prompts; the
-    hesitation set = the fewest features covering ``--share`` of it;
+ 3. rank features by their influence on "wait" across prompts, and take the hesitation set:
+    ``--ranking graph`` (default): an attribution graph per prompt; the set = the fewest features
+    covering ``--share`` of the aggregated graph influence;
+    ``--ranking gradient``: activation x gradient of the log-odds of "wait" (one backward per
+    batch of prompts, :mod:`attribution.gradient`; for models where a graph per prompt costs
+    minutes); the set = the fewest top-ranked features whose ablation removes ``--share`` of
+    P("wait") at the hesitation prompts (teacher-forced); ``--n-graphs`` graphs are still built
+    for the example figure;
  4. roles: output features (decoder promotes "wait"), error detection (fire on wrong steps),
     context/format (the rest), with top activating contexts;
  5. necessity (ablate the set while generating; random and activation-difference controls;
@@ -40,6 +46,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from analyses import hesitation_figures as figs  # noqa: E402
 from attribution.build import attribute  # noqa: E402
+from attribution.gradient import feature_attribution  # noqa: E402
 from mechdiff.adapters.formats import SHIPPED_DIR, load_adapted  # noqa: E402
 from mechdiff.evaluation import hesitation as H  # noqa: E402
 from mechdiff.evaluation.faithfulness import adapter_report  # noqa: E402
@@ -72,6 +79,11 @@ def parse_args(argv):
     p.add_argument("--n-traces", type=int, default=200, help="held-out traces for faithfulness")
     p.add_argument("--share", type=float, default=0.8, help="influence share the set must cover")
     p.add_argument("--max-feature-nodes", type=int, default=256, help="features visited per graph")
+    p.add_argument("--ranking", choices=("graph", "gradient"), default="graph",
+                   help="how features are ranked: attribution graphs (default) or activation x gradient")
+    p.add_argument("--n-graphs", type=int, default=None,
+                   help="attribution graphs to build (default: one per prompt with --ranking graph, "
+                        "1 for the example figure with --ranking gradient)")
     p.add_argument("--random-draws", type=int, default=5, help="random same-size control sets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -84,15 +96,26 @@ def parse_args(argv):
     return args
 
 
-def hesitation_set(adapted, prompts, wait_id, args):
+def hesitation_set(adapted, prompts, spec, args):
+    """(hesitation set, its scores by feature, the graphs built, how the set was sized)."""
+    n_graphs = args.n_graphs if args.n_graphs is not None else (len(prompts) if args.ranking == "graph" else 1)
     rankings, graphs = [], []
-    for tokens in tqdm(prompts.tokens, desc="attribution graphs", leave=False):
-        graph = attribute(adapted, torch.tensor(tokens), target=wait_id,
+    for tokens in tqdm(prompts.tokens[:n_graphs], desc="attribution graphs", leave=False):
+        graph = attribute(adapted, torch.tensor(tokens), target=spec.target,
                           max_feature_nodes=args.max_feature_nodes)
         rankings.append(graph.feature_ranking(0, aggregate=True))
         graphs.append(graph)
-    scores = H.aggregate_influence(rankings)
-    return H.covering_set(scores, args.share), scores, graphs
+    if args.ranking == "graph":
+        scores = H.aggregate_influence(rankings)
+        return H.covering_set(scores, args.share), scores, graphs, {
+            "rule": f"the fewest features covering {args.share:.0%} of the graph influence on '{spec.word}'"}
+    scores = H.normalized_positive(feature_attribution(adapted, prompts.tokens, spec.variants))
+    ranked = list(scores)
+    k, curve = H.smallest_ablating_prefix(adapted, ranked, prompts.tokens, spec.variants, args.share)
+    return ranked[:k], scores, graphs, {
+        "rule": f"the fewest top features by activation x gradient whose ablation removes {args.share:.0%} "
+                f"of P('{spec.word}') at the hesitation prompts",
+        "p_wait_by_k": {str(key): value for key, value in curve.items()}, "n_ranked": len(ranked)}
 
 
 def roles(adapted, hes, feature_set, wait_id):
@@ -223,8 +246,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"the target wrote no {word!r} in its replies to {args.n_prompts} problems: "
                          "nothing to attribute; raise --n-prompts (or --max-new-tokens)")
 
-    _log(f"3/5 attribution graphs for '{word}' and the hesitation set")
-    feature_set, scores, graphs = hesitation_set(adapted, hes, spec.target, args)
+    _log(f"3/5 ranking features for '{word}' ({args.ranking}) and the hesitation set")
+    feature_set, scores, graphs, sizing = hesitation_set(adapted, hes, spec, args)
     n_total = adapted.n_features
     _log(f"    {len(feature_set)} features cover {args.share:.0%} of the influence "
          f"({len(feature_set) / n_total:.2%} of {n_total})")
@@ -257,6 +280,7 @@ def main(argv=None) -> dict:
         "n_hesitation_features": len(feature_set),
         "hesitation_fraction": len(feature_set) / n_total,
         "influence_share": args.share,
+        "ranking": args.ranking, "set_rule": sizing, "n_graphs": len(graphs),
         "roles": counts,
         "role_rule": H.role_rule(word),
         "hesitation_features": [{"layer": f[0], "feature": f[1], "role": role_of[f],

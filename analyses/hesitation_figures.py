@@ -192,10 +192,9 @@ Per-layer FVE of the adapted model: {', '.join(f'{v:.3f}' for v in m['adapted'][
 
 ## The hesitation set
 {s['n_hesitation_prompts']} prompts cut right before a "{w}" ({s['frac_prompts_after_error']:.0%} of
-them right after a wrong step), {s['n_control_prompts']} matched controls. Aggregating "{w}"
-attribution graphs, **{s['n_hesitation_features']} features** cover {s['influence_share']:.0%} of the
-influence: **{s['hesitation_fraction']:.2%}** of the {s['n_adapter_features']} adapter features
-(published on R1-Distill-7B: {published['hesitation_fraction']:.1%}).
+them right after a wrong step), {s['n_control_prompts']} matched controls. {_set_rule_text(s)}:
+**{s['n_hesitation_features']} features**, **{s['hesitation_fraction']:.2%}** of the {s['n_adapter_features']}
+adapter features (published on R1-Distill-7B: {published['hesitation_fraction']:.1%}).
 
 Roles ({s['role_rule']}): {', '.join(f'{k}: {v}' for k, v in s['roles'].items())}.
 
@@ -232,3 +231,17 @@ moves P("{w}") from {st['wait_prob_before']:.3f} to **{st['wait_prob_after']:.3f
 Figures: `faithfulness`, `accuracy`, `length`, `hesitation_set`, `dose_response`,
 `necessity_sufficiency`, `example_graph` (HTML + PNG), `role_examples.html`; numbers in `summary.json`.
 """
+
+
+def _set_rule_text(s: dict) -> str:
+    """How the hesitation set was ranked and sized, in a sentence (older summaries: graphs)."""
+    w = _word(s)
+    if s.get("ranking", "graph") == "graph":
+        return (f'Aggregating "{w}" attribution graphs over the prompts, the set is the fewest features '
+                f"covering {s['influence_share']:.0%} of the influence")
+    curve = s["set_rule"]["p_wait_by_k"]
+    steps = ", ".join(f"{k}: {float(p):.3f}" for k, p in curve.items())
+    return (f'Ranking features by activation x gradient of the log-odds of "{w}" (summed over positions, '
+            f"each prompt normalised to 1), the set is the fewest top features whose ablation removes "
+            f"{s['influence_share']:.0%} of P(\"{w}\") at these prompts (P by number ablated: {steps}; "
+            f"{s['n_graphs']} attribution graph(s) built for the example figure)")

@@ -9,8 +9,9 @@ rerun one):
  2. ``adapters``   transcoder adapters trained on the fine-tune's traces (smaller width and fewer
                    tokens than the organism's; written under the cache), their faithfulness and
                    behaviour (base / hybrid / adapted / target);
- 3. ``hesitation`` ``python -m analyses.hesitation --pair smollm2`` on small settings into
-                   ``OUT/hesitation/``;
+ 3. ``hesitation`` ``python -m analyses.hesitation --pair smollm2 --ranking gradient`` on
+                   small settings into ``OUT/hesitation/`` (a graph per prompt costs about 3 min
+                   here, so features are ranked by activation x gradient; one graph is built);
  4. ``lora``       a rank-1 LoRA trained on the same traces, and its gain recovered;
  5. ``cost``       one adapter training step, one LoRA step and one attribution graph, timed and
                    measured (peak memory) on SmolLM2 and on the organism in the same way.
@@ -58,8 +59,8 @@ def parse_args(argv):
     p.add_argument("--lora-steps", type=int, default=200, help="LoRA training steps (default 200)")
     p.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA peak learning rate (default 1e-3)")
     p.add_argument("--batch-size", type=int, default=8, help="traces per training step (default 8)")
-    p.add_argument("--hesitation-args", default="--n-prompts 24 --n-problems 48 --n-traces 16 "
-                   "--random-draws 3 --max-feature-nodes 256",
+    p.add_argument("--hesitation-args", default="--ranking gradient --n-prompts 24 --n-problems 32 "
+                   "--n-traces 8 --n-dose-problems 12 --random-draws 2 --max-feature-nodes 256",
                    help="extra flags for analyses.hesitation (quoted)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per stage (0: torch's default)")
     p.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process

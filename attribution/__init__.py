@@ -4,6 +4,8 @@
 * :mod:`attribution.targets` - what a graph explains (top logits, a token, a logit difference, a
   direction, a feature);
 * :mod:`attribution.build` - :func:`attribute`, batched backward passes into a graph;
+* :mod:`attribution.gradient` - :func:`feature_attribution`, activation x gradient of a target for
+  every feature at once (a cheap ranking where a graph per prompt is too costly);
 * :mod:`attribution.graph` - :class:`Graph`: influence, pruning, scores, rankings, save/load;
 * :mod:`attribution.interventions` - ablate / steer features, one pass or through generation;
 * :mod:`attribution.export` - circuit-tracer's graph JSON; :mod:`attribution.plot` - figures;
@@ -19,10 +21,11 @@ Example:
 """
 
 from attribution.build import attribute
+from attribution.gradient import feature_attribution
 from attribution.graph import Graph
 from attribution.interventions import ablate, generate_with_edits, intervene, steer
 from attribution.linearize import linearized, record_frozen
 from attribution.targets import Direction, FeatureTarget, LogitDiff, Token, TopLogits
 
-__all__ = ["attribute", "Graph", "ablate", "steer", "intervene", "generate_with_edits", "linearized",
+__all__ = ["attribute", "feature_attribution", "Graph", "ablate", "steer", "intervene", "generate_with_edits", "linearized",
            "record_frozen", "TopLogits", "Token", "LogitDiff", "Direction", "FeatureTarget"]

@@ -6,7 +6,8 @@ import importlib
 import pytest
 import torch
 
-MODULES = ["__init__", "linearize", "targets", "build", "graph", "export", "interventions", "synthetic", "plot"]
+MODULES = ["__init__", "linearize", "targets", "build", "gradient", "graph", "export", "interventions", "synthetic",
+           "plot"]
 
 
 @pytest.mark.parametrize("name", MODULES)

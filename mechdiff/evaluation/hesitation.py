@@ -347,6 +347,56 @@ def covering_set(scores: dict[Feature, float], share: float = 0.8) -> list[Featu
     return chosen
 
 
+def normalized_positive(scores: Float[Tensor, "prompt layer d_sae"]) -> dict[Feature, float]:
+    """Per-prompt feature scores (e.g. :func:`attribution.gradient.feature_attribution`) summed
+    over prompts, each prompt's positive part normalised to total 1 (as :func:`aggregate_influence`
+    does for graphs); features with a positive total only, highest first."""
+    pos = scores.clamp(min=0)
+    total = pos.flatten(1).sum(1).clamp(min=torch.finfo(pos.dtype).tiny)
+    agg = (pos / total[:, None, None]).sum(0)
+    idx = torch.argsort(agg.flatten(), descending=True)
+    idx = idx[agg.flatten()[idx] > 0]
+    d_sae = scores.shape[-1]
+    return {(int(i) // d_sae, int(i) % d_sae): float(agg.flatten()[i]) for i in idx}
+
+
+def smallest_ablating_prefix(adapted, ranked: Sequence[Feature], prompts: Sequence[Sequence[int]],
+                             token_ids: int | Sequence[int], share: float = 0.8, batch_size: int = 32,
+                             ) -> tuple[int, dict[int, float]]:
+    """The fewest top features of ``ranked`` whose ablation (at every position) removes ``share``
+    of the mean P(next token in ``token_ids``) at ``prompts``, teacher-forced.
+
+    Doubles k until the goal is met, then bisects (assuming the curve falls with k, as it does
+    when the ranking is any good). Returns k (``len(ranked)`` when even all of them fall short)
+    and every mean probability measured, ``{k: P}``, with k = 0 the unablated model.
+
+    Example:
+        >>> k, curve = smallest_ablating_prefix(adapted, ranked, hes.tokens, spec.variants)  # doctest: +SKIP
+    """
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], not {share}")
+    measured: dict[int, float] = {}
+
+    def prob(k: int) -> float:
+        if k not in measured:
+            hooks = adapted.ablation_hooks(list(ranked[:k])) if k else []
+            measured[k] = float(next_token_probability(adapted.model, prompts, token_ids, fwd_hooks=hooks,
+                                                       batch_size=batch_size).mean())
+        return measured[k]
+
+    goal = (1 - share) * prob(0)
+    lo, hi = 0, 1
+    while hi < len(ranked) and prob(hi) > goal:
+        lo, hi = hi, 2 * hi
+    hi = min(hi, len(ranked))
+    if not ranked or prob(hi) > goal:
+        return len(ranked), dict(sorted(measured.items()))
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if prob(mid) <= goal else (mid, hi)
+    return hi, dict(sorted(measured.items()))
+
+
 def keep_only_hooks(adapted, features: Sequence[Feature]) -> list[tuple[str, callable]]:
     """Hooks that zero every adapter feature except ``features`` (sufficiency tests)."""
     n_layers, d_sae = adapted.config.n_layers, adapted.config.d_sae
