@@ -112,10 +112,18 @@ def hesitation_set(adapted, prompts, spec, args):
     scores = H.normalized_positive(feature_attribution(adapted, prompts.tokens, spec.variants))
     ranked = list(scores)
     k, curve = H.smallest_ablating_prefix(adapted, ranked, prompts.tokens, spec.variants, args.share)
+    chosen = set(ranked[:k])
+    # the graphs built (on the first prompts) as a cross-check: how many of each graph's top-k
+    # features (by influence on that one prompt) the gradient-ranked set contains
+    overlap = []
+    for ranking in rankings:
+        top = [(int(r["layer"]), int(r["feature"])) for r in ranking[:k]]
+        overlap.append(sum(f in chosen for f in top) / max(1, len(top)))
     return ranked[:k], scores, graphs, {
         "rule": f"the fewest top features by activation x gradient whose ablation removes {args.share:.0%} "
                 f"of P('{spec.word}') at the hesitation prompts",
-        "p_wait_by_k": {str(key): value for key, value in curve.items()}, "n_ranked": len(ranked)}
+        "p_wait_by_k": {str(key): value for key, value in curve.items()}, "n_ranked": len(ranked),
+        "graph_top_k_in_set": overlap}
 
 
 def roles(adapted, hes, feature_set, wait_id):
@@ -249,8 +257,7 @@ def main(argv=None) -> dict:
     _log(f"3/5 ranking features for '{word}' ({args.ranking}) and the hesitation set")
     feature_set, scores, graphs, sizing = hesitation_set(adapted, hes, spec, args)
     n_total = adapted.n_features
-    _log(f"    {len(feature_set)} features cover {args.share:.0%} of the influence "
-         f"({len(feature_set) / n_total:.2%} of {n_total})")
+    _log(f"    {len(feature_set)} features ({len(feature_set) / n_total:.2%} of {n_total}): {sizing['rule']}")
 
     _log("4/5 roles")
     role_of, mass, acts = roles(adapted, hes, feature_set, spec.target)
@@ -275,6 +282,7 @@ def main(argv=None) -> dict:
         "pair": args.pair, "adapters": _shown(args.adapters),
         "hesitation_tokens": _tokens(spec),
         "n_adapter_features": n_total, "n_alive_features": len(alive),
+        "n_problems": len(problems), "n_dose_problems": len(dose_problems),
         "n_hesitation_prompts": len(hes), "n_control_prompts": len(ctl),
         "frac_prompts_after_error": sum(hes.after_error) / max(1, len(hes)),
         "n_hesitation_features": len(feature_set),

@@ -244,4 +244,6 @@ def _set_rule_text(s: dict) -> str:
     return (f'Ranking features by activation x gradient of the log-odds of "{w}" (summed over positions, '
             f"each prompt normalised to 1), the set is the fewest top features whose ablation removes "
             f"{s['influence_share']:.0%} of P(\"{w}\") at these prompts (P by number ablated: {steps}; "
-            f"{s['n_graphs']} attribution graph(s) built for the example figure)")
+            f"{s['n_graphs']} attribution graph(s) built for the example figure; of each graph's top "
+            f"{s['n_hesitation_features']} features by influence, the set holds "
+            f"{', '.join(f'{x:.0%}' for x in s['set_rule'].get('graph_top_k_in_set', [])) or 'n/a'})")

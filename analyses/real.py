@@ -13,8 +13,9 @@ rerun one):
                    small settings into ``OUT/hesitation/`` (a graph per prompt costs about 3 min
                    here, so features are ranked by activation x gradient; one graph is built);
  4. ``lora``       a rank-1 LoRA trained on the same traces, and its gain recovered;
- 5. ``cost``       one adapter training step, one LoRA step and one attribution graph, timed and
-                   measured (peak memory) on SmolLM2 and on the organism in the same way.
+ 5. ``cost``       one adapter training step, one LoRA step, one attribution graph and the
+                   activation x gradient ranking (per prompt, batches of 8), timed and measured
+                   (peak memory) on SmolLM2 and on the organism in the same way.
 
 Then ``OUT/summary.json``, ``OUT/report.md`` (the organism's numbers beside the real model's) and
 figures (HTML + PNG). Example (shell)::
@@ -186,7 +187,7 @@ def stage_cost(args, out: Path) -> dict:
     """Each measurement in a fresh process, so peak memory belongs to it alone."""
     result = {}
     for pair in ("organism", args.pair):
-        for what in ("adapter_step", "lora_step", "attribution_graph"):
+        for what in ("adapter_step", "lora_step", "attribution_graph", "gradient_ranking"):
             code = (f"import json; from analyses.real import measure; "
                     f"print(json.dumps(measure({pair!r}, {what!r}, {args.d_sae}, {args.batch_size}, {args.threads})))")
             done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
@@ -210,12 +211,12 @@ def measure(pair_name: str, what: str, d_sae: int, batch_size: int, threads: int
     pair = load_pair(pair_name)
     traces = for_pair(pair).traces(max(batch_size * 3, 8), "test")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    if what == "attribution_graph":
-        graph = _attribution_graph(pair, traces, d_sae)
-        graph()  # warm-up
+    if what in ("attribution_graph", "gradient_ranking"):
+        run = (_attribution_graph if what == "attribution_graph" else _gradient_ranking)(pair, traces, d_sae)
+        run()  # warm-up
         start = time.perf_counter()
-        info = graph()
-        seconds = time.perf_counter() - start
+        info = run()
+        seconds = (time.perf_counter() - start) / info.get("n_prompts", 1)  # per prompt
     else:
         history = (_adapter_steps if what == "adapter_step" else _lora_steps)(pair, traces, d_sae, batch_size)
         seconds = (history[-1]["seconds"] - history[0]["seconds"]) / (len(history) - 1)
@@ -257,6 +258,36 @@ def _attribution_graph(pair, traces, d_sae):
         return {"prompt_tokens": int(tokens.shape[0]), "graph_info": {k: v for k, v in g.info.items()
                                                                        if isinstance(v, (int, float))}}
     return graph
+
+
+def _hesitation_prefixes(traces, ids: set[int], n: int) -> list[list[int]]:
+    """Up to ``n`` traces cut right before their first hesitation token."""
+    out = []
+    for row in traces["input_ids"]:
+        cut = next((i for i, t in enumerate(row) if i > 0 and t in ids), None)
+        if cut is not None:
+            out.append(list(row[:cut]))
+        if len(out) == n:
+            break
+    return out
+
+
+def _gradient_ranking(pair, traces, d_sae, batch: int = 8):
+    """Activation x gradient for "Wait" on a batch of hesitation prefixes (the SmolLM2 study's
+    ranking), with random adapters of the same width; seconds are per prompt."""
+    from attribution.gradient import feature_attribution
+    from attribution.synthetic import randomize_adapters
+    from mechdiff.adapters.transcoder import AdaptedModel
+
+    adapted = randomize_adapters(AdaptedModel.from_pair(pair, d_sae, "topk", 8), seed=0)
+    ids = _hesitation_ids(pair.tokenizer)
+    prompts = _hesitation_prefixes(traces, ids, batch)
+
+    def rank():
+        feature_attribution(adapted, prompts, sorted(ids), batch_size=batch)
+        return {"n_prompts": len(prompts), "batch": batch,
+                "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1)}
+    return rank
 
 
 def _hesitation_ids(tokenizer) -> set[int]:

@@ -54,7 +54,13 @@ def _hesitation(summary: dict | None) -> dict | None:
             "hesitations_per_response_after": n["hesitations_per_response_after"],
             "sufficiency_retained": s.get("hesitation_retained"),
             "steering": {k: summary["steering"].get(k) for k in ("wait_prob_before", "wait_prob_after")},
-            "n_hesitation_prompts": summary["n_hesitation_prompts"]}
+            "accuracy_before": n["accuracy_before"], "accuracy_after": n["accuracy_after"],
+            "activation_difference_cut": 1 - n["activation_difference_control_after"] / n["hesitations_per_response_before"]
+            if n["hesitations_per_response_before"] else None,
+            "teacher_forced_retained": s.get("hesitation_retained_at_prompts"),
+            "n_problems": summary.get("n_problems"), "n_dose_problems": summary.get("n_dose_problems"),
+            "n_hesitation_prompts": summary["n_hesitation_prompts"],
+            "ranking": summary.get("ranking", "graph"), "set_rule": (summary.get("set_rule") or {}).get("rule")}
 
 
 def organism_numbers(paths: dict) -> dict:
@@ -79,6 +85,7 @@ def real_numbers(out: Path) -> dict:
                                                        "train_seconds": adapters.get("train_seconds")},
             "hesitation": _hesitation(hes),
             "n_problems": {"behaviour": (behaviour or {}).get("base", {}).get("n_problems"),
+                           "hesitation": ((hes or {}).get("n_problems")),
                            "adapters": (adapters or {}).get("report", {}).get("n_problems"),
                            "lora": (lora or {}).get("eval", {}).get("lora_r1", {}).get("n_problems")},
             "lora": None if lora is None else {"gain_recovered": lora["eval"]["lora_r1"]["gain_recovered"],
@@ -140,7 +147,8 @@ def report_markdown(s: dict) -> str:
     for key in ("fve_mean", "kl_to_target", "l0_mean", "gain_recovered"):
         lines.append(_row(f"adapters: {key.replace('_', ' ')}", get(o, "adapters", key), get(s, "adapters", key)))
     for key in ("n_hesitation_features", "hesitation_fraction", "ablation_cut", "random_ablation_cut",
-                "sufficiency_retained"):
+                "activation_difference_cut", "accuracy_before", "accuracy_after", "sufficiency_retained",
+                "teacher_forced_retained"):
         fmt = "d" if key.startswith("n_") else ".3f"
         lines.append(_row(f"hesitation: {key.replace('_', ' ')}", get(o, "hesitation", key),
                           get(s, "hesitation", key), fmt))
@@ -148,7 +156,9 @@ def report_markdown(s: dict) -> str:
     lines += ["", "## Settings", "",
               f"SmolLM2 held-out problems: {s.get('n_problems')} (the organism: 500; hesitation: 300). "
               f"Hesitation prompts: {get(o, 'hesitation', 'n_hesitation_prompts')} (organism) and "
-              f"{get(s, 'hesitation', 'n_hesitation_prompts')} (SmolLM2).", ""]
+              f"{get(s, 'hesitation', 'n_hesitation_prompts')} (SmolLM2). Hesitation set: "
+              f"{get(o, 'hesitation', 'set_rule') or 'graph influence'} (organism); "
+              f"{get(s, 'hesitation', 'set_rule') or 'graph influence'} (SmolLM2).", ""]
     if s["adapters"]:
         lines.append(f"Adapters: {s['adapters']['recipe']} (organism: TopK k=8, 1024 features per layer, "
                      f"300 steps at batch 64); trained in {_f(s['adapters']['train_seconds'], '.0f')} s.")
@@ -157,11 +167,15 @@ def report_markdown(s: dict) -> str:
     if s.get("cost"):
         lines += ["", "## Cost (one process each; seconds and peak resident memory)", "",
                   "| | organism | SmolLM2-135M |", "|---|---|---|"]
-        for what in ("adapter_step", "lora_step", "attribution_graph"):
-            org, real = s["cost"]["organism"][what], s["cost"]["smollm2"][what]
+        for what in ("adapter_step", "lora_step", "attribution_graph", "gradient_ranking"):
+            org, real = s["cost"]["organism"].get(what), s["cost"]["smollm2"].get(what)
+            if org is None or real is None:  # measured before this row existed
+                continue
             lines.append(f"| {what.replace('_', ' ')} | {org['seconds']:.2f} s, {org['peak_rss_gib']:.2f} GiB | "
                          f"{real['seconds']:.2f} s, {real['peak_rss_gib']:.2f} GiB |")
         lines.append("")
         lines.append("Training steps at the batch size shown in cost.json; graphs on one hesitation prefix with "
-                     "random adapters of the same width, 256 feature nodes.")
+                     "random adapters of the same width, 256 feature nodes; the gradient ranking per prompt, in "
+                     "batches of 8 hesitation prefixes, same adapters. Threads: "
+                     f"{s['cost']['smollm2']['adapter_step'].get('threads')}.")
     return "\n".join(lines) + "\n"

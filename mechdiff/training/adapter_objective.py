@@ -257,7 +257,9 @@ class AdapterRecipe:
     warmup_frac: float = 0.05
     grad_clip: float = 1.0
     n_traces: int = 50_000
-    data: str = "corpus"  # organism traces: "corpus" (its distillation data) or "target" (sampled)
+    # "corpus": the pair's workload's own traces (the organism's distillation data; SmolLM2's chat
+    # traces with "Wait"); "target": traces sampled from the target (the organism only)
+    data: str = "corpus"
     n_val: int = 256
     validate_every: int = 0
     log_every: int = 10
