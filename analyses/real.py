@@ -52,14 +52,16 @@ def parse_args(argv):
     p.add_argument("--out", default="figures/real", help="output folder (default figures/real)")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="stages to run")
     p.add_argument("--redo", nargs="*", default=[], choices=STAGES, help="rerun these even if done")
-    p.add_argument("--n-problems", type=int, default=100, help="held-out problems for behaviour (default 100)")
+    p.add_argument("--n-problems", type=int, default=48,
+                   help="held-out problems for behaviour, adapters and LoRA (default 48)")
     p.add_argument("--n-eval-traces", type=int, default=32, help="held-out traces for faithfulness")
     p.add_argument("--d-sae", type=int, default=512, help="adapter features per layer (default 512)")
     p.add_argument("--k", type=int, default=8, help="TopK active features per token (default 8)")
-    p.add_argument("--adapter-steps", type=int, default=200, help="adapter training steps (default 200)")
+    p.add_argument("--adapter-steps", type=int, default=60, help="adapter training steps (default 60)")
     p.add_argument("--lora-steps", type=int, default=200, help="LoRA training steps (default 200)")
     p.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA peak learning rate (default 1e-3)")
-    p.add_argument("--batch-size", type=int, default=8, help="traces per training step (default 8)")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="traces per training step (default 4: 11 GB for an adapter step; 8 takes 17.5 GB)")
     p.add_argument("--hesitation-args", default="--ranking gradient --n-prompts 24 --n-problems 32 "
                    "--n-traces 8 --n-dose-problems 12 --random-draws 2 --max-feature-nodes 256",
                    help="extra flags for analyses.hesitation (quoted)")
@@ -95,6 +97,7 @@ def _run_stage(args, out: Path) -> dict:
     result = {"behaviour": stage_behaviour, "adapters": stage_adapters, "hesitation": stage_hesitation,
               "lora": stage_lora, "cost": stage_cost}[args.stage](args, out)
     result["stage_seconds"] = round(time.perf_counter() - start, 1)
+    result["stage_args"] = {k: v for k, v in vars(args).items() if k not in ("stage", "redo", "stages")}
     result["stage_peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     (out / f"{args.stage}.json").write_text(json.dumps(result, indent=1, default=float))
     return result

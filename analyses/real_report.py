@@ -171,10 +171,11 @@ def report_markdown(s: dict) -> str:
             org, real = s["cost"]["organism"].get(what), s["cost"]["smollm2"].get(what)
             if org is None or real is None:  # measured before this row existed
                 continue
-            lines.append(f"| {what.replace('_', ' ')} | {org['seconds']:.2f} s, {org['peak_rss_gib']:.2f} GiB | "
-                         f"{real['seconds']:.2f} s, {real['peak_rss_gib']:.2f} GiB |")
+            lines.append(f"| {what.replace('_', ' ')} | {org['seconds']:.3g} s, {org['peak_rss_gib']:.2f} GiB | "
+                         f"{real['seconds']:.3g} s, {real['peak_rss_gib']:.2f} GiB |")
         lines.append("")
-        lines.append("Training steps at the batch size shown in cost.json; graphs on one hesitation prefix with "
+        lines.append(f"Training steps at batch {s['cost']['smollm2']['adapter_step'].get('batch_size')} (the "
+                     "batch the study trained at); graphs on one hesitation prefix with "
                      "random adapters of the same width, 256 feature nodes; the gradient ranking per prompt, in "
                      "batches of 8 hesitation prefixes, same adapters. Threads: "
                      f"{s['cost']['smollm2']['adapter_step'].get('threads')}.")
