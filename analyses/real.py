@@ -243,51 +243,54 @@ def _lora_steps(pair, traces, d_sae, batch_size) -> list[dict]:
     return train_lora(pair, cfg, progress=False)[1]
 
 
-def _attribution_graph(pair, traces, d_sae):
-    import torch
-
-    from attribution.build import attribute
+def _random_adapters(pair, d_sae):
+    """TopK adapters of the study's width with random weights: cost does not depend on training."""
     from attribution.synthetic import randomize_adapters
     from mechdiff.adapters.transcoder import AdaptedModel
 
-    adapted = randomize_adapters(AdaptedModel.from_pair(pair, d_sae, "topk", 8), seed=0)
+    return randomize_adapters(AdaptedModel.from_pair(pair, d_sae, "topk", 8), seed=0)
+
+
+def _hesitation_cuts(pair, traces, n: int) -> list[tuple[list[int], int]]:
+    """Up to ``n`` traces cut right before their first hesitation token, with that token."""
     ids = _hesitation_ids(pair.tokenizer)
-    row = next(r for r in traces["input_ids"] if any(t in ids for t in r[1:]))
-    cut = next(i for i, t in enumerate(row) if i > 0 and t in ids)
-    tokens = torch.tensor(row[:cut])
-
-    def graph():
-        g = attribute(adapted, tokens, target=int(row[cut]), max_feature_nodes=256)
-        return {"prompt_tokens": int(tokens.shape[0]), "graph_info": {k: v for k, v in g.info.items()
-                                                                       if isinstance(v, (int, float))}}
-    return graph
-
-
-def _hesitation_prefixes(traces, ids: set[int], n: int) -> list[list[int]]:
-    """Up to ``n`` traces cut right before their first hesitation token."""
     out = []
     for row in traces["input_ids"]:
         cut = next((i for i, t in enumerate(row) if i > 0 and t in ids), None)
         if cut is not None:
-            out.append(list(row[:cut]))
+            out.append((list(row[:cut]), int(row[cut])))
         if len(out) == n:
             break
     return out
+
+
+def _attribution_graph(pair, traces, d_sae):
+    import torch
+
+    from attribution.build import attribute
+
+    adapted = _random_adapters(pair, d_sae)
+    (prefix, target), = _hesitation_cuts(pair, traces, 1)
+    tokens = torch.tensor(prefix)
+
+    def graph():
+        g = attribute(adapted, tokens, target=target, max_feature_nodes=256)
+        return {"prompt_tokens": int(tokens.shape[0]), "graph_info": {k: v for k, v in g.info.items()
+                                                                       if isinstance(v, (int, float))}}
+    return graph
 
 
 def _gradient_ranking(pair, traces, d_sae, batch: int = 8):
     """Activation x gradient for "Wait" on a batch of hesitation prefixes (the SmolLM2 study's
     ranking), with random adapters of the same width; seconds are per prompt."""
     from attribution.gradient import feature_attribution
-    from attribution.synthetic import randomize_adapters
-    from mechdiff.adapters.transcoder import AdaptedModel
 
-    adapted = randomize_adapters(AdaptedModel.from_pair(pair, d_sae, "topk", 8), seed=0)
-    ids = _hesitation_ids(pair.tokenizer)
-    prompts = _hesitation_prefixes(traces, ids, batch)
+    adapted = _random_adapters(pair, d_sae)
+    prompts = [prefix for prefix, _ in _hesitation_cuts(pair, traces, batch)]
+    ids = sorted(_hesitation_ids(pair.tokenizer))
 
     def rank():
-        feature_attribution(adapted, prompts, sorted(ids), batch_size=batch)
+        feature_attribution(adapted, prompts, ids, batch_size=batch)
         return {"n_prompts": len(prompts), "batch": batch,
                 "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1)}
     return rank

@@ -6,7 +6,8 @@
 On the pair's hesitation prompts (the target's replies cut before each "wait"), times
 :func:`attribution.gradient.feature_attribution` batched, the same one prompt at a time (the
 baseline), and :func:`attribution.build.attribute` (one graph per prompt, ``--max-feature-nodes``)
-on the first ``--graphs`` prompts. Prints prompts per second of each and writes ``--json``.
+on the first ``--graphs`` prompts, each after one warm-up call (``benchmarks.mean_seconds``).
+Prints prompts per second of each and writes ``--json``.
 ``--pair smollm2 --adapters DIR`` needs the ``[real]`` extra and a fine-tune.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -23,16 +23,11 @@ import torch  # noqa: E402
 
 from attribution.build import attribute  # noqa: E402
 from attribution.gradient import feature_attribution  # noqa: E402
+from benchmarks import mean_seconds  # noqa: E402
 from mechdiff.adapters.formats import SHIPPED_DIR, load_adapted  # noqa: E402
 from mechdiff.evaluation import hesitation as H  # noqa: E402
 from mechdiff.models import load_pair  # noqa: E402
 from mechdiff.workloads import for_pair  # noqa: E402
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,11 +51,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not prompts:
         raise SystemExit("the target wrote no hesitation: nothing to attribute")
     n, mean_len = len(prompts), sum(map(len, prompts)) / len(prompts)
-    feature_attribution(adapted, prompts[:2], spec.variants)  # warm-up
-    batched = _seconds(lambda: feature_attribution(adapted, prompts, spec.variants, batch_size=args.batch_size))
-    single = _seconds(lambda: feature_attribution(adapted, prompts, spec.variants, batch_size=1))
+    batched = mean_seconds(lambda: feature_attribution(adapted, prompts, spec.variants, batch_size=args.batch_size))
+    single = mean_seconds(lambda: feature_attribution(adapted, prompts, spec.variants, batch_size=1))
     n_graphs = min(args.graphs, n)
-    graph = _seconds(lambda: [attribute(adapted, torch.tensor(t), target=spec.target,
+    graph = mean_seconds(lambda: [attribute(adapted, torch.tensor(t), target=spec.target,
                                         max_feature_nodes=args.max_feature_nodes) for t in prompts[:n_graphs]])
     row = {"pair": args.pair, "threads": args.threads, "n_prompts": n, "mean_prompt_tokens": round(mean_len, 1),
            "gradient_batched_prompts_per_s": round(n / batched, 3), "batch_size": args.batch_size,
