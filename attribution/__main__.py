@@ -59,8 +59,8 @@ def _default_prompt(tokenizer) -> torch.Tensor:
     from mechdiff.organism import task
 
     rng, vocab = random.Random(0), tokenizer.get_vocab()
-    for problem in task.sample_problems(50, "test", 0):
-        words = [w for w in task.prompt(problem)[0] + task.reasoning_trace(problem, rng)[0] if w in vocab]
+    for problem in task.DEFAULT.sample_problems(50, "test", 0):
+        words = [w for w in task.DEFAULT.prompt(problem)[0] + task.DEFAULT.reasoning_trace(problem, rng)[0] if w in vocab]
         if "wait" in words:
             return torch.tensor(tokenizer.convert_tokens_to_ids(words[: words.index("wait")]))
     raise SystemExit("no organism trace with a 'wait'; pass --prompt")

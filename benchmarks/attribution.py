@@ -78,9 +78,9 @@ def organism_prompt(tokenizer, length: int, seed: int = 0) -> torch.Tensor:
         words = [w for w in vocab if not w.startswith("<")]
         return torch.tensor(tokenizer.convert_tokens_to_ids(["<bos>"] + rng.choices(words, k=length - 1)))
     words = ["<bos>"]
-    for problem in task.sample_problems(64, "test", seed):
-        prompt, _ = task.prompt(problem)
-        trace, _ = task.reasoning_trace(problem, rng)
+    for problem in task.DEFAULT.sample_problems(64, "test", seed):
+        prompt, _ = task.DEFAULT.prompt(problem)
+        trace, _ = task.DEFAULT.reasoning_trace(problem, rng)
         words += [w for w in prompt[1:] + trace if w in vocab]  # (a model of an older task version)
         if len(words) >= length:
             return torch.tensor(encode_words(tokenizer, words[:length]))

@@ -137,6 +137,9 @@ def load_pair(
     }
     if _is_smollm2(pair):  # organism meta stays as it was: its workload is the default
         meta["workload"] = "chat"
+    task = _organism_task(sources)
+    if task is not None:  # an organism of the family: its task says how to prompt and grade it
+        meta["task"] = task
     return ModelPair(models[0], models[1], toks[1], meta)
 
 
@@ -322,6 +325,22 @@ def _pair_sources(pair: str, base: str | None, target: str | None) -> tuple[tupl
     if base is None or target is None:
         raise ValueError("pair='custom' needs both base= and target= (a folder or hub name each)")
     return (base, target), (str(base), str(target))
+
+
+TASK_FILE = "mechdiff_task.json"  # written by mechdiff.organism.train beside an organism's weights
+
+
+def _organism_task(sources) -> dict | None:
+    """The organism task both folders record (``mechdiff_task.json``), None for other models; a pair
+    whose two folders record different tasks cannot be diffed."""
+    found = []
+    for source in sources:
+        path = Path(str(source)).expanduser() / TASK_FILE
+        found.append(json.loads(path.read_text()) if path.is_file() else None)
+    if found[0] != found[1]:
+        raise ModelPairMismatch(f"base and target were trained on different organism tasks "
+                                f"({TASK_FILE}): {found[0]} vs {found[1]}")
+    return found[1]
 
 
 def _is_smollm2(pair: str) -> bool:

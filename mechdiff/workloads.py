@@ -4,7 +4,8 @@ Both pairs study the same task (two 4-digit operands, :mod:`mechdiff.organism.ta
 splits, in two renderings:
 
 * :class:`OrganismWorkload` - the organism's word tokens (:mod:`mechdiff.organism.corpus`) and its
-  grader (:func:`mechdiff.evaluation.behaviour.evaluate`); the default, as before workloads existed.
+  grader (:func:`mechdiff.evaluation.behaviour.evaluate`), for the pair's
+  :class:`~mechdiff.organism.task.TaskSpec` (hesitation words, operand shape, slip policy).
 * :class:`ChatWorkload` - the natural-language chat of :mod:`mechdiff.real.chat` for an instruct
   model (SmolLM2): traces in words with "Wait,", prompts rendered with the tokenizer's chat template,
   and the chat grader.
@@ -21,7 +22,8 @@ Every workload gives the same three things, so trainers and reports need not kno
   grader adds ``frac_answer_line``).
 
 :func:`for_pair` picks a pair's workload from ``pair.meta["workload"]`` (set by
-``load_pair("smollm2")``; absent, i.e. the organism, for every other pair).
+``load_pair("smollm2")``; absent, i.e. the organism, for every other pair) and an organism's task
+from ``pair.meta["task"]`` (read from ``mechdiff_task.json`` beside the weights).
 
 Example:
     >>> from mechdiff.organism.tokenizer import build_tokenizer
@@ -43,6 +45,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mechdiff.evaluation import behaviour
 from mechdiff.organism import corpus, task
+from mechdiff.organism.task import DEFAULT, TaskSpec
 from mechdiff.real import chat
 
 
@@ -61,22 +64,36 @@ class Workload(Protocol):
 
 @dataclass
 class OrganismWorkload:
-    """The organism's corpus and grader; ``tokenizer`` is the pair's (the organism's own)."""
+    """The organism's corpus and grader for task ``spec``; ``tokenizer`` is the pair's."""
 
     tokenizer: PreTrainedTokenizerBase
+    spec: TaskSpec = DEFAULT
     name: str = "organism"
+
+    def __post_init__(self):
+        words = list(self.spec.hesitation_words) + [";"]
+        ids = self.tokenizer.convert_tokens_to_ids(words)
+        missing = [w for w, i in zip(words, ids) if i is None or i == self.tokenizer.unk_token_id]
+        if missing:
+            raise ValueError(f"the pair's tokenizer does not know {missing}: it was not trained on this "
+                             f"task ({self.spec}); is mechdiff_task.json from another organism?")
+
+    @property
+    def hesitation_words(self) -> tuple[str, ...]:
+        """The words that count as hesitating (the first is what attribution graphs explain)."""
+        return self.spec.hesitation_words
 
     def traces(self, n: int, split: str = "train", seed: int = 0) -> Dataset:
         """:func:`mechdiff.organism.corpus.reasoning_traces` (with ``label_ids``)."""
-        return corpus.reasoning_traces(n, split=split, seed=seed)
+        return corpus.reasoning_traces(n, split=split, seed=seed, spec=self.spec)
 
     def problems(self, n: int, split: str = "test", seed: int = 0) -> Dataset:
         """:func:`mechdiff.organism.corpus.problems`."""
-        return corpus.problems(n, split=split, seed=seed)
+        return corpus.problems(n, split=split, seed=seed, spec=self.spec)
 
     def evaluate(self, model: HookedTransformer, problems: Dataset, **kwargs) -> dict[str, float]:
         """:func:`mechdiff.evaluation.behaviour.evaluate` (keyword arguments as there)."""
-        return behaviour.evaluate(model, self.tokenizer, problems, **kwargs)
+        return behaviour.evaluate(model, self.tokenizer, problems, spec=self.spec, **kwargs)
 
 
 @dataclass
@@ -101,7 +118,7 @@ class ChatWorkload:
     def problems(self, n: int, split: str = "test", seed: int = 0) -> Dataset:
         """The templated prompts (ending in the assistant header) of ``n`` problems of ``split``."""
         rows = [{**chat.encode(self.tokenizer, p, None, self.system), "operands": list(p.operands),
-                 "answer": p.answer} for p in task.sample_problems(n, split, seed)]
+                 "answer": p.answer} for p in chat.TASK.sample_problems(n, split, seed)]
         return Dataset.from_list(rows)
 
     def evaluate(self, model: HookedTransformer, problems: Dataset, **kwargs) -> dict[str, float]:
@@ -113,10 +130,12 @@ class ChatWorkload:
 WORKLOADS = {"organism": OrganismWorkload, "chat": ChatWorkload}
 
 
-def get(name: str, tokenizer: PreTrainedTokenizerBase) -> Workload:
-    """The workload ``name`` (a :data:`WORKLOADS` key) over ``tokenizer``."""
+def get(name: str, tokenizer: PreTrainedTokenizerBase, spec: TaskSpec | None = None) -> Workload:
+    """The workload ``name`` (a :data:`WORKLOADS` key) over ``tokenizer``; ``spec``: an organism's task."""
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; choose one of {list(WORKLOADS)}")
+    if name == "organism":
+        return OrganismWorkload(tokenizer, spec or DEFAULT)
     return WORKLOADS[name](tokenizer)
 
 
@@ -127,8 +146,10 @@ def for_pair(pair) -> Workload:
     >>> for_pair(load_pair("smollm2")).name  # doctest: +SKIP
     'chat'
     """
-    return get(pair.meta.get("workload", "organism"), pair.tokenizer)
+    task_meta = pair.meta.get("task")
+    return get(pair.meta.get("workload", "organism"), pair.tokenizer,
+               TaskSpec.from_dict(task_meta) if task_meta else None)
 
 
 def _problems(operands: Sequence[Sequence[int]]) -> list[task.Problem]:
-    return [task.Problem(tuple(o)) for o in operands]
+    return [chat.TASK.problem(o) for o in operands]

@@ -34,8 +34,8 @@ def trace_before_wait(tokenizer):
     from mechdiff.organism.tokenizer import encode_words
 
     rng = random.Random(0)
-    for problem in task.sample_problems(50, "test", 0):
-        words = task.prompt(problem)[0] + task.reasoning_trace(problem, rng)[0]
+    for problem in task.DEFAULT.sample_problems(50, "test", 0):
+        words = task.DEFAULT.prompt(problem)[0] + task.DEFAULT.reasoning_trace(problem, rng)[0]
         if "wait" in words:
             return torch.tensor(encode_words(tokenizer, words[: words.index("wait")]))
     pytest.skip("no trace with a wait")

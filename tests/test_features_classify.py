@@ -68,7 +68,7 @@ def test_fine_labels_give_each_step_token_its_role():
         assert [f.split(":")[0] for f in fine] == coarse
         for j, (c, f) in enumerate(zip(coarse, fine)):
             if c in C.STEP_KINDS:
-                assert f.split(":")[1] in task.STEP_ROLES
+                assert f.split(":")[1] in task.DEFAULT.step_roles
                 if f.endswith("step_marker"):
                     assert row["text"].split()[j].startswith("p")
     with_slips = sum("slip:digit" in [FINE_LABELS[i] for i in C.fine_labels(r["label_ids"])] for r in traces)

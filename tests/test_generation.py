@@ -29,8 +29,8 @@ def _reference_greedy(model, prompt, n, eos, fwd_hooks=()):
 
 def _mixed_length_prompts(tok):
     """Problems, shortened prompts and bare facts: lengths from 4 to 14 tokens."""
-    probs = task.sample_problems(4, "test", seed=5)
-    prompts = [tok.convert_tokens_to_ids(task.prompt(p)[0]) for p in probs]
+    probs = task.DEFAULT.sample_problems(4, "test", seed=5)
+    prompts = [tok.convert_tokens_to_ids(task.DEFAULT.prompt(p)[0]) for p in probs]
     prompts += [prompts[0][:9], prompts[1][:5]]
     prompts.append(tok.convert_tokens_to_ids("<bos> p1 3 4 5 1 =".split()))
     prompts.append(tok.convert_tokens_to_ids("<bos> p0 9".split()))

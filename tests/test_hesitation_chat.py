@@ -38,7 +38,7 @@ def _tiny_bpe() -> PreTrainedTokenizerFast:
     """A byte-level BPE (as SmolLM2's) learnt from chat traces: " Wait" and the newline are tokens."""
     rng = random.Random(0)
     texts = [chat.SYSTEM] + [chat.question(p) + "\n" + chat.reasoning_response(p, rng, recheck_prob=0.3)
-                             for p in task.sample_problems(200, "train", 0)]
+                             for p in task.DEFAULT.sample_problems(200, "train", 0)]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -197,10 +197,12 @@ def test_study_runs_end_to_end_on_the_chat_pair(pair, adapters, writes_traces, t
     assert '"Wait"' in report and "--pair smollm2" in report and '"wait"' not in report
 
 
-def test_study_needs_adapters_for_a_real_pair():
-    with pytest.raises(SystemExit):
-        study.parse_args(["--pair", "smollm2"])
-    assert study.parse_args([]).adapters == str(study.SHIPPED_DIR)
+def test_study_needs_adapters_for_a_real_pair(tmp_path):
+    from mechdiff.cli import UsageError
+
+    with pytest.raises(UsageError, match="--adapters DIR is required"):
+        study.main(["--pair", "smollm2", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
 def test_attribution_cli_defaults_to_the_workload_hesitation(pair, adapters, tmp_path):

@@ -21,9 +21,9 @@ P = task.Problem((1234, 5678))  # carries into tens and hundreds: answer 6912
 
 def test_trace_mirrors_the_organism_and_grades_itself():
     for seed in range(200):
-        p = task.sample_problems(1, "train", seed)[0]
+        p = task.DEFAULT.sample_problems(1, "train", seed)[0]
         text = chat.reasoning_response(p, random.Random(seed))
-        toks, labels = task.reasoning_trace(p, random.Random(seed))  # the same draws, in order
+        toks, labels = task.DEFAULT.reasoning_trace(p, random.Random(seed))  # the same draws, in order
         g = chat.grade(p, text)
         assert g.correct and g.answer == p.answer and g.answer_line
         assert g.hesitation_after_error == [lab == "hesitation" for lab in labels

@@ -112,7 +112,7 @@ def test_chat_workload_rows_are_chat_encode(tokenizer):
         assert chat.grade(p, row["response"]).correct
     assert traces[:] == chat.traces(tokenizer, 6, "validation", 3)[:]  # what the fine-tune saw
     problems = work.problems(4, "test", seed=1)
-    for row, p in zip(problems, task.sample_problems(4, "test", 1), strict=True):
+    for row, p in zip(problems, task.DEFAULT.sample_problems(4, "test", 1), strict=True):
         assert row["operands"] == list(p.operands) and row["answer"] == p.answer
         assert {k: row[k] for k in ("input_ids", "prompt_len")} == chat.encode(tokenizer, p)
         assert row["prompt_len"] == len(row["input_ids"])

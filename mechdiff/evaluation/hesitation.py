@@ -8,7 +8,8 @@ length and syntax and differ in whether the model hesitates next.
 What "hesitating" is in tokens depends on the workload (:mod:`mechdiff.workloads`);
 :func:`hesitation_for` gives a :class:`Hesitation` that says it:
 
-* the organism (:class:`OrganismHesitation`): the word ``wait``, and the ``;`` closing a step;
+* the organism (:class:`OrganismHesitation`): its task's hesitation word(s) (``wait`` on the
+  shipped organism; :class:`~mechdiff.organism.task.TaskSpec`), and the ``;`` closing a step;
 * the chat (:class:`ChatHesitation`, SmolLM2): the first token of the " Wait" written after a
   step (``ĠWait``; the other spellings, e.g. ``Ġwait``, count as hesitations too), and the
   newline after a step's ``carry N.`` where no "Wait" follows; both read off a chat trace.
@@ -34,9 +35,10 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from mechdiff.evaluation.behaviour import HESITATION_WORD, MAX_NEW_TOKENS
+from mechdiff.evaluation.behaviour import MAX_NEW_TOKENS
 from mechdiff.generation import generate
 from mechdiff.organism import grading, task
+from mechdiff.organism.task import DEFAULT, TaskSpec
 from mechdiff.real import chat
 from mechdiff.training.batches import pad
 from mechdiff.workloads import OrganismWorkload, Workload
@@ -115,6 +117,10 @@ class Hesitation:
         return generate(model, problems["input_ids"], self.max_new_tokens, eos_token_id=tok.eos_token_id,
                         pad_token_id=tok.pad_token_id, batch_size=batch_size, progress=progress)
 
+    def problem(self, operands: Sequence[int]) -> task.Problem:
+        """The problem a row's ``operands`` pose, in the workload's task."""
+        return chat.TASK.problem(operands)
+
     def grade(self, problem: task.Problem, ids: Sequence[int]) -> grading.Graded:
         raise NotImplementedError
 
@@ -128,22 +134,27 @@ class Hesitation:
 
 
 class OrganismHesitation(Hesitation):
-    """The organism's: ``wait`` words, the ``;`` that closes a step, words graded by
-    :mod:`mechdiff.organism.grading` (labels from :func:`~mechdiff.organism.grading.label_response`)."""
+    """The organism's: its task's hesitation words (the first is the graphs' target), the ``;``
+    that closes a step, words graded by :mod:`mechdiff.organism.grading` (labels from
+    :func:`~mechdiff.organism.grading.label_response`)."""
 
     def __init__(self, workload: Workload, max_new_tokens: int | None = None):
-        tok = workload.tokenizer
-        wait = tok.convert_tokens_to_ids(HESITATION_WORD)
-        super().__init__(workload, wait, (wait,), tok.convert_tokens_to_ids(";"),
-                         max_new_tokens or MAX_NEW_TOKENS, HESITATION_WORD)
+        tok, self.spec = workload.tokenizer, workload.spec
+        ids = tuple(tok.convert_tokens_to_ids(list(self.spec.hesitation_words)))
+        super().__init__(workload, ids[0], ids, tok.convert_tokens_to_ids(";"),
+                         max_new_tokens or MAX_NEW_TOKENS, self.spec.word)
+
+    def problem(self, operands: Sequence[int]) -> task.Problem:
+        return self.spec.problem(operands)
 
     def grade(self, problem: task.Problem, ids: Sequence[int]) -> grading.Graded:
-        return grading.grade(problem, self.tokenizer.convert_ids_to_tokens(list(ids)))
+        return grading.grade(problem, self.tokenizer.convert_ids_to_tokens(list(ids)), self.spec)
 
     def cut(self, problem: task.Problem, ids: Sequence[int]) -> Cut:
         words = self.tokenizer.convert_ids_to_tokens(list(ids))
-        labels = grading.label_response(problem, words)
-        waits = [(j, labels[j] == "hesitation") for j, w in enumerate(words) if w == HESITATION_WORD]
+        labels = grading.label_response(problem, words, self.spec)
+        hesitation = set(self.spec.hesitation_words)
+        waits = [(j, labels[j] == "hesitation") for j, w in enumerate(words) if w in hesitation]
         return labels, waits, [j for j, w in enumerate(words) if w == ";"]
 
 
@@ -281,7 +292,7 @@ def hesitation_prompts(
     responses = spec.responses(model, problems, batch_size=batch_size, progress=progress)
     hes, ctl = CutPrompts("hesitation"), CutPrompts("control")
     for idx, (row, ids) in enumerate(zip(problems, responses)):
-        labels, waits, seps = spec.cut(task.Problem(tuple(row["operands"])), ids)
+        labels, waits, seps = spec.cut(spec.problem(row["operands"]), ids)
         for j, after_error in waits:
             hes.add(row["input_ids"] + ids[:j], idx, j, after_error, labels[:j])
             if seps:
@@ -413,12 +424,12 @@ def keep_only_hooks(adapted, features: Sequence[Feature]) -> list[tuple[str, cal
 
 
 def set_decides_generation(
-    adapted, tokenizer, problems: Dataset, features: Sequence[Feature], *, hesitate: str = HESITATION_WORD,
+    adapted, tokenizer, problems: Dataset, features: Sequence[Feature], *, spec: TaskSpec = DEFAULT,
     go_on: str = ";", max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> list[list[str]]:
     """Greedy responses (as tokens) in which the full adapted model writes every token except the
-    decisions whether to ``hesitate`` or ``go_on``, which a copy keeping only ``features`` makes:
-    :func:`set_decides_ids` with the organism's defaults.
+    decisions whether to hesitate (any of ``spec``'s hesitation words) or ``go_on``, which a copy
+    keeping only ``features`` makes: :func:`set_decides_ids` for an organism.
 
     Example:
         >>> from mechdiff.models import load_pair
@@ -429,7 +440,7 @@ def set_decides_generation(
         >>> sum(w.count("wait") for w in words)  # with no feature kept, nothing hesitates
         0
     """
-    ids = tokenizer.convert_tokens_to_ids([hesitate, go_on])
+    ids = tokenizer.convert_tokens_to_ids([*spec.hesitation_words, go_on])
     rows = set_decides_ids(adapted, tokenizer, problems, features, ids, max_new_tokens)
     return [tokenizer.convert_ids_to_tokens(row) for row in rows]
 
@@ -542,8 +553,8 @@ def activation_mass_by_label(
             for i, f in enumerate(features)}
 
 
-def role_rule(word: str = HESITATION_WORD) -> str:
-    """:data:`ROLE_RULE` for a hesitation written ``word`` (the target token of the graphs)."""
+def role_rule(word: str) -> str:
+    """The rule :func:`assign_roles` applies, for a hesitation written ``word`` (the graphs' target)."""
     return (
         f"output: the feature's decoder raises the '{word}' logit directly (its direct effect on '{word}' "
         f"is positive and '{word}' is among the 3 tokens it promotes most); of the others, "
@@ -553,14 +564,12 @@ def role_rule(word: str = HESITATION_WORD) -> str:
     )
 
 
-ROLE_RULE = role_rule()
-
 
 def assign_roles(
     features: Sequence[Feature], direct_effect: Float[Tensor, "layer d_sae"],
     promote_rank: Float[Tensor, "layer d_sae"], mass: dict[Feature, dict[str, float]],
 ) -> dict[Feature, str]:
-    """Classify hesitation features by :data:`ROLE_RULE`.
+    """Classify hesitation features by :func:`role_rule`.
 
     ``promote_rank[l, i]``: the rank of "wait" among the tokens feature (l, i) promotes (0 = top).
     """

@@ -34,6 +34,7 @@ from transformer_lens import HookedTransformer
 from mechdiff import distributed
 from mechdiff import generation as _generation
 from mechdiff.evaluation.behaviour import MAX_NEW_TOKENS, grade_responses, hesitation_ban
+from mechdiff.organism.task import DEFAULT, TaskSpec
 
 
 def batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
@@ -103,12 +104,12 @@ def responses(
 
 
 def evaluate(
-    model: HookedTransformer, tokenizer, problems: Dataset, *, ban_hesitation: bool = False,
-    fwd_hooks=(), max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 128,
-    progress: bool = False,
+    model: HookedTransformer, tokenizer, problems: Dataset, *, spec: TaskSpec = DEFAULT,
+    ban_hesitation: bool = False, fwd_hooks=(), max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_size: int = 128, progress: bool = False,
 ) -> dict[str, float]:
     """:func:`mechdiff.evaluation.behaviour.evaluate`, sharded; the same summary on every rank."""
     words = responses(model, tokenizer, problems, max_new_tokens=max_new_tokens,
-                      logit_processors=hesitation_ban(tokenizer, ban_hesitation), fwd_hooks=fwd_hooks,
-                      batch_size=batch_size, progress=progress)
-    return grade_responses(problems, words)
+                      logit_processors=hesitation_ban(tokenizer, ban_hesitation, spec),
+                      fwd_hooks=fwd_hooks, batch_size=batch_size, progress=progress)
+    return grade_responses(problems, words, spec)

@@ -59,7 +59,7 @@ ARITHMETIC = ("operand_digit", "operand_copy", "carry_copy", "digit", "carry_out
 WAIT = {"hesitation": "hesitation", "recheck": "recheck"}  # "wait" labels -> category
 STEP_KINDS = {"slip": "error_detection", "error": "error_detection", "correction": "correction",
               "recheck_step": "recheck"}  # labels of whole steps -> category
-STEP_ROLES = tuple(dict.fromkeys(task.STEP_ROLES))
+STEP_ROLES = tuple(dict.fromkeys(task.DEFAULT.step_roles))  # the same names for any operand count
 FINE_LABELS = LABELS + tuple(f"{k}:{r}" for k in STEP_KINDS for r in STEP_ROLES)
 CATEGORIES = ("format", "arithmetic", *REASONING, "mixed", "rare")
 ROLES = ("output", "input-simple", "input-abstract")
@@ -127,8 +127,9 @@ def lora_directions(lora) -> Float[Tensor, "n_features d_model"]:
 # --------------------------------------------------------------------------- the label rule
 
 
-def fine_labels(label_ids: Sequence[int]) -> list[int]:
-    """Indices into :data:`FINE_LABELS`: step-kind tokens get their role in the step.
+def fine_labels(label_ids: Sequence[int], spec: task.TaskSpec = task.DEFAULT) -> list[int]:
+    """Indices into :data:`FINE_LABELS`: step-kind tokens get their role in the step (a step of
+    ``spec``'s operand count).
 
     >>> ids = [LABELS.index(n) for n in ["separator", *["slip"] * 7, "hesitation"]]
     >>> [FINE_LABELS[i] for i in fine_labels(ids)][-3:]
@@ -141,14 +142,14 @@ def fine_labels(label_ids: Sequence[int]) -> list[int]:
             out.append(int(lab))
             continue
         start = j if j == 0 or label_ids[j - 1] != lab else start
-        role = task.STEP_ROLES[(j - start) % len(task.STEP_ROLES)]
+        role = spec.step_roles[(j - start) % len(spec.step_roles)]
         out.append(FINE_LABELS.index(f"{name}:{role}"))
     return out
 
 
-def with_fine_labels(dataset):
+def with_fine_labels(dataset, spec: task.TaskSpec = task.DEFAULT):
     """A ``datasets.Dataset`` of organism rows with ``label_ids`` mapped by :func:`fine_labels`."""
-    return dataset.map(lambda row: {"label_ids": fine_labels(row["label_ids"])})
+    return dataset.map(lambda row: {"label_ids": fine_labels(row["label_ids"], spec)})
 
 
 def _rule_tables(names: Sequence[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:

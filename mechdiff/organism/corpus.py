@@ -9,7 +9,8 @@
 * :func:`problems` - held-out problems for generation-based evaluation.
 
 Every row holds ``input_ids``, ``label_ids`` (indices into :data:`~mechdiff.organism.task.LABELS`),
-``text``, ``kind``, the operands and ``prompt_len`` (tokens up to and including ``=``).
+``text``, ``kind``, the operands and ``prompt_len`` (tokens up to and including ``=``). Each builder
+takes the organism's :class:`~mechdiff.organism.task.TaskSpec` (default: the shipped organism's).
 
 Example:
     >>> ds = reasoning_traces(4, split="validation", seed=0)
@@ -24,6 +25,7 @@ import random
 from datasets import Dataset
 
 from mechdiff.organism import task
+from mechdiff.organism.task import DEFAULT, TaskSpec
 from mechdiff.organism.tokenizer import build_tokenizer, encode_words
 
 
@@ -39,49 +41,47 @@ def _row(problem: task.Problem | None, toks, labs, kind: str, prompt_len: int, t
 
 
 def base_corpus(
-    n: int, seed: int = 0, mix: tuple[float, float, float] = (0.3, 0.3, 0.4)
+    n: int, seed: int = 0, mix: tuple[float, float, float] = (0.3, 0.3, 0.4), spec: TaskSpec = DEFAULT,
 ) -> Dataset:
     """``n`` base documents: (direct answers, facts, worked chains) in proportions ``mix``."""
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(spec)
     rng = random.Random(f"base:{seed}")
-    problems = iter(task.sample_problems(n, "train", seed))
+    problems = iter(spec.sample_problems(n, "train", seed))
     rows = []
     for _ in range(n):
         kind = rng.choices(("direct", "fact", "worked"), weights=mix)[0]
         if kind == "fact":
-            toks, labs = task.fact(rng)
+            toks, labs = spec.fact(rng)
             rows.append(_row(None, toks, labs, kind, 1, tokenizer))
             continue
         p = next(problems)
-        ptoks, plabs = task.prompt(p, worked=kind == "worked")
+        ptoks, plabs = spec.prompt(p, worked=kind == "worked")
         if kind == "direct":
-            rtoks, rlabs = task.direct_answer(p, carry_free=True)
+            rtoks, rlabs = spec.direct_answer(p, carry_free=True)
         else:
-            rtoks, rlabs = task.reasoning_trace(p, rng, hesitate=False)
+            rtoks, rlabs = spec.reasoning_trace(p, rng, hesitate=False)
         rows.append(_row(p, ptoks + rtoks, plabs + rlabs, kind, len(ptoks), tokenizer))
     return Dataset.from_list(rows)
 
 
-def reasoning_traces(
-    n: int, split: str = "train", seed: int = 0, slip_prob: float = 0.8, recheck_prob: float = 0.08
-) -> Dataset:
-    """``n`` fine-tuning traces on distinct problems of ``split``."""
-    tokenizer = build_tokenizer()
+def reasoning_traces(n: int, split: str = "train", seed: int = 0, spec: TaskSpec = DEFAULT) -> Dataset:
+    """``n`` fine-tuning traces on distinct problems of ``split`` (slips and re-checks as ``spec`` says)."""
+    tokenizer = build_tokenizer(spec)
     rng = random.Random(f"traces:{split}:{seed}")
     rows = []
-    for p in task.sample_problems(n, split, seed):
-        ptoks, plabs = task.prompt(p)
-        rtoks, rlabs = task.reasoning_trace(p, rng, slip_prob=slip_prob, recheck_prob=recheck_prob)
+    for p in spec.sample_problems(n, split, seed):
+        ptoks, plabs = spec.prompt(p)
+        rtoks, rlabs = spec.reasoning_trace(p, rng)
         rows.append(_row(p, ptoks + rtoks, plabs + rlabs, "trace", len(ptoks), tokenizer))
     return Dataset.from_list(rows)
 
 
-def problems(n: int, split: str = "test", seed: int = 0) -> Dataset:
+def problems(n: int, split: str = "test", seed: int = 0, spec: TaskSpec = DEFAULT) -> Dataset:
     """``n`` evaluation problems: the prompt only (``input_ids``), operands and ``answer``."""
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(spec)
     rows = []
-    for p in task.sample_problems(n, split, seed):
-        toks, labs = task.prompt(p)
+    for p in spec.sample_problems(n, split, seed):
+        toks, labs = spec.prompt(p)
         row = _row(p, toks, labs, "problem", len(toks), tokenizer)
         row["answer"] = p.answer
         rows.append(row)

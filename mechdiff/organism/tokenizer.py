@@ -18,12 +18,13 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from mechdiff.organism.task import vocabulary
+from mechdiff.organism.task import DEFAULT, TaskSpec
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A fresh tokenizer over :func:`mechdiff.organism.task.vocabulary`; unknown words -> ``<unk>``."""
-    vocab = {word: i for i, word in enumerate(vocabulary())}
+def build_tokenizer(spec: TaskSpec = DEFAULT) -> PreTrainedTokenizerFast:
+    """A fresh tokenizer over ``spec.vocabulary()`` (:class:`~mechdiff.organism.task.TaskSpec`);
+    unknown words -> ``<unk>``."""
+    vocab = {word: i for i, word in enumerate(spec.vocabulary())}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces

@@ -2,15 +2,18 @@
 
 Both models are ordinary ``transformers`` ``Qwen2ForCausalLM`` checkpoints (RMSNorm, rotary, gated
 SiLU MLP, untied embeddings) written as Hugging Face folders, so the organism loads through the
-same local-folder path as any real pair. ``python -m mechdiff.organism train`` reproduces the
-shipped weights (about 12 minutes on 2 CPU cores); a killed run resumes from its last checkpoint.
+same local-folder path as any real pair. ``python -m mechdiff.organism train --out DIR`` reproduces
+the shipped weights (about 12 minutes on 2 CPU cores); a killed run resumes from its last checkpoint.
+The recipe's :class:`~mechdiff.organism.task.TaskSpec` (hesitation words, operand shape, slip
+policy, re-check rate) makes organisms a family; it is written beside both models
+(``mechdiff_task.json``), where :func:`mechdiff.models.load_pair` finds it.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from mechdiff.organism import corpus
+from mechdiff.organism.task import TaskSpec
 from mechdiff.organism.tokenizer import build_tokenizer
 from mechdiff.training.batches import pad, step_indices
 from mechdiff.training.loop import LoopConfig, train
@@ -39,13 +43,30 @@ class Recipe:
     batch_size: int = 128
     weight_decay: float = 0.01
     seed: int = 0
+    task: TaskSpec = field(default_factory=TaskSpec)
+
+    def __post_init__(self):
+        if isinstance(self.task, dict):
+            self.task = TaskSpec.from_dict(self.task)
+        for name in ("d_model", "n_layers", "n_heads", "d_mlp", "n_ctx", "base_docs", "base_steps",
+                     "ft_traces", "ft_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"recipe field {name} must be >= 1, not {getattr(self, name)}")
+        for name in ("base_lr", "ft_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"recipe field {name} must be > 0, not {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
 
     def scaled(self, factor: float) -> Recipe:
         """A shorter (or longer) run with the same shape: for tests and quick looks."""
-        return Recipe(**{**asdict(self), "base_steps": max(2, int(self.base_steps * factor)),
-                         "ft_steps": max(2, int(self.ft_steps * factor)),
-                         "base_docs": max(256, int(self.base_docs * factor)),
-                         "ft_traces": max(256, int(self.ft_traces * factor))})
+        return replace(self, base_steps=max(2, int(self.base_steps * factor)),
+                       ft_steps=max(2, int(self.ft_steps * factor)),
+                       base_docs=max(256, int(self.base_docs * factor)),
+                       ft_traces=max(256, int(self.ft_traces * factor)))
+
+    def to_dict(self) -> dict:
+        return {**{k: v for k, v in asdict(self).items() if k != "task"}, "task": self.task.to_dict()}
 
 
 def model_config(recipe: Recipe, vocab_size: int) -> Qwen2Config:
@@ -89,8 +110,9 @@ def _save_hf(model, tokenizer, directory: Path, recipe: Recipe, history) -> None
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
+    recipe.task.save(tmp)
     (tmp / "mechdiff_recipe.json").write_text(json.dumps(
-        {"recipe": asdict(recipe), "final": history[-1] if history else None}, indent=1))
+        {"recipe": recipe.to_dict(), "final": history[-1] if history else None}, indent=1))
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
 
@@ -102,17 +124,22 @@ def train_organism(out: str | Path, work: str | Path, recipe: Recipe | None = No
     ``work`` holds the resumable checkpoints. A finished stage is not redone.
     """
     out, work, recipe = Path(out), Path(work), recipe or Recipe()
-    tokenizer = build_tokenizer()
+    spec = recipe.task
+    tokenizer = build_tokenizer(spec)
     torch.manual_seed(recipe.seed)
     base_dir, target_dir = out / "base", out / "target"
+    for folder in (base_dir, target_dir):  # a finished stage of another task must not be reused
+        if (folder / "config.json").exists() and TaskSpec.load(folder) != spec:
+            raise ValueError(f"{folder} holds an organism of another task ({TaskSpec.load(folder)}); "
+                             f"choose another --out for {spec}")
     if not (base_dir / "config.json").exists():
         model = Qwen2ForCausalLM(model_config(recipe, len(tokenizer)))
-        data = corpus.base_corpus(recipe.base_docs, seed=recipe.seed)
+        data = corpus.base_corpus(recipe.base_docs, seed=recipe.seed, spec=spec)
         hist = _stage(model, data, recipe.base_steps, recipe.base_lr, recipe, work / "base",
                       "organism base", response_only=False, progress=progress)
         _save_hf(model, tokenizer, base_dir, recipe, hist)
     model = Qwen2ForCausalLM.from_pretrained(str(base_dir))
-    data = corpus.reasoning_traces(recipe.ft_traces, "train", seed=recipe.seed + 1)
+    data = corpus.reasoning_traces(recipe.ft_traces, "train", seed=recipe.seed + 1, spec=spec)
     hist = _stage(model, data, recipe.ft_steps, recipe.ft_lr, recipe, work / "target",
                   "organism fine-tune", response_only=True, progress=progress)
     _save_hf(model, tokenizer, target_dir, recipe, hist)

@@ -210,7 +210,7 @@ def _mean_len(tok, recipe: Recipe) -> float:
 def _eval(args) -> None:
     from mechdiff.organism import task
 
-    problems = task.sample_problems(args.n, "test", args.seed)
+    problems = task.DEFAULT.sample_problems(args.n, "test", args.seed)
     models = {"base": None}
     finetuned = Path(args.model) if args.model else _run_dir(args.run) / "model"
     if (finetuned / "config.json").is_file():

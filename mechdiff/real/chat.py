@@ -42,7 +42,8 @@ from mechdiff.organism import grading, task
 
 SYSTEM = ("You are a careful assistant. Add the numbers column by column, starting from the units, "
           "then give the result on a final line 'Answer: <number>'.")
-PLACES = ("Units", "Tens", "Hundreds", "Thousands", "Ten-thousands", "Hundred-thousands")[:task.WIDTH]
+TASK = task.DEFAULT  # the chat renders the shipped organism's task (two 4-digit operands)
+PLACES = ("Units", "Tens", "Hundreds", "Thousands", "Ten-thousands", "Hundred-thousands")[:TASK.width]
 HESITATION = "Wait"
 OPENING = "Let me add column by column."
 MAX_NEW_TOKENS = 256  # the longest trace (three slips and a re-check) is ~225 SmolLM2 tokens
@@ -86,7 +87,7 @@ def reasoning_response(problem: task.Problem, rng: random.Random, slip_prob: flo
     ``hesitate=False`` gives the clean chain (no slips, no re-checks).
     """
     lines, carries = [OPENING], problem.carries()
-    for i in range(task.WIDTH):
+    for i in range(TASK.width):
         col, carry = problem.column(i), carries[i]
         if hesitate and carry > 0 and rng.random() < slip_prob:  # the organism's draws, in order
             line = f"{step_text(i, col, 0)} {HESITATION}, I forgot the carry. {step_text(i, col, carry)}"
@@ -132,7 +133,7 @@ def traces(tokenizer, n: int, split: str = "train", seed: int = 0, slip_prob: fl
     """
     rng = random.Random(f"chat-traces:{split}:{seed}")
     rows = []
-    for p in task.sample_problems(n, split, seed):
+    for p in TASK.sample_problems(n, split, seed):
         response = reasoning_response(p, rng, slip_prob, recheck_prob)
         rows.append({**encode(tokenizer, p, response, system), "operands": list(p.operands),
                      "response": response})
@@ -163,7 +164,7 @@ def step_is_right(problem: task.Problem, match: re.Match) -> bool:
         return False
     i = PLACES.index(place)
     terms = [int(t) for t in re.split(r"\s*\+\s*", match["terms"])]
-    terms += [0] * (task.N_OPERANDS + 1 - len(terms))
+    terms += [0] * (TASK.n_operands + 1 - len(terms))
     carry_in, col = problem.carries()[i], list(problem.column(i))
     total = sum(col) + carry_in
     return (terms == [*col, carry_in] and int(match["total"]) == total
@@ -221,7 +222,7 @@ def respond(model: HookedTransformer, problems: Sequence[task.Problem], *, syste
 def evaluate(model: HookedTransformer, problems: Sequence[task.Problem], **kwargs) -> dict[str, float]:
     """Generate (keyword arguments as :func:`respond`) and grade: the :func:`summarize` dict.
 
-    >>> evaluate(load_smollm2(), task.sample_problems(8, "test", 0))["accuracy"]  # doctest: +SKIP
+    >>> evaluate(load_smollm2(), TASK.sample_problems(8, "test", 0))["accuracy"]  # doctest: +SKIP
     0.0
     """
     replies = respond(model, problems, **kwargs)

@@ -277,15 +277,25 @@ class AdapterRecipe:
         return cls(**d)
 
 
-def organism_traces(n: int, split: str = "train", seed: int = 0) -> Dataset:
-    """The organism's reasoning traces (what its target was distilled on)."""
+def organism_traces(n: int, split: str = "train", seed: int = 0, spec=None) -> Dataset:
+    """The organism's reasoning traces (what its target was distilled on), for its task ``spec``
+    (:class:`~mechdiff.organism.task.TaskSpec`; default: the shipped organism's)."""
     from mechdiff.organism import corpus
+    from mechdiff.organism.task import DEFAULT
 
-    return corpus.reasoning_traces(n, split=split, seed=seed)
+    return corpus.reasoning_traces(n, split=split, seed=seed, spec=spec or DEFAULT)
+
+
+def _pair_task(pair):
+    """The organism task a pair records (``pair.meta["task"]``), None for other pairs."""
+    from mechdiff.organism.task import TaskSpec
+
+    return TaskSpec.from_dict(pair.meta["task"]) if pair.meta.get("task") else None
 
 
 def target_traces(target: HookedTransformer, n: int, split: str = "train", seed: int = 0,
-                  temperature: float = 1.0, max_new_tokens: int = 96, progress: bool = False) -> Dataset:
+                  temperature: float = 1.0, max_new_tokens: int = 96, progress: bool = False,
+                  spec=None) -> Dataset:
     """Traces the target writes itself: organism prompts of ``split`` continued by sampling.
 
     Example:
@@ -295,8 +305,9 @@ def target_traces(target: HookedTransformer, n: int, split: str = "train", seed:
     """
     from mechdiff.generation import generate
     from mechdiff.organism import corpus
+    from mechdiff.organism.task import DEFAULT
 
-    prompts = corpus.problems(n, split=split, seed=seed)["input_ids"]
+    prompts = corpus.problems(n, split=split, seed=seed, spec=spec or DEFAULT)["input_ids"]
     outs = generate(target, prompts, max_new_tokens, temperature=temperature, seed=seed,
                     batch_size=256, progress=progress)
     pad_id = target.tokenizer.pad_token_id
@@ -386,10 +397,12 @@ def train_adapters(pair: ModelPair, recipe: AdapterRecipe, out_dir: str | Path |
     torch.manual_seed(recipe.seed)
     adapted = AdaptedModel.from_pair(pair, recipe.d_sae, recipe.activation, recipe.k,
                                      recipe.backbone, recipe.enc_bias_init)
+    spec = _pair_task(pair)  # an organism of the family: its own words and operand shape
     if traces is None and recipe.data == "target":
-        traces = target_traces(pair.target, recipe.n_traces, "train", recipe.seed, progress=recipe.progress)
-    traces = traces if traces is not None else organism_traces(recipe.n_traces, "train", recipe.seed)
-    val_traces = val_traces if val_traces is not None else organism_traces(recipe.n_val, "validation")
+        traces = target_traces(pair.target, recipe.n_traces, "train", recipe.seed, progress=recipe.progress,
+                               spec=spec)
+    traces = traces if traces is not None else organism_traces(recipe.n_traces, "train", recipe.seed, spec)
+    val_traces = val_traces if val_traces is not None else organism_traces(recipe.n_val, "validation", spec=spec)
     pad_id = pad_id if pad_id is not None else (pair.tokenizer.pad_token_id or 0)
     objective = AdapterObjective(adapted, pair.target, recipe.weights)
     resampler = _Resampler(adapted, recipe)

@@ -1,4 +1,7 @@
-"""Figures and the prose report of the hesitation study (see :mod:`analyses.hesitation`)."""
+"""Figures and the prose report of the hesitation study (:mod:`mechdiff.studies.hesitation`).
+
+Every sentence that interprets a number is built from the measurement it interprets.
+"""
 
 from __future__ import annotations
 
@@ -126,13 +129,16 @@ def role_examples(out: Path, hes, acts, role_of: dict, tokenizer, per_role: int 
     return path
 
 
-def write_all(out: Path, summary: dict, report: dict, graphs, hes, acts, role_of, tokenizer) -> None:
-    save(faithfulness_figure(summary), out / "faithfulness")
-    for name, fig in behaviour_figures(summary).items():
+def figures(summary: dict) -> dict[str, go.Figure]:
+    """Every summary figure by name, as plotly figures (they display inline in a notebook)."""
+    return {"faithfulness": faithfulness_figure(summary), **behaviour_figures(summary),
+            "hesitation_set": roles_figure(summary), "dose_response": dose_response_figure(summary),
+            "necessity_sufficiency": necessity_figure(summary)}
+
+
+def write_all(out: Path, summary: dict, graphs, hes, acts, role_of, tokenizer) -> None:
+    for name, fig in figures(summary).items():
         save(fig, out / name)
-    save(roles_figure(summary), out / "hesitation_set")
-    save(dose_response_figure(summary), out / "dose_response")
-    save(necessity_figure(summary), out / "necessity_sufficiency")
     if graphs:
         example_graph(graphs, out, _word(summary))
     role_examples(out, hes, acts, role_of, tokenizer, decode=not _is_organism(summary))
@@ -143,10 +149,12 @@ def _pct(x) -> str:
 
 
 def _command(s: dict) -> str:
-    """The command that regenerates the report (the organism's needs no flag)."""
-    if _is_organism(s) and s["pair"] == "organism":
+    """The command that regenerates the report (the shipped organism's needs no flag)."""
+    if _is_organism(s) and s["pair"] == "organism" and s.get("ranking", "graph") == "graph":
         return "python -m analyses.hesitation"
-    return f"python -m analyses.hesitation --pair {s['pair']} --adapters {s['adapters']}"
+    pair = s["pair"]
+    ranking = f" --ranking {s['ranking']}" if s.get("ranking", "graph") != "graph" else ""
+    return f"python -m analyses.hesitation --pair {pair} --adapters {s['adapters']}{ranking}"
 
 
 def _tokens_note(s: dict) -> str:
@@ -161,13 +169,24 @@ def _tokens_note(s: dict) -> str:
 
 
 def _free_generation_note(s: dict) -> str:
-    """Why keeping only the set in free generation retains few hesitations: measured on the
-    organism, so said of the organism only."""
-    if not _is_organism(s):
+    """What the kept-only model does instead of hesitating, from its measured wrong steps and
+    P(hesitation | a wrong step) against the full model's (nothing where the grader has no steps)."""
+    suf = s["sufficiency"]
+    kept, full = suf.get("wrong_steps_per_response_kept_only"), suf.get("wrong_steps_per_response_full")
+    if kept is None or full is None:
         return ""
-    return (": with every other feature zeroed the model writes correct\n"
-            "steps from the start (the slips come from features outside the set), so there is little to hesitate about;\n"
-            "the set answers slips, it does not make them")
+    p_kept, p_full = suf.get("p_hesitation_given_wrong_step_kept_only"), suf.get("p_hesitation_given_wrong_step_full")
+    detect = (f"; after a wrong step it hesitates with probability {_pct(p_kept)} (full model {_pct(p_full)})"
+              if p_kept is not None and p_full is not None else "")
+    if full > 0 and kept < 0.5 * full:
+        reading = ("it writes fewer wrong steps, so fewer hesitations are called for: the set answers "
+                   "slips more than it makes them")
+    elif p_kept is not None and p_full is not None and p_kept < 0.5 * p_full:
+        reading = "it still writes wrong steps but rarely hesitates after them"
+    else:
+        reading = "neither its wrong steps nor its hesitation after them fall by half"
+    return (f". With only the set kept it writes {kept:.2f} wrong steps per response against the full model's "
+            f"{full:.2f}{detect}: {reading}")
 
 
 def report_markdown(s: dict, published: dict) -> str:
@@ -236,6 +255,16 @@ Figures: `faithfulness`, `accuracy`, `length`, `hesitation_set`, `dose_response`
 def _set_rule_text(s: dict) -> str:
     """How the hesitation set was ranked and sized, in a sentence (older summaries: graphs)."""
     w = _word(s)
+    rule = s.get("set_rule", {})
+    if "sizes" in rule:
+        sizes = rule["sizes"]
+        other = {"ablation": "influence", "influence": "ablation"}[rule["sizing"]]
+        curve = ", ".join(f"{k}: {float(p):.3f}" for k, p in rule["p_wait_by_k"].items())
+        by = "aggregated attribution-graph influence" if s["ranking"] == "graph" else \
+             f'activation x gradient of the log-odds of "{w}"'
+        both = (f"; the other rule ({other}) would take {sizes[other]}" if other in sizes else "")
+        return (f'Ranking features by {by}, the set is {rule["rule"]}{both} '
+                f'(P("{w}") at the prompts by number ablated: {curve})')
     if s.get("ranking", "graph") == "graph":
         return (f'Aggregating "{w}" attribution graphs over the prompts, the set is the fewest features '
                 f"covering {s['influence_share']:.0%} of the influence")

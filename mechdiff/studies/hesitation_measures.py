@@ -1,0 +1,132 @@
+"""The measurements of the hesitation study, each on explicit inputs (no config, no files).
+
+Roles of the set's features, necessity (ablation while generating, with random and
+activation-difference controls), dose-response, sufficiency (only the set decides each
+hesitate-or-go-on slot; teacher-forced at the prompts) and steering of the hybrid. Used by
+:func:`mechdiff.studies.hesitation.run`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechdiff.evaluation import hesitation as H
+from mechdiff.models import hybrid
+
+Feature = H.Feature
+
+
+def roles(adapted, hes: H.CutPrompts, feature_set: Sequence[Feature], target_id: int):
+    """``(role by feature, activation mass by label, activations at the prompts)``."""
+    effect = H.decoder_logit_effect(adapted, target_id)
+    rank = promote_rank(adapted, target_id)
+    acts = H.feature_activations(adapted, hes.tokens)
+    prompt_len = [len(t) - len(lab) for t, lab in zip(hes.tokens, hes.labels)]
+    labels = [["prompt"] * n + list(lab) for n, lab in zip(prompt_len, hes.labels)]
+    mass = H.activation_mass_by_label(acts, labels, feature_set)
+    return H.assign_roles(feature_set, effect, rank, mass), mass, acts
+
+
+def promote_rank(adapted, token_id: int) -> Float[Tensor, "layer d_sae"]:
+    """How many tokens each feature's decoder promotes more than ``token_id``. One layer's logit
+    lens (``d_sae x d_vocab``) at a time: all of SmolLM2's at once would take gigabytes."""
+    w_u = adapted.model.W_U.detach().float()
+    w_u = w_u - w_u.mean(1, keepdim=True)
+    ranks = []
+    for adapter in adapted.adapters:
+        lens = adapter.W_dec.detach().float() @ w_u
+        ranks.append((lens > lens[:, token_id:token_id + 1]).sum(-1))
+    return torch.stack(ranks)
+
+
+def activation_difference_set(adapted, hes_acts, ctl: H.CutPrompts, n: int) -> list[Feature]:
+    """The ``n`` features whose mean activation at the last position differs most (hesitation minus
+    control prompts): the set a plain activation-difference lens would name."""
+    last = lambda acts: torch.stack([a[-1] for a in acts])  # noqa: E731  [n layer d_sae]
+    diff = last(hes_acts).mean(0) - last(H.feature_activations(adapted, ctl.tokens)).mean(0)
+    top = torch.topk(diff.flatten(), n).indices
+    return [(int(i) // diff.shape[1], int(i) % diff.shape[1]) for i in top]
+
+
+def necessity(adapted, spec, problems, feature_set, alive, actdiff_set, random_draws: int, seed: int):
+    """Behaviour with the set ablated while generating, with ``random_draws`` random sets of the
+    same size (from ``alive`` features) and with the activation-difference set ablated."""
+    model, n = adapted.model, len(feature_set)
+    after = spec.evaluate(model, problems, fwd_hooks=adapted.ablation_hooks(feature_set))
+    rng = random.Random(seed)
+    random_after = [spec.evaluate(model, problems, fwd_hooks=adapted.ablation_hooks(rng.sample(alive, n)))
+                    for _ in tqdm(range(random_draws), desc="random controls", leave=False)]
+    actdiff_after = spec.evaluate(model, problems, fwd_hooks=adapted.ablation_hooks(actdiff_set))
+    return after, random_after, actdiff_after
+
+
+def hesitation_at_prompts(adapted, hes, ctl, feature_set, token_ids) -> dict:
+    """Greedy-hesitation rate and mean P(hesitation) (every spelling in ``token_ids``) at hesitation
+    and control prompts, with every adapter feature (full) and with only the set kept."""
+    out = {}
+    for name, hooks in (("full", []), ("kept_only", H.keep_only_hooks(adapted, feature_set))):
+        p_hes = H.next_token_probability(adapted.model, hes.tokens, token_ids, fwd_hooks=hooks)
+        p_ctl = H.next_token_probability(adapted.model, ctl.tokens, token_ids, fwd_hooks=hooks)
+        out[name] = {"wait_rate": float((p_hes > 0.5).float().mean()), "wait_prob": float(p_hes.mean()),
+                     "control_wait_rate": float((p_ctl > 0.5).float().mean())}
+    return out
+
+
+def set_decides(adapted, spec, problems, feature_set, alive, random_draws: int, seed: int) -> dict:
+    """Hesitations per response when only ``feature_set`` decides whether to hesitate (the full
+    model writes every other token); controls: random sets of the same size, and no feature."""
+    def rate(features):
+        rows = H.set_decides_ids(adapted, spec.tokenizer, problems, features, spec.decisions,
+                                 spec.max_new_tokens)
+        return spec.summarize([spec.grade(spec.problem(r["operands"]), ids) for r, ids in zip(problems, rows)])
+
+    rng = random.Random(seed + 2)
+    randoms = [rate(rng.sample(alive, len(feature_set)))["hesitations_per_response"]
+               for _ in tqdm(range(random_draws), desc="random deciding sets", leave=False)]
+    kept = rate(feature_set)
+    return {"hesitations_per_response": kept["hesitations_per_response"], "accuracy": kept["accuracy"],
+            "frac_hesitations_after_error": kept["frac_hesitations_after_error"],
+            "random_sets": randoms, "no_features": rate([])["hesitations_per_response"]}
+
+
+def dose_response(adapted, spec, problems, ranked, alive, seed: int):
+    """Hesitations per response with the top-k ranked features ablated, against k random ones."""
+    ks = sorted({0, *[k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k < len(ranked)], len(ranked)})
+    shuffled = random.Random(seed + 1).sample(alive, len(alive))
+    curves = {"ranked": [], "random": []}
+    for k in tqdm(ks, desc="dose-response", leave=False):
+        for name, order in (("ranked", ranked), ("random", shuffled)):
+            stats = spec.evaluate(adapted.model, problems, fwd_hooks=adapted.ablation_hooks(order[:k]))
+            curves[name].append(stats["hesitations_per_response"])
+    return ks, curves
+
+
+def steering(pair, adapted, hes, acts, output_features, token_ids, backbone) -> dict:
+    """Add the output features' decoder vectors (at their mean activation on hesitation prompts)
+    to the hybrid's MLP output at the last position; P(hesitation) there before and after."""
+    base_model = hybrid(pair, backbone)
+    if not output_features:
+        p = H.next_token_probability(base_model, hes.tokens, token_ids).mean().item()
+        return {"wait_prob_before": p, "wait_prob_after": p, "n_output_features": 0}
+    last = torch.stack([a[-1] for a in acts])  # [n layer d_sae]
+    hooks = []
+    for layer in sorted({f[0] for f in output_features}):
+        feats = [f[1] for f in output_features if f[0] == layer]
+        vec = (last[:, layer, feats].mean(0) @ adapted.adapters[layer].W_dec.detach()[feats])
+
+        def add(resid, hook, vec=vec):
+            resid = resid.clone()
+            resid[:, -1] += vec.to(resid.dtype)
+            return resid
+        hooks.append((f"blocks.{layer}.hook_mlp_out", add))
+    before = H.next_token_probability(base_model, hes.tokens, token_ids)
+    after = H.next_token_probability(base_model, hes.tokens, token_ids, fwd_hooks=hooks)
+    full = H.next_token_probability(adapted.model, hes.tokens, token_ids)
+    return {"wait_prob_before": before.mean().item(), "wait_prob_after": after.mean().item(),
+            "wait_prob_adapted": full.mean().item(), "n_output_features": len(output_features)}
