@@ -326,3 +326,41 @@ def test_aux_loss_trains_only_dead_features_to_fit_the_residual_error(pair):
     grad = adapted.adapters[0].W_dec.grad
     assert grad[idx].abs().sum() > 0 and grad[[i for i in range(16) if i not in (1, 4, 7)]].abs().sum() == 0
     assert adapted.adapters[1].W_dec.grad is None
+
+
+@pytest.mark.parametrize("entry", ["../elsewhere", "/etc", "layer_0/../../x", "..", "", 3])
+def test_layer_entries_pointing_outside_the_folder_are_refused(pair, tmp_path, entry):
+    _, folder = save_load(pair, tmp_path)
+    meta = json.loads((folder / "adapters.json").read_text())
+    meta["layers"][1] = entry
+    (folder / "adapters.json").write_text(json.dumps(meta))
+    with pytest.raises(AdapterFormatError, match="not a plain sub-folder name"):
+        load_adapted(pair, folder)
+
+
+def _save_many(adapted, folder, times, seed, errors):
+    try:
+        for i in range(times):
+            save_adapters(adapted, folder, metrics={"writer": seed, "i": i})
+    except Exception as err:  # reported to the parent, which fails the test
+        errors.put(f"{type(err).__name__}: {err}")
+
+
+def test_two_processes_saving_to_one_folder_both_succeed(pair, tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    folder, errors = tmp_path / "out" / "shared", ctx.Queue()
+    models = [randomize(AdaptedModel.from_pair(pair, d_sae=8), seed=s) for s in (1, 2)]
+    procs = [ctx.Process(target=_save_many, args=(m, folder, 15, s, errors))
+             for s, m in zip((1, 2), models)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    failures = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
+    assert failures == [] and [p.exitcode for p in procs] == [0, 0]
+    assert [p.name for p in folder.parent.iterdir()] == ["shared"]  # no temporaries or old copies left
+    writer = json.loads((folder / "adapters.json").read_text())["metrics"]["writer"]
+    loaded = load_adapted(pair, folder)  # whole: one writer's adapters, not a mix
+    torch.testing.assert_close(loaded.adapters.state_dict(), models[writer - 1].adapters.state_dict())
