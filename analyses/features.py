@@ -22,26 +22,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-for _var, _val in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("WANDB_MODE", "disabled")):
-    os.environ.setdefault(_var, _val)
+import plotly.graph_objects as go
+import torch
 
-import plotly.graph_objects as go  # noqa: E402
-import torch  # noqa: E402
-
-from mechdiff.adapters.formats import SHIPPED_DIR, load_adapted  # noqa: E402
-from mechdiff.adapters.transcoder import AdaptedModel  # noqa: E402
-from mechdiff.features import classify as C  # noqa: E402
-from mechdiff.features.dashboard import write_dashboards  # noqa: E402
-from mechdiff.features.store import REGIONS, StoreConfig, StoreMismatch, build_store  # noqa: E402
-from mechdiff.models import load_pair  # noqa: E402
-from mechdiff.organism import corpus  # noqa: E402
-from mechdiff.visualization import figures  # noqa: E402
+from mechdiff.adapters.formats import SHIPPED_DIR, load_adapted
+from mechdiff.adapters.transcoder import AdaptedModel
+from mechdiff.cli import (
+    UsageError,
+    add_pair_options,
+    check_pair_options,
+    load_pair_from_args,
+    offline_environment,
+    run,
+)
+from mechdiff.features import classify as C
+from mechdiff.features.dashboard import write_dashboards
+from mechdiff.features.store import REGIONS, StoreConfig, StoreMismatch, build_store
+from mechdiff.organism import corpus
+from mechdiff.visualization import figures
 
 PUBLISHED = {"reasoning_fraction": 0.08}
 
@@ -53,9 +56,7 @@ def _log(msg: str) -> None:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m analyses.features", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pair", default="organism", help="model pair (default: the built-in organism)")
-    p.add_argument("--base", help="with --pair custom: the base HF folder")
-    p.add_argument("--target", help="with --pair custom: the target HF folder")
+    add_pair_options(p)
     p.add_argument("--adapters", default=str(SHIPPED_DIR),
                    help="trained adapters folder, or random:D_SAE for random sparse adapters")
     p.add_argument("--out", default="figures/features", help="output folder")
@@ -77,9 +78,19 @@ def parse_args(argv):
     p.add_argument("--judge-model", help="model name for the judge")
     p.add_argument("--judge-n", type=int, default=20, help="features to send to the judge")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_pair_options(args)
+    for flag in ("n_traces", "top_k", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    spec = args.adapters
+    if spec.startswith("random:"):
+        if not spec.split(":", 1)[1].isdigit() or int(spec.split(":", 1)[1]) < 1:
+            raise UsageError(f"--adapters {spec}: random:D_SAE needs a whole number D_SAE >= 1")
+    elif not Path(spec).is_dir():
+        raise UsageError(f"--adapters {spec}: no such folder; train adapters (python -m mechdiff.adapters) "
+                         "or pass --adapters random:1024 for a dry run")
+    return args
 
 
 def load_adapters(pair, spec: str, seed: int) -> AdaptedModel:
@@ -89,9 +100,6 @@ def load_adapters(pair, spec: str, seed: int) -> AdaptedModel:
         adapted = AdaptedModel.from_pair(pair, d_sae=int(spec.split(":", 1)[1]))
         adapted.to(pair.target.cfg.device)
         return randomize_adapters(adapted, seed=seed, density=0.03)
-    if not Path(spec).is_dir():
-        raise SystemExit(f"no adapters in {spec}; train them (python -m mechdiff.adapters) or pass "
-                         "--adapters random:1024 for a dry run")
     return load_adapted(pair, spec)
 
 
@@ -192,12 +200,13 @@ def run_judge(store, tok, cats, idx, args) -> dict:
 
 
 def main(argv=None) -> dict:
+    offline_environment()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     torch.manual_seed(args.seed)
     out, t0 = Path(args.out), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     _log("1/4 load the pair and the adapters")
-    pair = load_pair(args.pair, base=args.base, target=args.target, dtype=args.dtype, device=args.device)
+    pair = load_pair_from_args(args)
     adapted = load_adapters(pair, args.adapters, args.seed)
     tok = pair.tokenizer
     _log(f"2/4 activation store over {args.n_traces} {args.split} traces -> {args.store}")
@@ -275,4 +284,4 @@ def report(s: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

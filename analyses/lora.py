@@ -14,26 +14,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
+import plotly.graph_objects as go
+import torch
 
-import plotly.graph_objects as go  # noqa: E402
-import torch  # noqa: E402
-
-from mechdiff.evaluation.behaviour import evaluate  # noqa: E402
-from mechdiff.features import lora_lens as lens  # noqa: E402
-from mechdiff.features import lora_sae  # noqa: E402
-from mechdiff.lora import TrainConfig, evaluate_lora, shipped_lora, train_lora  # noqa: E402
-from mechdiff.models import load_pair  # noqa: E402
-from mechdiff.organism import corpus  # noqa: E402
-from mechdiff.organism.task import LABELS  # noqa: E402
-from mechdiff.training.lora_objective import TraceBatches  # noqa: E402
-from mechdiff.visualization.figures import save  # noqa: E402
+from mechdiff.cli import (
+    UsageError,
+    add_pair_options,
+    check_pair_options,
+    load_pair_from_args,
+    offline_environment,
+    run,
+)
+from mechdiff.evaluation.behaviour import evaluate
+from mechdiff.features import lora_lens as lens
+from mechdiff.features import lora_sae
+from mechdiff.lora import TrainConfig, evaluate_lora, shipped_lora, train_lora
+from mechdiff.organism import corpus
+from mechdiff.organism.task import LABELS
+from mechdiff.training.lora_objective import TraceBatches
+from mechdiff.visualization.figures import save
 
 PUBLISHED = {"gain_recovered": "0.73-0.90", "monosemantic_lora": 0.16, "monosemantic_mlp": 0.13,
              "ablation_kl_mlp_over_attention": 2.4}  # fmt: skip
@@ -101,19 +103,22 @@ def main(argv=None) -> dict:
     p.add_argument("--n-traces", type=int, default=20_000, help="training traces with --retrain")
     p.add_argument("--kl-weight", type=float, default=0.0, help="distillation KL weight with --retrain")
     p.add_argument("--runs", default="runs", help="where trained LoRAs are written")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: these tiny models gain little from more, and "
-                        "oversubscribed cores make 2 threads many times slower)")
-    p.add_argument("--base", help="a base HF folder with the organism's vocabulary (with --target)")
-    p.add_argument("--target", help="its fine-tuned HF folder (default pair: the shipped organism)")
+    add_pair_options(p)  # --threads 1 is fastest here: oversubscribed cores make 2 threads slower
     args = p.parse_args(argv)
+    offline_environment()
+    if args.base or args.target:  # a base/target pair given without --pair custom
+        args.pair = "custom"
+    check_pair_options(args)
+    for flag in ("n_problems", "n_holdout", "n_sae_traces", "sae_samples", "top_k", "steps", "n_traces"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if any(r < 1 for r in args.ranks):
+        raise UsageError(f"--ranks {' '.join(map(str, args.ranks))}: every rank must be >= 1")
     t0 = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pair = load_pair("custom", base=args.base, target=args.target) if args.base else load_pair("organism")
+    pair = load_pair_from_args(args)
     loras, sources = get_loras(pair, args.ranks, args)
     r1 = loras[args.ranks[0]]
     problems = corpus.problems(args.n_problems, "test")
@@ -278,4 +283,4 @@ def _report(s, contexts) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

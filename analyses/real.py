@@ -28,16 +28,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-for _var, _val in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("WANDB_MODE", "disabled"),
-                   ("TOKENIZERS_PARALLELISM", "false")):
-    os.environ.setdefault(_var, _val)
+from mechdiff.cli import (
+    UsageError,
+    add_pair_options,
+    check_pair_options,
+    load_pair_from_args,
+    offline_environment,
+    run,
+)
 
 STAGES = ("behaviour", "adapters", "hesitation", "lora", "cost")
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +52,7 @@ ORGANISM = {"behaviour": ROOT / "mechdiff/adapters/shipped/organism/adapters.jso
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m analyses.real", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pair", default="smollm2", help="smollm2 or smollm2:RUN (default: the 'default' run)")
+    add_pair_options(p, default_pair="smollm2")
     p.add_argument("--out", default="figures/real", help="output folder (default figures/real)")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="stages to run")
     p.add_argument("--redo", nargs="*", default=[], choices=STAGES, help="rerun these even if done")
@@ -65,12 +69,19 @@ def parse_args(argv):
     p.add_argument("--hesitation-args", default="--ranking gradient --n-prompts 24 --n-problems 32 "
                    "--n-traces 8 --n-dose-problems 12 --random-draws 2 --max-feature-nodes 256",
                    help="extra flags for analyses.hesitation (quoted)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per stage (0: torch's default)")
     p.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_pair_options(args)
+    if not (args.pair == "smollm2" or args.pair.startswith("smollm2:")):
+        raise UsageError(f"--pair {args.pair}: this study is SmolLM2's (smollm2 or smollm2:RUN)")
+    for flag in ("n_problems", "n_eval_traces", "d_sae", "k", "adapter_steps", "lora_steps", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    return args
 
 
 def main(argv=None) -> dict:
+    offline_environment()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,9 +115,7 @@ def _run_stage(args, out: Path) -> dict:
 
 
 def _pair(args):
-    from mechdiff.models import load_pair
-
-    return load_pair(args.pair)
+    return load_pair_from_args(args)
 
 
 def _cache(args) -> Path:
@@ -310,4 +319,4 @@ def write_summary(out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -18,8 +18,10 @@ pickle checkpoints are refused.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +43,12 @@ PRESETS: dict[str, tuple[str, str]] = {
     "r1-distill-qwen-7b": ("Qwen/Qwen2.5-Math-7B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"),
     "s1.1-32b": ("Qwen/Qwen2.5-32B-Instruct", "simplescaling/s1.1-32B"),
 }
+HUB_PREFIX = "hf:"  # hub models are named explicitly: "hf:ORG/NAME"; anything else is a local folder
+# Pair sources other packages register (``register_pair_source``); the modules named here register
+# theirs when first needed, so this module imports none of them.
+PairSource = Callable[[str], tuple[tuple, tuple[str, str]]]
+_PAIR_SOURCES: dict[str, tuple[PairSource, str | None]] = {}
+_PAIR_PROVIDERS: dict[str, str] = {"smollm2": "mechdiff.real.smollm2"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CONVERTERS = {"Qwen2ForCausalLM": convert_qwen2_weights, "LlamaForCausalLM": convert_llama_weights}
 _HF_CONFIGS = {"Qwen2ForCausalLM": "Qwen2Config", "LlamaForCausalLM": "LlamaConfig"}
@@ -104,9 +112,10 @@ def load_pair(
     ``pair`` is ``"organism"`` (folders ``ORGANISM_DIR/base`` and ``/target``),
     ``"smollm2"`` or ``"smollm2:RUN"`` (SmolLM2-135M-Instruct and its fine-tune run ``RUN``,
     default ``default``, from ``python -m mechdiff.real train``; see
-    :func:`mechdiff.real.smollm2.pair_sources`), a ``PRESETS`` key (hub names: needs a network
-    or a filled HF cache), or ``"custom"`` with ``base=``/``target=`` each a local HF folder or
-    hub name. Tokenizers and configs are compared before any weights are read.
+    :func:`mechdiff.real.smollm2.pair_sources`; any name given to :func:`register_pair_source`
+    works the same way), a ``PRESETS`` key (hub models: needs a network or a filled HF cache), or
+    ``"custom"`` with ``base=``/``target=`` each a local HF folder or an explicit hub name
+    ``"hf:ORG/NAME"``. A folder that does not exist is a ``FileNotFoundError``, never a hub lookup. Tokenizers and configs are compared before any weights are read.
     ``meta["workload"]`` names the data and grader of a pair that is not the organism's
     (see :func:`mechdiff.workloads.for_pair`).
 
@@ -135,8 +144,9 @@ def load_pair(
         "n_devices": n_devices,
         "tokenizer_differences": diffs,
     }
-    if _is_smollm2(pair):  # organism meta stays as it was: its workload is the default
-        meta["workload"] = "chat"
+    workload = _registered(pair)[1] if _registered(pair) else None
+    if workload:  # organism meta stays as it was: its workload is the default
+        meta["workload"] = workload
     task = _organism_task(sources)
     if task is not None:  # an organism of the family: its task says how to prompt and grade it
         meta["task"] = task
@@ -313,14 +323,14 @@ def _pair_sources(pair: str, base: str | None, target: str | None) -> tuple[tupl
         if not all((ORGANISM_DIR / n / "config.json").is_file() for n in ("base", "target")):
             raise FileNotFoundError(f"No organism in {ORGANISM_DIR}; build it: python -m mechdiff.organism train")
         return (ORGANISM_DIR / "base", ORGANISM_DIR / "target"), ("organism-base", "organism-target")
-    if _is_smollm2(pair):
-        from mechdiff.real import smollm2  # here, not at the top: smollm2 imports this module
-
-        return smollm2.pair_sources(pair)
+    registered = _registered(pair)
+    if registered:
+        return registered[0](pair)
     if pair in PRESETS:
-        return PRESETS[pair], PRESETS[pair]
+        return tuple(HUB_PREFIX + name for name in PRESETS[pair]), PRESETS[pair]
     if pair != "custom":
-        choices = ["organism", "smollm2", "smollm2:<run>", "custom", *PRESETS]
+        names = sorted({*_PAIR_SOURCES, *_PAIR_PROVIDERS})
+        choices = ["organism", *(c for n in names for c in (n, f"{n}:<run>")), "custom", *PRESETS]
         raise ValueError(f"Unknown pair {pair!r}; choose one of {choices}")
     if base is None or target is None:
         raise ValueError("pair='custom' needs both base= and target= (a folder or hub name each)")
@@ -342,9 +352,25 @@ def _organism_task(sources) -> dict | None:
                                 f"({TASK_FILE}): {found[0]} vs {found[1]}")
     return found[1]
 
+def register_pair_source(name: str, sources: PairSource, workload: str | None = None) -> None:
+    """Make ``load_pair(name)`` and ``load_pair(f"{name}:RUN")`` load ``sources(pair)``.
 
-def _is_smollm2(pair: str) -> bool:
-    return pair == "smollm2" or pair.startswith("smollm2:")
+    ``sources`` returns ``((base_folder, target_folder), (base_name, target_name))``;
+    ``workload`` is stored as the pair's ``meta["workload"]`` (see :mod:`mechdiff.workloads`).
+
+    Example:
+        >>> register_pair_source("mine", lambda pair: (("runs/b", "runs/t"), ("b", "t")))
+        >>> _pair_sources("mine:x", None, None)
+        (('runs/b', 'runs/t'), ('b', 't'))
+    """
+    _PAIR_SOURCES[name] = (sources, workload)
+
+
+def _registered(pair: str) -> tuple[PairSource, str | None] | None:
+    name = pair.partition(":")[0]
+    if name not in _PAIR_SOURCES and name in _PAIR_PROVIDERS:
+        importlib.import_module(_PAIR_PROVIDERS[name])  # registers itself on import
+    return _PAIR_SOURCES.get(name)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -356,14 +382,17 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _source_kind(source: str | Path) -> tuple[str, Path | str]:
-    """('local', Path) for folders; ('hub', name) for a missing 'org/name'-shaped string."""
+    """('hub', 'ORG/NAME') for ``"hf:ORG/NAME"``; else ('local', Path), which must be a folder."""
     text = str(source)
+    if not isinstance(source, Path) and text.startswith(HUB_PREFIX):
+        return "hub", text[len(HUB_PREFIX):]
     path = Path(text).expanduser()
-    pathlike = isinstance(source, Path) or text.startswith(("/", ".", "~")) or text.count("/") > 1
-    if not (path.exists() or pathlike):
-        return "hub", text
+    if not path.exists():
+        raise FileNotFoundError(
+            f"Model folder {path} does not exist (relative to {Path.cwd()}); a model on the "
+            f"Hugging Face Hub needs the explicit form '{HUB_PREFIX}ORG/NAME'")
     if not path.is_dir():
-        raise FileNotFoundError(f"Model folder {path} {'is not a folder' if path.exists() else 'does not exist'}")
+        raise FileNotFoundError(f"Model folder {path} is not a folder")
     return "local", path
 
 

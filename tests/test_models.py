@@ -1,5 +1,4 @@
 import doctest
-import time
 
 import huggingface_hub.constants
 import pytest
@@ -9,7 +8,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mechdiff import models
 from mechdiff.models import (
-    PRESETS,
     ModelPair,
     ModelPairMismatch,
     check_pair,
@@ -221,20 +219,51 @@ def test_bad_arguments():
 def test_hub_name_offline_gives_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    start = time.monotonic()
     with pytest.raises(FileNotFoundError, match="not a local folder.*HF_HUB_OFFLINE=1.*local HF folder"):
-        load_hooked("mechdiff-test/definitely-not-cached")
-    with pytest.raises(FileNotFoundError, match="Hugging Face Hub"):
+        load_hooked("hf:mechdiff-test/definitely-not-cached")
+    # a preset names hub models: it goes to the hub (and fails offline), under its hub names
+    with pytest.raises(FileNotFoundError, match="'hf:Qwen/Qwen2.5-Math-7B'.*Hugging Face Hub"):
         load_pair("r1-distill-qwen-7b")
-    assert time.monotonic() - start < 20
 
 
-def test_presets_and_organism_paths():
-    assert PRESETS["r1-distill-qwen-7b"] == (
-        "Qwen/Qwen2.5-Math-7B",
-        "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
-    )
-    assert PRESETS["s1.1-32b"] == ("Qwen/Qwen2.5-32B-Instruct", "simplescaling/s1.1-32B")
+@pytest.mark.parametrize("call", [
+    lambda: load_pair("custom", base="models/base", target="models/target"),
+    lambda: load_hooked("mechdiff-test/definitely-not-cached"),  # hub-shaped, but no "hf:"
+    lambda: load_tokenizer("org/name"),
+])
+def test_a_missing_relative_path_is_a_clear_error_never_a_hub_lookup(call, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(models.AutoConfig, "from_pretrained", no_hub)
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", no_hub)
+    with pytest.raises(FileNotFoundError, match="does not exist .*explicit form 'hf:ORG/NAME'"):
+        call()
+
+
+def test_models_does_not_import_the_real_pair_until_asked():
+    import subprocess
+    import sys
+
+    code = ("import sys, mechdiff.models as m; print('mechdiff.real' in sys.modules); "
+            "m._registered('smollm2'); print('mechdiff.real.smollm2' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
+
+
+def test_registered_pair_sources_load(tiny_model_dir, monkeypatch):
+    base, target = tiny_model_dir("b", seed=0), tiny_model_dir("t", seed=1)
+    monkeypatch.setattr(models, "_PAIR_SOURCES", {})
+    models.register_pair_source("mine", lambda pair: ((base, target), ("b", pair)), workload="chat")
+    pair = load_pair("mine:run7", device="cpu")
+    assert pair.meta["target_name"] == "mine:run7" and pair.meta["workload"] == "chat"
+    with pytest.raises(ValueError, match="Unknown pair 'yours'.*'mine:<run>'"):
+        load_pair("yours")
+
+
+def test_organism_paths():
     assert models.ORGANISM_DIR.parts[-3:] == ("mechdiff", "organism", "shipped")
 
 

@@ -103,3 +103,33 @@ def test_train_cli_needs_out_and_checks_the_task(tmp_path, capsys):
             organism_cli(["train", "--out", str(tmp_path / "x"), *bad])
     assert not (tmp_path / "x").exists()  # refused before anything was written
     assert not list(tmp_path.glob("**/" + SPEC_FILE))
+
+
+def test_the_hesitation_study_assumes_no_word(tmp_path):
+    """The study end to end, as a library call, on the shipped organism that hesitates with "hmm"
+    (3-digit operands): the token it traces, counts and reports is the organism's own."""
+    import plotly.graph_objects as go
+
+    from mechdiff.adapters.formats import load_adapted
+    from mechdiff.studies.hesitation import HesitationConfig, run
+    from mechdiff.studies.organisms import family
+
+    org = family()["hmm"]
+    pair = load_pair("custom", base=str(org.folder / "base"), target=str(org.folder / "target"))
+    adapted = load_adapted(pair, org.adapters)
+    cfg = HesitationConfig(n_prompts=10, n_problems=24, n_dose_problems=8, n_traces=8, random_draws=2,
+                           ranking="gradient", n_graphs=1, max_feature_nodes=32)
+    result = run(pair, adapted, cfg, progress=False, pair_name="hmm")
+    s = result.summary()
+    tokens = s["hesitation_tokens"]
+    assert tokens["word"] == tokens["target"] == "hmm" and tokens["variants"] == ["hmm"]
+    assert s["n_hesitation_prompts"] > 0 and s["models"]["target"]["hesitations_per_response"] > 0.3
+    n = s["necessity"]
+    assert n["hesitations_per_response_after"] < 0.5 * n["hesitations_per_response_before"]
+    assert n["random_control_after"] > 0.7 * n["hesitations_per_response_before"]
+    figures = result.figures()
+    assert figures and all(isinstance(f, go.Figure) for f in figures.values())
+    report = result.report()
+    assert 'P("hmm")' in report and '"wait"' not in report and "wait" not in s["role_rule"]
+    result.write(tmp_path)
+    assert json.loads((tmp_path / "summary.json").read_text())["hesitation_tokens"]["word"] == "hmm"

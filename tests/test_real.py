@@ -11,7 +11,7 @@ from conftest import make_tiny_hf, make_tiny_tokenizer
 from mechdiff.models import hooked_from_hf
 from mechdiff.organism import task
 from mechdiff.real import chat, smollm2
-from mechdiff.real.__main__ import Recipe, finetune
+from mechdiff.real.finetune import Recipe, finetune
 
 P = task.Problem((1234, 5678))  # carries into tens and hundreds: answer 6912
 
@@ -167,7 +167,7 @@ def test_smollm2_hooked_matches_transformers():
 
 
 def test_response_loss_counts_reply_tokens_only_and_autocasts():
-    from mechdiff.real.__main__ import response_loss
+    from mechdiff.real.finetune import response_loss
 
     model, tok = _tiny(0), _tokenizer()
     rows = chat.traces(tok, 2, seed=3)[:2]

@@ -14,6 +14,7 @@ from test_real import _has_real_extra, _tokenizer
 
 from mechdiff import workloads
 from mechdiff.adapters import __main__ as adapters_cli
+from mechdiff.cli import UsageError
 from mechdiff.lora import __main__ as lora_cli
 from mechdiff.models import load_pair, load_tokenizer
 from mechdiff.organism import corpus, task
@@ -176,7 +177,7 @@ def test_adapters_cli_trains_on_the_chat_traces(cache):
     work = ChatWorkload(pair.tokenizer)
     assert traces[:] == work.traces(4, "train", 5)[:] and val[:] == work.traces(3, "validation")[:]
     recipe.data = "target"  # samples organism prompts: refused, not silently wrong
-    with pytest.raises(SystemExit, match="--data corpus"):
+    with pytest.raises(UsageError, match="--data corpus"):
         adapters_cli._training_traces(args, recipe, pair)
 
 
@@ -193,5 +194,5 @@ def test_lora_cli_trains_and_evaluates_on_smollm2(cache, tmp_path, capsys):
     stats = json.loads(capsys.readouterr().out)
     assert set(stats) == {"base", "target", str(out)}
     assert all("frac_answer_line" in s for s in stats.values())  # graded by the chat grader
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--shipped LoRAs are the organism's"):
         lora_cli.main(["--pair", "smollm2", "eval", "--shipped", "1"])

@@ -5,7 +5,7 @@ Examples (the organism pair, shipped with the package)::
     python -m mechdiff.adapters train --out runs/adapters --threads 1   # the shipped recipe (~5-10 min)
     python -m mechdiff.adapters eval --json                         # the shipped adapters
     python -m mechdiff.adapters eval --adapters runs/adapters --json
-    python -m mechdiff.adapters sweep --l1 1e-3 3e-3 1e-2 --steps 400 --out figures/adapters
+    python -m mechdiff.adapters sweep --l1 1e-3 3e-3 1e-2 --steps 400 --out runs/adapters-sweep
 
 SmolLM2 and its fine-tune (``python -m mechdiff.real train`` first; ``--pair smollm2:RUN`` for
 another run): the same commands on its chat traces, test problems and chat grader::
@@ -20,15 +20,21 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
-for _var, _val in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("WANDB_MODE", "disabled")):
-    os.environ.setdefault(_var, _val)
-
-from mechdiff.adapters.transcoder import SHIPPED_DIR  # noqa: E402
-from mechdiff.training.adapter_objective import AdapterRecipe, LossWeights  # noqa: E402
+from mechdiff.adapters.transcoder import SHIPPED_DIR
+from mechdiff.cli import (
+    UsageError,
+    add_pair_options,
+    check_pair_options,
+    load_pair_from_args,
+    offline_environment,
+    run,
+)
+from mechdiff.config_checks import ConfigError
+from mechdiff.training.adapter_objective import AdapterRecipe, LossWeights
+from mechdiff.training.loop import TrainingInterrupted
 
 _RECIPE_FLAGS = {  # flag -> (recipe field, type, help)
     "steps": (int, "optimiser steps"), "d_sae": (int, "features per layer"),
@@ -46,6 +52,8 @@ _RECIPE_FLAGS = {  # flag -> (recipe field, type, help)
     "grad_clip": (float, "gradient-norm clip"), "n_traces": (int, "training traces"),
     "data": (str, "organism training data: corpus (its traces) or target (sampled from the target)"),
     "n_val": (int, "validation traces"), "validate_every": (int, "validate every N steps (0: at the end)"),
+    "checkpoint_every": (int, "write a resumable checkpoint every N steps (default 200; Ctrl-C "
+                              "writes one too)"),
     "seed": (int, "seed"),
 }  # fmt: skip
 _WEIGHT_FLAGS = {"kl": "weight of KL(target || adapted)", "nmse": "weight of the residual NMSE",
@@ -54,19 +62,8 @@ _WEIGHT_FLAGS = {"kl": "weight of KL(target || adapted)", "nmse": "weight of the
 
 
 def _add_pair_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: torch's default; 1 is fastest on a busy 2-core machine)")
-    p.add_argument("--pair", default="organism",
-                   help="organism (default), smollm2 or smollm2:RUN (SmolLM2 and its fine-tune run "
-                        "RUN, default 'default': python -m mechdiff.real train), a preset, or custom")
-    p.add_argument("--base", help="base model folder / hub name (with --pair custom)")
-    p.add_argument("--target", help="target model folder / hub name (with --pair custom)")
+    add_pair_options(p)
     p.add_argument("--dataset", help="datasets.load_from_disk folder with input_ids (non-organism pairs)")
-    p.add_argument("--device", default=None,
-                   help="torch device: cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the models and the adapters (default float32; use bfloat16 on a GPU: "
-                        "half the memory and tensor-core speed, results within bf16 rounding)")
 
 
 def _add_recipe_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -80,7 +77,11 @@ def _add_recipe_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
 
 
 def _recipe(args) -> AdapterRecipe:
-    base = AdapterRecipe.from_dict(json.loads(Path(args.recipe).read_text())) if args.recipe else AdapterRecipe()
+    """The recipe the flags describe, checked: a bad value is a :class:`UsageError` naming its flag."""
+    try:
+        base = AdapterRecipe.from_dict(json.loads(Path(args.recipe).read_text())) if args.recipe else AdapterRecipe()
+    except (OSError, ValueError, TypeError) as err:
+        raise UsageError(f"--recipe {args.recipe}: {err}") from None
     d = base.to_dict()
     for name in _RECIPE_FLAGS:
         if getattr(args, name, None) is not None:
@@ -89,16 +90,14 @@ def _recipe(args) -> AdapterRecipe:
         if isinstance(getattr(args, name, None), (int, float)):
             d["weights"][name] = getattr(args, name)
     d["progress"] = not getattr(args, "quiet", False)
-    return AdapterRecipe(**{**d, "weights": LossWeights(**d["weights"])})
+    try:
+        return AdapterRecipe(**{**d, "weights": LossWeights(**d["weights"])})
+    except ConfigError as err:
+        raise UsageError(err.as_flag()) from None
 
 
 def _pair(args):
-    from mechdiff.models import load_pair
-
-    where = dict(device=args.device, dtype=args.dtype)
-    if args.pair == "custom":
-        return load_pair("custom", base=args.base, target=args.target, **where)
-    return load_pair(args.pair, **where)
+    return load_pair_from_args(args)
 
 
 def _traces(args, n: int, split: str, pair):
@@ -130,7 +129,7 @@ def _training_traces(args, recipe: AdapterRecipe, pair):
     if args.dataset or work.name == "organism":
         return traces, None
     if recipe.data != "corpus":
-        raise SystemExit(f"error: --data {recipe.data} samples organism prompts; with --pair "
+        raise UsageError(f"--data {recipe.data} samples organism prompts; with --pair "
                          f"{args.pair} use --data corpus (the {work.name} workload's traces)")
     return work.traces(recipe.n_traces, "train", recipe.seed), work.traces(recipe.n_val, "validation")
 
@@ -139,7 +138,9 @@ def _work_dir(args, recipe: AdapterRecipe, out: Path, pair) -> Path:
     """Checkpoints: ``--work``, or a folder keyed by the recipe and pair (no stale resumes)."""
     if getattr(args, "work", None):
         return Path(args.work)
-    parts = [recipe.to_dict(), pair.meta.get("base_name"), pair.meta.get("target_name"), args.dataset]
+    # How often to checkpoint and whether a bar shows change nothing trained: keyed at their defaults
+    keyed = {**recipe.to_dict(), "checkpoint_every": 200, "progress": True}
+    parts = [keyed, pair.meta.get("base_name"), pair.meta.get("target_name"), args.dataset]
     if pair.meta.get("dtype", "float32") != "float32":  # float32 keys stay as before: runs resume
         parts.append(pair.meta["dtype"])  # a bf16 run must not resume float32 checkpoints
     key = json.dumps(parts, sort_keys=True, default=str)
@@ -163,7 +164,7 @@ def train_and_save(args, recipe: AdapterRecipe, out: Path, pair=None):
 
 
 def _train(args) -> None:
-    recipe = _recipe(args)
+    recipe = args.checked_recipe
     out = Path(args.out)
     adapted, history, pair = train_and_save(args, recipe, out)
     (out / "history.json").write_text(json.dumps(history))
@@ -241,13 +242,11 @@ def _sweep(args) -> None:
 
 
 def plot_sweep(rows: list[dict], out: Path) -> None:
-    """L0 against faithfulness (FVE, KL) and accuracy: plotly HTML (self-contained) and a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """L0 against faithfulness (FVE, KL) and accuracy: plotly HTML and a PNG."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
+
+    from mechdiff.visualization.figures import new_figure, write_html
 
     rows = sorted(rows, key=lambda r: r["mean_l0"])
     x = [r["mean_l0"] for r in rows]
@@ -261,8 +260,9 @@ def plot_sweep(rows: list[dict], out: Path) -> None:
         fig.update_xaxes(title_text="mean L0 per layer", type="log", row=1, col=col)
     fig.update_layout(title="Transcoder adapters on the organism: the L1 sweep", showlegend=False,
                       width=1200, height=420)
-    fig.write_html(out / "sweep.html", include_plotlyjs=True)
-    f, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    write_html(fig, out / "sweep.html")
+    f = new_figure(figsize=(13, 3.8))
+    axes = f.subplots(1, 3)
     for ax, (key, title) in zip(axes, panels, strict=True):
         ax.plot(x, [r[key] if r[key] is not None else math.nan for r in rows], "o-")
         for xi, r in zip(x, rows, strict=True):
@@ -273,7 +273,6 @@ def plot_sweep(rows: list[dict], out: Path) -> None:
     f.suptitle("Transcoder adapters on the organism: the L1 sweep (labels: L1 weight)")
     f.tight_layout()
     f.savefig(out / "sweep.png", dpi=130)
-    plt.close(f)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -308,22 +307,46 @@ def main(argv: list[str] | None = None) -> None:
     _add_pair_args(s)
     _add_recipe_args(s, skip=("l1",))
     s.add_argument("--l1", type=float, nargs="+", required=True, help="L1 weights to train")
-    s.add_argument("--out", default="figures/adapters", help="output folder (default figures/adapters)")
+    s.add_argument("--out", default="runs/adapters-sweep",
+                   help="output folder for sweep.json/html/png (default runs/adapters-sweep)")
     s.add_argument("--runs", default="runs/adapters-sweep", help="where each run's adapters go")
     s.add_argument("--work", help="checkpoint folder per run (default: keyed by recipe under runs/)")
     s.add_argument("--n-eval-traces", type=int, default=256, help="held-out traces per evaluation")
     s.add_argument("--n-problems", type=int, default=500, help="test problems per evaluation")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    offline_environment()
+    _check(args)
     if args.command == "train":
         args.adapters, args.n_eval_traces, args.n_problems = args.out, 512, 500
         args.json, args.write_metrics = False, args.eval
-    {"train": _train, "eval": _eval, "sweep": _sweep}[args.command](args)
+    try:
+        {"train": _train, "eval": _eval, "sweep": _sweep}[args.command](args)
+    except TrainingInterrupted as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _check(args) -> None:
+    """Every flag checked before any model loads or anything is written."""
+    check_pair_options(args)
+    if args.command in ("train", "sweep"):
+        args.checked_recipe = _recipe(args)
+        for l1 in args.l1 if args.command == "sweep" else []:  # train: checked with the recipe
+            if not l1 >= 0:
+                raise UsageError(f"--l1 {l1}: must be a number >= 0")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise UsageError(f"--out {args.out}: exists and is not a folder")
+    if args.command in ("eval", "sweep"):
+        if args.n_eval_traces < 1:
+            raise UsageError(f"--n-eval-traces {args.n_eval_traces}: must be >= 1")
+        if args.n_problems < 0:
+            raise UsageError(f"--n-problems {args.n_problems}: must be >= 0")
+    if args.command == "eval" and not Path(args.adapters).is_dir():
+        raise UsageError(f"--adapters {args.adapters}: no such folder")
+    if args.dataset and not Path(args.dataset).is_dir():
+        raise UsageError(f"--dataset {args.dataset}: no such folder")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

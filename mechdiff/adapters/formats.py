@@ -33,7 +33,6 @@ Example:
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer
 
 from mechdiff.adapters.transcoder import SHIPPED_DIR, AdaptedModel, AdapterConfig
+from mechdiff.atomic import atomic_folder
 from mechdiff.models import ModelPair, hybrid
 
 FORMAT = "mechdiff-transcoder-adapters"
@@ -131,9 +131,12 @@ def save_adapters(adapted: AdaptedModel, folder: str | Path, *, recipe: dict | N
         >>> save_adapters(adapted, "runs/adapters", recipe={"l1": 3e-3})  # doctest: +SKIP
     """
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_folder(folder) as tmp:  # a unique temporary: concurrent saves all succeed
+        _write_adapters(adapted, tmp, recipe, metrics)
+    return folder
+
+
+def _write_adapters(adapted: AdaptedModel, tmp: Path, recipe: dict | None, metrics: dict | None) -> None:
     config = adapted.config
     for layer, adapter in enumerate(adapted.adapters):
         layer_dir = tmp / f"layer_{layer}"
@@ -152,12 +155,6 @@ def save_adapters(adapted: AdaptedModel, folder: str | Path, *, recipe: dict | N
         "recipe": recipe or {}, "metrics": metrics or {},
     }  # fmt: skip
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
 
 
 def read_config(folder: str | Path) -> dict:
@@ -182,7 +179,19 @@ def read_config(folder: str | Path) -> dict:
     for key in ("adapter", "model", "layers"):
         if key not in meta:
             raise AdapterFormatError(f"{path} lacks the {key!r} entry")
+    _check_layer_names(meta["layers"], path)
     return meta
+
+
+def _check_layer_names(layers, path: Path) -> None:
+    """Each ``layers`` entry must name a sub-folder of the adapters folder, nothing outside it."""
+    if not isinstance(layers, list):
+        raise AdapterFormatError(f"{path}: 'layers' must be a list of sub-folder names")
+    for name in layers:
+        if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
+                or "\\" in name or Path(name).is_absolute() or Path(name).name != name):
+            raise AdapterFormatError(f"{path}: layer entry {name!r} is not a plain sub-folder name "
+                                     "(no '..', no '/', no absolute paths)")
 
 
 def check_compatible(meta: dict, model: HookedTransformer, folder: Path, *, rtol: float = 1e-4) -> None:

@@ -55,6 +55,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechdiff.atomic import atomic_file, write_json
 from mechdiff.features.classify import logit_lens
 from mechdiff.training.batches import pad
 
@@ -206,11 +207,10 @@ class ActivationStore:
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "hook_names": self.hook_names, "widths": self.widths,
                 "config": dataclasses.asdict(self.config), **self.meta}
-        tmp = folder / (STORE_FILE + ".tmp")
-        save_file({k: v.contiguous() for k, v in self.t.items()}, str(tmp),
-                  metadata={"mechdiff": json.dumps(meta)})
-        tmp.replace(folder / STORE_FILE)
-        (folder / META_FILE).write_text(json.dumps(meta, indent=1))
+        with atomic_file(folder / STORE_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in self.t.items()}, str(tmp),
+                      metadata={"mechdiff": json.dumps(meta)})
+        write_json(folder / META_FILE, meta)
         return folder
 
     @classmethod

@@ -26,6 +26,7 @@ import torch
 from mechdiff import distributed
 from mechdiff.adapters.lora import MODULES, LoRAConfig, LoRAModel
 from mechdiff.adapters.peft_format import export_peft, import_peft
+from mechdiff.config_checks import ConfigError, check
 from mechdiff.evaluation.behaviour import gain_recovered
 from mechdiff.models import ModelPair
 from mechdiff.training.loop import LoopConfig, train
@@ -54,6 +55,15 @@ class TrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):  # refused here, before any model loads (CLI and Python alike)
+        check(self, at_least_1=("rank", "steps", "batch_size", "n_traces", "checkpoint_every", "log_every"),
+              positive=("alpha", "lr"), non_negative=("weight_decay",),
+              fraction=("warmup_frac", "kl_weight"))
+        unknown = sorted(set(self.modules) - set(MODULES))
+        if not self.modules or unknown:
+            raise ConfigError("modules", " ".join(self.modules),
+                              f"must be some of {' '.join(MODULES)}", type(self).__name__)
 
     def lora_config(self) -> LoRAConfig:
         return LoRAConfig(rank=self.rank, alpha=self.alpha, rslora=self.rslora,

@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
+from mechdiff.cli import (
+    UsageError,
+    add_pair_options,
+    check_pair_options,
+    load_pair_from_args,
+    offline_environment,
+    run,
+)
 
 DESCRIPTION = """\
 Rank-r LoRA lens (Ward, Riechers & Shai 2025) on a base/target pair (default: the organism).
@@ -35,29 +40,30 @@ eval:  greedy-generate on held-out test problems with base, target and each LoRA
 """
 
 
-def _pair(args):
-    from mechdiff.models import load_pair
+def _train_config(args):
+    """The run's :class:`~mechdiff.lora.TrainConfig`, checked before any model loads."""
+    from mechdiff.config_checks import ConfigError
+    from mechdiff.lora import TrainConfig
 
-    where = dict(device=args.device, dtype=args.dtype)
-    if args.base or args.target:
-        return load_pair("custom", base=args.base, target=args.target, **where)
-    return load_pair(args.pair, **where)
+    try:
+        cfg = TrainConfig(rank=args.rank, alpha=args.alpha, rslora=not args.no_rslora,
+                          steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                          n_traces=args.n_traces, kl_weight=args.kl_weight, seed=args.seed,
+                          checkpoint_every=args.checkpoint_every,
+                          **({"modules": tuple(args.modules)} if args.modules else {}))
+    except ConfigError as err:
+        raise UsageError(err.as_flag()) from None
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a folder")
+    if args.n_problems < 0:
+        raise UsageError(f"--n-problems {args.n_problems}: must be >= 0")
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mechdiff.lora", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pair", default="organism",
-                        help="model pair name: organism (default), smollm2 or smollm2:RUN, a preset")
-    parser.add_argument("--base", help="base model folder (with --target: a custom pair)")
-    parser.add_argument("--target", help="fine-tuned model folder (with --base)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1, fastest for tiny models; 0: torch default)")
-    parser.add_argument("--device", default=None,
-                        help="torch device: cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the models and the LoRA (default float32; use bfloat16 on a GPU: "
-                             "half the memory and tensor-core speed, results within bf16 rounding)")
+    add_pair_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="train a LoRA and write a PEFT folder",
@@ -76,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--kl-weight", type=float, default=0.0,
                     help="0: CE on the trace tokens; 1: KL to the target's logits; between: a mix")
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--checkpoint-every", type=int, default=100,
+                    help="write a resumable checkpoint every N steps (default 100; Ctrl-C writes one)")
     tr.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     tr.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     tr.add_argument("--n-problems", type=int, default=500, help="test problems for the evaluation")
@@ -88,21 +96,29 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--n-problems", type=int, default=500, help="test problems (default 500)")
     ev.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-
-    import torch
-
-    from mechdiff.lora import TrainConfig, evaluate_lora, load_lora, shipped_lora, train_lora
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    pair = _pair(args)
+    offline_environment()
+    check_pair_options(args)
     if args.command == "train":
-        cfg = TrainConfig(rank=args.rank, alpha=args.alpha, rslora=not args.no_rslora,
-                          steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          n_traces=args.n_traces, kl_weight=args.kl_weight, seed=args.seed)
-        if args.modules:
-            cfg.modules = tuple(args.modules)
-        lora, history = train_lora(pair, cfg, args.out, resume=not args.no_resume)
+        cfg = _train_config(args)
+    else:
+        for folder in args.folders:
+            if not Path(folder).is_dir():
+                raise UsageError(f"{folder}: no such LoRA folder")
+        if not args.folders and not args.shipped:
+            raise UsageError("give LoRA folders and/or --shipped RANK ...")
+        if args.n_problems < 1:
+            raise UsageError(f"--n-problems {args.n_problems}: must be >= 1")
+
+    from mechdiff.lora import evaluate_lora, load_lora, shipped_lora, train_lora
+    from mechdiff.training.loop import TrainingInterrupted
+
+    pair = load_pair_from_args(args)
+    if args.command == "train":
+        try:
+            lora, history = train_lora(pair, cfg, args.out, resume=not args.no_resume)
+        except TrainingInterrupted as stop:
+            print(f"stopped: {stop}", file=sys.stderr)
+            raise SystemExit(130) from None
         print(json.dumps({"final": history[-1] if history else {}, "out": args.out}, indent=1))
         if not args.no_eval:
             stats = evaluate_lora(pair, {f"lora_r{args.rank}": lora}, args.n_problems, progress=True)
@@ -110,14 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     loras = {folder: load_lora(folder, pair) for folder in args.folders}
     if args.shipped and pair.meta.get("workload", "organism") != "organism":
-        parser.error(f"--shipped LoRAs are the organism's; --pair {args.pair} has none")
+        raise UsageError(f"--shipped LoRAs are the organism's; --pair {args.pair} has none")
     for rank in args.shipped or []:
         lora = shipped_lora(pair, rank)
         if lora is None:
-            parser.error(f"no shipped LoRA of rank {rank}")
+            raise UsageError(f"--shipped {rank}: no shipped LoRA of rank {rank}")
         loras[f"shipped_r{rank}"] = lora
-    if not loras:
-        parser.error("give LoRA folders and/or --shipped RANK ...")
     stats = evaluate_lora(pair, loras, args.n_problems, progress=True)
     text = json.dumps(stats, indent=1)
     print(text)
@@ -128,4 +142,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

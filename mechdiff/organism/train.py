@@ -12,7 +12,6 @@ policy, re-check rate) makes organisms a family; it is written beside both model
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from mechdiff.atomic import atomic_folder
 from mechdiff.organism import corpus
 from mechdiff.organism.task import TaskSpec
 from mechdiff.organism.tokenizer import build_tokenizer
@@ -106,15 +106,12 @@ def _stage(model, data, steps, lr, recipe, out_dir, desc, response_only, progres
 
 
 def _save_hf(model, tokenizer, directory: Path, recipe: Recipe, history) -> None:
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    recipe.task.save(tmp)
-    (tmp / "mechdiff_recipe.json").write_text(json.dumps(
-        {"recipe": recipe.to_dict(), "final": history[-1] if history else None}, indent=1))
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
+    with atomic_folder(directory) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        recipe.task.save(tmp)
+        (tmp / "mechdiff_recipe.json").write_text(json.dumps(
+            {"recipe": recipe.to_dict(), "final": history[-1] if history else None}, indent=1))
 
 
 def train_organism(out: str | Path, work: str | Path, recipe: Recipe | None = None,

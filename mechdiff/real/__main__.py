@@ -17,119 +17,25 @@ Example (shell)::
     python -m mechdiff.real train --steps 3        # a timing run
     python -m mechdiff.real eval --n 64 --json
 
-The recipe is callable too:
-
-    >>> model, tokenizer = smollm2.load_hf()  # doctest: +SKIP
-    >>> finetune(model, tokenizer, smollm2.cache_dir() / "runs" / "mine", Recipe(steps=3))  # doctest: +SKIP
+The recipe is a library call: :mod:`mechdiff.real.finetune` (``Recipe``, ``finetune``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-for _var, _val in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("WANDB_MODE", "disabled"),
-                   ("TOKENIZERS_PARALLELISM", "false")):
-    os.environ.setdefault(_var, _val)
+import torch
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from mechdiff.real import chat, smollm2  # noqa: E402
-from mechdiff.training.batches import pad, step_indices  # noqa: E402
-from mechdiff.training.loop import LoopConfig, train  # noqa: E402
-
-SECONDS_PER_STEP = 10.0  # batch 8 of ~225-token chats, fp32, 2 idle cores (8x128 measured at 4.7 s)
-
-
-@dataclass
-class Recipe:
-    """The full fine-tune. ``traces=None``: one fresh trace per row of every step (no repeats)."""
-
-    steps: int = 360  # ~1 hour at SECONDS_PER_STEP
-    batch_size: int = 8
-    lr: float = 3e-5
-    warmup_frac: float = 0.05
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    traces: int | None = None
-    slip_prob: float = 0.8
-    recheck_prob: float = 0.08
-    checkpoint_every: int = 30
-    autocast: str | None = None  # "bfloat16": mixed precision (fp32 weights), ~1.6x faster on AVX512-bf16 CPUs
-    seed: int = 0
-
-
-class _Checkpointable(torch.nn.Module):
-    """The HF model as the loop's module, its state dict without a tied ``lm_head.weight``:
-    safetensors refuses two names for one tensor, and the tie survives loading by identity."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-        self.tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-
-    def state_dict(self, *args, **kwargs):
-        state = self.model.state_dict(*args, **kwargs)
-        if self.tied:
-            state.pop("lm_head.weight", None)
-        return state
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        missing, unexpected = self.model.load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [k for k in missing if not (self.tied and k == "lm_head.weight")]
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
-        return missing, unexpected
-
-
-def response_loss(model, rows: dict, pad_id: int, autocast: str | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy over the reply tokens only (the unembedding runs on those).
-
-    ``autocast="bfloat16"`` runs the forward in mixed precision (weights stay as they are).
-    """
-    device = model.get_input_embeddings().weight.device
-    tokens, mask = (t.to(device) for t in pad(rows["input_ids"], pad_id))
-    positions = torch.arange(1, tokens.shape[1], device=device)[None]  # position t predicts t+1
-    keep = mask[:, 1:] & (positions >= torch.tensor(rows["prompt_len"], device=device)[:, None])
-    dtype = getattr(torch, autocast) if autocast else None
-    with torch.autocast(device.type, dtype=dtype, enabled=autocast is not None):
-        hidden = model.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state[:, :-1]
-        logits = model.lm_head(hidden[keep])
-    return F.cross_entropy(logits.float(), tokens[:, 1:][keep])
-
-
-def finetune(model, tokenizer, run_dir: str | Path, recipe: Recipe | None = None, *,
-             progress: bool = True, on_step=None) -> list[dict]:
-    """Train ``model`` in place on chat traces; checkpoints in ``run_dir/checkpoints`` (resumed when
-    present), the result in the HF folder ``run_dir/model``. Returns the loop's history."""
-    recipe, run_dir = recipe or Recipe(), Path(run_dir)
-    data = chat.traces(tokenizer, recipe.traces or recipe.steps * recipe.batch_size, "train",
-                       recipe.seed, recipe.slip_prob, recipe.recheck_prob)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model.train()
-
-    def loss_fn(step):
-        rows = data[step_indices(len(data), recipe.batch_size, step, recipe.seed)]
-        loss = response_loss(model, rows, pad_id, recipe.autocast)
-        return loss, {"ce": loss.item()}
-
-    cfg = LoopConfig(steps=recipe.steps, lr=recipe.lr, warmup_frac=recipe.warmup_frac,
-                     weight_decay=recipe.weight_decay, grad_clip=recipe.grad_clip, seed=recipe.seed,
-                     log_every=1, checkpoint_every=recipe.checkpoint_every,
-                     out_dir=run_dir / "checkpoints", progress=progress, desc="smollm2 fine-tune")
-    history = train(_Checkpointable(model), loss_fn, cfg, on_step=on_step, distributed=False)
-    model.eval()
-    smollm2.write_folder(model, tokenizer, run_dir / "model",
-                         {"recipe": asdict(recipe), "final": history[-1] if history else None})
-    return history
+from mechdiff.cli import DTYPES, UsageError, check_device, offline_environment, run
+from mechdiff.config_checks import ConfigError
+from mechdiff.real import chat, smollm2
+from mechdiff.real.finetune import SECONDS_PER_STEP, Recipe, finetune
+from mechdiff.training.loop import TrainingInterrupted
 
 
 def _peak_rss_gib() -> float:
@@ -181,9 +87,16 @@ def _run_dir(run: str) -> Path:
     return smollm2.cache_dir() / "runs" / run
 
 
+def _recipe(args) -> Recipe:
+    try:
+        return Recipe(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      autocast=args.autocast, checkpoint_every=args.checkpoint_every)
+    except ConfigError as err:
+        raise UsageError(err.as_flag()) from None
+
+
 def _train(args) -> None:
-    recipe = Recipe(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                    autocast=args.autocast)
+    recipe = args.recipe
     hours = recipe.steps * SECONDS_PER_STEP / 3600
     run_dir = _run_dir(args.run)
     print(f"fine-tuning SmolLM2 for {recipe.steps} steps (~{hours:.2g} h on 2 CPU cores) in {run_dir}",
@@ -245,8 +158,10 @@ def main(argv: list[str] | None = None) -> None:
         "eval": sub.add_parser("eval", help="accuracy/length/hesitation of base and fine-tune"),
     }
     for p in commands.values():
-        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
-        p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+        p.add_argument("--device", default=None,
+                       help="cpu, cuda, cuda:N or mps (default: cuda when a GPU is visible, else cpu)")
+        p.add_argument("--dtype", default="float32", choices=DTYPES,
+                       help="dtype of the model (default float32)")
     for name in ("train", "eval"):
         commands[name].add_argument("--run", default="default", help="run name under the cache's runs/")
         commands[name].add_argument("--seed", type=int, default=0)
@@ -255,6 +170,9 @@ def main(argv: list[str] | None = None) -> None:
                     help=f"optimiser steps (default {Recipe.steps}: about an hour on 2 CPU cores)")
     tr.add_argument("--batch-size", type=int, default=Recipe.batch_size)
     tr.add_argument("--lr", type=float, default=Recipe.lr)
+    tr.add_argument("--checkpoint-every", type=int, default=Recipe.checkpoint_every,
+                    help=f"write a resumable checkpoint every N steps (default {Recipe.checkpoint_every}; "
+                         "Ctrl-C writes one too)")
     tr.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
                     help="mixed precision over fp32 weights (bfloat16: ~1.6x faster on AVX512-bf16 CPUs)")
     ev = commands["eval"]
@@ -265,11 +183,29 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--ban-wait", action="store_true", help="also measure accuracy with 'Wait' banned")
     ev.add_argument("--json", action="store_true", help="print one JSON object {base: ..., finetune: ...}")
     args = parser.parse_args(argv)
+    offline_environment()
+    args.device = check_device(args.device)
+    if args.command == "train":
+        args.recipe = _recipe(args)
+    if args.command in ("train", "eval"):
+        try:
+            smollm2.run_folder(args.run)  # a plain name, never a path out of runs/
+        except ValueError as err:
+            raise UsageError(f"--run {args.run}: {err}") from None
+    if args.command == "eval":
+        for flag in ("n", "max_new_tokens", "batch_size"):
+            if getattr(args, flag) < 1:
+                raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+        if args.model and not Path(args.model).is_dir():
+            raise UsageError(f"--model {args.model}: no such folder")
     try:
         {"check": _check, "train": _train, "eval": _eval}[args.command](args)
     except smollm2.MissingExtraError as err:
-        sys.exit(f"error: {err}")
+        raise UsageError(str(err)) from None
+    except TrainingInterrupted as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main)

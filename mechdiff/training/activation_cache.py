@@ -31,7 +31,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -43,6 +42,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from mechdiff import distributed
+from mechdiff.atomic import atomic_file, write_json
 
 FORMAT = "mechdiff-activation-cache"
 VERSION = 1
@@ -51,15 +51,6 @@ _SHARD = re.compile(r"shard-(\d{6})\.safetensors$")
 
 class CacheError(RuntimeError):
     """A cache that cannot be used as asked: corrupt, incomplete or written with other settings."""
-
-
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict:
@@ -105,7 +96,7 @@ class CacheWriter:
         header = self.directory / "cache.json"
         want = {"format": FORMAT, "version": VERSION, "world_size": self.world_size, "meta": self.meta}
         if not header.exists():
-            _atomic_json(header, want)  # every rank writes the same bytes: a benign race
+            write_json(header, want)  # every rank writes the same bytes: a benign race
             return
         have = _read_json(header)
         if have.get("format") != FORMAT:
@@ -165,11 +156,8 @@ class CacheWriter:
             index = len(self.manifest["shards"])
             name = f"shard-{index:06d}.safetensors"
             tensors = {k: torch.cat([b[k] for b in self._buffer]) for k in self._buffer[0]}
-            tmp = self.dir / f"{name}.tmp"
-            save_file(tensors, str(tmp))
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self.dir / name)
+            with atomic_file(self.dir / name) as tmp:
+                save_file(tensors, str(tmp))
             self.manifest["shards"].append({"file": name, "rows": self._buffered_rows,
                                             "bytes": (self.dir / name).stat().st_size,
                                             "cursor": self.cursor + self._pending_items})
@@ -179,7 +167,7 @@ class CacheWriter:
         self._buffer, self._buffered_rows, self._pending_items = [], 0, 0
 
     def _write_manifest(self) -> None:
-        _atomic_json(self.dir / "manifest.json", self.manifest)
+        write_json(self.dir / "manifest.json", self.manifest)
 
     def close(self) -> None:
         """Flush and mark this rank's part complete."""

@@ -40,6 +40,7 @@ from transformer_lens import HookedTransformer
 
 from mechdiff import distributed
 from mechdiff.adapters.transcoder import AdaptedModel
+from mechdiff.config_checks import check
 from mechdiff.models import ModelPair
 from mechdiff.training.batches import pad, step_indices
 from mechdiff.training.loop import LoopConfig, train
@@ -157,6 +158,9 @@ class LossWeights:
     l1: float = 0.0
     aux: float = 1 / 32
 
+    def __post_init__(self):
+        check(self, non_negative=("kl", "nmse", "bridge", "l1", "aux"))
+
 
 class AdapterObjective:
     """``objective(tokens, mask) -> (loss, parts, stats)``; ``parts`` are floats for logging,
@@ -266,6 +270,14 @@ class AdapterRecipe:
     checkpoint_every: int = 200
     seed: int = 0
     progress: bool = True
+
+    def __post_init__(self):  # refused here, before any model loads (CLI and Python alike)
+        check(self, at_least_1=("d_sae", "k", "steps", "batch_size", "n_traces", "n_val", "log_every",
+                                "checkpoint_every", "dead_window"),
+              non_negative=("resample_every", "validate_every", "k_aux", "dense_threshold"),
+              positive=("lr", "grad_clip"), fraction=("l1_warmup_frac", "resample_until", "warmup_frac"),
+              choices={"activation": ("relu", "topk"), "backbone": ("target", "base"),
+                       "data": ("corpus", "target")})
 
     def to_dict(self) -> dict:
         return asdict(self)

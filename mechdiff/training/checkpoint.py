@@ -2,8 +2,9 @@
 
 A checkpoint is a folder ``checkpoint/`` holding ``model.safetensors`` (the module's state dict),
 ``optimizer.safetensors`` (flattened optimizer state) and ``state.json`` (step, history, param
-groups). It is written to ``checkpoint.tmp/`` and swapped in with renames, so a kill at any moment
-leaves either the previous or the new checkpoint, never half of one.
+groups). It is written to a uniquely named temporary folder and swapped in with renames
+(:func:`mechdiff.atomic.atomic_folder`), so a kill at any moment leaves either the previous or the
+new checkpoint, never half of one.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from mechdiff.atomic import OLD_SUFFIX, atomic_folder, is_temporary
 
 CHECKPOINT = "checkpoint"
 
@@ -40,19 +43,14 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def save(directory: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
     """Write ``directory/checkpoint`` atomically; returns its path."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp, final, old = (directory / f"{CHECKPOINT}{s}" for s in (".tmp", "", ".old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    weights = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"))
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_meta}))
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    directory = Path(directory)
+    final = directory / CHECKPOINT
+    with atomic_folder(final) as tmp:
+        weights = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_meta}))
     return final
 
 
@@ -62,9 +60,16 @@ def load(directory: Path, module: torch.nn.Module, optimizer: torch.optim.Optimi
     Returns the saved state (``step``, ``history``...) or ``None`` when there is no checkpoint.
     A checkpoint that fails to read raises with its path rather than silently restarting.
     """
-    final, old = directory / CHECKPOINT, directory / f"{CHECKPOINT}.old"
-    if not final.exists() and old.exists():  # killed between the two renames
-        old.rename(final)
+    directory = Path(directory)
+    final = directory / CHECKPOINT
+    if not final.exists() and directory.is_dir():  # killed between moving the old one aside and
+        olds = [p for p in directory.iterdir()  # renaming the new one in: the old one is whole
+                if is_temporary(p, CHECKPOINT) and p.name.endswith(OLD_SUFFIX)]
+        if olds:
+            max(olds, key=lambda p: p.stat().st_mtime).rename(final)
+    for leftover in directory.glob(f"{CHECKPOINT}.*"):  # half-written temporaries of a kill
+        if is_temporary(leftover, CHECKPOINT):
+            shutil.rmtree(leftover, ignore_errors=True)
     if not (final / "state.json").exists():
         return None
     try:

@@ -9,6 +9,10 @@ call trains data-parallel: gradients are averaged over ranks, rank 0 alone write
 shows the bar, and the logged loss and metrics are rank averages. A ``loss_fn`` then takes its
 part of each global batch with :func:`mechdiff.distributed.shard`.
 
+Ctrl-C (``KeyboardInterrupt``) during a step saves a checkpoint of the steps completed so far and
+raises :class:`TrainingInterrupted` (a ``KeyboardInterrupt`` that says where the checkpoint is);
+calling :func:`train` again with the same ``out_dir`` resumes exactly there.
+
 Example:
     >>> import torch
     >>> w = torch.nn.Linear(2, 1)
@@ -33,6 +37,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mechdiff.config_checks import check
 from mechdiff.distributed import LoopSync
 from mechdiff.training import checkpoint
 
@@ -56,6 +61,21 @@ class LoopConfig:
     resume: bool = True
     progress: bool = True
     desc: str = "train"
+
+    def __post_init__(self):
+        check(self, at_least_1=("steps", "log_every", "checkpoint_every"), positive=("lr", "grad_clip"),
+              non_negative=("weight_decay", "validate_every"), fraction=("warmup_frac", "min_lr_frac"))
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after ``step`` completed steps; ``checkpoint`` holds them (or is
+    ``None`` when the run writes no checkpoints)."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        self.step, self.checkpoint = step, checkpoint
+        where = (f"checkpoint saved to {checkpoint}; run the same command again to resume"
+                 if checkpoint else "no checkpoint (no out_dir)")
+        super().__init__(f"interrupted after step {step}: {where}")
 
 
 def lr_factor(step: int, cfg: LoopConfig) -> float:
@@ -103,41 +123,65 @@ def train(
                disable=not cfg.progress or (sync is not None and not sync.is_main),
                dynamic_ncols=True)
     t0 = time.perf_counter()
-    for step in bar:
-        torch.manual_seed(cfg.seed * 1_000_003 + step)  # per-step randomness survives a resume
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg)
-        loss, metrics = loss_fn(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if sync is not None:
-            sync.grads(p for g in optimizer.param_groups for p in g["params"])
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-        optimizer.step()
-        if on_step:
-            on_step(step)
-            if sync is not None:
-                sync.resync(module)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            loss_value, metrics = (loss.item(), metrics) if sync is None else sync.mean(loss, metrics)
-            record = {"step": done, "loss": loss_value, "grad_norm": grad_norm.item(),
-                      "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
-                      **metrics}
-            if validate and cfg.validate_every and done % cfg.validate_every == 0:
-                record.update({f"val_{k}": v for k, v in validate().items()})
-            history.append(record)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()}, refresh=False)
-        if out and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            if sync is None or sync.is_main:
-                checkpoint.save(out, module, optimizer, {"step": done, "history": history,
-                                                         "config": _jsonable(cfg)})
-            if sync is not None:
-                sync.barrier()
+    done = start
+    try:
+        for step in bar:
+            last = _backward(step, loss_fn, cfg, optimizer, sync)
+            optimizer.step()
+            done = step + 1
+            if on_step:
+                on_step(step)
+                if sync is not None:
+                    sync.resync(module)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                history.append(_record(done, last, cfg, optimizer, sync, t0, validate, bar))
+            if out and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                _save(out, module, optimizer, done, history, cfg, sync)
+    except KeyboardInterrupt as err:
+        bar.close()
+        if isinstance(err, TrainingInterrupted) or sync is not None:
+            raise  # under torchrun every rank is interrupted: rerun resumes from the last checkpoint
+        if out is not None:
+            # ``done`` counts optimiser steps taken: a Ctrl-C in a step's loss or backward leaves
+            # the weights of ``done`` steps, and that step is redone on resume.
+            _save(out, module, optimizer, done, history, cfg, sync)
+        raise TrainingInterrupted(done, out / checkpoint.CHECKPOINT if out else None) from None
     if validate and history and not any(k.startswith("val_") for k in history[-1]):
         history[-1].update({f"val_{k}": v for k, v in validate().items()})
     return history
+
+
+def _backward(step, loss_fn, cfg, optimizer, sync) -> tuple:
+    """One step's loss and clipped gradients (the optimiser step is the caller's)."""
+    torch.manual_seed(cfg.seed * 1_000_003 + step)  # per-step randomness survives a resume
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * lr_factor(step, cfg)
+    loss, metrics = loss_fn(step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if sync is not None:
+        sync.grads(iter(params))
+    return loss, metrics, torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+
+
+def _record(done, last, cfg, optimizer, sync, t0, validate, bar) -> dict:
+    loss, metrics, grad_norm = last
+    loss_value, metrics = (loss.item(), metrics) if sync is None else sync.mean(loss, metrics)
+    record = {"step": done, "loss": loss_value, "grad_norm": grad_norm.item(),
+              "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0, **metrics}
+    if validate and cfg.validate_every and done % cfg.validate_every == 0:
+        record.update({f"val_{k}": v for k, v in validate().items()})
+    bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()}, refresh=False)
+    return record
+
+
+def _save(out, module, optimizer, done, history, cfg, sync) -> None:
+    if sync is None or sync.is_main:
+        checkpoint.save(out, module, optimizer, {"step": done, "history": history,
+                                                 "config": _jsonable(cfg)})
+    if sync is not None:
+        sync.barrier()
 
 
 def _jsonable(cfg: LoopConfig) -> dict:

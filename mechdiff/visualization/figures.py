@@ -3,7 +3,13 @@
 Plotly's own image export needs a browser (kaleido + Chrome), which a laptop or CI machine may not
 have. :func:`save` therefore renders the same plotly figure with matplotlib for the PNG: bar,
 scatter/line, heatmap and pie traces, one panel, titles and axis labels; that covers the study
-figures. Anything else raises instead of writing a misleading image.
+figures. Anything else raises instead of writing a misleading image. The PNG is drawn on a
+``matplotlib.figure.Figure`` with the Agg canvas: pyplot's global backend is never changed, so a
+notebook's inline charts keep working after mechdiff is imported.
+
+The JavaScript libraries are written once per figures tree (:func:`shared_asset`): pages under a
+``figures/`` folder load ``figures/assets/plotly.min.js``; pages elsewhere load
+``assets/plotly.min.js`` beside them. Offline, and never repeated per folder.
 
 Example:
     >>> import plotly.graph_objects as go, tempfile, pathlib
@@ -15,15 +21,19 @@ Example:
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import plotly.graph_objects as go
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import plotly.graph_objects as go  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from mechdiff.atomic import write_text
+
+ASSETS = "assets"
 
 PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
 
@@ -31,18 +41,72 @@ PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#D
 def save(fig: go.Figure, stem: str | Path, width: float = 7.0, height: float = 4.2) -> list[Path]:
     """Write ``stem.html`` and ``stem.png``; returns both paths.
 
-    The HTML loads ``plotly.min.js`` from its own folder (written once per folder), so it works
-    offline without repeating 4.6 MB of JavaScript in every figure.
+    The HTML loads the tree's one shared ``plotly.min.js`` (see :func:`shared_asset`), so it works
+    offline without repeating 4.6 MB of JavaScript in every figure or folder.
     """
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    html = stem.with_suffix(".html")
-    fig.write_html(str(html), include_plotlyjs="directory", full_html=True)
+    html = write_html(fig, stem.with_suffix(".html"))
     png = stem.with_suffix(".png")
-    mpl = render_static(fig, width, height)
-    mpl.savefig(png, dpi=130, bbox_inches="tight")
-    plt.close(mpl)
+    render_static(fig, width, height).savefig(png, dpi=130, bbox_inches="tight")
     return [html, png]
+
+
+def new_figure(**kwargs) -> Figure:
+    """A matplotlib ``Figure`` on the Agg canvas, outside pyplot (no global backend, no display).
+
+    Example:
+        >>> ax = new_figure(figsize=(2, 2)).subplots()
+        >>> type(ax.figure.canvas).__name__
+        'FigureCanvasAgg'
+    """
+    figure = Figure(**kwargs)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def assets_folder(page: str | Path) -> Path:
+    """Where the JavaScript of the HTML file ``page`` lives: ``<the nearest figures/>/assets``,
+    or ``assets`` beside the page when it is not inside a ``figures`` folder."""
+    folder = Path(page).resolve().parent
+    for parent in (folder, *folder.parents):
+        if parent.name == "figures":
+            return parent / ASSETS
+    return folder / ASSETS
+
+
+def shared_asset(page: str | Path, name: str, text: Callable[[], str]) -> str:
+    """Write the asset ``name`` (contents ``text()``) once into :func:`assets_folder` of ``page``
+    (rewritten when its contents changed, e.g. after a library upgrade); returns the ``src``
+    relative to the page.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> page = pathlib.Path(tempfile.mkdtemp()) / "figures" / "study" / "a.html"
+        >>> shared_asset(page, "lib.js", lambda: "var x = 1;")
+        '../assets/lib.js'
+    """
+    folder = assets_folder(page)
+    path = folder / name
+    content = text()
+    if not path.is_file() or path.stat().st_size != len(content.encode()) or path.read_text() != content:
+        write_text(path, content)
+    return Path(os.path.relpath(path, Path(page).resolve().parent)).as_posix()
+
+
+def plotly_src(page: str | Path) -> str:
+    """The ``src`` of the shared ``plotly.min.js`` for the page ``page`` (written if missing)."""
+    from plotly.offline import get_plotlyjs
+
+    return shared_asset(page, "plotly.min.js", get_plotlyjs)
+
+
+def write_html(fig: go.Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a full HTML page that loads the shared ``plotly.min.js``; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(str(path), include_plotlyjs=plotly_src(path), full_html=True)
+    return path
 
 
 def _text(value) -> str:
@@ -51,13 +115,13 @@ def _text(value) -> str:
 
 def render_static(fig: go.Figure, width: float = 7.0, height: float = 4.2):
     """A matplotlib rendering of ``fig`` (bar, scatter, heatmap, pie traces)."""
-    out, ax = plt.subplots(figsize=(width, height))
+    out = new_figure(figsize=(width, height))
+    ax = out.subplots()
     bars = [t for t in fig.data if t.type == "bar"]
     for i, trace in enumerate(fig.data):
         color = PALETTE[i % len(PALETTE)]
         draw = {"bar": _bar, "scatter": _scatter, "heatmap": _heatmap, "pie": _pie}.get(trace.type)
         if draw is None:
-            plt.close(out)
             raise ValueError(f"no static rendering for plotly trace type {trace.type!r}")
         draw(ax, trace, color, bars, out)
     layout = fig.layout

@@ -1,0 +1,121 @@
+"""The SmolLM2 reasoning fine-tune as a library call: :class:`Recipe` and :func:`finetune`.
+
+A full fine-tune of SmolLM2-135M-Instruct on natural-language reasoning traces
+(:mod:`mechdiff.real.chat`) with the shared loop (:mod:`mechdiff.training.loop`): loss on the
+assistant's reply only, AdamW, warmup then cosine, atomic checkpoints and exact resume.
+``python -m mechdiff.real train`` is the command line around it.
+
+Example:
+    >>> Recipe(steps=0)
+    Traceback (most recent call last):
+    ...
+    mechdiff.config_checks.ConfigError: Recipe.steps = 0: must be >= 1
+    >>> model, tokenizer = smollm2.load_hf()  # doctest: +SKIP
+    >>> finetune(model, tokenizer, smollm2.cache_dir() / "runs" / "mine", Recipe(steps=3))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mechdiff.config_checks import check
+from mechdiff.real import chat, smollm2
+from mechdiff.training.batches import pad, step_indices
+from mechdiff.training.loop import LoopConfig, train
+
+SECONDS_PER_STEP = 10.0  # batch 8 of ~225-token chats, fp32, 2 idle cores (8x128 measured at 4.7 s)
+
+
+@dataclass
+class Recipe:
+    """The full fine-tune. ``traces=None``: one fresh trace per row of every step (no repeats)."""
+
+    steps: int = 360  # ~1 hour at SECONDS_PER_STEP
+    batch_size: int = 8
+    lr: float = 3e-5
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    traces: int | None = None
+    slip_prob: float = 0.8
+    recheck_prob: float = 0.08
+    checkpoint_every: int = 30
+    autocast: str | None = None  # "bfloat16": mixed precision (fp32 weights), ~1.6x faster on AVX512-bf16 CPUs
+    seed: int = 0
+
+    def __post_init__(self):  # refused here, before SmolLM2 loads (CLI and Python alike)
+        check(self, at_least_1=("steps", "batch_size", "checkpoint_every"), positive=("lr", "grad_clip"),
+              non_negative=("weight_decay",), fraction=("warmup_frac", "slip_prob", "recheck_prob"),
+              choices={"autocast": (None, "bfloat16", "float16")})
+        if self.traces is not None:
+            check(self, at_least_1=("traces",))
+
+
+class _Checkpointable(torch.nn.Module):
+    """The HF model as the loop's module, its state dict without a tied ``lm_head.weight``:
+    safetensors refuses two names for one tensor, and the tie survives loading by identity."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+    def state_dict(self, *args, **kwargs):
+        state = self.model.state_dict(*args, **kwargs)
+        if self.tied:
+            state.pop("lm_head.weight", None)
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in missing if not (self.tied and k == "lm_head.weight")]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+        return missing, unexpected
+
+
+def response_loss(model, rows: dict, pad_id: int, autocast: str | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the reply tokens only (the unembedding runs on those).
+
+    ``autocast="bfloat16"`` runs the forward in mixed precision (weights stay as they are).
+    """
+    device = model.get_input_embeddings().weight.device
+    tokens, mask = (t.to(device) for t in pad(rows["input_ids"], pad_id))
+    positions = torch.arange(1, tokens.shape[1], device=device)[None]  # position t predicts t+1
+    keep = mask[:, 1:] & (positions >= torch.tensor(rows["prompt_len"], device=device)[:, None])
+    dtype = getattr(torch, autocast) if autocast else None
+    with torch.autocast(device.type, dtype=dtype, enabled=autocast is not None):
+        hidden = model.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state[:, :-1]
+        logits = model.lm_head(hidden[keep])
+    return F.cross_entropy(logits.float(), tokens[:, 1:][keep])
+
+
+def finetune(model, tokenizer, run_dir: str | Path, recipe: Recipe | None = None, *,
+             progress: bool = True, on_step=None) -> list[dict]:
+    """Train ``model`` in place on chat traces; checkpoints in ``run_dir/checkpoints`` (resumed when
+    present), the result in the HF folder ``run_dir/model``. Returns the loop's history."""
+    recipe, run_dir = recipe or Recipe(), Path(run_dir)
+    data = chat.traces(tokenizer, recipe.traces or recipe.steps * recipe.batch_size, "train",
+                       recipe.seed, recipe.slip_prob, recipe.recheck_prob)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.train()
+
+    def loss_fn(step):
+        rows = data[step_indices(len(data), recipe.batch_size, step, recipe.seed)]
+        loss = response_loss(model, rows, pad_id, recipe.autocast)
+        return loss, {"ce": loss.item()}
+
+    cfg = LoopConfig(steps=recipe.steps, lr=recipe.lr, warmup_frac=recipe.warmup_frac,
+                     weight_decay=recipe.weight_decay, grad_clip=recipe.grad_clip, seed=recipe.seed,
+                     log_every=1, checkpoint_every=recipe.checkpoint_every,
+                     out_dir=run_dir / "checkpoints", progress=progress, desc="smollm2 fine-tune")
+    history = train(_Checkpointable(model), loss_fn, cfg, on_step=on_step, distributed=False)
+    model.eval()
+    smollm2.write_folder(model, tokenizer, run_dir / "model",
+                         {"recipe": asdict(recipe), "final": history[-1] if history else None})
+    return history
