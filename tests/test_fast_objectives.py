@@ -10,7 +10,11 @@ from mechdiff.models import load_pair
 from mechdiff.organism import corpus
 from mechdiff.training.adapter_objective import AdapterObjective, LossWeights
 from mechdiff.training.batches import pad
-from mechdiff.training.lora_objective import TraceBatches, chunked_distillation_loss, distillation_loss
+from mechdiff.training.lora_objective import (
+    TraceBatches,
+    chunked_distillation_loss,
+    distillation_loss,
+)
 
 
 @pytest.fixture(autouse=True)
