@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from mechdiff.atomic import atomic_folder
@@ -25,6 +24,7 @@ from mechdiff.organism.task import TaskSpec
 from mechdiff.organism.tokenizer import build_tokenizer
 from mechdiff.training.batches import pad, step_indices
 from mechdiff.training.loop import LoopConfig, train
+from mechdiff.training.losses import causal_lm_ce
 
 
 @dataclass
@@ -80,16 +80,11 @@ def model_config(recipe: Recipe, vocab_size: int) -> Qwen2Config:
 
 
 def lm_loss(model, rows, pad_id: int, response_only: bool):
-    """Mean next-token cross-entropy over real tokens (or only response tokens)."""
+    """Mean next-token cross-entropy over real tokens (or only response tokens), through the
+    project's one chunked loss (:func:`mechdiff.training.losses.causal_lm_ce`)."""
     tokens, mask = pad(rows["input_ids"], pad_id)
-    logits = model(input_ids=tokens, attention_mask=mask.long()).logits[:, :-1]
-    targets = tokens[:, 1:].clone()
-    keep = mask[:, 1:].clone()
-    if response_only:  # position t predicts token t+1; a response starts at prompt_len
-        positions = torch.arange(1, tokens.shape[1])[None]
-        keep &= positions >= torch.tensor(rows["prompt_len"])[:, None]
-    targets[~keep] = -100
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    prompt_len = torch.tensor(rows["prompt_len"]) if response_only else None
+    return causal_lm_ce(model, tokens, mask, prompt_len)
 
 
 def _stage(model, data, steps, lr, recipe, out_dir, desc, response_only, progress) -> list[dict]:

@@ -13,7 +13,7 @@ steps get a "Wait, let me check." re-check. The last line holds the answer::
     Thousands: 1 + 5 = 6, write 6, carry 0.
     Answer: 6912
 
-The slips, re-checks and their random draws are the organism's (:func:`task.reasoning_trace`), so
+The slips, re-checks and their random draws are the organism's (:meth:`task.TaskSpec.reasoning_trace`), so
 a seed gives the same trace shape in both forms. :func:`grade` mirrors the organism grader for
 this form and returns its :class:`~mechdiff.organism.grading.Graded`, so
 :func:`~mechdiff.organism.grading.summarize` applies unchanged.

@@ -29,7 +29,9 @@ Example:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,6 +46,9 @@ from mechdiff.config_checks import check
 from mechdiff.models import ModelPair
 from mechdiff.training.batches import pad, step_indices
 from mechdiff.training.loop import LoopConfig, train
+from mechdiff.training.losses import Head, final_hidden, head_losses, hooked_head, masked_kl
+
+__all__ = ["AdapterObjective", "AdapterRecipe", "LossWeights", "masked_kl", "run_capture", "train_adapters"]
 
 Mask = Bool[Tensor, "batch pos"]
 
@@ -52,8 +57,10 @@ Mask = Bool[Tensor, "batch pos"]
 
 
 def run_capture(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], mask: Mask,
-                extra: tuple[str, ...] = ()) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
-    """Logits, the residual stream ``[resid_pre 0, resid_post 0, ..., resid_post n-1]`` and the
+                extra: tuple[str, ...] = (), logits: bool = True,
+                ) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
+    """Logits (or, with ``logits=False``, the residual after ``ln_final`` that the unembedding
+    reads), the residual stream ``[resid_pre 0, resid_post 0, ..., resid_post n-1]`` and the
     activations at the hook points in ``extra`` (gradients flow through all of them)."""
     n = model.cfg.n_layers
     names = [f"blocks.{i}.hook_resid_pre" for i in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
@@ -63,16 +70,9 @@ def run_capture(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], mask
         store[hook.name] = tensor
 
     with model.hooks(fwd_hooks=[(name, save) for name in (*names, *extra)]):
-        logits = model(tokens, attention_mask=mask.long())
-    return logits, [store[name] for name in names], {name: store[name] for name in extra}
-
-
-def masked_kl(target_logits: Float[Tensor, "batch pos vocab"], logits: Float[Tensor, "batch pos vocab"],
-              mask: Mask) -> Tensor:
-    """Mean over ``mask`` tokens of KL(softmax(target_logits) || softmax(logits))."""
-    lp_t, lp = target_logits.float().log_softmax(-1), logits.float().log_softmax(-1)
-    kl = (lp_t.exp() * (lp_t - lp)).sum(-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+        run = model if logits else partial(final_hidden, model)
+        out = run(tokens, attention_mask=mask.long())
+    return out, [store[name] for name in names], {name: store[name] for name in extra}
 
 
 def nmse_per_layer(resid: list[Tensor], target_resid: list[Tensor], mask: Mask) -> Float[Tensor, " layer"]:
@@ -166,13 +166,22 @@ class AdapterObjective:
     """``objective(tokens, mask) -> (loss, parts, stats)``; ``parts`` are floats for logging,
     ``stats`` holds per-feature firing counts ``[layer, d_sae]``, token count and MLP inputs.
 
+    The target runs once per batch (no_grad); its residuals serve the NMSE and both bridges and
+    its final hidden rows are the KL teacher. ``fast`` (default) never forms ``[batch, pos, vocab]``
+    logits: the three KLs (adapted, and both bridges) are scored in one chunked pass over the
+    mask rows by :func:`~mechdiff.training.losses.head_losses`; ``fast=False`` is the plain path
+    (full logits through :func:`~mechdiff.training.losses.masked_kl`), equal to it to float error.
+    ``autocast`` (e.g. ``"bfloat16"``) runs the forwards in that dtype (mixed precision).
+
     Under a process group each rank passes its shard of the global batch (and every rank must
     call it): token means and ratios of sums are weighted by :func:`rank_shares`, so the loss
     and parts averaged over ranks are those of the whole batch, and the firing counts are global.
     """
 
-    def __init__(self, adapted: AdaptedModel, target: HookedTransformer, weights: LossWeights):
+    def __init__(self, adapted: AdaptedModel, target: HookedTransformer, weights: LossWeights,
+                 fast: bool = True, autocast: str | None = None):
         self.adapted, self.target, self.weights = adapted, target, weights
+        self.fast, self.autocast = fast, autocast
         for p in target.parameters():  # the target is a frozen teacher (bridging runs through it)
             p.requires_grad_(False)
         self.n_layers = adapted.config.n_layers
@@ -180,19 +189,32 @@ class AdapterObjective:
         self.in_names = tuple(f"blocks.{i}.adapter.hook_in" for i in range(self.n_layers))
         self.pre_names = tuple(f"blocks.{i}.adapter.hook_pre" for i in range(self.n_layers))
 
+    def _precision(self):
+        if self.autocast is None:
+            return nullcontext()
+        device = torch.device(self.adapted.model.cfg.device).type
+        return torch.autocast(device, dtype=getattr(torch, self.autocast))
+
     def __call__(self, tokens: Int[Tensor, "batch pos"], mask: Mask, cutoff: int | None = None,
                  l1_scale: float = 1.0, dead: Bool[Tensor, "layer d_sae"] | None = None, k_aux: int = 64,
                  ) -> tuple[Tensor, dict[str, float], dict[str, Tensor]]:
         """``dead`` (features that have not fired lately) enables the AuxK part when ``weights.aux``."""
+        with self._precision():
+            return self._loss(tokens, mask, cutoff, l1_scale, dead, k_aux)
+
+    def _loss(self, tokens, mask, cutoff, l1_scale, dead, k_aux):
         w, model = self.weights, self.adapted.model
         use_aux = bool(w.aux) and dead is not None and bool(dead.any())
+        bridging = bool(w.bridge) and self.n_layers > 1
         with torch.no_grad():
-            t_logits, t_resid, _ = run_capture(self.target, tokens, mask)
+            t_out, t_resid, _ = run_capture(self.target, tokens, mask, logits=not self.fast)
         names = self.acts_names + self.in_names + (self.pre_names if use_aux else ())
-        logits, resid, extra = run_capture(model, tokens, mask, names)
+        out, resid, extra = run_capture(model, tokens, mask, names, logits=not self.fast)
         acts = [extra[name] for name in self.acts_names]
         share = rank_shares(mask.sum())  # of the global batch's tokens
-        kl = masked_kl(t_logits, logits, mask) * share
+        k = (int(torch.randint(1, self.n_layers, ())) if cutoff is None else cutoff) if bridging else 0
+        kls = (self._fast_kls if self.fast else self._plain_kls)(t_out, out, t_resid, resid, mask, k)
+        kl = kls["kl"] * share
         nmse = _shared_ratio(*nmse_sums(resid, t_resid, mask))
         l1 = l1_penalty(acts, self.adapted, mask) * share
         loss = w.kl * kl + w.nmse * nmse.mean() + w.l1 * l1_scale * l1
@@ -202,22 +224,41 @@ class AdapterObjective:
             aux = _shared_ratio(*aux_dead_sums(pre, self.adapted, dead, resid, t_resid, mask, k_aux))
             loss = loss + w.aux * aux.sum() / self.n_layers
             parts["aux"] = aux.sum().item() / self.n_layers
-        if w.bridge and self.n_layers > 1:
-            bridges = self._bridges(t_logits, t_resid, resid, mask, cutoff)
-            loss = loss + w.bridge * share * sum(bridges.values())
-            parts.update({k: (v * share).item() for k, v in bridges.items()})
+        if bridging:
+            loss = loss + w.bridge * share * (kls["bridge_a2t"] + kls["bridge_t2a"])
+            parts.update({name: (kls[name] * share).item() for name in ("bridge_a2t", "bridge_t2a")})
         stats = {**self._stats(acts, resid, t_resid, mask, extra), "nmse": nmse.detach()}
         parts["l0"] = (stats["counts"].sum(-1).float().mean() / stats["n_tokens"]).item()
         return loss, parts, stats
 
-    def _bridges(self, t_logits: Tensor, t_resid: list[Tensor], resid: list[Tensor], mask: Mask,
-                 cutoff: int | None) -> dict[str, Tensor]:
-        """KL to the target of adapted[<k] -> target[>=k] and of target[<k] -> adapted[>=k]."""
-        k = int(torch.randint(1, self.n_layers, ())) if cutoff is None else cutoff
+    def _bridge_runs(self, t_resid: list[Tensor], resid: list[Tensor], mask: Mask, k: int, logits: bool):
+        """adapted[<k] -> target[>=k] and target[<k] -> adapted[>=k] (``k == 0``: no bridging)."""
+        if not k:
+            return None, None
         attn = mask.long()
-        a2t = self.target(resid[k], start_at_layer=k, attention_mask=attn)
-        t2a = self.adapted.model(t_resid[k], start_at_layer=k, attention_mask=attn)
-        return {"bridge_a2t": masked_kl(t_logits, a2t, mask), "bridge_t2a": masked_kl(t_logits, t2a, mask)}
+        if logits:
+            return (self.target(resid[k], start_at_layer=k, attention_mask=attn),
+                    self.adapted.model(t_resid[k], start_at_layer=k, attention_mask=attn))
+        return (final_hidden(self.target, resid[k], start_at_layer=k, attention_mask=attn),
+                final_hidden(self.adapted.model, t_resid[k], start_at_layer=k, attention_mask=attn))
+
+    def _plain_kls(self, t_logits, logits, t_resid, resid, mask, k) -> dict[str, Tensor]:
+        out = {"kl": masked_kl(t_logits, logits, mask)}
+        a2t, t2a = self._bridge_runs(t_resid, resid, mask, k, logits=True)
+        if k:
+            out.update(bridge_a2t=masked_kl(t_logits, a2t, mask), bridge_t2a=masked_kl(t_logits, t2a, mask))
+        return out
+
+    def _fast_kls(self, t_hidden, hidden, t_resid, resid, mask, k) -> dict[str, Tensor]:
+        a2t, t2a = self._bridge_runs(t_resid, resid, mask, k, logits=False)
+        model = self.adapted.model
+        students = [hooked_head(model, hidden[mask])]
+        if k:
+            students += [hooked_head(self.target, a2t[mask]), hooked_head(model, t2a[mask])]
+        teacher: Head = hooked_head(self.target, t_hidden[mask])
+        kl = head_losses(students, teacher=teacher).kl
+        names = ("kl", "bridge_a2t", "bridge_t2a")
+        return {name: kl[i] for i, name in enumerate(names[:len(students)])}
 
     @torch.no_grad()
     def _stats(self, acts: list[Tensor], resid: list[Tensor], t_resid: list[Tensor], mask: Mask,

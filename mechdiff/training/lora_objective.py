@@ -22,23 +22,35 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from transformer_lens import HookedTransformer
 
 from mechdiff import distributed
 from mechdiff.training.batches import pad, step_indices
+from mechdiff.training.losses import (
+    final_hidden,
+    head_losses,
+    hooked_head,
+    masked_kl,
+    next_token_ce,
+    next_token_keep,
+)
 
 
 def response_mask(
     lengths: Int[Tensor, " batch"], prompt_len: Int[Tensor, " batch"], width: int
 ) -> Bool[Tensor, "batch width_minus_1"]:
     """True where position ``t`` predicts a real response token (``prompt_len <= t + 1 < length``)."""
-    if (prompt_len < 1).any() or (prompt_len > lengths).any():
-        raise ValueError("need 1 <= prompt_len <= length for every row")
-    nxt = torch.arange(1, width)[None]
-    return (nxt >= prompt_len[:, None]) & (nxt < lengths[:, None])
+    return next_token_keep(torch.arange(width)[None] < lengths[:, None], prompt_len)
+
+
+def _check_weight(kl_weight: float, has_target: bool) -> None:
+    if not 0.0 <= kl_weight <= 1.0:
+        raise ValueError(f"kl_weight must be in [0, 1], not {kl_weight}")
+    if kl_weight > 0 and not has_target:
+        raise ValueError("kl_weight > 0 needs target_logits")
 
 
 def distillation_loss(
@@ -48,7 +60,8 @@ def distillation_loss(
     target_logits: Float[Tensor, "batch pos vocab"] | None = None,
     kl_weight: float = 0.0,
 ) -> tuple[Float[Tensor, ""], dict[str, float]]:
-    """``(loss, metrics)``; metrics hold ``ce``, ``token_acc`` and, with a target, ``kl``.
+    """``(loss, metrics)`` from full logits (the plain path); metrics hold ``ce``, ``token_acc``
+    and, with a target, ``kl``. :func:`chunked_distillation_loss` computes the same from a model.
 
     Example:
         >>> logits = torch.zeros(1, 3, 4); tokens = torch.tensor([[0, 1, 2]])
@@ -56,22 +69,47 @@ def distillation_loss(
         >>> round(m["ce"], 4) == round(float(torch.log(torch.tensor(4.0))), 4)
         True
     """
-    if not 0.0 <= kl_weight <= 1.0:
-        raise ValueError(f"kl_weight must be in [0, 1], not {kl_weight}")
-    if kl_weight > 0 and target_logits is None:
-        raise ValueError("kl_weight > 0 needs target_logits")
-    if not keep.any():
-        raise ValueError("no response tokens in the batch (check prompt_len)")
-    logp = logits[:, :-1][keep].float().log_softmax(-1)  # [n vocab]
-    nxt = tokens[:, 1:][keep]
-    ce = F.nll_loss(logp, nxt)
-    metrics = {"ce": ce.item(), "token_acc": (logp.argmax(-1) == nxt).float().mean().item()}
+    _check_weight(kl_weight, target_logits is not None)
+    ce = next_token_ce(logits, tokens, keep)
+    acc = (logits[:, :-1][keep].argmax(-1) == tokens[:, 1:][keep]).float().mean()
+    metrics = {"ce": ce.item(), "token_acc": acc.item()}
     loss = ce
     if target_logits is not None:
-        tlogp = target_logits[:, :-1][keep].float().log_softmax(-1)
-        kl = F.kl_div(logp, tlogp, log_target=True, reduction="batchmean")
+        kl = masked_kl(target_logits[:, :-1], logits[:, :-1], keep)
         metrics["kl"] = kl.item()
         loss = (1 - kl_weight) * ce + kl_weight * kl
+    return loss, metrics
+
+
+def chunked_distillation_loss(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    keep: Bool[Tensor, "batch pos_minus_1"],
+    target: HookedTransformer | None = None,
+    kl_weight: float = 0.0,
+) -> tuple[Float[Tensor, ""], dict[str, float]]:
+    """:func:`distillation_loss` of ``model(tokens)`` (and ``target(tokens)``) without full logits:
+    both models stop before the unembedding and :func:`~mechdiff.training.losses.head_losses`
+    scores the kept rows in chunks (the target's under no_grad). Same values and gradients.
+
+    Example:
+        >>> loss, m = chunked_distillation_loss(lora.model, tokens, keep)  # doctest: +SKIP
+    """
+    _check_weight(kl_weight, target is not None)
+    if not keep.any():
+        raise ValueError("no response tokens in the batch (check prompt_len)")
+    labels = tokens[:, 1:][keep]
+    student = hooked_head(model, final_hidden(model, tokens)[:, :-1][keep])
+    teacher = None
+    if target is not None:
+        with torch.no_grad():
+            teacher = hooked_head(target, final_hidden(target, tokens)[:, :-1][keep])
+    out = head_losses([student], labels=labels, teacher=teacher)
+    metrics = {"ce": out.ce[0].item(), "token_acc": out.correct[0].item() / len(labels)}
+    loss = out.ce[0]
+    if teacher is not None:
+        metrics["kl"] = out.kl[0].item()
+        loss = (1 - kl_weight) * out.ce[0] + kl_weight * out.kl[0]
     return loss, metrics
 
 
@@ -111,10 +149,12 @@ class TraceBatches:
 
 
 def make_loss_fn(
-    lora, batches: TraceBatches, target=None, kl_weight: float = 0.0
+    lora, batches: TraceBatches, target=None, kl_weight: float = 0.0, fast: bool = True
 ) -> Callable[[int], tuple[Tensor, dict[str, float]]]:
     """``loss_fn(step)`` for :func:`mechdiff.training.loop.train` (LoRA model in, loss out).
 
+    ``fast`` scores the batch with :func:`chunked_distillation_loss` (no ``[batch, pos, vocab]``
+    logits); ``fast=False`` is the plain full-logits path (:func:`distillation_loss`).
     Under torchrun (see :mod:`mechdiff.distributed`) each rank takes its shard of the step's
     batch and the steps equal a single process's; the logged metrics are then rank averages.
     """
@@ -125,11 +165,13 @@ def make_loss_fn(
     def loss_fn(step: int):
         rows = distributed.shard(step_indices(len(batches), batches.batch_size, step, batches.seed))
         tokens, keep = (t.to(device) for t in batches.rows(rows))
-        target_logits = None
-        if kl_weight > 0:
+        teacher = target if kl_weight > 0 else None
+        if fast:
+            loss, metrics = chunked_distillation_loss(lora.model, tokens, keep, teacher, kl_weight)
+        else:
             with torch.no_grad():
-                target_logits = target(tokens)
-        loss, metrics = distillation_loss(lora(tokens), tokens, keep, target_logits, kl_weight)
+                target_logits = teacher(tokens) if teacher is not None else None
+            loss, metrics = distillation_loss(lora(tokens), tokens, keep, target_logits, kl_weight)
         # a mean over this rank's response tokens, rescaled so the ranks' average is the global mean
         return distributed.as_global_mean(loss, keep.sum()), metrics
 
