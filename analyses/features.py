@@ -43,8 +43,8 @@ from mechdiff.cli import (
 from mechdiff.features import classify as C
 from mechdiff.features.dashboard import write_dashboards
 from mechdiff.features.store import REGIONS, StoreConfig, StoreMismatch, build_store
-from mechdiff.organism import corpus
 from mechdiff.visualization import figures
+from mechdiff.workloads import for_pair
 
 PUBLISHED = {"reasoning_fraction": 0.08}
 
@@ -103,7 +103,9 @@ def load_adapters(pair, spec: str, seed: int) -> AdaptedModel:
     return load_adapted(pair, spec)
 
 
-def make_store(adapted: AdaptedModel, tok, args, with_neurons: bool, folder: str):
+def make_store(adapted: AdaptedModel, work, args, with_neurons: bool, folder: str):
+    """The feature store of ``adapted`` on the workload's traces (an organism's own task)."""
+    tok = work.tokenizer
     model, n_layers = adapted.model, adapted.config.n_layers
     hooks = [adapted.acts_name(layer) for layer in range(n_layers)]
     decoder = C.decoder_directions(adapted)
@@ -113,7 +115,7 @@ def make_store(adapted: AdaptedModel, tok, args, with_neurons: bool, folder: str
     config = StoreConfig(top_k=args.top_k, n_random=args.n_random, batch_size=args.batch_size,
                          seed=args.seed, label_names=C.FINE_LABELS,
                          think_ids=tuple(tok.convert_tokens_to_ids(["<think>", "</think>"])))
-    traces = C.with_fine_labels(corpus.reasoning_traces(args.n_traces, args.split, seed=args.seed))
+    traces = C.with_fine_labels(work.traces(args.n_traces, args.split, seed=args.seed), work.spec)
     folder = Path(folder)
     if args.fresh:
         shutil.rmtree(folder, ignore_errors=True)
@@ -134,13 +136,13 @@ def random_control(pair, adapted, store, tok, args) -> dict:
     cfg = adapted.config
     n_ad = adapted.n_features
     density = float(store.density[:n_ad][store.alive[:n_ad]].median())
-    rows = corpus.reasoning_traces(16, "train", seed=args.seed)["input_ids"]
+    rows = for_pair(pair).traces(16, "train", seed=args.seed)["input_ids"]
     width = min(map(len, rows))
     control = AdaptedModel.from_pair(pair, d_sae=cfg.d_sae, backbone=cfg.backbone)
     control.to(pair.target.cfg.device)
     randomize_adapters(control, seed=args.seed + 1, density=density, dec_norm=1e-6,
                        tokens=torch.tensor([r[:width] for r in rows], device=pair.target.cfg.device))
-    ctl_store = make_store(control, tok, args, with_neurons=False, folder=args.store + "-control")
+    ctl_store = make_store(control, for_pair(pair), args, with_neurons=False, folder=args.store + "-control")
     res = C.classify_store(ctl_store, min_examples=args.min_examples,
                            hesitation_ids=[tok.convert_tokens_to_ids("wait")])
     return {**res["summary"], "matched_density": density}
@@ -210,7 +212,7 @@ def main(argv=None) -> dict:
     adapted = load_adapters(pair, args.adapters, args.seed)
     tok = pair.tokenizer
     _log(f"2/4 activation store over {args.n_traces} {args.split} traces -> {args.store}")
-    store = make_store(adapted, tok, args, with_neurons=not args.no_neurons, folder=args.store)
+    store = make_store(adapted, for_pair(pair), args, with_neurons=not args.no_neurons, folder=args.store)
     n_ad = adapted.n_features
     groups = {"adapters": list(range(n_ad)), "mlp_neurons": list(range(n_ad, store.n_features))}
     groups = {k: v for k, v in groups.items() if v}

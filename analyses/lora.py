@@ -28,14 +28,13 @@ from mechdiff.cli import (
     offline_environment,
     run,
 )
-from mechdiff.evaluation.behaviour import evaluate
 from mechdiff.features import lora_lens as lens
 from mechdiff.features import lora_sae
 from mechdiff.lora import TrainConfig, evaluate_lora, shipped_lora, train_lora
-from mechdiff.organism import corpus
 from mechdiff.organism.task import LABELS
 from mechdiff.training.lora_objective import TraceBatches
 from mechdiff.visualization.figures import save
+from mechdiff.workloads import for_pair
 
 PUBLISHED = {"gain_recovered": "0.73-0.90", "monosemantic_lora": 0.16, "monosemantic_mlp": 0.13,
              "ablation_kl_mlp_over_attention": 2.4}  # fmt: skip
@@ -121,16 +120,17 @@ def main(argv=None) -> dict:
     pair = load_pair_from_args(args)
     loras, sources = get_loras(pair, args.ranks, args)
     r1 = loras[args.ranks[0]]
-    problems = corpus.problems(args.n_problems, "test")
+    work = for_pair(pair)  # the pair's own task (an organism of the family: its words and widths)
+    problems = work.problems(args.n_problems, "test")
 
     print("behaviour ...", flush=True)
     behaviour = evaluate_lora(pair, {f"lora_r{r}": m for r, m in loras.items()}, args.n_problems, progress=True)
     sets = lens.adapter_sets(r1)
     for name, ablate in (("mlp_only", "attention"), ("attention_only", "mlp")):
-        behaviour[name] = evaluate(r1.model, pair.tokenizer, problems, fwd_hooks=r1.ablation_hooks(sets["group"][ablate]))
+        behaviour[name] = work.evaluate(r1.model, problems, fwd_hooks=r1.ablation_hooks(sets["group"][ablate]))
 
     print("ablations ...", flush=True)
-    holdout = corpus.reasoning_traces(args.n_holdout, "validation", seed=1)
+    holdout = work.traces(args.n_holdout, "validation", seed=1)
     tokens, keep = TraceBatches(holdout, len(holdout)).rows(range(len(holdout)))
     kl = {kind: lens.ablation_kl(r1, tokens, keep, s) for kind, s in sets.items()}
     ratio = lens.mlp_over_attention(kl["adapter"], r1)
@@ -143,7 +143,7 @@ def main(argv=None) -> dict:
     label_freq = torch.bincount(acts.labels, minlength=len(LABELS)).float() / len(acts.labels)
 
     print("SAE ...", flush=True)
-    sae_acts = lens.collect(r1, corpus.reasoning_traces(args.n_sae_traces, "train", seed=2), with_mlp=False)
+    sae_acts = lens.collect(r1, work.traces(args.n_sae_traces, "train", seed=2), with_mlp=False)
     sae = lora_sae.train_sae(sae_acts.lora.flatten(1), lora_sae.SAEConfig(
         expansion=args.sae_expansion, k=args.sae_k, n_samples=args.sae_samples), out_dir=out / "sae")
     held_states = acts.lora.flatten(1)

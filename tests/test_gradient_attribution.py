@@ -108,10 +108,12 @@ def test_smallest_ablating_prefix_is_the_first_k_that_meets_the_goal(setup):
     prompts = hes.tokens[:24]
     ranked = list(H.normalized_positive(feature_attribution(adapted, prompts, wait)))[:64]
     k, curve = H.smallest_ablating_prefix(adapted, ranked, prompts, wait, share=0.8)
-    assert 0 < k < len(ranked) and len(curve) < 16  # found by a search, not a scan
+    assert 0 < k < len(ranked) and len(curve) < 17  # found by a search, not a scan
     p = lambda n: float(H.next_token_probability(  # noqa: E731
         adapted.model, prompts, wait, fwd_hooks=adapted.ablation_hooks(ranked[:n]) if n else []).mean())
-    goal = 0.2 * p(0)
+    floor = p(len(ranked))  # what ablating every ranked feature leaves
+    assert curve[len(ranked)] == pytest.approx(floor, abs=1e-6)
+    goal = floor + 0.2 * (p(0) - floor)
     assert p(k) <= goal < p(k - 1)  # checked by direct forwards, outside the search
     assert curve[k] == pytest.approx(p(k), abs=1e-6)
     with pytest.raises(ValueError, match="share"):

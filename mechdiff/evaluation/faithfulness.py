@@ -160,7 +160,9 @@ def adapter_report(pair, adapted: AdaptedModel, traces: Dataset, problems: Datas
             model, hooks = (spec, ()) if isinstance(spec, HookedTransformer) else spec
             stats = workload.evaluate(model, problems, fwd_hooks=hooks, progress=progress)
             report[name].update({k: stats[k] for k in ("accuracy", "mean_response_tokens",
-                                                       "hesitations_per_response")})
+                                                       "hesitations_per_response", "n_problems",
+                                                       "n_wrong_steps", "p_hesitation_given_wrong_step")
+                                 if k in stats})
         acc = {name: report[name]["accuracy"] for name in models}
         report["gain_recovered"] = gain_recovered(acc["adapted"], acc["base"], acc["target"])
         report["gain_recovered_vs_hybrid"] = gain_recovered(acc["adapted"], acc["hybrid"], acc["target"])

@@ -14,7 +14,9 @@ Steps:
     of its log-odds, one backward per batch), then size the set by two rules, both reported:
     *influence*, the fewest features covering ``share`` of the aggregated influence (graphs only),
     and *ablation*, the fewest top-ranked features whose ablation removes ``share`` of
-    P(hesitation) at the prompts (teacher-forced). ``sizing`` picks the headline set;
+    P(hesitation) at the prompts (teacher-forced). ``sizing`` picks the headline set: by default
+    (``"both"``) the smallest top-ranked prefix that meets both rules (the ablation rule alone
+    for the gradient ranking, which has no influence to cover);
  4. roles: output / error detection / context-format;
  5. necessity, dose-response, sufficiency (the set decides; kept only), steering.
 
@@ -46,7 +48,7 @@ from mechdiff.workloads import for_pair
 
 PUBLISHED = {"hesitation_fraction": 0.024, "gain_recovered": (0.5, 0.9)}
 RANKINGS = ("graph", "gradient")
-SIZINGS = ("ablation", "influence")
+SIZINGS = ("both", "ablation", "influence")
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,11 @@ class HesitationConfig:
     n_dose_problems: int = 200  # test problems per dose-response point (at most n_problems)
     n_traces: int = 200  # held-out traces for faithfulness
     max_new_tokens: int | None = None  # default: the workload's (96 organism words, 256 chat tokens)
-    share: float = 0.8  # influence share (influence rule) / share of P(hesitation) removed (ablation rule)
+    share: float = 0.8  # influence share the set must cover (influence rule)
+    ablation_share: float = 0.9  # share of the greedy hesitations at the prompts its ablation removes
     max_feature_nodes: int = 256
     ranking: str = "graph"
-    sizing: str = "ablation"
+    sizing: str = "both"
     n_graphs: int | None = None  # default: one per prompt (graph ranking), 1 for the figure (gradient)
     random_draws: int = 5
     seed: int = 0
@@ -71,8 +74,9 @@ class HesitationConfig:
                      "random_draws"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
-        if not 0 < self.share <= 1:
-            raise ValueError(f"share must be in (0, 1], not {self.share}")
+        for name in ("share", "ablation_share"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], not {getattr(self, name)}")
         if self.ranking not in RANKINGS:
             raise ValueError(f"ranking must be one of {RANKINGS}, not {self.ranking!r}")
         if self.sizing not in SIZINGS:
@@ -147,23 +151,27 @@ def ranked_features(adapted, prompts: H.CutPrompts, spec, cfg: HesitationConfig,
 def hesitation_set(adapted, prompts: H.CutPrompts, spec, cfg: HesitationConfig, progress: bool = True):
     """``(the set, scores by feature, graphs, how it was sized: both rules and the P curve)``."""
     ranked, scores, graphs, rankings = ranked_features(adapted, prompts, spec, cfg, progress)
-    k_abl, curve = H.smallest_ablating_prefix(adapted, ranked, prompts.tokens, spec.variants, cfg.share)
+    k_abl, curve = H.smallest_ablating_prefix(adapted, ranked, prompts.tokens, spec.variants,
+                                              cfg.ablation_share, greedy=True)
     sizes = {"ablation": k_abl}
     if cfg.ranking == "graph":
         sizes["influence"] = len(H.covering_set(scores, cfg.share))
-    k = sizes[cfg.sizing]
+    k = max(sizes.values()) if cfg.sizing == "both" else sizes[cfg.sizing]
     chosen = set(ranked[:k])
     overlap = []  # how many of each graph's own top-k features the set holds
     for ranking in rankings:
         top = [(int(r["layer"]), int(r["feature"])) for r in ranking[:k]]
         overlap.append(sum(f in chosen for f in top) / max(1, len(top)))
     by = "aggregated graph influence" if cfg.ranking == "graph" else "activation x gradient"
-    rules = {"ablation": f"the fewest top features by {by} whose ablation removes {cfg.share:.0%} of "
-                         f"P('{spec.word}') at the hesitation prompts",
+    rules = {"ablation": f"the fewest top features by {by} whose ablation removes {cfg.ablation_share:.0%} "
+                         f"of the greedy '{spec.word}' at the hesitation prompts that the ranked features carry",
              "influence": f"the fewest features covering {cfg.share:.0%} of the graph influence on '{spec.word}'"}
+    rules["both"] = (f"the fewest top features by {by} that cover {cfg.share:.0%} of the influence on "
+                     f"'{spec.word}' and whose ablation removes {cfg.ablation_share:.0%} of the greedy "
+                     f"'{spec.word}' they carry at the hesitation prompts" if "influence" in sizes else rules["ablation"])
     return ranked[:k], scores, graphs, {
         "rule": rules[cfg.sizing], "sizing": cfg.sizing, "sizes": sizes,
-        "p_wait_by_k": {str(key): value for key, value in curve.items()}, "n_ranked": len(ranked),
+        "greedy_rate_by_k": {str(key): value for key, value in curve.items()}, "n_ranked": len(ranked),
         "graph_top_k_in_set": overlap}
 
 

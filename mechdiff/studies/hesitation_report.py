@@ -258,13 +258,12 @@ def _set_rule_text(s: dict) -> str:
     rule = s.get("set_rule", {})
     if "sizes" in rule:
         sizes = rule["sizes"]
-        other = {"ablation": "influence", "influence": "ablation"}[rule["sizing"]]
-        curve = ", ".join(f"{k}: {float(p):.3f}" for k, p in rule["p_wait_by_k"].items())
+        curve = ", ".join(f"{k}: {float(p):.2f}" for k, p in rule["greedy_rate_by_k"].items())
         by = "aggregated attribution-graph influence" if s["ranking"] == "graph" else \
              f'activation x gradient of the log-odds of "{w}"'
-        both = (f"; the other rule ({other}) would take {sizes[other]}" if other in sizes else "")
-        return (f'Ranking features by {by}, the set is {rule["rule"]}{both} '
-                f'(P("{w}") at the prompts by number ablated: {curve})')
+        each = "; ".join(f"the {name} rule alone takes {k}" for name, k in sizes.items())
+        return (f'Ranking features by {by}, the set is {rule["rule"]} ({each}; share of the prompts '
+                f'where greedy decoding still writes "{w}", by number ablated: {curve})')
     if s.get("ranking", "graph") == "graph":
         return (f'Aggregating "{w}" attribution graphs over the prompts, the set is the fewest features '
                 f"covering {s['influence_share']:.0%} of the influence")

@@ -144,13 +144,13 @@ def check_targets(h: dict, s: dict) -> dict:
 def _reason(key: str, s: dict) -> str:
     """What was measured where a target failed (from the study's own numbers)."""
     n, d = s["necessity"], s["dose_response"]
-    curve = {int(k): p for k, p in s["set_rule"]["p_wait_by_k"].items()}
+    curve = {int(k): p for k, p in s["set_rule"]["greedy_rate_by_k"].items()}
     k = s["n_hesitation_features"]
     if key == "ablation_cut":
         tail = d["ranked"][-2:] if len(d["ranked"]) > 1 else d["ranked"]
         falling = len(tail) == 2 and tail[1] < tail[0] - 0.05
-        return (f"ablating the {k} features removes {1 - curve.get(k, float('nan')) / curve[0]:.0%} of "
-                f"P(hesitation) at the validation prompts but cuts hesitations in generation by "
+        return (f"ablating the {k} features leaves greedy hesitation at {curve.get(k, float('nan')):.0%} of the "
+                f"validation prompts (from {curve[0]:.0%}) but cuts hesitations in generation by "
                 f"{n['cut']:.0%}; the dose-response goes {tail[0]:.2f} -> {tail[-1]:.2f} over its last two "
                 f"points ({'still falling at the set size' if falling else 'flat at the set size'})")
     if key == "hesitation_fraction":
