@@ -5,7 +5,7 @@ import torch
 
 from attribution.build import attribute
 from attribution.interventions import (
-    FeatureEdit,
+    Edit,
     ablate,
     edit_hooks,
     generate_with_edits,
@@ -101,7 +101,7 @@ def test_positioned_edits_during_cached_generation_match_full_recomputation(adap
         seq = list(p)
         for _ in range(5):  # a full forward each step, with the edits at positions seen so far
             n = len(seq)
-            upto = [FeatureEdit(e.layer, e.feature, e.mode, e.value, tuple(q for q in e.positions if q < n))
+            upto = [Edit(e.layer, e.features, e.op, e.value, tuple(q for q in e.positions if q < n))
                     for e in edits if min(e.positions) < n]
             logits = intervene(adapted, torch.tensor(seq), upto)
             seq.append(int(logits[-1].argmax()))
