@@ -30,15 +30,6 @@ from mechdiff.training.loop import TrainingInterrupted
 PAD = 1  # conftest's tiny tokenizer: <unk>=0 <pad>=1 <bos>=2 <eos>=3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run ~10x faster on one thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def pair(tiny_model_dir):
     pair = load_pair("custom", base=str(tiny_model_dir("base", seed=0)),

@@ -18,14 +18,6 @@ from mechdiff.organism.tokenizer import build_tokenizer
 ORGANISM_CFG = dict(vocab_size=26, bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=128)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def organism_like(tiny_model_dir):
     """Folders of a tiny random pair with the organism's tokenizer (so traces and grading work)."""

@@ -22,14 +22,6 @@ from mechdiff.generation import generate
 PROMPT = [2, 5, 9, 11, 7, 20, 30]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def adapted():
     return tiny_adapted(seed=0)

@@ -19,15 +19,6 @@ from mechdiff.organism.tokenizer import build_tokenizer
 from mechdiff.training.lora_objective import TraceBatches, distillation_loss, response_mask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast, and immune to oversubscribed cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def org_dir(tmp_path_factory):
     """A random tiny Qwen2 with the organism's vocabulary (HF folder)."""
