@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from mechdiff.cli import (
     offline_environment,
     run,
 )
+from mechdiff.measure import peak_rss_gib
 
 STAGES = ("behaviour", "adapters", "hesitation", "lora", "cost")
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def _run_stage(args, out: Path) -> dict:
               "lora": stage_lora, "cost": stage_cost}[args.stage](args, out)
     result["stage_seconds"] = round(time.perf_counter() - start, 1)
     result["stage_args"] = {k: v for k, v in vars(args).items() if k not in ("stage", "redo", "stages")}
-    result["stage_peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    result["stage_peak_rss_gib"] = round(peak_rss_gib(), 2)
     (out / f"{args.stage}.json").write_text(json.dumps(result, indent=1, default=float))
     return result
 
@@ -222,7 +222,7 @@ def measure(pair_name: str, what: str, d_sae: int, batch_size: int, threads: int
 
     pair = load_pair(pair_name)
     traces = for_pair(pair).traces(max(batch_size * 3, 8), "test")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    before = peak_rss_gib()
     if what in ("attribution_graph", "gradient_ranking"):
         run = (_attribution_graph if what == "attribution_graph" else _gradient_ranking)(pair, traces, d_sae)
         run()  # warm-up
@@ -233,7 +233,7 @@ def measure(pair_name: str, what: str, d_sae: int, batch_size: int, threads: int
         history = (_adapter_steps if what == "adapter_step" else _lora_steps)(pair, traces, d_sae, batch_size)
         seconds = (history[-1]["seconds"] - history[0]["seconds"]) / (len(history) - 1)
         info = {}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = peak_rss_gib()
     return {"seconds": round(seconds, 3), "peak_rss_gib": round(peak, 2), "rss_after_loading_gib": round(before, 2),
             "batch_size": batch_size, "d_sae": d_sae, "threads": torch.get_num_threads(), **info}
 

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,14 +109,8 @@ class Device:
         import torch
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
+        from mechdiff.measure import mean_seconds as timed
         from mechdiff.models import hooked_from_hf
-
-        def timed(fn, n):
-            fn()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            return (time.perf_counter() - t0) / n
 
         a, big = torch.randn(1024, 1024), torch.zeros(2**23)
         tiny = hooked_from_hf(Qwen2ForCausalLM(Qwen2Config(
@@ -414,15 +407,10 @@ def measure_time(pair, w: Workload, units: int = 2) -> float:
     import torch
 
     cuda = str(pair.target.cfg.device).startswith("cuda")
+    from mechdiff.measure import mean_seconds
+
     run, _ = _unit(pair, w)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    run()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(units):
-        run()
-    sync()
-    return (time.perf_counter() - t0) / units
+    return mean_seconds(run, units, sync=torch.cuda.synchronize if cuda else None)
 
 
 def main(argv: list[str] | None = None) -> None:

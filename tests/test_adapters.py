@@ -30,15 +30,6 @@ from mechdiff.training.loop import TrainingInterrupted
 PAD = 1  # conftest's tiny tokenizer: <unk>=0 <pad>=1 <bos>=2 <eos>=3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run ~10x faster on one thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def pair(tiny_model_dir):
     pair = load_pair("custom", base=str(tiny_model_dir("base", seed=0)),
@@ -368,3 +359,36 @@ def test_two_processes_saving_to_one_folder_both_succeed(pair, tmp_path):
     writer = json.loads((folder / "adapters.json").read_text())["metrics"]["writer"]
     loaded = load_adapted(pair, folder)  # whole: one writer's adapters, not a mix
     torch.testing.assert_close(loaded.adapters.state_dict(), models[writer - 1].adapters.state_dict())
+
+
+@pytest.mark.slow  # two fresh interpreters importing SAELens (~6 s of CPU each)
+def test_shipped_topk_adapters_load_in_plain_sae_lens_with_the_readme_import():
+    """A fresh interpreter: SAELens alone does not know the TopK transcoder; after the one import
+    the README names, ``SAE.load_from_disk`` loads it and encodes as TopK of the saved weights."""
+    import subprocess
+    import sys
+
+    from mechdiff.adapters.formats import SHIPPED_DIR
+
+    folder = SHIPPED_DIR / "layer_0"
+    plain = subprocess.run([sys.executable, "-c", f"from sae_lens import SAE; SAE.load_from_disk({str(folder)!r})"],
+                           capture_output=True, text=True)
+    assert plain.returncode != 0 and "topk_transcoder" in plain.stderr
+    code = f"""
+import sys
+import mechdiff.adapters.formats  # the README's one import: registers "topk_transcoder"
+import torch
+from safetensors.torch import load_file
+from sae_lens import SAE
+sae = SAE.load_from_disk({str(folder)!r})
+w = load_file({str(folder / 'sae_weights.safetensors')!r})
+x = torch.randn(64, w["W_enc"].shape[0], generator=torch.Generator().manual_seed(0))
+pre = x @ w["W_enc"] + w["b_enc"]
+top = pre.topk(sae.cfg.k, dim=-1)
+want = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+with torch.no_grad():
+    print(type(sae).__name__, float((sae.encode(x) - want).abs().max()), float((sae(x) - (want @ w["W_dec"] + w["b_dec"])).abs().max()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    name, enc_err, out_err = out.stdout.split()
+    assert name == "TopKTranscoder" and float(enc_err) < 1e-5 and float(out_err) < 1e-4

@@ -10,20 +10,12 @@ from test_adapters import randomize
 from mechdiff.adapters.__main__ import main
 from mechdiff.adapters.formats import load_adapted
 from mechdiff.adapters.transcoder import SHIPPED_DIR, AdaptedModel
-from mechdiff.evaluation.faithfulness import adapter_report, faithfulness
+from mechdiff.evaluation.faithfulness import adapter_report, check_targets, faithfulness
 from mechdiff.models import ORGANISM_DIR, hybrid, load_pair
 from mechdiff.organism import corpus
 from mechdiff.organism.tokenizer import build_tokenizer
 
 ORGANISM_CFG = dict(vocab_size=26, bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=128)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -115,18 +107,13 @@ def test_cli_train_eval_sweep(organism_like, tmp_path, capsys):
     assert '"L1 0.5"' in html and '"L1 0"' in html  # the sweep's runs are the plotted points
 
 
-def test_report_gain_formulas(organism_like):
+def test_report_at_init_is_the_hybrid(organism_like):
     pair = load_pair("custom", base=organism_like[0], target=organism_like[1])
     adapted = AdaptedModel.from_pair(pair, d_sae=8)
     report = adapter_report(pair, adapted, corpus.reasoning_traces(4, "test"), corpus.problems(4))
-    acc = {k: report[k]["accuracy"] for k in ("base", "hybrid", "adapted", "target")}
-    gap = acc["target"] - acc["base"]
-    if abs(gap) > 1e-9:
-        assert report["gain_recovered"] == pytest.approx((acc["adapted"] - acc["base"]) / gap)
-    else:
-        assert report["gain_recovered"] != report["gain_recovered"]  # nan when there is no gain
     # at init the adapted model is the hybrid: same behaviour
     assert report["adapted"]["mean_response_tokens"] == report["hybrid"]["mean_response_tokens"]
+    assert report["adapted"]["accuracy"] == report["hybrid"]["accuracy"]
 
 
 shipped = pytest.mark.skipif(not (SHIPPED_DIR / "adapters.json").exists() or not (ORGANISM_DIR / "target").exists(),
@@ -142,5 +129,11 @@ def test_shipped_adapters_load_and_are_sparse_and_faithful():
                        pair.target, traces, bridging=False)
     assert out["adapted"]["kl_to_target"] < 0.2 * out["hybrid"]["kl_to_target"]
     assert out["adapted"]["mean_l0"] <= 12 and min(out["adapted"]["fve_per_layer"]) > 0.8
-    targets = adapted.meta["metrics"]["eval"]["targets"]  # measured when shipped, 500 problems
+    # measured afresh (not the flags stored at shipping): 256 held-out traces, 32 test problems
+    report = adapter_report(pair, adapted, corpus.reasoning_traces(256, "test", seed=2),
+                            corpus.problems(32, "test"), bridging=False)
+    acc = {k: report[k]["accuracy"] for k in ("base", "adapted", "target")}
+    assert acc["target"] - acc["base"] > 0.5  # a real gap, so the gain is a ratio, not NaN
+    assert report["gain_recovered"] == pytest.approx((acc["adapted"] - acc["base"]) / (acc["target"] - acc["base"]))
+    targets = check_targets(report)
     assert all(t["met"] for t in targets.values()), targets

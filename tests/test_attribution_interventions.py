@@ -5,7 +5,7 @@ import torch
 
 from attribution.build import attribute
 from attribution.interventions import (
-    FeatureEdit,
+    Edit,
     ablate,
     edit_hooks,
     generate_with_edits,
@@ -16,14 +16,6 @@ from attribution.synthetic import tiny_adapted
 from mechdiff.generation import generate
 
 TOKENS = torch.tensor([2, 5, 9, 11, 7, 20, 30, 4, 8, 9, 13, 6])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +93,7 @@ def test_positioned_edits_during_cached_generation_match_full_recomputation(adap
         seq = list(p)
         for _ in range(5):  # a full forward each step, with the edits at positions seen so far
             n = len(seq)
-            upto = [FeatureEdit(e.layer, e.feature, e.mode, e.value, tuple(q for q in e.positions if q < n))
+            upto = [Edit(e.layer, e.features, e.op, e.value, tuple(q for q in e.positions if q < n))
                     for e in edits if min(e.positions) < n]
             logits = intervene(adapted, torch.tensor(seq), upto)
             seq.append(int(logits[-1].argmax()))

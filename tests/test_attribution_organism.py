@@ -8,7 +8,6 @@ import torch
 
 from attribution.build import attribute
 from attribution.interventions import ablate, intervene
-from attribution.synthetic import randomize_adapters
 from mechdiff.models import ORGANISM_DIR
 
 pytestmark = pytest.mark.skipif(not (ORGANISM_DIR / "target" / "config.json").exists(),
@@ -18,15 +17,9 @@ pytestmark = pytest.mark.skipif(not (ORGANISM_DIR / "target" / "config.json").ex
 @pytest.fixture(scope="module")
 def adapted():
     from mechdiff.adapters.formats import load_adapted
-    from mechdiff.adapters.transcoder import AdaptedModel
     from mechdiff.models import load_pair
 
-    pair = load_pair("organism")
-    try:
-        return load_adapted(pair)
-    except Exception:  # noqa: BLE001 - adapters not shipped yet: random ones on the real model
-        torch.manual_seed(0)
-        return randomize_adapters(AdaptedModel.from_pair(pair, d_sae=256), seed=0, density=0.02)
+    return load_adapted(load_pair("organism"))  # the shipped adapters; an error here is a failure
 
 
 def trace_before_wait(tokenizer):

@@ -21,14 +21,6 @@ from mechdiff.training.lora_objective import TraceBatches, make_loss_fn
 BF16 = torch.bfloat16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pairs():
     """The organism pair in float32 and in bfloat16 (the same weights, rounded)."""

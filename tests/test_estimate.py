@@ -7,13 +7,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from mechdiff.estimate import (
     DEVICES,
     PRESET_SHAPES,
-    Device,
     ModelShape,
     Workload,
     estimate,
     main,
     measure_memory,
-    measure_time,
 )
 from mechdiff.models import ModelPair, hooked_from_hf
 
@@ -86,25 +84,17 @@ def test_saved_activations_within_25_percent(task, bridge):
     assert 0.8 < measured / predicted < 1.25, (measured, predicted)
 
 
-def test_organism_memory_and_time_within_stated_factors():
-    """On the organism's shape: the working memory of a step within 1.5x (measured 0.9-1.0x),
-    the time within 10x (on this shared 2-core CPU the roofline is 2-5x optimistic)."""
+def test_organism_memory_within_stated_factor():
+    """On the organism's shape: the working memory of a step within 1.5x (measured 0.9-1.0x).
+    The time is a wall-clock measurement: ``python -m benchmarks.estimate`` compares it."""
     shape = ModelShape.from_config(Qwen2Config(**ORGANISM))
     pair = _pair(ORGANISM)
     loads = [Workload("adapters", batch_size=16, seq_len=76, dtype="float32", d_sae=1024),
              Workload("generation", batch_size=64, seq_len=76, dtype="float32", new_tokens=24)]
-    memory = [measure_memory(pair, w)["memory_growth"] for w in loads]  # before any timing
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # calibration and runs alike: 2 threads on a shared 2-core box thrash
-    try:
-        device = Device.cpu()
-        for w, got in zip(loads, memory):
-            est = estimate(shape, w)
-            assert 1 / 1.5 < got / est.working_bytes < 1.5, (w.task, got, est.memory)
-            seconds = min(measure_time(pair, w, units=1) for _ in range(3))  # a load spike is not a verdict
-            assert 1 / 10 < seconds / est.seconds(device) < 10, (w.task, seconds, est.seconds(device))
-    finally:
-        torch.set_num_threads(threads)
+    for w in loads:
+        got = measure_memory(pair, w)["memory_growth"]
+        est = estimate(shape, w)
+        assert 1 / 1.5 < got / est.working_bytes < 1.5, (w.task, got, est.memory)
 
 
 def test_cli_prints_a_report(capsys):

@@ -7,16 +7,6 @@ import pytest
 from analyses import features as analysis
 
 
-def test_help_explains_the_flags(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        analysis.parse_args(["--help"])
-    assert exit_.value.code == 0
-    text = capsys.readouterr().out
-    assert text.startswith("usage: python -m analyses.features")
-    for flag in ("--adapters", "--n-traces", "--device", "--dtype", "--judge-url", "summary.json"):
-        assert flag in text
-
-
 @pytest.mark.slow
 def test_analysis_writes_dashboards_figures_and_summary(tmp_path):
     out, store = tmp_path / "features", tmp_path / "store"

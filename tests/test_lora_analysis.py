@@ -12,21 +12,11 @@ from mechdiff.adapters.lora import LoRAConfig, LoRAModel
 from mechdiff.features import lora_lens as lens
 from mechdiff.features import lora_sae
 from mechdiff.lora import TrainConfig, load_lora, train_lora
-from mechdiff.lora.__main__ import main as cli
 from mechdiff.models import load_pair
 from mechdiff.organism import corpus
 from mechdiff.organism.task import LABELS
 from mechdiff.organism.tokenizer import build_tokenizer
 from mechdiff.training.lora_objective import TraceBatches, distillation_loss, response_mask
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast, and immune to oversubscribed cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -175,14 +165,7 @@ def test_sae_on_sparse_synthetic_states(tmp_path):
     assert mass.sum().item() == pytest.approx(acts.sum().item(), rel=1e-4)
 
 
-def test_cli_help_and_errors(capsys, tmp_path):
-    with pytest.raises(SystemExit) as e:
-        cli(["--help"])
-    assert e.value.code == 0
-    assert "train" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        cli(["train", "--help"])
-    assert "--kl-weight" in capsys.readouterr().out
+def test_empty_traces_are_refused():
     with pytest.raises(ValueError, match="no traces"):
         TraceBatches(Dataset.from_list([]), 4)
 
@@ -206,4 +189,10 @@ def test_analysis_end_to_end_small(org_dir, tmp_path):
     for name in ("index.html", "report.md", "ablation_heatmap.png", "sae_categories.png", "sae/cfg.json"):
         assert (out / name).stat().st_size > 0
     assert "gain_by_rank.html" in (out / "index.html").read_text()
-    assert (out / "plotly.min.js").stat().st_size > 1_000_000  # offline: the library sits beside the figures
+    import re
+
+    import plotly
+
+    page = out / "gain_by_rank.html"  # offline: the page loads the one shared local plotly.js
+    src = re.search(r'<script [^>]*src="([^"]+)"', page.read_text()).group(1)
+    assert (page.parent / src).read_text() == plotly.offline.get_plotlyjs()

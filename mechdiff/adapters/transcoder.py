@@ -16,8 +16,10 @@ and each adapter is a submodule ``blocks.{L}.adapter`` with TransformerLens hook
 * ``blocks.{L}.adapter.hook_acts`` - feature activations          [batch pos d_sae]
 * ``blocks.{L}.adapter.hook_out``  - what it adds to the MLP out  [batch pos d_model]
 
-so caching, ablation (zero features) and steering (add to features) are plain TransformerLens hooks,
-and ``blocks.{L}.hook_mlp_out`` is the whole MLP layer's output (base plus adapter).
+so caching is plain TransformerLens, edits (ablate, steer, keep only, mean-ablate, patch) are
+:mod:`mechdiff.adapters.edits`, and ``blocks.{L}.hook_mlp_out`` is the whole MLP layer's output
+(base plus adapter). ``copy.deepcopy`` of an adapted model gives an independent one: its MLPs
+run the copied adapters.
 
 Example:
     >>> from mechdiff.models import load_pair
@@ -41,6 +43,7 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
+from mechdiff.adapters.edits import PositionTracker, ablate, edit_hooks, steer
 from mechdiff.models import ModelPair, hybrid
 
 ACTIVATIONS = ("relu", "topk")
@@ -114,12 +117,18 @@ class TranscoderAdapter(nn.Module):
         return self.hook_out(self.decode(self.encode(self.hook_in(x))))
 
 
-def _add_adapter_output(adapter: TranscoderAdapter):
-    def hook(module, inputs, output):
+class _AdapterOutput:
+    """The forward hook of a base MLP: adds its adapter's output. An object, not a closure, so a
+    ``copy.deepcopy`` of the model copies it along with (and pointing to) the copied adapter."""
+
+    def __init__(self, adapter: TranscoderAdapter):
+        self.adapter = adapter
+
+    def __call__(self, module, inputs, output):
         # Casts are no-ops when the adapter has the model's dtype; they let float32 adapters
         # (e.g. master weights for training) run on a bfloat16 model.
+        adapter = self.adapter
         return output + adapter(inputs[0].to(adapter.W_enc.dtype)).to(output.dtype)
-    return hook
 
 
 class AdaptedModel(nn.Module):
@@ -146,10 +155,13 @@ class AdaptedModel(nn.Module):
                               device=next(block.mlp.parameters()).device,
                               dtype=dtype or model.cfg.dtype)
             for block in model.blocks)  # a block's device: models may span several (n_devices)
-        self._handles = []
         for block, adapter in zip(model.blocks, self.adapters, strict=True):
             block.adapter = adapter  # registers blocks.{L}.adapter.* hook points
-            self._handles.append(block.mlp.register_forward_hook(_add_adapter_output(adapter)))
+            block.mlp.register_forward_hook(_AdapterOutput(adapter))
+        # absolute token positions of each forward, across KV-cached generation (for edits)
+        self.positions = PositionTracker()
+        model.register_forward_pre_hook(self.positions, with_kwargs=True)
+        model.register_forward_hook(self.positions.done, with_kwargs=True)
         model.setup()  # rebuild TransformerLens' hook_dict with the new hook points
 
     @classmethod
@@ -196,44 +208,24 @@ class AdaptedModel(nn.Module):
         layers = range(self.config.n_layers) if layers is None else layers
         return [(f"blocks.{layer}.adapter.hook_out", _zero) for layer in layers]
 
-    def ablation_hooks(self, features: Iterable[tuple[int, int]], positions: Sequence[int] | None = None,
+    def ablation_hooks(self, features: Iterable[Sequence[int]], positions: Sequence[int] | None = None,
                        ) -> list[tuple[str, callable]]:
-        """Hooks zeroing ``(layer, feature)`` pairs (at ``positions``, or everywhere)."""
-        return self.steering_hooks(features, value=0.0, positions=positions, mode="set")
+        """Hooks zeroing ``(layer, feature)`` pairs (at absolute ``positions``, or everywhere);
+        :func:`mechdiff.adapters.edits.ablate` as hooks."""
+        return edit_hooks(self, ablate(features, positions))
 
-    def steering_hooks(self, features: Iterable[tuple[int, int]], value: float | Tensor,
+    def steering_hooks(self, features: Iterable[Sequence[int]], value: float,
                        positions: Sequence[int] | None = None, mode: str = "add",
                        ) -> list[tuple[str, callable]]:
-        """Hooks that ``add`` ``value`` to, ``set`` to ``value`` or ``scale`` by ``value`` features.
+        """Hooks that ``add`` ``value`` to, ``set`` to ``value`` or ``scale`` by ``value`` features;
+        :func:`mechdiff.adapters.edits.steer` as hooks.
 
         Returned as ``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)``,
-        ``run_with_hooks`` or :func:`mechdiff.generation.generate`.
+        ``run_with_hooks`` or :func:`mechdiff.generation.generate`. ``positions`` are absolute
+        (0: each prompt's first token) and count on through KV-cached generation.
         """
-        by_layer: dict[int, list[int]] = {}
-        for layer, feat in features:
-            by_layer.setdefault(int(layer), []).append(int(feat))
-        return [(self.acts_name(layer), _feature_edit(idx, value, positions, mode))
-                for layer, idx in sorted(by_layer.items())]
+        return edit_hooks(self, steer(features, value, mode, positions))
 
 
 def _zero(out, hook):
     return torch.zeros_like(out)
-
-
-def _feature_edit(idx: list[int], value, positions, mode: str):
-    if mode not in ("add", "set", "scale"):
-        raise ValueError(f"mode must be 'add', 'set' or 'scale', not {mode!r}")
-    index = torch.tensor(idx, dtype=torch.long)
-
-    def hook(acts, hook):
-        acts = acts.clone()
-        pos = slice(None) if positions is None else torch.as_tensor(positions, dtype=torch.long)
-        sel = acts[:, pos][..., index]
-        new = {"add": lambda: sel + value, "set": lambda: torch.zeros_like(sel) + value,
-               "scale": lambda: sel * value}[mode]()
-        view = acts[:, pos]
-        view[..., index] = new
-        acts[:, pos] = view
-        return acts
-
-    return hook

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -33,13 +32,10 @@ import torch
 
 from mechdiff.cli import DTYPES, UsageError, check_device, offline_environment, run
 from mechdiff.config_checks import ConfigError
+from mechdiff.measure import mean_seconds, peak_rss_gib
 from mechdiff.real import chat, smollm2
 from mechdiff.real.finetune import SECONDS_PER_STEP, Recipe, finetune
 from mechdiff.training.loop import TrainingInterrupted
-
-
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
 def _check(args) -> None:
@@ -66,10 +62,7 @@ def _check(args) -> None:
                            attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):]
     batch = torch.randint(0, model.cfg.d_vocab, (8, 128), device=model.cfg.device)
     with torch.no_grad():
-        model(batch[:1, :8])  # warm-up
-        t0 = time.perf_counter()
-        model(batch)
-        forward_s = time.perf_counter() - t0
+        forward_s = mean_seconds(lambda: model(batch))
     report = {
         "load_seconds": round(load_s, 2), "prompt_tokens": len(chat_ids),
         "max_abs_logit_diff": diff, "argmax_agreement": same,
@@ -77,7 +70,7 @@ def _check(args) -> None:
         "greedy_matches_transformers": hf_reply.tolist()[: len(reply)] == reply,
         "forward_8x128_seconds": round(forward_s, 2),
         "forward_tokens_per_second": round(8 * 128 / forward_s),
-        "peak_rss_gib": round(_peak_rss_gib(), 2), "dtype": args.dtype,
+        "peak_rss_gib": round(peak_rss_gib(), 2), "dtype": args.dtype,
         "device": str(model.cfg.device),
     }
     print(json.dumps(report, indent=1))
@@ -112,7 +105,7 @@ def _train(args) -> None:
                   "train_tokens_per_second": round(recipe.batch_size * _mean_len(tok, recipe) / wall)}
     print(json.dumps({"model": str(run_dir / "model"), "steps_run_now": len(stamps),
                       "final": history[-1] if history else None, **timing,
-                      "peak_rss_gib": round(_peak_rss_gib(), 2)}, indent=1))
+                      "peak_rss_gib": round(peak_rss_gib(), 2)}, indent=1))
 
 
 def _mean_len(tok, recipe: Recipe) -> float:
