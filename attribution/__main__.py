@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         write_feature_examples,
     )
     from attribution.export import graph_slug, write_circuit_tracer_files
-    from attribution.plot import feature_token_views, save_graph_figure
+    from attribution.plot import feature_token_views, feature_top_tokens, save_graph_figure
     from mechdiff.cli import load_pair_from_args
     from mechdiff.workloads import for_pair
 
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     graph.save(out / "graph")
     title = f"{' '.join(graph.token_strs[-12:])} -> {graph.targets[0]['label']} ({kind})"
     thresholds = (args.node_threshold, args.edge_threshold)
-    save_graph_figure(graph, out / "graph", *thresholds, title=title)
+    save_graph_figure(graph, out / "graph", *thresholds, title=title, top_tokens=feature_top_tokens(adapted, graph))
     top = graph.feature_ranking(0, aggregate=True)[: args.top]
     if top:
         feature_token_views(adapted, [tokens], [(g["layer"], g["feature"]) for g in top], out / "features.html")
