@@ -26,21 +26,15 @@ ROWS = [[2, 5, 9, 11, 7, 20, 30, 4], [2, 8, 8, 30, 6, 5, 9, 13, 6], [2, 9, 9, 4,
 LABELS = ("a", "b", "c")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def adapted():
+    torch.set_num_threads(1)
     return tiny_adapted(seed=2)
 
 
 @pytest.fixture(scope="module")
 def graph(adapted):
+    """The graph of the first corpus row (its features' examples then include its own contexts)."""
     return attribute(adapted, torch.tensor(ROWS[0]), None, max_feature_nodes=30, batch_size=16)
 
 

@@ -23,14 +23,11 @@ TOKENS = torch.tensor([2, 5, 9, 11, 7, 20, 30, 4, 8, 9, 13, 6])
 
 
 @pytest.fixture(scope="module")
-def adapted():
+def built():
+    """A tiny adapted model and a graph with a crowded last position (60 feature nodes)."""
     torch.set_num_threads(1)
-    return tiny_adapted(seed=2)
-
-
-@pytest.fixture(scope="module")
-def graph(adapted):
-    return attribute(adapted, TOKENS, None, max_feature_nodes=60, batch_size=16)
+    adapted = tiny_adapted(seed=2)
+    return adapted, attribute(adapted, TOKENS, None, max_feature_nodes=60, batch_size=16)
 
 
 def _boxes(fig, texts):
@@ -38,7 +35,8 @@ def _boxes(fig, texts):
     return [t.get_window_extent(renderer) for t in texts]
 
 
-def test_graph_png_names_rows_tokens_and_features_without_overlap(adapted, graph):
+def test_graph_png_names_rows_tokens_and_features_without_overlap(built):
+    adapted, graph = built
     pruned = graph.prune(0.9, 0.98)
     words = feature_top_tokens(adapted, graph)
     fig = static_figure(graph, pruned, "t", words)
@@ -65,7 +63,8 @@ def test_graph_png_names_rows_tokens_and_features_without_overlap(adapted, graph
         assert not a.overlaps(b), "two node labels overlap"
 
 
-def test_top_tokens_are_the_decoders_logit_lens(adapted, graph):
+def test_top_tokens_are_the_decoders_logit_lens(built):
+    adapted, graph = built
     words = feature_top_tokens(adapted, graph)
     layer, _, feat = graph.features[0].tolist()
     w_u = adapted.model.W_U.detach().double()
@@ -74,7 +73,8 @@ def test_top_tokens_are_the_decoders_logit_lens(adapted, graph):
     assert words[layer, feat] == adapted.model.tokenizer.convert_ids_to_tokens(int(logits.argmax()))
 
 
-def test_the_static_rendering_of_the_plotly_graph_keeps_its_named_axes(graph):
+def test_the_static_rendering_of_the_plotly_graph_keeps_its_named_axes(built):
+    _, graph = built
     fig = render_static(graph_figure(graph, 0.6, 0.85))
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == layer_names(graph.info["n_layers"])
