@@ -19,12 +19,15 @@ import pytest
 import torch
 
 from attribution.build import attribute
-from attribution.examples import adapters_scan, clerps, feature_examples, write_feature_examples
-from attribution.export import write_circuit_tracer_files
+from attribution.examples import (
+    adapters_scan,
+    clerps,
+    feature_examples,
+    feature_store,
+    write_feature_examples,
+)
+from attribution.export import graph_slug, write_circuit_tracer_files
 from attribution.serve import PAGE_SCRIPTS, Frontend, check_graph_dir, make_server, serve
-from attribution.synthetic import tiny_adapted
-from mechdiff.features.classify import decoder_directions
-from mechdiff.features.store import StoreConfig, build_store
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -48,20 +51,28 @@ def frontend():
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """Two graphs of a tiny adapted model exported into one folder, with feature examples."""
+    """Two "wait" graphs of the organism (shipped adapters, two held-out traces cut before their
+    "wait") exported into one folder, with the feature examples of 16 training traces."""
+    from mechdiff.adapters.formats import load_adapted
+    from mechdiff.models import load_pair
+    from mechdiff.organism import corpus
+    from mechdiff.organism.task import LABEL_ID
+    from mechdiff.workloads import for_pair
+
     torch.set_num_threads(1)
-    adapted = tiny_adapted(seed=1, density=0.2)
-    gen = torch.Generator().manual_seed(0)
-    rows = [[2, *torch.randint(4, 32, (12,), generator=gen).tolist()] for _ in range(10)]
-    hooks = [adapted.acts_name(layer) for layer in range(adapted.config.n_layers)]
-    store = build_store(adapted.model, rows, hooks, config=StoreConfig(top_k=4, n_random=2),
-                        decoder=decoder_directions(adapted), pad_id=1)
+    pair = load_pair("organism", device="cpu")
+    adapted = load_adapted(pair)
+    store = feature_store(adapted, for_pair(pair), n_traces=16)
     folder, scan = tmp_path_factory.mktemp("site"), adapters_scan(adapted)
-    for tokens in (rows[0], rows[1][:9]):
-        graph = attribute(adapted, torch.tensor(tokens), None, max_feature_nodes=20, batch_size=16)
+    wait = LABEL_ID["hesitation"]
+    rows = [r for r in corpus.reasoning_traces(40, "validation", seed=0) if wait in r["label_ids"]][:2]
+    for row in rows:
+        tokens = torch.tensor(row["input_ids"][: row["label_ids"].index(wait)])
+        graph = attribute(adapted, tokens, "wait", max_feature_nodes=40, batch_size=16)
         examples = feature_examples(graph, store, adapted, scan)
         write_feature_examples(graph, store, adapted, folder, scan, examples=examples)
-        write_circuit_tracer_files(graph, folder, scan=scan, title="tiny:", clerps=clerps(examples))
+        write_circuit_tracer_files(graph, folder, graph_slug(graph, "organism"), scan=scan,
+                                   title="organism, shipped adapters, → wait:", clerps=clerps(examples))
     return folder
 
 
@@ -130,8 +141,10 @@ def test_serve_prints_its_url_and_stops_on_ctrl_c(site, frontend, capsys):
     out, err = capsys.readouterr()
     assert f"http://127.0.0.1:{port}/index.html" in out and answered == [200]
     assert "stopped" in err and "warning" not in err
-    with socket.socket() as s:  # the port is free again
+    with socket.socket() as s:  # nothing listens on the port any more (TIME_WAIT aside)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+        s.listen()
 
 
 # ----------------------------------------------------------------------------- a real browser
