@@ -171,7 +171,8 @@ def write_figures(out: Path, summaries: dict, store, cats, groups: dict) -> list
     fig = go.Figure([go.Bar(name=name, x=shown, y=[s["category_counts"].get(c, 0) / max(1, s["n_alive"])
                                                    for c in shown]) for name, s in summaries.items()])
     fig.update_layout(title="feature categories (ground-truth label rule), share of alive features",
-                      yaxis_title="share of alive features", barmode="group")
+                      yaxis_title="share of alive features (log scale)", barmode="group",
+                      yaxis_type="log")  # shares span orders of magnitude (rare categories ~1e-3)
     paths = figures.save(fig, out / "category_counts")
     adapter = groups["adapters"]
     cat_share = {}

@@ -21,14 +21,37 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+import tempfile
 from pathlib import Path
 
 from attribution.graph import Graph
 
 
-def _cantor(x: int, y: int) -> int:
-    return (x + y) * (x + y + 1) // 2 + y
+def cantor(layer: int, feature: int) -> int:
+    """The frontend's feature index of ``(layer, feature)`` (its ``util.cantorUnpair`` inverts it).
+
+    >>> cantor(2, 3)
+    18
+    """
+    return (layer + feature) * (layer + feature + 1) // 2 + feature
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a unique temporary file in the same folder (a reader sees
+    the old or the new file, and two writers never share a temporary name)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _node(node_id: str, feature: int, layer: str, ctx_idx: int, feature_type: str, js: str,
@@ -40,11 +63,36 @@ def _node(node_id: str, feature: int, layer: str, ctx_idx: int, feature_type: st
             "jsNodeId": js, "clerp": clerp, "influence": influence, "activation": activation}
 
 
+def graph_slug(graph: Graph, name: str = "") -> str:
+    """The graph's name in the index, from its prompt and target: ``{name}-{target}-{tail}-{hash}``
+    with the prompt's last tokens and a hash of all its token ids and targets, so two graphs of
+    different prompts or targets never share a file, and the same graph exported again replaces
+    itself.
+
+    >>> from attribution.synthetic import tiny_adapted
+    >>> from attribution.build import attribute
+    >>> import torch
+    >>> adapted = tiny_adapted(seed=0)
+    >>> a = graph_slug(attribute(adapted, torch.tensor([2, 5, 9, 11]), "w3"), "demo")
+    >>> b = graph_slug(attribute(adapted, torch.tensor([2, 5, 9, 12]), "w3"), "demo")
+    >>> a.startswith("demo-w3-"), a != b
+    (True, True)
+    """
+    key = json.dumps([graph.tokens.tolist(), [t["label"] for t in graph.targets]])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    tail = "-".join(graph.token_strs[-3:])
+    text = "-".join(x for x in (name, graph.targets[0]["label"], tail, digest) if x)
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
 def to_circuit_tracer_json(graph: Graph, slug: str = "mechdiff-graph", node_threshold: float = 0.8,
-                           edge_threshold: float = 0.98, clerps: dict | None = None) -> dict:
+                           edge_threshold: float = 0.98, clerps: dict | None = None,
+                           scan: str | None = None, title: str = "") -> dict:
     """The pruned graph as circuit-tracer's graph JSON (a dict; see the module docstring).
 
-    ``clerps`` optionally maps ``(layer, feature)`` to a feature description.
+    ``clerps`` optionally maps ``(layer, feature)`` to a feature description; ``scan`` names the
+    feature set (the folder under ``features/`` its examples are in; default the graph's);
+    ``title`` is shown before the prompt in the frontend's graph list.
     """
     pruned = graph.prune(node_threshold, edge_threshold)
     scores = pruned.cumulative_scores.tolist()
@@ -54,7 +102,7 @@ def to_circuit_tracer_json(graph: Graph, slug: str = "mechdiff-graph", node_thre
     for i in pruned.node_mask.nonzero()[:, 0].tolist():
         if i < n_f:
             layer, pos, feat = graph.features[i].tolist()
-            nodes[i] = _node(f"{layer}_{feat}_{pos}", _cantor(layer, feat), str(layer), pos,
+            nodes[i] = _node(f"{layer}_{feat}_{pos}", cantor(layer, feat), str(layer), pos,
                              "cross layer transcoder", f"{layer}_{feat}-0", scores[i],
                              float(graph.activations[i]), clerps.get((layer, feat), ""))
         elif i < graph.target_slice.start:
@@ -77,28 +125,35 @@ def to_circuit_tracer_json(graph: Graph, slug: str = "mechdiff-graph", node_thre
     linked = {x for link in links for x in (link["source"], link["target"])}
     used = [n for n in nodes.values()
             if n["node_id"] in linked or n["feature_type"] in ("embedding", "logit")]
-    metadata = {"slug": slug, "scan": graph.info["scan"], "transcoder_list": [],
+    metadata = {"slug": slug, "scan": scan or graph.info["scan"], "transcoder_list": [],
                 "prompt_tokens": list(graph.token_strs), "prompt": " ".join(graph.token_strs),
                 "node_threshold": node_threshold, "schema_version": 1}
+    if title:
+        metadata["title_prefix"] = title
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": metadata, "qParams": qparams, "nodes": used, "links": links}
 
 
-def write_circuit_tracer_files(graph: Graph, out_dir: str | Path, slug: str = "mechdiff-graph",
-                               node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Path:
-    """Write ``out_dir/{slug}.json`` and add it to ``out_dir/graph-metadata.json`` (the index
-    circuit-tracer's local server reads). Returns the graph file's path.
+def write_circuit_tracer_files(graph: Graph, out_dir: str | Path, slug: str | None = None,
+                               node_threshold: float = 0.8, edge_threshold: float = 0.98,
+                               scan: str | None = None, title: str = "", clerps: dict | None = None) -> Path:
+    """Write ``out_dir/{slug}.json`` and add it to ``out_dir/graph-metadata.json`` (the index the
+    frontend reads), keeping every other graph listed there. ``slug`` defaults to
+    :func:`graph_slug`; ``clerps`` as in :func:`to_circuit_tracer_json`. Returns the graph file's path.
 
     Example:
-        >>> write_circuit_tracer_files(graph, "figures/attribution/graphs", "wait-0")  # doctest: +SKIP
+        >>> write_circuit_tracer_files(graph, "figures/attribution/circuit-tracer")  # doctest: +SKIP
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = to_circuit_tracer_json(graph, slug, node_threshold, edge_threshold)
+    slug = slug or graph_slug(graph)
+    data = to_circuit_tracer_json(graph, slug, node_threshold, edge_threshold, clerps, scan=scan, title=title)
     path = out / f"{slug}.json"
-    path.write_text(json.dumps(data, indent=1))
+    write_text_atomic(path, json.dumps(data, indent=1))
     index_path = out / "graph-metadata.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {"graphs": []}
+    if not isinstance(index.get("graphs"), list):
+        raise ValueError(f"{index_path} is not a graph index (no 'graphs' list); move it away")
     index["graphs"] = [g for g in index["graphs"] if g.get("slug") != slug] + [data["metadata"]]
-    index_path.write_text(json.dumps(index, indent=1))
+    write_text_atomic(index_path, json.dumps(index, indent=1))
     return path

@@ -53,8 +53,28 @@ _REFUSED = {
 }
 
 
+def base_reference(pair) -> str:
+    """What a PEFT folder should record as ``base_model_name_or_path`` for ``pair``'s base, so that
+    ``peft.AutoPeftModelForCausalLM.from_pretrained(folder)`` finds it offline: the absolute path
+    of a local HF folder (the organism's, or a custom pair's), else the name the pair was loaded
+    by (a hub name; SmolLM2's GGUF has no HF folder to point to).
+
+    Example:
+        >>> base_reference(load_pair("organism"))  # doctest: +SKIP
+        '/.../mechdiff/organism/shipped/base'
+    """
+    from mechdiff.models import ORGANISM_DIR
+
+    name = str(pair.meta.get("base_name") or "")
+    if pair.meta.get("source") == "organism":
+        return str((ORGANISM_DIR / "base").resolve())
+    path = Path(name).expanduser()
+    return str(path.resolve()) if name and (path / "config.json").is_file() else name
+
+
 def export_peft(lora: LoRAModel, folder: str | Path, base_model_name_or_path: str | None = None) -> Path:
-    """Write ``lora`` as a PEFT LoRA folder; returns the folder.
+    """Write ``lora`` as a PEFT LoRA folder; returns the folder. ``base_model_name_or_path``:
+    where PEFT finds the base model (:func:`base_reference`); a relative folder is made absolute.
 
     Example:
         >>> export_peft(lora, "out/lora_r1")  # doctest: +SKIP
@@ -65,11 +85,14 @@ def export_peft(lora: LoRAModel, folder: str | Path, base_model_name_or_path: st
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = lora.config
+    base = base_model_name_or_path or str(lora.model.cfg.model_name)
+    if (Path(base).expanduser() / "config.json").is_file():  # a folder: valid from any directory
+        base = str(Path(base).expanduser().resolve())
     alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
     peft_cfg = LoraConfig(
         r=cfg.rank, lora_alpha=alpha, use_rslora=cfg.rslora, lora_dropout=0.0, bias="none",
         target_modules=sorted(HF_PROJ[m].split(".")[-1] for m in cfg.modules), task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model_name_or_path or str(lora.model.cfg.model_name),
+        base_model_name_or_path=base,
     )  # fmt: skip
     peft_cfg.save_pretrained(str(folder))
     tensors = {}

@@ -25,7 +25,7 @@ import torch
 
 from mechdiff import distributed
 from mechdiff.adapters.lora import MODULES, LoRAConfig, LoRAModel
-from mechdiff.adapters.peft_format import export_peft, import_peft
+from mechdiff.adapters.peft_format import base_reference, export_peft, import_peft
 from mechdiff.config_checks import ConfigError, check
 from mechdiff.evaluation.behaviour import gain_recovered
 from mechdiff.models import ModelPair
@@ -98,7 +98,7 @@ def train_lora(
     history = train(lora.layers, loss_fn, loop)
     lora.eval()
     if out_dir is not None and distributed.is_main():  # under torchrun: one writer
-        export_peft(lora, out_dir, base_model_name_or_path=pair.meta.get("base_name"))
+        export_peft(lora, out_dir, base_model_name_or_path=base_reference(pair))
         info = {"config": asdict(cfg), "history": history, "seconds": time.perf_counter() - start,
                 "tokens_seen": int(cfg.steps * batches.batch_size * batches.lengths.float().mean())}
         Path(out_dir, "training.json").write_text(json.dumps(info, indent=1, default=list))

@@ -131,6 +131,14 @@ def render_static(fig: go.Figure, width: float = 7.0, height: float = 4.2):
     xs = [v for t in fig.data if t.type == "scatter" for v in (t.x or []) if v is not None]
     if xs and all(isinstance(v, (int, float)) and float(v).is_integer() for v in xs):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ys = [v for t in fig.data if t.type in ("bar", "scatter") for v in (t.y or []) if v is not None]
+    if ys and all(isinstance(v, (int, float)) and float(v).is_integer() for v in ys):
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 2.5 ticks
+    for axis, set_ticks in ((layout.xaxis, ax.set_xticks), (layout.yaxis, ax.set_yticks)):
+        if axis.tickmode == "array" and axis.tickvals is not None:  # named ticks (layers, tokens)
+            names = list(axis.ticktext) if axis.ticktext is not None else [str(v) for v in axis.tickvals]
+            turn = axis is layout.xaxis and (abs(axis.tickangle or 0) == 90 or len(names) > 8)
+            set_ticks(list(axis.tickvals), names, rotation=90 if turn else 0, fontsize=7 if len(names) > 8 else None)
     if layout.yaxis.type == "log":
         ax.set_yscale("log")
     for shape in layout.shapes or ():  # fig.add_hline: a reference level (chance, a target)
@@ -156,9 +164,16 @@ def _bar(ax, trace, color, bars, figure):
 def _scatter(ax, trace, color, bars, figure):
     mode = trace.mode or "lines+markers"
     dashed = "--" if trace.line.dash == "dash" else "-"
-    ax.plot(list(trace.x), list(trace.y), color=trace.line.color or color, label=trace.name,
+    label = trace.name if trace.showlegend is not False else None  # one legend entry per group
+    colors = trace.marker.color
+    if mode == "markers" and isinstance(colors, (list, tuple)):  # a colour per point
+        ax.scatter(list(trace.x), list(trace.y), c=list(colors), s=16, label=label, zorder=3,
+                   edgecolors="k", linewidths=0.4)
+        return
+    ax.plot(list(trace.x), list(trace.y), color=trace.line.color or color, label=label,
             marker="o" if "markers" in mode else None, markersize=4,
-            linestyle=dashed if "lines" in mode else "none")
+            linestyle=dashed if "lines" in mode else "none", linewidth=trace.line.width or 1.5,
+            alpha=trace.opacity if trace.opacity is not None else 1.0)
 
 
 def _heatmap(ax, trace, color, bars, figure):
