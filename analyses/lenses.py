@@ -1,0 +1,190 @@
+"""Which lens finds the mechanism? Six model-diffing lenses scored against the organism's ground truth.
+
+    python -m analyses.lenses                                   # the shipped organism
+    python -m analyses.lenses organism=mechdiff/organism/shipped other=runs/organism-b \\
+        --adapters other=runs/organism-b/adapters
+
+Each ORGANISM is NAME=FOLDER, the folder holding base/ and target/ (HF folders). Its hesitation
+word comes from the pair's workload (:func:`mechdiff.evaluation.hesitation.hesitation_for`).
+Lenses (:mod:`mechdiff.lenses`), each with its own ranking of hesitation units:
+transcoder_graph / transcoder_gradient (trained adapters: --adapters NAME=DIR), lora_sae (a LoRA and
+the SAE on its state: --lora NAME=DIR, --lora-sae NAME=DIR), crosscoder (trained here on the pair's
+train traces), activation_difference and kl. For the shipped organism the shipped adapters, LoRA
+(rank 1) and figures/lora/sae are the defaults; a lens without its artefacts is reported as skipped.
+
+Scores (mechdiff.lenses.scoring): n_units; precision and recall by one label rule; necessity
+(ablate while generating on test problems, against 5 random draws of the same count); steering
+(share of the gap in P(hesitation) to the lens's full model closed by adding the units);
+train_cpu_s and score_cpu_s (time.process_time); agreement (activation correlation of the lenses'
+units on the same tokens). Nothing is chosen on the test problems.
+Writes --out: summary.json, report.md, lenses x scores and agreement figures (HTML + PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mechdiff.cli import UsageError, offline_environment, run
+from mechdiff.lenses import scoring
+
+LENSES = ("transcoder_graph", "transcoder_gradient", "lora_sae", "crosscoder", "activation_difference", "kl")
+SCORES = ("n_units", "precision", "recall", "necessity_cut", "random_cut", "steering", "train_cpu_s", "score_cpu_s")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m analyses.lenses", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("organisms", nargs="*", metavar="NAME=FOLDER",
+                   help="organisms to score (default: organism=<the shipped organism>)")
+    for flag, what in (("adapters", "transcoder adapters"), ("lora", "LoRA (PEFT)"), ("lora-sae", "SAE on the LoRA state")):
+        p.add_argument(f"--{flag}", action="append", default=[], metavar="NAME=DIR", help=f"an organism's {what} folder")
+    p.add_argument("--lenses", nargs="+", default=list(LENSES), choices=LENSES, help="lenses to run (default all)")
+    p.add_argument("--out", default="figures/lenses", help="output folder")
+    p.add_argument("--n-label-problems", type=int, default=150, help="validation problems whose replies carry the labels")
+    p.add_argument("--n-prompts", type=int, default=60, help="hesitation prompts (validation) each lens ranks with")
+    p.add_argument("--n-problems", type=int, default=200, help="test problems for necessity")
+    p.add_argument("--random-draws", type=int, default=5, help="random unit sets per necessity")
+    p.add_argument("--share", type=float, default=0.8, help="share each lens's set must cover")
+    p.add_argument("--max-feature-nodes", type=int, default=256, help="features visited per attribution graph")
+    p.add_argument("--crosscoder-layer", type=int, default=None, help="residual site (default: the middle layer)")
+    p.add_argument("--crosscoder-d-sae", type=int, default=512, help="crosscoder latents")
+    p.add_argument("--crosscoder-k", type=int, default=16, help="BatchTopK: mean active latents per token")
+    p.add_argument("--crosscoder-steps", type=int, default=4000, help="training steps (batch 256)")
+    p.add_argument("--crosscoder-traces", type=int, default=1500, help="train traces the crosscoder reads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    return p.parse_args(argv)
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, Path]:
+    out = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise UsageError(f"{flag} {item!r}: expected NAME=FOLDER")
+        out[name] = Path(folder)
+    return out
+
+
+def organisms(args) -> dict[str, dict]:
+    """``{name: {"folder", "adapters", "lora", "lora_sae"}}`` from the arguments, checked."""
+    from mechdiff.adapters.formats import SHIPPED_DIR
+    from mechdiff.models import ORGANISM_DIR
+
+    folders = _pairs(args.organisms, "organism") or {"organism": ORGANISM_DIR}
+    extra = {k: _pairs(getattr(args, k), f"--{k.replace('_', '-')}") for k in ("adapters", "lora", "lora_sae")}
+    out = {}
+    for name, folder in folders.items():
+        for part in ("base", "target"):
+            if not (folder / part / "config.json").is_file():
+                raise UsageError(f"organism {name}: {folder}/{part} is not an HF model folder")
+        shipped = folder.resolve() == ORGANISM_DIR.resolve()
+        defaults = {"adapters": SHIPPED_DIR, "lora": SHIPPED_DIR.parent / "lora_r1",
+                    "lora_sae": Path("figures/lora/sae")} if shipped else {}
+        out[name] = {"folder": folder, **{k: extra[k].get(name, defaults.get(k)) for k in extra}}
+    for k, given in extra.items():
+        if unknown := set(given) - set(out):
+            raise UsageError(f"--{k.replace('_', '-')} names {sorted(unknown)}, not among the organisms {sorted(out)}")
+    return out
+
+
+def score_organism(name: str, where: dict, args) -> tuple[dict, dict]:
+    from mechdiff.adapters.formats import load_adapted
+    from mechdiff.lenses import activation_difference, crosscoder, kl, lora_sae, transcoder
+    from mechdiff.lenses.context import LensSettings, lens_context
+    from mechdiff.models import ORGANISM_DIR, load_pair
+
+    folder = where["folder"]
+    shipped = folder.resolve() == ORGANISM_DIR.resolve()
+    pair = load_pair("organism") if shipped else load_pair("custom", base=str(folder / "base"),
+                                                          target=str(folder / "target"))
+    settings = LensSettings(args.n_label_problems, args.n_prompts, args.n_problems, args.random_draws,
+                            args.share, args.seed)
+    print(f"[lenses] {name}: replies, labels and prompts", flush=True)
+    ctx = lens_context(pair, settings)
+    results, skipped = {}, {}
+    adapters = where.get("adapters")
+    if {"transcoder_graph", "transcoder_gradient"} & set(args.lenses):
+        if adapters is None:
+            skipped.update({k: "no --adapters given" for k in ("transcoder_graph", "transcoder_gradient")})
+        else:
+            adapted = load_adapted(pair, adapters)
+            acts = transcoder.flat_acts(adapted, ctx.tokens.sequences)
+            before = ctx.spec.evaluate(adapted.model, ctx.problems)["hesitations_per_response"]
+            for ranking in transcoder.RANKINGS:
+                if f"transcoder_{ranking}" in args.lenses:
+                    print(f"[lenses] {name}: transcoder adapters, {ranking} ranking", flush=True)
+                    results[f"transcoder_{ranking}"] = transcoder.transcoder_lens(
+                        ctx, adapted, ranking, acts=acts, before=before, max_feature_nodes=args.max_feature_nodes)
+    if "lora_sae" in args.lenses:
+        if where.get("lora") is None or where.get("lora_sae") is None:
+            skipped["lora_sae"] = "no --lora and --lora-sae given"
+        else:
+            print(f"[lenses] {name}: rank-1 LoRA + SAE", flush=True)
+            results["lora_sae"] = lora_sae.lora_sae_lens(ctx, where["lora"], where["lora_sae"])
+    if "crosscoder" in args.lenses:
+        print(f"[lenses] {name}: crosscoder ({args.crosscoder_steps} steps)", flush=True)
+        layer = pair.n_layers // 2 if args.crosscoder_layer is None else args.crosscoder_layer
+        cfg = crosscoder.CrosscoderConfig(d_sae=args.crosscoder_d_sae, k=args.crosscoder_k,
+                                          steps=args.crosscoder_steps, layer=layer, seed=args.seed)
+        results["crosscoder"] = crosscoder.crosscoder_lens(ctx, cfg, n_traces=args.crosscoder_traces,
+                                                           folder=Path(args.out) / name / "crosscoder")
+    if "activation_difference" in args.lenses:
+        print(f"[lenses] {name}: activation difference", flush=True)
+        results["activation_difference"] = activation_difference.activation_difference_lens(ctx)
+    if "kl" in args.lenses:
+        print(f"[lenses] {name}: token-level KL", flush=True)
+        results["kl"] = kl.kl_lens(ctx)
+    truth = ctx.tokens.truth()
+    record = {"hesitation_word": ctx.spec.word, "folder": str(folder),
+              "n_label_tokens": int(len(truth)), "n_truth_tokens": int(truth.sum()),
+              "n_hesitation_prompts": len(ctx.hes), "n_test_problems": len(ctx.problems),
+              "lenses": {k: _scores(r, truth) for k, r in results.items()}, "skipped": skipped}
+    acts = {k: r.acts for k, r in results.items()}
+    names = {k: (r.units or ["KL"]) for k, r in results.items()}
+    return record, scoring.agreement(acts, names)
+
+
+def _scores(r: scoring.LensResult, truth: torch.Tensor) -> dict:
+    units = r.units is not None
+    rule = scoring.label_scores(r.acts, truth) if units else {}
+    need = r.necessity or {}
+    return {"n_units": len(r.units) if units else None,
+            "precision": rule.get("precision"), "recall": rule.get("recall") if units else None,
+            "necessity_cut": need.get("cut"), "random_cut": need.get("random_cut"),
+            "steering": (r.steering or {}).get("gain"), "train_cpu_s": r.train_cpu_s, "score_cpu_s": r.score_cpu_s,
+            "units": r.units, "unit_precision": rule.get("unit_precision"), "n_truth_units": rule.get("n_truth_units"),
+            "necessity": r.necessity, "steering_detail": r.steering, **r.extra}
+
+
+def main(argv=None) -> dict:
+    offline_environment()
+    args = parse_args(argv)
+    if not 0 < args.share <= 1 or min(args.n_prompts, args.n_problems, args.n_label_problems) < 1:
+        raise UsageError("--share must be in (0, 1] and every count >= 1")
+    which = organisms(args)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out, t0, c0 = Path(args.out), time.perf_counter(), time.process_time()
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"organisms": {}, "agreement": {}}
+    for name, where in which.items():
+        summary["organisms"][name], summary["agreement"][name] = score_organism(name, where, args)
+    summary.update({"label_rule": scoring.RULE, "settings": {k: v for k, v in vars(args).items()},
+                    "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0})
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    from mechdiff.lenses.report import report_markdown, write_figures
+
+    write_figures(out, summary)
+    (out / "report.md").write_text(report_markdown(summary))
+    print(f"[lenses] wrote {out}/ in {summary['wall_s']:.0f} s ({summary['cpu_s']:.0f} CPU s)", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    run(main)

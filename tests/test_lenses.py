@@ -1,0 +1,92 @@
+"""``python -m analyses.lenses`` end to end on small settings, on the shipped organism."""
+
+import json
+
+import pytest
+import torch
+
+from analyses import lenses
+from mechdiff.adapters.formats import SHIPPED_DIR
+from mechdiff.cli import UsageError
+from mechdiff.generation import generate
+from mechdiff.lenses.paired import paired_generate
+
+SMALL = ["--n-label-problems", "24", "--n-prompts", "4", "--n-problems", "24", "--random-draws", "2",
+         "--crosscoder-steps", "60", "--crosscoder-d-sae", "128", "--crosscoder-traces", "48",
+         "--max-feature-nodes", "32"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    if not (SHIPPED_DIR / "adapters.json").exists():
+        pytest.skip("no shipped adapters")
+    out = tmp_path_factory.mktemp("lenses")
+    threads = torch.get_num_threads()
+    try:
+        summary = lenses.main(["--out", str(out), *SMALL])
+    finally:
+        torch.set_num_threads(threads)
+    return out, summary
+
+
+def test_summary_has_the_issue_shape_for_every_lens(run):
+    out, s = run
+    assert json.loads((out / "summary.json").read_text())["organisms"].keys() == s["organisms"].keys()
+    org = s["organisms"]["organism"]
+    assert org["hesitation_word"] == "wait" and org["skipped"] == {}
+    assert set(org["lenses"]) == set(lenses.LENSES)
+    for name, rec in org["lenses"].items():
+        assert set(lenses.SCORES) <= set(rec), name
+    kl = org["lenses"]["kl"]
+    assert all(kl[k] is None for k in ("n_units", "precision", "recall", "necessity_cut", "random_cut", "steering"))
+    assert kl["score_cpu_s"] > 0 and org["lenses"]["crosscoder"]["train_cpu_s"] > 0
+    assert org["lenses"]["activation_difference"]["n_units"] == 1
+
+
+def test_scores_say_what_the_organism_is_known_to_do(run):
+    """The graph-ranked adapter set cuts hesitations far more than random sets (the hesitation
+    study's finding); the mean difference at the hesitation slot, subtracted, cuts them too; the
+    target's next-token distribution departs from the base's most at the hesitation token."""
+    _, s = run
+    lens = s["organisms"]["organism"]["lenses"]
+    graph = lens["transcoder_graph"]
+    assert graph["necessity_cut"] > 0.5 and graph["random_cut"] < 0.2
+    assert lens["activation_difference"]["necessity_cut"] > lens["activation_difference"]["random_cut"] + 0.3
+    by_label = lens["kl"]["by_label"]
+    assert max(by_label, key=lambda lab: by_label[lab]["mean_kl"]) == "hesitation"
+    assert by_label["hesitation"]["mean_kl"] > 2 * lens["kl"]["mean_kl"]
+    for rec in lens.values():
+        for key in ("precision", "recall"):
+            assert rec[key] is None or 0 <= rec[key] <= 1
+
+
+def test_agreement_and_figures_are_written(run):
+    out, s = run
+    matrix = s["agreement"]["organism"]["matrix"]
+    assert set(matrix) == set(lenses.LENSES)
+    assert all(0 <= v <= 1 for row in matrix.values() for v in row.values())
+    for name in ("lenses_x_scores", "cost", "agreement_organism"):
+        assert (out / f"{name}.html").stat().st_size > 1000 and (out / f"{name}.png").stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert "| organism | wait | crosscoder |" in report
+    assert (out / "organism" / "crosscoder" / "cfg.json").is_file()
+
+
+def test_paired_generation_without_edits_is_the_models_own(run):
+    from mechdiff.models import load_pair
+    from mechdiff.organism import corpus
+
+    pair = load_pair("organism")
+    prompts = corpus.problems(6, "test")["input_ids"]
+    rows = paired_generate(pair.target, pair.base, prompts, 40, lambda acts: [],
+                           reader_names=["blocks.0.hook_resid_post"], eos_token_id=pair.tokenizer.eos_token_id)
+    assert rows == generate(pair.target, prompts, 40, eos_token_id=pair.tokenizer.eos_token_id)
+
+
+def test_bad_organism_arguments_fail_before_any_work(tmp_path):
+    with pytest.raises(UsageError, match="NAME=FOLDER"):
+        lenses.main(["justafolder", "--out", str(tmp_path)])
+    with pytest.raises(UsageError, match="not an HF model folder"):
+        lenses.main([f"x={tmp_path}", "--out", str(tmp_path)])
+    with pytest.raises(UsageError, match="not among the organisms"):
+        lenses.main(["--adapters", "other=somewhere", "--out", str(tmp_path)])
