@@ -188,7 +188,7 @@ def grade(problem: task.Problem, text: str, n_tokens: int | None = None) -> Chat
         after_error.append(not (attributed and step_is_right(problem, last)))
         start = wait.end()
     n = n_tokens if n_tokens is not None else len(text.split())
-    return ChatGraded(answer == problem.answer, answer, n, len(after_error), after_error, line)
+    return ChatGraded(answer == problem.answer, answer, n, len(after_error), after_error, answer_line=line)
 
 
 def summarize(graded: Sequence[ChatGraded]) -> dict[str, float]:

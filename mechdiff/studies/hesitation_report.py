@@ -10,7 +10,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from mechdiff.visualization.figures import save
+from mechdiff.visualization.figures import save, shared_asset
 
 MODELS = ("base", "hybrid", "adapted", "target")
 
@@ -100,7 +100,7 @@ def role_examples(out: Path, hes, acts, role_of: dict, tokenizer, per_role: int 
                   decode: bool = False) -> Path:
     """circuitsvis views of each role's top features on their most activating prompt.
 
-    The circuitsvis bundle is written once beside the page (as the feature dashboards do), not
+    The circuitsvis bundle is the figures tree's one shared copy (:func:`shared_asset`), not
     inlined in every view. ``decode``: show each token as text (byte-level tokens such as
     ``ĠWait`` read as `` Wait``) instead of the vocabulary entry.
     """
@@ -109,9 +109,10 @@ def role_examples(out: Path, hes, acts, role_of: dict, tokenizer, per_role: int 
     from mechdiff.features import dashboard
 
     bundle = dashboard._bundle()
-    (out / "circuitsvis.js").write_text(re.sub(r"//# sourceMappingURL=\S+\s*$", "", bundle), encoding="utf-8")
+    path = out / "role_examples.html"
+    src = shared_asset(path, "circuitsvis.js", lambda: re.sub(r"//# sourceMappingURL=\S+\s*$", "", bundle))
     parts = ["<html><head><meta charset='utf-8'><title>Hesitation features</title>",
-             "<script src='circuitsvis.js'></script></head><body>",
+             f"<script src='{src}'></script></head><body>",
              "<h1>Hesitation features: top activating prompts by role</h1>"]
     for role in ("output", "error_detection", "context/format"):
         feats = [f for f, r in role_of.items() if r == role][:per_role]
@@ -124,7 +125,6 @@ def role_examples(out: Path, hes, acts, role_of: dict, tokenizer, per_role: int 
             view = dashboard.token_view(words, values, max(values), bundle)
             parts.append(f"<h3>layer {layer} feature {feat} (max {max(values):.2f})</h3>{view}")
     parts.append("</body></html>")
-    path = out / "role_examples.html"
     path.write_text("\n".join(parts))
     return path
 

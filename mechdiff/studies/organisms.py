@@ -121,6 +121,9 @@ def headline(s: dict) -> dict:
             "hesitation_fraction": s["hesitation_fraction"], "ablation_cut": n["cut"],
             "random_ablation_cut": n["random_cut"], "set_decides": suf["hesitation_retained"],
             "random_set_decides": suf["random_sets_retained"],
+            # of the hesitations the kept-only copy decides, the share after a wrong step (>100% set
+            # decides with a low share here: the set hesitates where the full model goes on)
+            "set_decides_after_error": suf["set_decides_in_generation"]["frac_hesitations_after_error"],
             "activation_difference_cut": n["activation_difference_cut"], "roles": s["roles"],
             "set_rule": s["set_rule"]["rule"], "set_sizes": s["set_rule"]["sizes"],
             "steering_before": st["wait_prob_before"], "steering_after": st["wait_prob_after"],
