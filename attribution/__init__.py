@@ -20,12 +20,28 @@ Example:
     'w3'
 """
 
-from attribution.build import attribute
-from attribution.gradient import feature_attribution
-from attribution.graph import Graph
-from attribution.interventions import ablate, generate_with_edits, intervene, steer
-from attribution.linearize import linearized, record_frozen
-from attribution.targets import Direction, FeatureTarget, LogitDiff, Token, TopLogits
+import importlib
 
-__all__ = ["attribute", "feature_attribution", "Graph", "ablate", "steer", "intervene", "generate_with_edits", "linearized",
-           "record_frozen", "TopLogits", "Token", "LogitDiff", "Direction", "FeatureTarget"]
+# Loaded on first use (PEP 562), so that ``python -m attribution serve`` starts without torch.
+_EXPORTS = {
+    "attribute": "attribution.build", "feature_attribution": "attribution.gradient",
+    "Graph": "attribution.graph", "ablate": "attribution.interventions",
+    "steer": "attribution.interventions", "intervene": "attribution.interventions",
+    "generate_with_edits": "attribution.interventions", "linearized": "attribution.linearize",
+    "record_frozen": "attribution.linearize", "TopLogits": "attribution.targets",
+    "Token": "attribution.targets", "LogitDiff": "attribution.targets",
+    "Direction": "attribution.targets", "FeatureTarget": "attribution.targets",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'attribution' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

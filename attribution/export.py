@@ -27,8 +27,10 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from attribution.graph import Graph
+if TYPE_CHECKING:  # no torch import for the server, which only writes JSON
+    from attribution.graph import Graph
 
 
 def cantor(layer: int, feature: int) -> int:

@@ -12,7 +12,8 @@ five scripts from public CDNs; local copies come from npm packages (``npm pack``
 cache, see :data:`SCRIPTS`) and the page's script URLs are rewritten to them when served. A script
 that could not be had stays on its CDN URL and is named in the startup message.
 
-Three more rewrites make the page read everything from this server (only in what is served; the
+The page's Save button stores the current view (pinned nodes, supernodes) in the graph's JSON, as
+circuit-tracer's own local server does. Three more rewrites make the page read everything from this server (only in what is served; the
 cached files stay as published): feature examples are requested from ``./features/`` instead of the
 remote bucket, the frontend's probe for a Hugging Face feature index is skipped when it is served
 locally, and the hot-reload client of its authors' dev server is dropped.
@@ -40,6 +41,8 @@ import urllib.parse
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from attribution.export import write_text_atomic
 
 CIRCUIT_TRACER = "circuit-tracer==0.5.0"
 WHEEL_ASSETS = "circuit_tracer/frontend/assets/"
@@ -258,6 +261,28 @@ def _handler(data_dir: Path, frontend: Frontend, quiet: bool):
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
             self.wfile.write(body)
+
+        def do_POST(self):
+            """The page's Save button: ``/save_graph/{slug}`` stores the view (pinned nodes,
+            supernodes, ...) as the graph's ``qParams``, for graphs listed in the index only."""
+            slug = urllib.parse.unquote(self.path.split("?", 1)[0]).removeprefix("/save_graph/")
+            listed = {g.get("slug") for g in json.loads((data_dir / "graph-metadata.json").read_text())["graphs"]}
+            path = data_dir / f"{slug}.json"
+            if not self.path.startswith("/save_graph/") or slug not in listed or not path.is_file():
+                return self.send_error(404, "no such graph")
+            try:
+                length = int(self.headers.get("Content-Length", "0"))
+                params = json.loads(self.rfile.read(min(length, 1 << 20)))["qParams"]
+                if not isinstance(params, dict):
+                    raise TypeError("qParams is not an object")
+            except (ValueError, KeyError, TypeError) as err:
+                return self.send_error(400, f"bad request body: {err}")
+            graph = json.loads(path.read_text())
+            graph["qParams"] = params
+            write_text_atomic(path, json.dumps(graph, indent=1))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
 
         def log_message(self, fmt, *args):
             if not quiet:

@@ -112,6 +112,30 @@ def test_the_page_loads_nothing_from_the_network(server, site, frontend):
     assert (frontend.assets / "util.js").read_text().count("cloudfront.net/features/") == 1  # cache as published
 
 
+def _post(url: str, body: bytes) -> int:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_save_stores_the_view_in_the_graph_file(server, site):
+    base = server.url.rsplit("/", 1)[0]
+    slug = json.loads((site / "graph-metadata.json").read_text())["graphs"][0]["slug"]
+    before = json.loads((site / f"{slug}.json").read_text())
+    view = {"pinnedIds": "0_1_2,1_3_4", "clickedId": "0_1_2"}
+    assert _post(f"{base}/save_graph/{slug}", json.dumps({"qParams": view}).encode()) == 200
+    after = json.loads((site / f"{slug}.json").read_text())
+    assert after["qParams"] == view and after["nodes"] == before["nodes"]
+    assert _post(f"{base}/save_graph/graph-metadata", b'{"qParams": {}}') == 404  # only listed graphs
+    assert _post(f"{base}/save_graph/..%2Fescape", b'{"qParams": {}}') == 404
+    assert _post(f"{base}/save_graph/{slug}", b"not json") == 400
+    assert json.loads((site / f"{slug}.json").read_text()) == after
+    assert _post(f"{base}/save_graph/{slug}", json.dumps({"qParams": before["qParams"]}).encode()) == 200
+
+
 def test_serve_refuses_a_folder_without_graphs(tmp_path):
     with pytest.raises(ValueError, match="no graph-metadata.json"):
         check_graph_dir(tmp_path)
