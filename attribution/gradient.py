@@ -33,7 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechdiff.adapters.transcoder import AdaptedModel
-from mechdiff.training.batches import pad
+from mechdiff.padding import pad
 
 
 def feature_attribution(adapted: AdaptedModel, prompts: Sequence[Sequence[int]],

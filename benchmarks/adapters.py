@@ -32,8 +32,8 @@ from mechdiff.adapters.transcoder import SHIPPED_DIR, AdaptedModel  # noqa: E402
 from mechdiff.generation import generate  # noqa: E402
 from mechdiff.models import load_pair  # noqa: E402
 from mechdiff.organism import corpus  # noqa: E402
+from mechdiff.padding import pad  # noqa: E402
 from mechdiff.training.adapter_objective import AdapterObjective, LossWeights, masked_kl  # noqa: E402
-from mechdiff.training.batches import pad  # noqa: E402
 
 
 def training(pair, adapted: AdaptedModel, batch: int, repeats: int) -> dict:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from mechdiff.training.batches import pad
+from mechdiff.padding import pad
 
 LogitProcessor = Callable[[Float[Tensor, "batch vocab"], Int[Tensor, "batch done"]], Float[Tensor, "batch vocab"]]
 

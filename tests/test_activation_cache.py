@@ -10,13 +10,13 @@ import textwrap
 import pytest
 import torch
 
+from mechdiff.padding import pad
 from mechdiff.training.activation_cache import (
     ActivationCache,
     CacheError,
     CacheWriter,
     cache_activations,
 )
-from mechdiff.training.batches import pad
 
 N_ITEMS = 40
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

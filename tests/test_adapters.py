@@ -16,6 +16,7 @@ from mechdiff.adapters.formats import (
 )
 from mechdiff.adapters.transcoder import AdaptedModel
 from mechdiff.models import hybrid, load_pair
+from mechdiff.padding import pad
 from mechdiff.training.adapter_objective import (
     AdapterObjective,
     AdapterRecipe,
@@ -24,7 +25,6 @@ from mechdiff.training.adapter_objective import (
     aux_dead_loss,
     train_adapters,
 )
-from mechdiff.training.batches import pad
 from mechdiff.training.loop import TrainingInterrupted
 
 PAD = 1  # conftest's tiny tokenizer: <unk>=0 <pad>=1 <bos>=2 <eos>=3

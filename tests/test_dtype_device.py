@@ -14,8 +14,8 @@ from mechdiff.adapters.peft_format import export_peft, import_peft
 from mechdiff.adapters.transcoder import AdaptedModel, AdapterConfig
 from mechdiff.models import hooked_from_hf, load_pair
 from mechdiff.organism import corpus
+from mechdiff.padding import pad
 from mechdiff.training.adapter_objective import AdapterObjective, LossWeights
-from mechdiff.training.batches import pad
 from mechdiff.training.lora_objective import TraceBatches, make_loss_fn
 
 BF16 = torch.bfloat16

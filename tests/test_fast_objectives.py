@@ -8,8 +8,8 @@ from mechdiff.adapters.lora import LoRAConfig, LoRAModel
 from mechdiff.adapters.transcoder import AdaptedModel
 from mechdiff.models import load_pair
 from mechdiff.organism import corpus
+from mechdiff.padding import pad
 from mechdiff.training.adapter_objective import AdapterObjective, LossWeights
-from mechdiff.training.batches import pad
 from mechdiff.training.lora_objective import (
     TraceBatches,
     chunked_distillation_loss,

@@ -7,6 +7,7 @@ import torch
 
 from attribution.gradient import feature_attribution, log_odds
 from mechdiff.adapters.formats import SHIPPED_DIR, load_adapted
+from mechdiff.evaluation import feature_sets
 from mechdiff.evaluation import hesitation as H
 from mechdiff.models import load_pair
 from mechdiff.organism import corpus
@@ -98,7 +99,7 @@ def test_normalized_positive_counts_each_prompt_once():
     scores = torch.zeros(2, 2, 3)
     scores[0, 0, 0], scores[0, 1, 2], scores[0, 1, 1] = 3.0, 1.0, -5.0  # prompt 0: 0.75 / 0.25
     scores[1, 1, 2] = 100.0                                              # prompt 1: 1.0
-    agg = H.normalized_positive(scores)
+    agg = feature_sets.normalized_positive(scores)
     assert list(agg) == [(1, 2), (0, 0)]  # negative and silent features left out
     assert agg == pytest.approx({(1, 2): 1.25, (0, 0): 0.75})
 
@@ -106,8 +107,8 @@ def test_normalized_positive_counts_each_prompt_once():
 def test_smallest_ablating_prefix_is_the_first_k_that_meets_the_goal(setup):
     adapted, hes, wait = setup
     prompts = hes.tokens[:24]
-    ranked = list(H.normalized_positive(feature_attribution(adapted, prompts, wait)))[:64]
-    k, curve = H.smallest_ablating_prefix(adapted, ranked, prompts, wait, share=0.8)
+    ranked = list(feature_sets.normalized_positive(feature_attribution(adapted, prompts, wait)))[:64]
+    k, curve = feature_sets.smallest_ablating_prefix(adapted, ranked, prompts, wait, share=0.8)
     assert 0 < k < len(ranked) and len(curve) < 17  # found by a search, not a scan
     p = lambda n: float(H.next_token_probability(  # noqa: E731
         adapted.model, prompts, wait, fwd_hooks=adapted.ablation_hooks(ranked[:n]) if n else []).mean())
@@ -117,4 +118,4 @@ def test_smallest_ablating_prefix_is_the_first_k_that_meets_the_goal(setup):
     assert p(k) <= goal < p(k - 1)  # checked by direct forwards, outside the search
     assert curve[k] == pytest.approx(p(k), abs=1e-6)
     with pytest.raises(ValueError, match="share"):
-        H.smallest_ablating_prefix(adapted, ranked, prompts, wait, share=1.5)
+        feature_sets.smallest_ablating_prefix(adapted, ranked, prompts, wait, share=1.5)

@@ -26,6 +26,7 @@ from attribution.synthetic import randomize_adapters
 from mechdiff.adapters.formats import save_adapters
 from mechdiff.adapters.transcoder import AdaptedModel
 from mechdiff.evaluation import hesitation as H
+from mechdiff.evaluation import sufficiency
 from mechdiff.models import load_pair, load_tokenizer
 from mechdiff.organism import task
 from mechdiff.real import chat, smollm2
@@ -166,7 +167,7 @@ def test_chat_generation_paths_agree_with_the_workload(pair, adapters):
     assert [spec.text(r) for r in spec.responses(pair.target, problems)] == texts
     adapted = load_adapted(pair, adapters)
     every = [(layer, f) for layer in range(pair.n_layers) for f in range(16)]
-    kept = H.set_decides_ids(adapted, pair.tokenizer, problems, every, spec.decisions, 6)
+    kept = sufficiency.set_decides_ids(adapted, pair.tokenizer, problems, every, spec.decisions, 6)
     assert kept == spec.responses(adapted.model, problems)
 
 

@@ -5,6 +5,7 @@ import torch
 
 from attribution.synthetic import randomize_adapters
 from mechdiff.adapters.transcoder import AdaptedModel
+from mechdiff.evaluation import feature_roles, feature_sets, sufficiency
 from mechdiff.evaluation import hesitation as H
 from mechdiff.models import load_pair
 from mechdiff.organism import corpus
@@ -23,12 +24,12 @@ def adapted(pair):
 def test_covering_set_and_aggregation():
     rankings = [[{"layer": 0, "feature": 1, "score": 3.0}, {"layer": 1, "feature": 2, "score": 1.0}],
                 [{"layer": 1, "feature": 2, "score": 5.0}, {"layer": 2, "feature": 0, "score": -4.0}]]
-    agg = H.aggregate_influence(rankings)  # each prompt normalised to 1; negatives ignored
+    agg = feature_sets.aggregate_influence(rankings)  # each prompt normalised to 1; negatives ignored
     assert agg == pytest.approx({(0, 1): 0.75, (1, 2): 1.25, (2, 0): 0.0})
-    assert H.covering_set(agg, share=0.6) == [(1, 2)]
-    assert H.covering_set(agg, share=1.0) == [(1, 2), (0, 1)]
+    assert feature_sets.covering_set(agg, share=0.6) == [(1, 2)]
+    assert feature_sets.covering_set(agg, share=1.0) == [(1, 2), (0, 1)]
     with pytest.raises(ValueError, match="share"):
-        H.covering_set(agg, share=0)
+        feature_sets.covering_set(agg, share=0)
 
 
 def test_keep_only_equals_ablating_the_complement(adapted):
@@ -36,11 +37,11 @@ def test_keep_only_equals_ablating_the_complement(adapted):
     keep = [(0, 3), (1, 5), (2, 7)]
     every = [(layer, f) for layer in range(3) for f in range(64)]
     complement = [f for f in every if f not in keep]
-    a = adapted.model.run_with_hooks(tokens, fwd_hooks=H.keep_only_hooks(adapted, keep))
+    a = adapted.model.run_with_hooks(tokens, fwd_hooks=sufficiency.keep_only_hooks(adapted, keep))
     b = adapted.model.run_with_hooks(tokens, fwd_hooks=adapted.ablation_hooks(complement))
     torch.testing.assert_close(a, b)
     full = adapted.model(tokens)
-    kept_all = adapted.model.run_with_hooks(tokens, fwd_hooks=H.keep_only_hooks(adapted, every))
+    kept_all = adapted.model.run_with_hooks(tokens, fwd_hooks=sufficiency.keep_only_hooks(adapted, every))
     torch.testing.assert_close(full, kept_all)
 
 
@@ -69,14 +70,14 @@ def test_hesitation_prompts_end_before_wait_and_controls_before_separator(pair):
 
 def test_activation_mass_by_label_is_a_distribution(adapted):
     rows = corpus.reasoning_traces(4, "test")
-    acts = H.feature_activations(adapted, rows["input_ids"])
+    acts = feature_roles.feature_activations(adapted, rows["input_ids"])
     from mechdiff.organism import task
     labels = [[task.LABELS[i] for i in r] for r in rows["label_ids"]]
     alive = (torch.stack([a.amax(0) for a in acts]).amax(0) > 0).nonzero().tolist()[:5]
-    mass = H.activation_mass_by_label(acts, labels, [tuple(f) for f in alive])
+    mass = feature_roles.activation_mass_by_label(acts, labels, [tuple(f) for f in alive])
     for shares in mass.values():
         assert sum(shares.values()) == pytest.approx(1.0)
-    ref = H.feature_activations(adapted, rows["input_ids"][:1])[0]
+    ref = feature_roles.feature_activations(adapted, rows["input_ids"][:1])[0]
     assert torch.allclose(acts[0], ref, atol=1e-5)  # batching and padding change nothing
 
 
@@ -88,20 +89,20 @@ def test_set_decides_generation_takes_only_the_decisions_from_the_kept_copy(pair
     adapted = load_adapted(pair, SHIPPED_DIR)
     tok, problems = pair.tokenizer, corpus.problems(12, "test", seed=3)
     every = [(layer, f) for layer in range(3) for f in range(adapted.config.d_sae)]
-    assert H.set_decides_generation(adapted, tok, problems, every) == responses(adapted.model, tok, problems)
+    assert sufficiency.set_decides_generation(adapted, tok, problems, every) == responses(adapted.model, tok, problems)
 
     wait = tok.convert_tokens_to_ids("wait")
-    effect = H.decoder_logit_effect(adapted, wait)
+    effect = feature_roles.decoder_logit_effect(adapted, wait)
     top = torch.topk(effect.flatten(), 20).indices.tolist()
     kept = [divmod(i, effect.shape[1]) for i in top]
-    words = H.set_decides_generation(adapted, tok, problems, kept)
+    words = sufficiency.set_decides_generation(adapted, tok, problems, kept)
     decisions, choices = set(tok.convert_tokens_to_ids(["wait", ";"])), {"wait": 0, ";": 0}
     for prompt, response in zip(problems["input_ids"], words):
         ids = list(prompt) + tok.convert_tokens_to_ids(response)
         x = torch.tensor([ids])
         with torch.no_grad():
             full = adapted.model(x)[0, len(prompt) - 1:-1]
-            only = adapted.model.run_with_hooks(x, fwd_hooks=H.keep_only_hooks(adapted, kept))[0, len(prompt) - 1:-1]
+            only = adapted.model.run_with_hooks(x, fwd_hooks=sufficiency.keep_only_hooks(adapted, kept))[0, len(prompt) - 1:-1]
         for t, token in enumerate(ids[len(prompt):]):
             greedy = int(full[t].argmax())
             if greedy in decisions:  # a decision: the kept-only copy's preference between the two

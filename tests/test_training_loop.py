@@ -5,8 +5,9 @@ import torch
 
 from mechdiff.atomic import is_temporary
 from mechdiff.config_checks import ConfigError
+from mechdiff.padding import pad
 from mechdiff.training import checkpoint
-from mechdiff.training.batches import pad, step_indices
+from mechdiff.training.batches import step_indices
 from mechdiff.training.loop import LoopConfig, TrainingInterrupted, lr_factor, train
 
 

@@ -40,9 +40,9 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mechdiff.adapters.transcoder import AdaptedModel
+from mechdiff.capture import run_capture
 from mechdiff.evaluation.behaviour import gain_recovered
-from mechdiff.training.adapter_objective import run_capture
-from mechdiff.training.batches import pad
+from mechdiff.padding import pad
 from mechdiff.workloads import Workload, for_pair
 
 ModelSpec = HookedTransformer | tuple[HookedTransformer, Sequence[tuple]]

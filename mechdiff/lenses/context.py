@@ -33,7 +33,7 @@ from torch import Tensor
 from mechdiff.evaluation import hesitation as H
 from mechdiff.models import ModelPair
 from mechdiff.organism import task
-from mechdiff.training.batches import pad
+from mechdiff.padding import pad
 from mechdiff.workloads import for_pair
 
 TRUTH = ("hesitation", "slip", "correction")  # the labels a hesitation unit should fire on

@@ -39,6 +39,7 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mechdiff.evaluation import feature_sets
 from mechdiff.evaluation import hesitation as H
 from mechdiff.lenses import scoring
 from mechdiff.lenses.context import LensContext, cached, last_position
@@ -271,7 +272,7 @@ def crosscoder_lens(ctx: LensContext, cfg: CrosscoderConfig, *, n_traces: int = 
                   - cc.encode(_last(pair, ctx.ctl.tokens, cfg.layer)).mean(0)) * cc.decoder_norms()[:, 1]
     candidate = scaling["nu"] < max_nu  # NaN (never fires) is not a candidate
     scores = {j: float(excess[j]) for j in candidate.nonzero().flatten().tolist() if excess[j] > 0}
-    named = H.covering_set(scores, s.share) if scores else []
+    named = feature_sets.covering_set(scores, s.share) if scores else []
     score_s = time.process_time() - t0
     alive = (latents > 0).any(0).nonzero().flatten().tolist()
     before = spec.evaluate(pair.target, ctx.problems)["hesitations_per_response"]

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from mechdiff.lenses import scoring
 from mechdiff.lenses.context import LensContext
-from mechdiff.training.batches import pad
+from mechdiff.padding import pad
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from sae_lens import SAE
 
+from mechdiff.evaluation import feature_sets
 from mechdiff.evaluation import hesitation as H
 from mechdiff.features.lora_sae import encode
 from mechdiff.lenses import scoring
@@ -77,7 +78,7 @@ def lora_sae_lens(ctx: LensContext, lora_folder: str | Path, sae_folder: str | P
         excess = (encode(sae, states(lora, ctx.hes.tokens, last=True)).mean(0)
                   - encode(sae, states(lora, ctx.ctl.tokens, last=True)).mean(0)) * norms
     scores = {j: float(excess[j]) for j in range(len(excess)) if excess[j] > 0}
-    named = H.covering_set(scores, s.share) if scores else []
+    named = feature_sets.covering_set(scores, s.share) if scores else []
     score_s = time.process_time() - t0
     latents = encode(sae, states(lora, ctx.tokens.sequences))
     alive = (latents > 0).any(0).nonzero().flatten().tolist()

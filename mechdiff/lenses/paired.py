@@ -34,7 +34,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from mechdiff.generation import check_context
-from mechdiff.training.batches import pad
+from mechdiff.padding import pad
 
 EditHooks = Callable[[dict[str, Tensor]], list[tuple[str, Callable]]]
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from attribution.build import attribute
 from attribution.gradient import feature_attribution
+from mechdiff.evaluation import feature_roles, feature_sets
 from mechdiff.evaluation import hesitation as H
 from mechdiff.lenses import scoring
 from mechdiff.lenses.context import LensContext
@@ -37,23 +38,23 @@ from mechdiff.models import hybrid
 RANKINGS = ("graph", "gradient")
 
 
-def rank_features(ctx: LensContext, adapted, ranking: str, max_feature_nodes: int = 256) -> list[H.Feature]:
+def rank_features(ctx: LensContext, adapted, ranking: str, max_feature_nodes: int = 256) -> list[feature_sets.Feature]:
     """The hesitation set by ``ranking`` (see the module docstring), from the validation prompts."""
     spec, prompts = ctx.spec, ctx.hes.tokens
     if ranking == "graph":
         rankings = [attribute(adapted, torch.tensor(t), target=spec.target, max_feature_nodes=max_feature_nodes)
                     .feature_ranking(0, aggregate=True) for t in tqdm(prompts, desc="graphs", leave=False)]
-        return H.covering_set(H.aggregate_influence(rankings), ctx.settings.share)
+        return feature_sets.covering_set(feature_sets.aggregate_influence(rankings), ctx.settings.share)
     if ranking == "gradient":
-        ranked = list(H.normalized_positive(feature_attribution(adapted, prompts, spec.variants)))
-        k, _ = H.smallest_ablating_prefix(adapted, ranked, prompts, spec.variants, ctx.settings.share)
+        ranked = list(feature_sets.normalized_positive(feature_attribution(adapted, prompts, spec.variants)))
+        k, _ = feature_sets.smallest_ablating_prefix(adapted, ranked, prompts, spec.variants, ctx.settings.share)
         return ranked[:k]
     raise ValueError(f"ranking must be one of {RANKINGS}, not {ranking!r}")
 
 
 def flat_acts(adapted, sequences) -> torch.Tensor:
     """``[n_tokens layer d_sae]`` adapter activations on every token but each sequence's first."""
-    return torch.cat([a[1:] for a in H.feature_activations(adapted, sequences)])
+    return torch.cat([a[1:] for a in feature_roles.feature_activations(adapted, sequences)])
 
 
 def transcoder_lens(ctx: LensContext, adapted, ranking: str, *, acts: torch.Tensor | None = None,
@@ -87,7 +88,7 @@ def steer_hybrid(ctx: LensContext, adapted, features) -> dict:
     at the last position, and the adapted model."""
     ids, prompts = ctx.spec.variants, ctx.hes_test.tokens
     model = hybrid(ctx.pair, adapted.config.backbone)
-    last = torch.stack([a[-1] for a in H.feature_activations(adapted, ctx.hes.tokens)]).mean(0)  # [layer d_sae]
+    last = torch.stack([a[-1] for a in feature_roles.feature_activations(adapted, ctx.hes.tokens)]).mean(0)  # [layer d_sae]
     hooks = []
     for layer in sorted({f[0] for f in features}):
         feats = [f[1] for f in features if f[0] == layer]

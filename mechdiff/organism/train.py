@@ -22,7 +22,8 @@ from mechdiff.atomic import atomic_folder
 from mechdiff.organism import corpus
 from mechdiff.organism.task import TaskSpec
 from mechdiff.organism.tokenizer import build_tokenizer
-from mechdiff.training.batches import pad, step_indices
+from mechdiff.padding import pad
+from mechdiff.training.batches import step_indices
 from mechdiff.training.loop import LoopConfig, train
 from mechdiff.training.losses import causal_lm_ce
 

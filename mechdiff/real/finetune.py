@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from mechdiff.config_checks import check
+from mechdiff.padding import pad
 from mechdiff.real import chat, smollm2
-from mechdiff.training.batches import pad, step_indices
+from mechdiff.training.batches import step_indices
 from mechdiff.training.loop import LoopConfig, train
 from mechdiff.training.losses import causal_lm_ce
 

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mechdiff.evaluation import feature_roles, feature_sets, sufficiency
 from mechdiff.evaluation import hesitation as H
 from mechdiff.evaluation.faithfulness import adapter_report
 from mechdiff.studies import hesitation_measures as M
@@ -142,20 +143,20 @@ def ranked_features(adapted, prompts: H.CutPrompts, spec, cfg: HesitationConfig,
         rankings.append(graph.feature_ranking(0, aggregate=True))
         graphs.append(graph)
     if cfg.ranking == "graph":
-        scores = H.aggregate_influence(rankings)
+        scores = feature_sets.aggregate_influence(rankings)
     else:
-        scores = H.normalized_positive(feature_attribution(adapted, prompts.tokens, spec.variants))
+        scores = feature_sets.normalized_positive(feature_attribution(adapted, prompts.tokens, spec.variants))
     return list(scores), scores, graphs, rankings
 
 
 def hesitation_set(adapted, prompts: H.CutPrompts, spec, cfg: HesitationConfig, progress: bool = True):
     """``(the set, scores by feature, graphs, how it was sized: both rules and the P curve)``."""
     ranked, scores, graphs, rankings = ranked_features(adapted, prompts, spec, cfg, progress)
-    k_abl, curve = H.smallest_ablating_prefix(adapted, ranked, prompts.tokens, spec.variants,
+    k_abl, curve = feature_sets.smallest_ablating_prefix(adapted, ranked, prompts.tokens, spec.variants,
                                               cfg.ablation_share, greedy=True)
     sizes = {"ablation": k_abl}
     if cfg.ranking == "graph":
-        sizes["influence"] = len(H.covering_set(scores, cfg.share))
+        sizes["influence"] = len(feature_sets.covering_set(scores, cfg.share))
     k = max(sizes.values()) if cfg.sizing == "both" else sizes[cfg.sizing]
     chosen = set(ranked[:k])
     overlap = []  # how many of each graph's own top-k features the set holds
@@ -219,7 +220,7 @@ def run(pair, adapted, cfg: HesitationConfig | None = None, *, progress: bool = 
                                                      cfg.random_draws, cfg.seed)
     dose_problems = spec.problems(min(cfg.n_dose_problems, cfg.n_problems), "test", cfg.seed)
     ks, curves = M.dose_response(adapted, spec, dose_problems, feature_set, alive, cfg.seed)
-    keep = spec.evaluate(adapted.model, problems, fwd_hooks=H.keep_only_hooks(adapted, feature_set))
+    keep = spec.evaluate(adapted.model, problems, fwd_hooks=sufficiency.keep_only_hooks(adapted, feature_set))
     at_prompts = M.hesitation_at_prompts(adapted, hes, ctl, feature_set, spec.variants)
     decides = M.set_decides(adapted, spec, problems, feature_set, alive, cfg.random_draws, cfg.seed)
     outputs = [f for f in feature_set if role_of[f] == "output"]
@@ -249,7 +250,7 @@ def _summary(cfg, spec, faith, hes, ctl, feature_set, scores, graphs, sizing, ro
         "frac_prompts_after_error": sum(hes.after_error) / max(1, len(hes)),
         "n_hesitation_features": len(feature_set), "hesitation_fraction": len(feature_set) / n_total,
         "influence_share": cfg.share, "ranking": cfg.ranking, "set_rule": sizing, "n_graphs": len(graphs),
-        "roles": counts, "role_rule": H.role_rule(spec.word),
+        "roles": counts, "role_rule": feature_roles.role_rule(spec.word),
         "hesitation_features": [{"layer": f[0], "feature": f[1], "role": role_of[f], "influence": scores[f],
                                  "top_labels": _top_labels(mass[f])} for f in feature_set],
         "necessity": {

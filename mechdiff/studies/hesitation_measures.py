@@ -16,21 +16,22 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechdiff.evaluation import feature_roles, feature_sets, sufficiency
 from mechdiff.evaluation import hesitation as H
 from mechdiff.models import hybrid
 
-Feature = H.Feature
+Feature = feature_sets.Feature
 
 
 def roles(adapted, hes: H.CutPrompts, feature_set: Sequence[Feature], target_id: int):
     """``(role by feature, activation mass by label, activations at the prompts)``."""
-    effect = H.decoder_logit_effect(adapted, target_id)
+    effect = feature_roles.decoder_logit_effect(adapted, target_id)
     rank = promote_rank(adapted, target_id)
-    acts = H.feature_activations(adapted, hes.tokens)
+    acts = feature_roles.feature_activations(adapted, hes.tokens)
     prompt_len = [len(t) - len(lab) for t, lab in zip(hes.tokens, hes.labels)]
     labels = [["prompt"] * n + list(lab) for n, lab in zip(prompt_len, hes.labels)]
-    mass = H.activation_mass_by_label(acts, labels, feature_set)
-    return H.assign_roles(feature_set, effect, rank, mass), mass, acts
+    mass = feature_roles.activation_mass_by_label(acts, labels, feature_set)
+    return feature_roles.assign_roles(feature_set, effect, rank, mass), mass, acts
 
 
 def promote_rank(adapted, token_id: int) -> Float[Tensor, "layer d_sae"]:
@@ -49,7 +50,7 @@ def activation_difference_set(adapted, hes_acts, ctl: H.CutPrompts, n: int) -> l
     """The ``n`` features whose mean activation at the last position differs most (hesitation minus
     control prompts): the set a plain activation-difference lens would name."""
     last = lambda acts: torch.stack([a[-1] for a in acts])  # noqa: E731  [n layer d_sae]
-    diff = last(hes_acts).mean(0) - last(H.feature_activations(adapted, ctl.tokens)).mean(0)
+    diff = last(hes_acts).mean(0) - last(feature_roles.feature_activations(adapted, ctl.tokens)).mean(0)
     top = torch.topk(diff.flatten(), n).indices
     return [(int(i) // diff.shape[1], int(i) % diff.shape[1]) for i in top]
 
@@ -70,7 +71,7 @@ def hesitation_at_prompts(adapted, hes, ctl, feature_set, token_ids) -> dict:
     """Greedy-hesitation rate and mean P(hesitation) (every spelling in ``token_ids``) at hesitation
     and control prompts, with every adapter feature (full) and with only the set kept."""
     out = {}
-    for name, hooks in (("full", []), ("kept_only", H.keep_only_hooks(adapted, feature_set))):
+    for name, hooks in (("full", []), ("kept_only", sufficiency.keep_only_hooks(adapted, feature_set))):
         p_hes = H.next_token_probability(adapted.model, hes.tokens, token_ids, fwd_hooks=hooks)
         p_ctl = H.next_token_probability(adapted.model, ctl.tokens, token_ids, fwd_hooks=hooks)
         out[name] = {"wait_rate": float((p_hes > 0.5).float().mean()), "wait_prob": float(p_hes.mean()),
@@ -82,7 +83,7 @@ def set_decides(adapted, spec, problems, feature_set, alive, random_draws: int, 
     """Hesitations per response when only ``feature_set`` decides whether to hesitate (the full
     model writes every other token); controls: random sets of the same size, and no feature."""
     def rate(features):
-        rows = H.set_decides_ids(adapted, spec.tokenizer, problems, features, spec.decisions,
+        rows = sufficiency.set_decides_ids(adapted, spec.tokenizer, problems, features, spec.decisions,
                                  spec.max_new_tokens)
         return spec.summarize([spec.grade(spec.problem(r["operands"]), ids) for r, ids in zip(problems, rows)])
 

@@ -303,7 +303,7 @@ def cache_activations(model, sequences: Sequence[Sequence[int]], directory: str 
     """
     from tqdm.auto import tqdm
 
-    from mechdiff.training.batches import pad
+    from mechdiff.padding import pad
 
     unknown = [n for n in hook_names if n not in model.hook_dict]
     if unknown:

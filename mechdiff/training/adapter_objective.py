@@ -31,7 +31,6 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,11 +41,13 @@ from transformer_lens import HookedTransformer
 
 from mechdiff import distributed
 from mechdiff.adapters.transcoder import AdaptedModel
+from mechdiff.capture import final_hidden, run_capture
 from mechdiff.config_checks import check
 from mechdiff.models import ModelPair
-from mechdiff.training.batches import pad, step_indices
+from mechdiff.padding import pad
+from mechdiff.training.batches import step_indices
 from mechdiff.training.loop import LoopConfig, train
-from mechdiff.training.losses import Head, final_hidden, head_losses, hooked_head, masked_kl
+from mechdiff.training.losses import Head, head_losses, hooked_head, masked_kl
 
 __all__ = ["AdapterObjective", "AdapterRecipe", "LossWeights", "masked_kl", "run_capture", "train_adapters"]
 
@@ -54,25 +55,6 @@ Mask = Bool[Tensor, "batch pos"]
 
 
 # ----------------------------------------------------------------------------- loss parts
-
-
-def run_capture(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], mask: Mask,
-                extra: tuple[str, ...] = (), logits: bool = True,
-                ) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
-    """Logits (or, with ``logits=False``, the residual after ``ln_final`` that the unembedding
-    reads), the residual stream ``[resid_pre 0, resid_post 0, ..., resid_post n-1]`` and the
-    activations at the hook points in ``extra`` (gradients flow through all of them)."""
-    n = model.cfg.n_layers
-    names = [f"blocks.{i}.hook_resid_pre" for i in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
-    store: dict[str, Tensor] = {}
-
-    def save(tensor, hook):
-        store[hook.name] = tensor
-
-    with model.hooks(fwd_hooks=[(name, save) for name in (*names, *extra)]):
-        run = model if logits else partial(final_hidden, model)
-        out = run(tokens, attention_mask=mask.long())
-    return out, [store[name] for name in names], {name: store[name] for name in extra}
 
 
 def nmse_per_layer(resid: list[Tensor], target_resid: list[Tensor], mask: Mask) -> Float[Tensor, " layer"]:

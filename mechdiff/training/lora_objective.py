@@ -28,9 +28,10 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from mechdiff import distributed
-from mechdiff.training.batches import pad, step_indices
+from mechdiff.capture import final_hidden
+from mechdiff.padding import pad
+from mechdiff.training.batches import step_indices
 from mechdiff.training.losses import (
-    final_hidden,
     head_losses,
     hooked_head,
     masked_kl,

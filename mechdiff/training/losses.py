@@ -216,13 +216,6 @@ def hooked_head(model, hidden: Float[Tensor, "n d_model"]) -> Head:
     return Head(hidden, model.W_U, model.b_U)
 
 
-def final_hidden(model, tokens: Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"],
-                 **kwargs) -> Float[Tensor, "batch pos d_model"]:
-    """A ``HookedTransformer``'s residual after ``ln_final`` (what its unembedding reads); every hook
-    point up to ``ln_final`` fires. ``kwargs`` go to the model (``attention_mask``, ``start_at_layer``)."""
-    return model.ln_final(model(tokens, stop_at_layer=model.cfg.n_layers, **kwargs))
-
-
 def causal_lm_ce(model, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"],
                  prompt_len: Int[Tensor, " batch"] | None = None) -> Float[Tensor, ""]:
     """Mean next-token cross-entropy of a ``transformers`` causal LM (``model.model`` then its output
