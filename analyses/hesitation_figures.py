@@ -104,11 +104,13 @@ def role_examples(out: Path, hes, acts, role_of: dict, tokenizer, per_role: int 
     import re
 
     from mechdiff.features import dashboard
+    from mechdiff.visualization.assets import shared_asset
 
     bundle = dashboard._bundle()
-    (out / "circuitsvis.js").write_text(re.sub(r"//# sourceMappingURL=\S+\s*$", "", bundle), encoding="utf-8")
+    src = shared_asset(out / "role_examples.html", "circuitsvis.js",
+                       lambda: re.sub(r"//# sourceMappingURL=\S+\s*$", "", bundle))
     parts = ["<html><head><meta charset='utf-8'><title>Hesitation features</title>",
-             "<script src='circuitsvis.js'></script></head><body>",
+             f"<script src='{src}'></script></head><body>",
              "<h1>Hesitation features: top activating prompts by role</h1>"]
     for role in ("output", "error_detection", "context/format"):
         feats = [f for f, r in role_of.items() if r == role][:per_role]
