@@ -41,8 +41,8 @@ from transformer_lens import HookedTransformer
 
 from mechdiff.adapters.transcoder import AdaptedModel
 from mechdiff.evaluation.behaviour import gain_recovered
+from mechdiff.padding import pad
 from mechdiff.training.adapter_objective import run_capture
-from mechdiff.training.batches import pad
 from mechdiff.workloads import Workload, for_pair
 
 ModelSpec = HookedTransformer | tuple[HookedTransformer, Sequence[tuple]]

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from mechdiff.adapters.lora import ATTENTION_MODULES, MLP_MODULES, LoRAModel
 from mechdiff.organism.task import LABELS
-from mechdiff.training.batches import pad
+from mechdiff.padding import pad
 from mechdiff.training.lora_objective import TraceBatches
 
 CLASSES = ("monosemantic", "broad", "polysemantic")

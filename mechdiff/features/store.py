@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 
 from mechdiff.atomic import atomic_file, write_json
 from mechdiff.features.classify import logit_lens
-from mechdiff.training.batches import pad
+from mechdiff.padding import pad
 
 REGIONS = ("prompt", "thinking", "answer")
 STORE_FILE, META_FILE = "store.safetensors", "store.json"

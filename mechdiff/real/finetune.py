@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from mechdiff.config_checks import check
+from mechdiff.padding import pad
 from mechdiff.real import chat, smollm2
-from mechdiff.training.batches import pad, step_indices
+from mechdiff.training.batches import step_indices
 from mechdiff.training.loop import LoopConfig, train
 
 SECONDS_PER_STEP = 10.0  # batch 8 of ~225-token chats, fp32, 2 idle cores (8x128 measured at 4.7 s)

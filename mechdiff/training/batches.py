@@ -3,29 +3,10 @@
 from __future__ import annotations
 
 import torch
-from jaxtyping import Bool, Int
-from torch import Tensor
 
+from mechdiff.padding import pad
 
-def pad(
-    sequences: list[list[int]], pad_id: int, side: str = "right"
-) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
-    """Pad to the longest sequence; returns ``(tokens, mask)`` with ``mask`` True on real tokens.
-
-    >>> tokens, mask = pad([[5, 6, 7], [8]], pad_id=0, side="left")
-    >>> tokens.tolist(), mask.sum(1).tolist()
-    ([[5, 6, 7], [0, 0, 8]], [3, 1])
-    """
-    if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', not {side!r}")
-    width = max(map(len, sequences))
-    tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
-    for row, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        tokens[row, span] = torch.tensor(seq, dtype=torch.long)
-        mask[row, span] = True
-    return tokens, mask
+__all__ = ["pad", "step_indices"]  # pad lives in mechdiff.padding; kept importable from here
 
 
 def step_indices(n_rows: int, batch_size: int, step: int, seed: int) -> list[int]:
