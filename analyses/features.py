@@ -30,16 +30,9 @@ from pathlib import Path
 import plotly.graph_objects as go
 import torch
 
+from mechdiff import cli
 from mechdiff.adapters.formats import SHIPPED_DIR, load_adapted
 from mechdiff.adapters.transcoder import AdaptedModel
-from mechdiff.cli import (
-    UsageError,
-    add_pair_options,
-    check_pair_options,
-    load_pair_from_args,
-    offline_environment,
-    run,
-)
 from mechdiff.features import classify as C
 from mechdiff.features.dashboard import write_dashboards
 from mechdiff.features.store import REGIONS, StoreConfig, StoreMismatch, build_store
@@ -56,7 +49,7 @@ def _log(msg: str) -> None:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m analyses.features", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_pair_options(p)
+    cli.add_pair_options(p)
     p.add_argument("--adapters", default=str(SHIPPED_DIR),
                    help="trained adapters folder, or random:D_SAE for random sparse adapters")
     p.add_argument("--out", default="figures/features", help="output folder")
@@ -79,16 +72,16 @@ def parse_args(argv):
     p.add_argument("--judge-n", type=int, default=20, help="features to send to the judge")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    check_pair_options(args)
+    cli.check_pair_options(args)
     for flag in ("n_traces", "top_k", "batch_size"):
         if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+            raise cli.UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     spec = args.adapters
     if spec.startswith("random:"):
         if not spec.split(":", 1)[1].isdigit() or int(spec.split(":", 1)[1]) < 1:
-            raise UsageError(f"--adapters {spec}: random:D_SAE needs a whole number D_SAE >= 1")
+            raise cli.UsageError(f"--adapters {spec}: random:D_SAE needs a whole number D_SAE >= 1")
     elif not Path(spec).is_dir():
-        raise UsageError(f"--adapters {spec}: no such folder; train adapters (python -m mechdiff.adapters) "
+        raise cli.UsageError(f"--adapters {spec}: no such folder; train adapters (python -m mechdiff.adapters) "
                          "or pass --adapters random:1024 for a dry run")
     return args
 
@@ -203,13 +196,13 @@ def run_judge(store, tok, cats, idx, args) -> dict:
 
 
 def main(argv=None) -> dict:
-    offline_environment()
+    cli.offline_environment()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     torch.manual_seed(args.seed)
     out, t0 = Path(args.out), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     _log("1/4 load the pair and the adapters")
-    pair = load_pair_from_args(args)
+    pair = cli.load_pair_from_args(args)
     adapted = load_adapters(pair, args.adapters, args.seed)
     tok = pair.tokenizer
     _log(f"2/4 activation store over {args.n_traces} {args.split} traces -> {args.store}")
@@ -287,4 +280,4 @@ def report(s: dict) -> str:
 
 
 if __name__ == "__main__":
-    run(main)
+    cli.run(main)

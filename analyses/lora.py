@@ -20,14 +20,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import torch
 
-from mechdiff.cli import (
-    UsageError,
-    add_pair_options,
-    check_pair_options,
-    load_pair_from_args,
-    offline_environment,
-    run,
-)
+from mechdiff import cli
 from mechdiff.features import lora_lens as lens
 from mechdiff.features import lora_sae
 from mechdiff.lora import TrainConfig, evaluate_lora, shipped_lora, train_lora
@@ -102,22 +95,22 @@ def main(argv=None) -> dict:
     p.add_argument("--n-traces", type=int, default=20_000, help="training traces with --retrain")
     p.add_argument("--kl-weight", type=float, default=0.0, help="distillation KL weight with --retrain")
     p.add_argument("--runs", default="runs", help="where trained LoRAs are written")
-    add_pair_options(p)  # --threads 1 is fastest here: oversubscribed cores make 2 threads slower
+    cli.add_pair_options(p)  # --threads 1 is fastest here: oversubscribed cores make 2 threads slower
     args = p.parse_args(argv)
-    offline_environment()
+    cli.offline_environment()
     if args.base or args.target:  # a base/target pair given without --pair custom
         args.pair = "custom"
-    check_pair_options(args)
+    cli.check_pair_options(args)
     for flag in ("n_problems", "n_holdout", "n_sae_traces", "sae_samples", "top_k", "steps", "n_traces"):
         if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+            raise cli.UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     if any(r < 1 for r in args.ranks):
-        raise UsageError(f"--ranks {' '.join(map(str, args.ranks))}: every rank must be >= 1")
+        raise cli.UsageError(f"--ranks {' '.join(map(str, args.ranks))}: every rank must be >= 1")
     t0 = time.perf_counter()
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pair = load_pair_from_args(args)
+    pair = cli.load_pair_from_args(args)
     loras, sources = get_loras(pair, args.ranks, args)
     r1 = loras[args.ranks[0]]
     work = for_pair(pair)  # the pair's own task (an organism of the family: its words and widths)
@@ -283,4 +276,4 @@ def _report(s, contexts) -> str:
 
 
 if __name__ == "__main__":
-    run(main)
+    cli.run(main)

@@ -33,14 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from mechdiff.cli import (
-    UsageError,
-    add_pair_options,
-    check_pair_options,
-    load_pair_from_args,
-    offline_environment,
-    run,
-)
+from mechdiff import cli
 from mechdiff.measure import peak_rss_gib
 
 STAGES = ("behaviour", "adapters", "hesitation", "lora", "cost")
@@ -52,7 +45,7 @@ ORGANISM = {"behaviour": ROOT / "mechdiff/adapters/shipped/organism/adapters.jso
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m analyses.real", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_pair_options(p, default_pair="smollm2")
+    cli.add_pair_options(p, default_pair="smollm2")
     p.add_argument("--out", default="figures/real", help="output folder (default figures/real)")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="stages to run")
     p.add_argument("--redo", nargs="*", default=[], choices=STAGES, help="rerun these even if done")
@@ -71,17 +64,17 @@ def parse_args(argv):
                    help="extra flags for analyses.hesitation (quoted)")
     p.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
     args = p.parse_args(argv)
-    check_pair_options(args)
+    cli.check_pair_options(args)
     if not (args.pair == "smollm2" or args.pair.startswith("smollm2:")):
-        raise UsageError(f"--pair {args.pair}: this study is SmolLM2's (smollm2 or smollm2:RUN)")
+        raise cli.UsageError(f"--pair {args.pair}: this study is SmolLM2's (smollm2 or smollm2:RUN)")
     for flag in ("n_problems", "n_eval_traces", "d_sae", "k", "adapter_steps", "lora_steps", "batch_size"):
         if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+            raise cli.UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     return args
 
 
 def main(argv=None) -> dict:
-    offline_environment()
+    cli.offline_environment()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +108,7 @@ def _run_stage(args, out: Path) -> dict:
 
 
 def _pair(args):
-    return load_pair_from_args(args)
+    return cli.load_pair_from_args(args)
 
 
 def _cache(args) -> Path:
@@ -319,4 +312,4 @@ def write_summary(out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    run(main)
+    cli.run(main)

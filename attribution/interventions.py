@@ -42,7 +42,10 @@ def intervene(adapted: AdaptedModel, tokens: Int[Tensor, " pos"], edits: Sequenc
     """Logits of one prompt with ``edits`` applied, on the true or the linearized model.
 
     Example:
-        >>> logits = intervene(adapted, tokens, ablate([(1, 7)]), linearized=True)  # doctest: +SKIP
+        >>> from attribution.synthetic import tiny_adapted
+        >>> adapted, tokens = tiny_adapted(seed=0), torch.tensor([2, 5, 9, 11])
+        >>> intervene(adapted, tokens, ablate([(1, 7)]), linearized=True).shape[0]
+        4
     """
     tokens = _as_prompt(adapted, tokens)
     _check_positions(edits, int(tokens.shape[0]))
@@ -63,7 +66,10 @@ def generate_with_edits(adapted: AdaptedModel, prompts: Sequence[Sequence[int]],
     positions in each prompt + continuation (prompts of any lengths batch together).
 
     Example:
-        >>> outs = generate_with_edits(adapted, [prompt], ablate([(2, 17)]), 64)  # doctest: +SKIP
+        >>> from attribution.synthetic import tiny_adapted
+        >>> outs = generate_with_edits(tiny_adapted(seed=0), [[2, 5, 9]], ablate([(1, 3)]), 4)
+        >>> len(outs[0]) <= 4
+        True
     """
     if linearized:
         return [_generate_linearized(adapted, list(p), edits, max_new_tokens, **generate_kwargs)

@@ -15,34 +15,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-from attribution.build import attribute  # noqa: E402
-from attribution.gradient import feature_attribution  # noqa: E402
-from benchmarks import mean_seconds  # noqa: E402
-from mechdiff.adapters.formats import SHIPPED_DIR, load_adapted  # noqa: E402
-from mechdiff.evaluation import hesitation as H  # noqa: E402
-from mechdiff.models import load_pair  # noqa: E402
-from mechdiff.workloads import for_pair  # noqa: E402
+from attribution.build import attribute
+from attribution.gradient import feature_attribution
+from benchmarks import mean_seconds
+from mechdiff.adapters.formats import SHIPPED_DIR, load_adapted
+from mechdiff.cli import (
+    add_pair_options,
+    check_pair_options,
+    load_pair_from_args,
+    offline_environment,
+    run,
+)
+from mechdiff.evaluation import hesitation as H
+from mechdiff.workloads import for_pair
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pair", default="organism")
+    add_pair_options(p)
     p.add_argument("--adapters", default=None, help="adapters folder (default: the organism's shipped ones)")
     p.add_argument("--n-prompts", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--graphs", type=int, default=4, help="graphs to time (one per prompt)")
     p.add_argument("--max-feature-nodes", type=int, default=256)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: shared 2-core box)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    pair = load_pair(args.pair)
+    offline_environment()
+    check_pair_options(args)
+    pair = load_pair_from_args(args)
     adapted = load_adapted(pair, args.adapters or SHIPPED_DIR)
     spec = H.hesitation_for(for_pair(pair))
     hes, _ = H.hesitation_prompts(pair.target, spec.tokenizer, spec.problems(args.n_prompts, "validation", 0),
@@ -72,4 +75,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

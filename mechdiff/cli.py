@@ -49,8 +49,8 @@ def add_pair_options(parser: argparse.ArgumentParser, *, default_pair: str = "or
                    help="organism (the shipped pair, default), smollm2 or smollm2:RUN (SmolLM2-135M-"
                         "Instruct and its fine-tune RUN: python -m mechdiff.real train), a preset "
                         "name, or custom (with --base and --target)")
-    g.add_argument("--base", help="with --pair custom: the base model's local HF folder")
-    g.add_argument("--target", help="with --pair custom: the fine-tune's local HF folder")
+    g.add_argument("--base", help="with --pair custom: the base model's local HF folder (or hf:ORG/NAME)")
+    g.add_argument("--target", help="with --pair custom: the fine-tune's local HF folder (or hf:ORG/NAME)")
     g.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:N or mps (default: cuda when a GPU is visible, else cpu)")
     g.add_argument("--dtype", default="float32", choices=DTYPES,
@@ -91,7 +91,7 @@ def check_pair_options(args: argparse.Namespace) -> argparse.Namespace:
             folder = getattr(args, flag)
             if not folder:
                 raise UsageError(f"--pair custom needs --{flag} FOLDER")
-            if not os.path.isdir(os.path.expanduser(folder)):
+            if not folder.startswith("hf:") and not os.path.isdir(os.path.expanduser(folder)):
                 raise UsageError(f"--{flag} {folder}: no such folder")
     if args.threads < 0:
         raise UsageError(f"--threads {args.threads}: must be >= 0")

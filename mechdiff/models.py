@@ -66,8 +66,9 @@ class ModelPair:
     """A base model and its fine-tuned target, sharing one tokenizer.
 
     Example:
-        >>> pair = load_pair("organism", device="cpu")  # doctest: +SKIP
-        >>> pair.n_layers, pair.d_model, pair.meta["architecture"]  # doctest: +SKIP
+        >>> pair = load_pair("organism", device="cpu")
+        >>> pair.n_layers, pair.d_model, pair.meta["architecture"]
+        (3, 128, 'Qwen2ForCausalLM')
     """
 
     base: HookedTransformer
@@ -87,8 +88,11 @@ class ModelPair:
         """Write ``directory/base`` and ``directory/target`` as HF folders; return both paths.
 
         Example:
-            >>> base_dir, target_dir = pair.save_hf("out/pair")  # doctest: +SKIP
-            >>> load_hooked(target_dir)  # doctest: +SKIP
+            >>> import tempfile
+            >>> pair = load_pair("organism")
+            >>> base_dir, target_dir = pair.save_hf(tempfile.mkdtemp())
+            >>> torch.equal(load_hooked(target_dir).W_E, pair.target.W_E)
+            True
         """
         paths = (Path(directory) / "base", Path(directory) / "target")
         for path, model in zip(paths, (self.base, self.target), strict=True):
@@ -120,8 +124,8 @@ def load_pair(
     (see :func:`mechdiff.workloads.for_pair`).
 
     Example:
-        >>> pair = load_pair("custom", base="runs/base", target="runs/ft")  # doctest: +SKIP
-        >>> pair.meta["source"]  # doctest: +SKIP
+        >>> pair = load_pair("custom", base=ORGANISM_DIR / "base", target=ORGANISM_DIR / "target")
+        >>> pair.meta["source"]
         'local'
     """
     sources, names = _pair_sources(pair, base, target)
@@ -167,9 +171,9 @@ def load_hooked(
     The tokenizer is read from the same place unless given (see :func:`load_tokenizer`).
 
     Example:
-        >>> model = load_hooked("runs/base", device="cpu")  # doctest: +SKIP
-        >>> model.to_str_tokens("w1 w2")  # doctest: +SKIP
-        ['<bos>', 'w1', 'w2']
+        >>> model = load_hooked(ORGANISM_DIR / "base", device="cpu")
+        >>> model.to_str_tokens("A 3 B")
+        ['<bos>', 'A', '3', 'B']
     """
     kind, where = _source_kind(source)
     torch_dtype = resolve_dtype(dtype)
@@ -264,7 +268,8 @@ def check_pair(
     ``allow_added_token_differences``; they are returned as descriptions.
 
     Example:
-        >>> check_pair(pair.base, pair.target, pair.tokenizer, pair.tokenizer)  # doctest: +SKIP
+        >>> pair = load_pair("organism")
+        >>> check_pair(pair.base, pair.target, pair.tokenizer, pair.tokenizer)
         []
     """
     _check_cfgs(base.cfg, target.cfg)
@@ -280,7 +285,7 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
     silently breaking any non-Qwen tokenizer.
 
     Example:
-        >>> load_tokenizer(ORGANISM_DIR / "base").bos_token  # doctest: +SKIP
+        >>> load_tokenizer(ORGANISM_DIR / "base").bos_token
         '<bos>'
     """
     tokenizer = _find_tokenizer(source)
@@ -296,8 +301,9 @@ def hybrid(pair: ModelPair, backbone: str = "target") -> HookedTransformer:
     unembedding stay the target's). Used by the transcoder adapters; the pair is untouched.
 
     Example:
-        >>> model = hybrid(pair, backbone="target")  # doctest: +SKIP
-        >>> torch.equal(model.blocks[0].mlp.W_in, pair.base.blocks[0].mlp.W_in)  # doctest: +SKIP
+        >>> pair = load_pair("organism")
+        >>> model = hybrid(pair, backbone="target")
+        >>> torch.equal(model.blocks[0].mlp.W_in, pair.base.blocks[0].mlp.W_in)
         True
     """
     if backbone not in ("target", "base"):

@@ -1,4 +1,8 @@
-"""Token padding: lists of token ids into one tensor and a mask (left or right), used by every stage."""
+"""Padding token sequences into one tensor: used by training, evaluation, generation and features.
+
+A neutral module (it imports only torch), so that evaluation and generation do not import the
+training package for it.
+"""
 
 from __future__ import annotations
 

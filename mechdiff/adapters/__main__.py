@@ -23,15 +23,8 @@ import math
 import sys
 from pathlib import Path
 
+from mechdiff import cli
 from mechdiff.adapters.transcoder import SHIPPED_DIR
-from mechdiff.cli import (
-    UsageError,
-    add_pair_options,
-    check_pair_options,
-    load_pair_from_args,
-    offline_environment,
-    run,
-)
 from mechdiff.config_checks import ConfigError
 from mechdiff.training.adapter_objective import AdapterRecipe, LossWeights
 from mechdiff.training.loop import TrainingInterrupted
@@ -62,7 +55,7 @@ _WEIGHT_FLAGS = {"kl": "weight of KL(target || adapted)", "nmse": "weight of the
 
 
 def _add_pair_args(p: argparse.ArgumentParser) -> None:
-    add_pair_options(p)
+    cli.add_pair_options(p)
     p.add_argument("--dataset", help="datasets.load_from_disk folder with input_ids (non-organism pairs)")
 
 
@@ -77,11 +70,11 @@ def _add_recipe_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
 
 
 def _recipe(args) -> AdapterRecipe:
-    """The recipe the flags describe, checked: a bad value is a :class:`UsageError` naming its flag."""
+    """The recipe the flags describe, checked: a bad value is a :class:`cli.UsageError` naming its flag."""
     try:
         base = AdapterRecipe.from_dict(json.loads(Path(args.recipe).read_text())) if args.recipe else AdapterRecipe()
     except (OSError, ValueError, TypeError) as err:
-        raise UsageError(f"--recipe {args.recipe}: {err}") from None
+        raise cli.UsageError(f"--recipe {args.recipe}: {err}") from None
     d = base.to_dict()
     for name in _RECIPE_FLAGS:
         if getattr(args, name, None) is not None:
@@ -93,11 +86,11 @@ def _recipe(args) -> AdapterRecipe:
     try:
         return AdapterRecipe(**{**d, "weights": LossWeights(**d["weights"])})
     except ConfigError as err:
-        raise UsageError(err.as_flag()) from None
+        raise cli.UsageError(err.as_flag()) from None
 
 
 def _pair(args):
-    return load_pair_from_args(args)
+    return cli.load_pair_from_args(args)
 
 
 def _traces(args, n: int, split: str, pair):
@@ -129,7 +122,7 @@ def _training_traces(args, recipe: AdapterRecipe, pair):
     if args.dataset or work.name == "organism":
         return traces, None
     if recipe.data != "corpus":
-        raise UsageError(f"--data {recipe.data} samples organism prompts; with --pair "
+        raise cli.UsageError(f"--data {recipe.data} samples organism prompts; with --pair "
                          f"{args.pair} use --data corpus (the {work.name} workload's traces)")
     return work.traces(recipe.n_traces, "train", recipe.seed), work.traces(recipe.n_val, "validation")
 
@@ -315,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--n-problems", type=int, default=500, help="test problems per evaluation")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    offline_environment()
+    cli.offline_environment()
     _check(args)
     if args.command == "train":
         args.adapters, args.n_eval_traces, args.n_problems = args.out, 512, 500
@@ -329,24 +322,24 @@ def main(argv: list[str] | None = None) -> None:
 
 def _check(args) -> None:
     """Every flag checked before any model loads or anything is written."""
-    check_pair_options(args)
+    cli.check_pair_options(args)
     if args.command in ("train", "sweep"):
         args.checked_recipe = _recipe(args)
         for l1 in args.l1 if args.command == "sweep" else []:  # train: checked with the recipe
             if not l1 >= 0:
-                raise UsageError(f"--l1 {l1}: must be a number >= 0")
+                raise cli.UsageError(f"--l1 {l1}: must be a number >= 0")
         if Path(args.out).exists() and not Path(args.out).is_dir():
-            raise UsageError(f"--out {args.out}: exists and is not a folder")
+            raise cli.UsageError(f"--out {args.out}: exists and is not a folder")
     if args.command in ("eval", "sweep"):
         if args.n_eval_traces < 1:
-            raise UsageError(f"--n-eval-traces {args.n_eval_traces}: must be >= 1")
+            raise cli.UsageError(f"--n-eval-traces {args.n_eval_traces}: must be >= 1")
         if args.n_problems < 0:
-            raise UsageError(f"--n-problems {args.n_problems}: must be >= 0")
+            raise cli.UsageError(f"--n-problems {args.n_problems}: must be >= 0")
     if args.command == "eval" and not Path(args.adapters).is_dir():
-        raise UsageError(f"--adapters {args.adapters}: no such folder")
+        raise cli.UsageError(f"--adapters {args.adapters}: no such folder")
     if args.dataset and not Path(args.dataset).is_dir():
-        raise UsageError(f"--dataset {args.dataset}: no such folder")
+        raise cli.UsageError(f"--dataset {args.dataset}: no such folder")
 
 
 if __name__ == "__main__":
-    run(main)
+    cli.run(main)

@@ -128,7 +128,12 @@ def save_adapters(adapted: AdaptedModel, folder: str | Path, *, recipe: dict | N
     """Write ``adapted``'s adapters to ``folder`` (replaced atomically); returns the folder.
 
     Example:
-        >>> save_adapters(adapted, "runs/adapters", recipe={"l1": 3e-3})  # doctest: +SKIP
+        >>> import tempfile
+        >>> from mechdiff.models import load_pair
+        >>> adapted = load_adapted(load_pair("organism"))
+        >>> folder = save_adapters(adapted, Path(tempfile.mkdtemp()) / "copy", recipe={"note": "a copy"})
+        >>> read_config(folder)["recipe"]
+        {'note': 'a copy'}
     """
     folder = Path(folder)
     with atomic_folder(folder) as tmp:  # a unique temporary: concurrent saves all succeed
@@ -253,7 +258,9 @@ def load_adapted(pair: ModelPair, folder: str | Path = SHIPPED_DIR, *, check_wei
     pair of other shapes or (unless ``check_weights=False``) other weights.
 
     Example:
-        >>> adapted = load_adapted(load_pair("organism"))  # the shipped adapters  # doctest: +SKIP
+        >>> from mechdiff.models import load_pair
+        >>> load_adapted(load_pair("organism")).config.activation  # the shipped adapters
+        'topk'
     """
     folder = Path(folder)
     meta = read_config(folder)

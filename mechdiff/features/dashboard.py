@@ -7,7 +7,8 @@
                                   activation and thinking-position histograms (plotly), top and
                                   random examples with highlighted activations (circuitsvis)
     folder/assets/plotly.min.js   the two JavaScript bundles, written once and shared by every
-    folder/assets/circuitsvis.js  page (local files: nothing is loaded from a network)
+    folder/assets/circuitsvis.js  page (local files: nothing is loaded from a network); inside a
+                                  figures/ tree they are figures/assets/, shared by every study
 
 Examples use circuitsvis' ``colored_tokens(...).local_src`` with its inlined bundle moved to the
 shared ``assets/circuitsvis.js`` (the per-example HTML keeps only the render call).
@@ -51,16 +52,17 @@ def _bundle() -> str:
     return _CV_BUNDLE.read_text(encoding="utf-8").replace("</script>", "")
 
 
-def write_assets(folder: str | Path) -> Path:
-    """Write ``assets/plotly.min.js`` and ``assets/circuitsvis.js`` (once); returns the folder."""
-    assets = Path(folder) / "assets"
-    assets.mkdir(parents=True, exist_ok=True)
-    for name, text in (("plotly.min.js", plotly.offline.get_plotlyjs),
-                       ("circuitsvis.js", lambda: re.sub(r"//# sourceMappingURL=\S+\s*$", "", _bundle()))):
-        path = assets / name
-        if not path.is_file():
-            path.write_text(text(), encoding="utf-8")
-    return assets
+def write_assets(folder: str | Path) -> str:
+    """Write ``plotly.min.js`` and ``circuitsvis.js`` once (into ``figures/assets`` when
+    ``folder`` is inside a figures tree, else ``folder/assets``); returns the folder's ``src``
+    prefix as seen from a feature page (e.g. ``../assets``)."""
+    from mechdiff.visualization.assets import shared_asset
+
+    page = Path(folder) / "features" / "page.html"
+    srcs = [shared_asset(page, name, text, root=folder) for name, text in (
+        ("plotly.min.js", plotly.offline.get_plotlyjs),
+        ("circuitsvis.js", lambda: re.sub(r"//# sourceMappingURL=\S+\s*$", "", _bundle())))]
+    return srcs[0].rsplit("/", 1)[0]
 
 
 def token_view(words: Sequence[str], acts: Sequence[float], max_value: float, bundle: str) -> str:
@@ -127,8 +129,9 @@ def _examples_html(store, i, tokenizer, kind, n, bundle, label_names) -> str:
 
 
 def feature_page(store: ActivationStore, i: int, tokenizer, *, category: str = "", role: str = "",
-                 n_top: int = 12, n_random: int = 6, bundle: str | None = None) -> str:
-    """The HTML of feature ``i``'s page (assets referenced from ``../assets``)."""
+                 n_top: int = 12, n_random: int = 6, bundle: str | None = None,
+                 assets: str = "../assets") -> str:
+    """The HTML of feature ``i``'s page (the JavaScript loaded from ``assets``)."""
     bundle = _bundle() if bundle is None else bundle
     names = store.config.label_names
     n_fire = int(store.n_fire[i])
@@ -161,7 +164,7 @@ def feature_page(store: ActivationStore, i: int, tokenizer, *, category: str = "
     cat = f' <span class=cat>{_esc(category)}</span>' if category else ""
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{_esc(name)}</title><style>{STYLE}</style>
-<script src="../assets/plotly.min.js"></script><script src="../assets/circuitsvis.js"></script>
+<script src="{assets}/plotly.min.js"></script><script src="{assets}/circuitsvis.js"></script>
 </head><body>
 <p><a href="../index.html">&larr; all features</a></p>
 <h1>Feature {_esc(name)}{cat}</h1>
@@ -195,13 +198,13 @@ def write_dashboards(store: ActivationStore, folder: str | Path, tokenizer, *,
     the index; returns the index path."""
     folder = Path(folder)
     (folder / "features").mkdir(parents=True, exist_ok=True)
-    write_assets(folder)
+    assets = write_assets(folder)
     features = [int(i) for i in (store.alive.nonzero()[:, 0].tolist() if features is None else features)]
     roles, bundle = roles or {}, _bundle()
     cat_of = (lambda i: categories[i]) if categories is not None else (lambda i: "")
     for i in features:
         text = feature_page(store, i, tokenizer, category=cat_of(i), role=roles.get(i, ""),
-                            n_top=n_top, n_random=n_random, bundle=bundle)
+                            n_top=n_top, n_random=n_random, bundle=bundle, assets=assets)
         (folder / page_name(i)).write_text(text, encoding="utf-8")
     (folder / "index.html").write_text(index_page(store, features, tokenizer, cat_of, roles, title,
                                                   summary_html), encoding="utf-8")

@@ -127,6 +127,7 @@ def evaluate_lora(
     for each LoRA. ``reference`` reuses already measured base/target stats.
 
     Example:
+        Not run by the tests: it needs a trained LoRA (``train_lora`` above) and minutes of generation.
         >>> stats = evaluate_lora(pair, {"r1": lora}, n_problems=16)  # doctest: +SKIP
         >>> stats["r1"]["gain_recovered"]  # doctest: +SKIP
     """

@@ -19,14 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from mechdiff.cli import (
-    UsageError,
-    add_pair_options,
-    check_pair_options,
-    load_pair_from_args,
-    offline_environment,
-    run,
-)
+from mechdiff import cli
 
 DESCRIPTION = """\
 Rank-r LoRA lens (Ward, Riechers & Shai 2025) on a base/target pair (default: the organism).
@@ -52,18 +45,18 @@ def _train_config(args):
                           checkpoint_every=args.checkpoint_every,
                           **({"modules": tuple(args.modules)} if args.modules else {}))
     except ConfigError as err:
-        raise UsageError(err.as_flag()) from None
+        raise cli.UsageError(err.as_flag()) from None
     if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out}: exists and is not a folder")
+        raise cli.UsageError(f"--out {args.out}: exists and is not a folder")
     if args.n_problems < 0:
-        raise UsageError(f"--n-problems {args.n_problems}: must be >= 0")
+        raise cli.UsageError(f"--n-problems {args.n_problems}: must be >= 0")
     return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mechdiff.lora", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_pair_options(parser)
+    cli.add_pair_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="train a LoRA and write a PEFT folder",
@@ -96,23 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--n-problems", type=int, default=500, help="test problems (default 500)")
     ev.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    offline_environment()
-    check_pair_options(args)
+    cli.offline_environment()
+    cli.check_pair_options(args)
     if args.command == "train":
         cfg = _train_config(args)
     else:
         for folder in args.folders:
             if not Path(folder).is_dir():
-                raise UsageError(f"{folder}: no such LoRA folder")
+                raise cli.UsageError(f"{folder}: no such LoRA folder")
         if not args.folders and not args.shipped:
-            raise UsageError("give LoRA folders and/or --shipped RANK ...")
+            raise cli.UsageError("give LoRA folders and/or --shipped RANK ...")
         if args.n_problems < 1:
-            raise UsageError(f"--n-problems {args.n_problems}: must be >= 1")
+            raise cli.UsageError(f"--n-problems {args.n_problems}: must be >= 1")
 
     from mechdiff.lora import evaluate_lora, load_lora, shipped_lora, train_lora
     from mechdiff.training.loop import TrainingInterrupted
 
-    pair = load_pair_from_args(args)
+    pair = cli.load_pair_from_args(args)
     if args.command == "train":
         try:
             lora, history = train_lora(pair, cfg, args.out, resume=not args.no_resume)
@@ -126,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     loras = {folder: load_lora(folder, pair) for folder in args.folders}
     if args.shipped and pair.meta.get("workload", "organism") != "organism":
-        raise UsageError(f"--shipped LoRAs are the organism's; --pair {args.pair} has none")
+        raise cli.UsageError(f"--shipped LoRAs are the organism's; --pair {args.pair} has none")
     for rank in args.shipped or []:
         lora = shipped_lora(pair, rank)
         if lora is None:
-            raise UsageError(f"--shipped {rank}: no shipped LoRA of rank {rank}")
+            raise cli.UsageError(f"--shipped {rank}: no shipped LoRA of rank {rank}")
         loras[f"shipped_r{rank}"] = lora
     stats = evaluate_lora(pair, loras, args.n_problems, progress=True)
     text = json.dumps(stats, indent=1)
@@ -142,4 +135,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run(main)
+    cli.run(main)

@@ -112,6 +112,7 @@ def encode(tokenizer, problem: task.Problem, response: str | None = None,
     the response and eos when given. Prompt and response are tokenized apart, so the prompt is
     exactly what generation starts from.
 
+    Not run by the tests: it needs SmolLM2's tokenizer (the optional [real] extra).
     >>> row = encode(tokenizer, task.Problem((1234, 5678)), "Answer: 6912")  # doctest: +SKIP
     >>> tokenizer.decode(row["input_ids"][row["prompt_len"]:])  # doctest: +SKIP
     'Answer: 6912<|im_end|>'
@@ -222,6 +223,7 @@ def respond(model: HookedTransformer, problems: Sequence[task.Problem], *, syste
 def evaluate(model: HookedTransformer, problems: Sequence[task.Problem], **kwargs) -> dict[str, float]:
     """Generate (keyword arguments as :func:`respond`) and grade: the :func:`summarize` dict.
 
+    Not run by the tests: it needs SmolLM2's tokenizer (the optional [real] extra).
     >>> evaluate(load_smollm2(), TASK.sample_problems(8, "test", 0))["accuracy"]  # doctest: +SKIP
     0.0
     """

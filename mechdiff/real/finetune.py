@@ -10,6 +10,8 @@ Example:
     Traceback (most recent call last):
     ...
     mechdiff.config_checks.ConfigError: Recipe.steps = 0: must be >= 1
+
+    Not run by the tests: it needs the optional [real] extra and an hour of CPU.
     >>> model, tokenizer = smollm2.load_hf()  # doctest: +SKIP
     >>> finetune(model, tokenizer, smollm2.cache_dir() / "runs" / "mine", Recipe(steps=3))  # doctest: +SKIP
 """

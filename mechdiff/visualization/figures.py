@@ -7,9 +7,10 @@ figures. Anything else raises instead of writing a misleading image. The PNG is 
 ``matplotlib.figure.Figure`` with the Agg canvas: pyplot's global backend is never changed, so a
 notebook's inline charts keep working after mechdiff is imported.
 
-The JavaScript libraries are written once per figures tree (:func:`shared_asset`): pages under a
-``figures/`` folder load ``figures/assets/plotly.min.js``; pages elsewhere load
-``assets/plotly.min.js`` beside them. Offline, and never repeated per folder.
+The JavaScript libraries are written once per figures tree
+(:func:`mechdiff.visualization.assets.shared_asset`): pages under a ``figures/`` folder load
+``figures/assets/plotly.min.js``; pages elsewhere load ``assets/plotly.min.js`` beside them.
+Offline, and never repeated per folder.
 
 Example:
     >>> import plotly.graph_objects as go, tempfile, pathlib
@@ -21,8 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mechdiff.atomic import write_text
-
-ASSETS = "assets"
+from mechdiff.visualization.assets import shared_asset
 
 PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
 
@@ -63,35 +60,6 @@ def new_figure(**kwargs) -> Figure:
     figure = Figure(**kwargs)
     FigureCanvasAgg(figure)
     return figure
-
-
-def assets_folder(page: str | Path) -> Path:
-    """Where the JavaScript of the HTML file ``page`` lives: ``<the nearest figures/>/assets``,
-    or ``assets`` beside the page when it is not inside a ``figures`` folder."""
-    folder = Path(page).resolve().parent
-    for parent in (folder, *folder.parents):
-        if parent.name == "figures":
-            return parent / ASSETS
-    return folder / ASSETS
-
-
-def shared_asset(page: str | Path, name: str, text: Callable[[], str]) -> str:
-    """Write the asset ``name`` (contents ``text()``) once into :func:`assets_folder` of ``page``
-    (rewritten when its contents changed, e.g. after a library upgrade); returns the ``src``
-    relative to the page.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> page = pathlib.Path(tempfile.mkdtemp()) / "figures" / "study" / "a.html"
-        >>> shared_asset(page, "lib.js", lambda: "var x = 1;")
-        '../assets/lib.js'
-    """
-    folder = assets_folder(page)
-    path = folder / name
-    content = text()
-    if not path.is_file() or path.stat().st_size != len(content.encode()) or path.read_text() != content:
-        write_text(path, content)
-    return Path(os.path.relpath(path, Path(page).resolve().parent)).as_posix()
 
 
 def plotly_src(page: str | Path) -> str:
