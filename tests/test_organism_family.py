@@ -133,3 +133,32 @@ def test_the_hesitation_study_assumes_no_word(tmp_path):
     assert 'P("hmm")' in report and '"wait"' not in report and "wait" not in s["role_rule"]
     result.write(tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["hesitation_tokens"]["word"] == "hmm"
+
+
+def test_analyses_organisms_writes_the_family_table(tmp_path):
+    """``python -m analyses.organisms`` end to end on small settings: the summary has the issue's
+    keys for each organism, targets carry a measured reason when missed, and figures are written."""
+    from analyses import organisms as cli_organisms
+    from mechdiff.cli import UsageError
+
+    with pytest.raises(UsageError, match="NAME=FOLDER"):
+        cli_organisms.main(["--organism", "nofolder", "--out", str(tmp_path / "x")])
+    with pytest.raises(UsageError, match="has no"):
+        cli_organisms.main(["--organism", f"mine={tmp_path}", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+    out = tmp_path / "organisms"
+    s = cli_organisms.main(["--only", "hmm", "--out", str(out), "--n-prompts", "8", "--n-problems", "16",
+                            "--n-dose-problems", "8", "--n-traces", "8", "--random-draws", "1",
+                            "--ranking", "gradient", "--samples", "2", "--device", "cpu"])
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(s))
+    org = s["organisms"]["hmm"]
+    assert org["hesitation_word"] == "hmm" and org["task"]["width"] == 3
+    assert set(org) >= {"recipe", "behaviour", "adapters", "hesitation", "targets"}
+    assert set(org["hesitation"]) >= {"hesitation_fraction", "ablation_cut", "random_ablation_cut", "set_decides",
+                                      "activation_difference_cut", "roles"}
+    sampled = org["behaviour"]["target"]["sampled"]
+    assert sampled["samples_per_problem"] == 2 and sampled["n_problems"] == 32
+    for t in org["targets"].values():
+        assert t["met"] or t["reason"]
+    assert (out / "headline.png").is_file() and (out / "hmm" / "report.md").is_file()
+    assert "| word | hmm |" in (out / "report.md").read_text()
