@@ -95,7 +95,8 @@ def main(argv=None) -> dict:
     p.add_argument("--n-traces", type=int, default=20_000, help="training traces with --retrain")
     p.add_argument("--kl-weight", type=float, default=0.0, help="distillation KL weight with --retrain")
     p.add_argument("--runs", default="runs", help="where trained LoRAs are written")
-    cli.add_pair_options(p)  # --threads 1 is fastest here: oversubscribed cores make 2 threads slower
+    cli.add_pair_options(p)
+    p.set_defaults(threads=1)  # tiny models: 2 threads on oversubscribed cores are many times slower
     args = p.parse_args(argv)
     cli.offline_environment()
     if args.base or args.target:  # a base/target pair given without --pair custom

@@ -79,6 +79,33 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(tmp_path):
     assert [h["loss"] for h in hist] == [h["loss"] for h in hist_full]
 
 
+def test_a_real_sigint_during_the_update_waits_for_the_step(tmp_path):
+    """SIGINT inside ``on_step`` (after the optimiser step) is held until the step is whole: the
+    checkpoint then has step 9 done, and the resumed run matches an uninterrupted one exactly."""
+    import os
+    import signal
+
+    full, x, y = _problem()
+    cfg = LoopConfig(steps=20, lr=1e-2, checkpoint_every=100, progress=False)
+    train(full, _loss_fn(full, x, y), cfg)
+    stopped, _, _ = _problem()
+    run_cfg = LoopConfig(**{**cfg.__dict__, "out_dir": tmp_path})
+
+    finished = []
+
+    def on_step(step):  # e.g. resampling features: half of it would corrupt the checkpoint
+        if step == 8:
+            os.kill(os.getpid(), signal.SIGINT)
+        finished.append(step)
+    with pytest.raises(TrainingInterrupted, match="after step 9"):
+        train(stopped, _loss_fn(stopped, x, y), run_cfg, on_step=on_step)
+    assert finished[-1] == 8  # on_step ran to its end before the interrupt took effect
+    resumed, _, _ = _problem(seed=3)
+    train(resumed, _loss_fn(resumed, x, y), run_cfg)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_ctrl_c_without_out_dir_says_nothing_was_saved():
     module, x, y = _problem()
     with pytest.raises(TrainingInterrupted, match="after step 3: no checkpoint"):

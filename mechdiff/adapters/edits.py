@@ -240,12 +240,13 @@ class _LayerEdits:
 
     def __init__(self, tracker: PositionTracker, edits: list[Edit]):
         self.tracker, self.edits = tracker, edits
+        self.index = [torch.tensor(e.features, dtype=torch.long) for e in edits]  # built once
 
     def __call__(self, acts: Float[Tensor, "batch pos d_sae"], hook) -> Tensor:
         pos = self.tracker.positions(acts)
         acts = acts.clone()
-        for e in self.edits:
-            feats = torch.tensor(e.features, dtype=torch.long, device=acts.device)
+        for e, index in zip(self.edits, self.index):
+            feats = index.to(acts.device)
             if e.op == "keep_only":
                 keep = torch.zeros(acts.shape[-1], dtype=torch.bool, device=acts.device)
                 keep[feats] = True

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mechdiff.lora", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_pair_options(parser)
+    parser.set_defaults(threads=1)  # as before: fastest for tiny models on a shared CPU
     sub = parser.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="train a LoRA and write a PEFT folder",

@@ -27,8 +27,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -127,12 +130,13 @@ def train(
     try:
         for step in bar:
             last = _backward(step, loss_fn, cfg, optimizer, sync)
-            optimizer.step()
-            done = step + 1
-            if on_step:
-                on_step(step)
-                if sync is not None:
-                    sync.resync(module)
+            with _deferred_ctrl_c():  # a step's update is applied whole, or not at all
+                optimizer.step()
+                done = step + 1
+                if on_step:
+                    on_step(step)
+                    if sync is not None:
+                        sync.resync(module)
             if done % cfg.log_every == 0 or done == cfg.steps:
                 history.append(_record(done, last, cfg, optimizer, sync, t0, validate, bar))
             if out and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
@@ -142,13 +146,30 @@ def train(
         if isinstance(err, TrainingInterrupted) or sync is not None:
             raise  # under torchrun every rank is interrupted: rerun resumes from the last checkpoint
         if out is not None:
-            # ``done`` counts optimiser steps taken: a Ctrl-C in a step's loss or backward leaves
-            # the weights of ``done`` steps, and that step is redone on resume.
+            # ``done`` counts whole steps: a Ctrl-C in a step's loss or backward leaves the weights
+            # of ``done`` steps (that step is redone on resume); one during the update and
+            # ``on_step`` waits for them to finish.
             _save(out, module, optimizer, done, history, cfg, sync)
         raise TrainingInterrupted(done, out / checkpoint.CHECKPOINT if out else None) from None
     if validate and history and not any(k.startswith("val_") for k in history[-1]):
         history[-1].update({f"val_{k}": v for k, v in validate().items()})
     return history
+
+
+@contextlib.contextmanager
+def _deferred_ctrl_c():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block is done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _backward(step, loss_fn, cfg, optimizer, sync) -> tuple:
