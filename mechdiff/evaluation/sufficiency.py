@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from datasets import Dataset
 
+from mechdiff.adapters.edits import edit_hooks, keep_only
 from mechdiff.evaluation.behaviour import MAX_NEW_TOKENS
 from mechdiff.evaluation.feature_sets import Feature
 from mechdiff.generation import generate
@@ -16,18 +17,9 @@ from mechdiff.organism.task import DEFAULT, TaskSpec
 
 
 def keep_only_hooks(adapted, features: Sequence[Feature]) -> list[tuple[str, callable]]:
-    """Hooks that zero every adapter feature except ``features`` (sufficiency tests)."""
-    n_layers, d_sae = adapted.config.n_layers, adapted.config.d_sae
-    keep = torch.zeros(n_layers, d_sae)
-    for layer, feat in features:
-        keep[layer, feat] = 1.0
-
-    def make(layer):
-        def hook(acts, hook):
-            return acts * keep[layer].to(acts.device, acts.dtype)
-        return hook
-
-    return [(adapted.acts_name(layer), make(layer)) for layer in range(n_layers)]
+    """Hooks that zero every adapter feature except ``features`` (sufficiency tests), through the
+    one edit API (:func:`mechdiff.adapters.edits.keep_only`)."""
+    return edit_hooks(adapted, keep_only(list(features)))
 
 
 def set_decides_generation(
@@ -88,8 +80,8 @@ def _second_half_keeps_only(adapted, features: Sequence[Feature], n: int) -> lis
     """Hooks that zero every adapter feature outside ``features`` in batch rows ``n:2n`` only."""
     hooks = []
     for name, keep in keep_only_hooks(adapted, features):
-        def hook(acts, hook, keep=keep):
-            return torch.cat([acts[:n], keep(acts[n:], hook)])
+        def hook(acts, hook, keep=keep):  # the edit sees the whole batch (its positions), half is kept
+            return torch.cat([acts[:n], keep(acts, hook)[n:]])
         hooks.append((name, hook))
     return hooks
 
