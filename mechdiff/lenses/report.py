@@ -91,7 +91,8 @@ def report_markdown(summary: dict) -> str:
             lines.append(f"- **crosscoder** at {c.get('site')}: d_sae {c.get('d_sae')}, L0 {_cell(c.get('l0'))}, "
                          f"FVU {_cell(c.get('fvu'))}, alive {c.get('n_alive')}; latent kinds {c.get('latent_kinds')}; "
                          f"target-specific by Latent Scaling: {c.get('n_target_specific_by_scaling')} "
-                         f"(median nu of target-only latents {_cell(c.get('target_only_nu_median'))}). {c.get('selection')}.")
+                         f"(median nu: target-only latents {_cell(c.get('target_only_nu_median'))}, all alive latents "
+                         f"{_cell(c.get('alive_nu_median'))}). Named: {c.get('selection')}.")
         if "activation_difference" in lenses:
             a = lenses["activation_difference"]
             lines.append(f"- **activation difference** at layer {a.get('layer')}: logit lens top {a.get('logit_lens_top')}, "
@@ -112,7 +113,9 @@ def report_markdown(summary: dict) -> str:
         for a, row in agree.get("matrix", {}).items():
             lines.append(f"| {a} | " + " | ".join("-" if a == b else _cell(row.get(b)) for b in agree["matrix"]) + " |")
         pairs = agree.get("same_mechanism", [])
-        lines += ["", f"Same mechanism seen twice (|r| >= {agree.get('threshold', 0.7)}): "
-                  + ("; ".join(f"{p['a']} ~ {p['b']} ({p['correlation']:+.2f})" for p in pairs) or "none"), ""]
+        lines += ["", f"Same mechanism seen twice (different units of two lenses, |r| >= {agree.get('threshold', 0.7)}): "
+                  + ("; ".join(f"{p['a']} ~ {p['b']} ({p['correlation']:+.2f})" for p in pairs) or "none") + ".",
+                  "Units two lenses both name: " + (", ".join(f"{k} {n}" for k, n in agree.get("shared_units", {}).items())
+                                                    or "none") + ".", ""]
     lines += ["Figures: lenses_x_scores, cost, agreement_* (.html interactive, .png static).", ""]
     return "\n".join(lines)

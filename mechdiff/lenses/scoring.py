@@ -107,11 +107,13 @@ def correlations(a: Float[Tensor, "n_tokens m"], b: Float[Tensor, "n_tokens n"])
 
 
 def agreement(acts: dict[str, Tensor], names: dict[str, list[str]], same: float = 0.7, top: int = 12) -> dict:
-    """``matrix[A][B]``: mean over A's units of the best |correlation| with a unit of B; ``pairs``:
-    the unit pairs of different lenses correlated at least ``same`` (strongest first)."""
+    """``matrix[A][B]``: mean over A's units of the best |correlation| with a unit of B;
+    ``same_mechanism``: unit pairs of different lenses correlated at least ``same`` (strongest
+    first), leaving out a unit both lenses name alike (two rankings of one dictionary), which
+    ``shared_units`` counts instead."""
     lenses = [k for k, v in acts.items() if v is not None and v.shape[1] > 0]
     matrix: dict[str, dict[str, float | None]] = {a: {} for a in acts}
-    pairs = []
+    pairs, shared = [], {}
     for i, a in enumerate(lenses):
         for b in lenses:
             if a == b:
@@ -119,10 +121,14 @@ def agreement(acts: dict[str, Tensor], names: dict[str, list[str]], same: float 
             corr = correlations(acts[a].double(), acts[b].double()).float()
             matrix[a][b] = float(corr.abs().max(1).values.mean())
             if lenses.index(b) > i:
+                if common := set(names[a]) & set(names[b]):
+                    shared[f"{a}~{b}"] = len(common)
                 for u, v in (corr.abs() >= same).nonzero().tolist():
+                    if names[a][u] == names[b][v]:
+                        continue
                     pairs.append({"a": f"{a}:{names[a][u]}", "b": f"{b}:{names[b][v]}",
                                   "correlation": float(corr[u, v])})
     pairs.sort(key=lambda p: -abs(p["correlation"]))
-    return {"matrix": matrix, "same_mechanism": pairs[:top], "threshold": same,
+    return {"matrix": matrix, "same_mechanism": pairs[:top], "shared_units": shared, "threshold": same,
             "rule": "best |Pearson correlation| over the other lens's units on the labelled tokens, "
                     "averaged over this lens's units"}
