@@ -149,7 +149,7 @@ def score_organism(name: str, where: dict, args) -> tuple[dict, dict]:
               "lenses": {k: _scores(r, truth) for k, r in results.items()}, "skipped": skipped}
     acts = {k: r.acts for k, r in results.items()}
     names = {k: (r.units or ["KL"]) for k, r in results.items()}
-    return record, scoring.agreement(acts, names)
+    return record, scoring.agreement(acts, names, family={k: "transcoder" for k in results if k.startswith("transcoder")})
 
 
 def _shown(path: Path) -> str:

@@ -39,8 +39,11 @@ def test_correlations_match_numpy_and_agreement_takes_the_best_match():
     assert agree["matrix"]["x"]["y"] == pytest.approx(float(np.abs(want).max(1).mean()), abs=1e-5)
     assert agree["same_mechanism"][0]["a"] == "x:a0" and agree["same_mechanism"][0]["b"] == "y:b2"
     assert agree["same_mechanism"][0]["correlation"] < -0.99 and len(agree["same_mechanism"]) == 1
-    twice = scoring.agreement({"x": a, "y": a[:, :2]}, {"x": ["a0", "a1", "a2"], "y": ["a0", "a1"]})
-    assert twice["same_mechanism"] == [] and twice["shared_units"] == {"x~y": 2}
+    assert agree["shared_units"] == {}
+    twice = scoring.agreement({"x": a, "y": a[:, :2], "z": b}, {"x": ["a0", "a1", "a2"], "y": ["a0", "a1"],
+                              "z": ["b0", "b1", "b2", "b3"]}, family={"x": "f", "y": "f"})
+    assert twice["shared_units"] == {"x~y": 2}  # one dictionary ranked twice: no pairs between them
+    assert [(p["a"], p["b"]) for p in twice["same_mechanism"]] == [("x:a0", "z:b2"), ("y:a0", "z:b2")]
 
 
 def test_necessity_draws_random_sets_of_the_same_size_from_the_pool():

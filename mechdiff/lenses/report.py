@@ -81,7 +81,8 @@ def report_markdown(summary: dict) -> str:
              "starting model (base, or the hybrid for adapters) to its full model that adding the units closes.", ""]
     for org, o in summary["organisms"].items():
         lines += [f"## {org} (hesitation word {o['hesitation_word']!r})", "",
-                  f"{o.get('n_label_tokens')} labelled tokens ({o.get('n_truth_tokens')} hesitation/slip/correction), "
+                  f"{o.get('n_label_tokens')} labelled tokens ({o.get('n_truth_tokens')} hesitation/slip/correction: chance "
+                  f"precision {o.get('n_truth_tokens', 0) / max(1, o.get('n_label_tokens') or 1):.2f}), "
                   f"{o.get('n_hesitation_prompts')} validation hesitation prompts, {o.get('n_test_problems')} test problems.", ""]
         for lens, why in o.get("skipped", {}).items():
             lines.append(f"- **{lens}** skipped: {why}")
@@ -113,7 +114,7 @@ def report_markdown(summary: dict) -> str:
         for a, row in agree.get("matrix", {}).items():
             lines.append(f"| {a} | " + " | ".join("-" if a == b else _cell(row.get(b)) for b in agree["matrix"]) + " |")
         pairs = agree.get("same_mechanism", [])
-        lines += ["", f"Same mechanism seen twice (different units of two lenses, |r| >= {agree.get('threshold', 0.7)}): "
+        lines += ["", f"Same mechanism seen twice (units of lenses with different dictionaries, |r| >= {agree.get('threshold', 0.7)}): "
                   + ("; ".join(f"{p['a']} ~ {p['b']} ({p['correlation']:+.2f})" for p in pairs) or "none") + ".",
                   "Units two lenses both name: " + (", ".join(f"{k} {n}" for k, n in agree.get("shared_units", {}).items())
                                                     or "none") + ".", ""]

@@ -106,11 +106,13 @@ def correlations(a: Float[Tensor, "n_tokens m"], b: Float[Tensor, "n_tokens n"])
     return corr * ((na[:, None] > 0) & (nb[None] > 0))
 
 
-def agreement(acts: dict[str, Tensor], names: dict[str, list[str]], same: float = 0.7, top: int = 12) -> dict:
+def agreement(acts: dict[str, Tensor], names: dict[str, list[str]], same: float = 0.7, top: int = 12,
+              family: dict[str, str] | None = None) -> dict:
     """``matrix[A][B]``: mean over A's units of the best |correlation| with a unit of B;
-    ``same_mechanism``: unit pairs of different lenses correlated at least ``same`` (strongest
-    first), leaving out a unit both lenses name alike (two rankings of one dictionary), which
-    ``shared_units`` counts instead."""
+    ``same_mechanism``: unit pairs correlated at least ``same`` (strongest first) between lenses of
+    different ``family`` (default: each lens its own; two rankings of one dictionary are one family,
+    whose units co-fire by construction); ``shared_units``: how many units two lenses both name."""
+    family = family or {}
     lenses = [k for k, v in acts.items() if v is not None and v.shape[1] > 0]
     matrix: dict[str, dict[str, float | None]] = {a: {} for a in acts}
     pairs, shared = [], {}
@@ -123,9 +125,9 @@ def agreement(acts: dict[str, Tensor], names: dict[str, list[str]], same: float 
             if lenses.index(b) > i:
                 if common := set(names[a]) & set(names[b]):
                     shared[f"{a}~{b}"] = len(common)
+                if family.get(a, a) == family.get(b, b):
+                    continue
                 for u, v in (corr.abs() >= same).nonzero().tolist():
-                    if names[a][u] == names[b][v]:
-                        continue
                     pairs.append({"a": f"{a}:{names[a][u]}", "b": f"{b}:{names[b][v]}",
                                   "correlation": float(corr[u, v])})
     pairs.sort(key=lambda p: -abs(p["correlation"]))
