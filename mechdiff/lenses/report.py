@@ -37,12 +37,12 @@ def write_figures(out: Path, summary: dict) -> list[str]:
     labels = [r[0] for r in rows]
     fig = go.Figure([go.Bar(name=score, x=labels, y=[_num(r[2].get(score)) for r in rows]) for score in SHARES])
     fig.update_layout(title="Lenses x scores (null scores left blank)", barmode="group", yaxis_title="share")
-    save(fig, out / "lenses_x_scores")
+    save(fig, out / "lenses_x_scores", width=11)
     names = ["lenses_x_scores"]
     fig = go.Figure([go.Bar(name=k, x=labels, y=[_num(r[2].get(k)) for r in rows]) for k in ("train_cpu_s", "score_cpu_s")])
     fig.update_layout(title="Cost per lens (CPU seconds, one thread)", barmode="group", yaxis_title="CPU s",
                       yaxis_type="log")
-    save(fig, out / "cost")
+    save(fig, out / "cost", width=11)
     names.append("cost")
     for org, agree in summary["agreement"].items():
         lenses = list(agree["matrix"])
