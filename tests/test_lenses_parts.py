@@ -120,3 +120,13 @@ def test_training_learns_a_sparse_dictionary_and_round_trips_through_safetensors
     (tmp_path / "cc" / "cfg.json").write_text('{"architecture": "jumprelu"}')
     with pytest.raises(ValueError, match="batchtopk_crosscoder"):
         C.load_crosscoder(tmp_path / "cc")
+
+
+@pytest.mark.parametrize("name", ["context", "crosscoder", "paired", "report", "scoring"])
+def test_docstring_examples(name):
+    """The runnable examples in the lens modules' docstrings stay true."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"mechdiff.lenses.{name}"), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

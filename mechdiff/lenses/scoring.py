@@ -17,8 +17,8 @@ Example:
     >>> acts = torch.tensor([[2.0, 0.0], [1.9, 1.0], [0.1, 2.0], [0.0, 0.0]])
     >>> truth = torch.tensor([True, True, False, True])
     >>> s = label_scores(acts, truth)
-    >>> s["unit_precision"], s["recall"]
-    ([1.0, 0.5], 0.6666666666666666)
+    >>> s["unit_precision"], round(s["recall"], 4)
+    ([1.0, 0.5], 0.6667)
 """
 
 from __future__ import annotations
