@@ -33,6 +33,7 @@ from mechdiff.cli import UsageError, offline_environment, run
 from mechdiff.lenses import scoring
 
 LENSES = ("transcoder_graph", "transcoder_gradient", "lora_sae", "crosscoder", "activation_difference", "kl")
+REPO = Path(__file__).resolve().parents[1]
 SCORES = ("n_units", "precision", "recall", "necessity_cut", "random_cut", "steering", "train_cpu_s", "score_cpu_s")
 
 
@@ -85,7 +86,7 @@ def organisms(args) -> dict[str, dict]:
                 raise UsageError(f"organism {name}: {folder}/{part} is not an HF model folder")
         shipped = folder.resolve() == ORGANISM_DIR.resolve()
         defaults = {"adapters": SHIPPED_DIR, "lora": SHIPPED_DIR.parent / "lora_r1",
-                    "lora_sae": Path("figures/lora/sae")} if shipped else {}
+                    "lora_sae": REPO / "figures" / "lora" / "sae"} if shipped else {}
         out[name] = {"folder": folder, **{k: extra[k].get(name, defaults.get(k)) for k in extra}}
     for k, given in extra.items():
         if unknown := set(given) - set(out):
@@ -141,13 +142,22 @@ def score_organism(name: str, where: dict, args) -> tuple[dict, dict]:
         print(f"[lenses] {name}: token-level KL", flush=True)
         results["kl"] = kl.kl_lens(ctx)
     truth = ctx.tokens.truth()
-    record = {"hesitation_word": ctx.spec.word, "folder": str(folder),
+    record = {"hesitation_word": ctx.spec.word, "folder": _shown(folder),
+              "artefacts": {k: _shown(v) for k, v in where.items() if k != "folder" and v is not None},
               "n_label_tokens": int(len(truth)), "n_truth_tokens": int(truth.sum()),
               "n_hesitation_prompts": len(ctx.hes), "n_test_problems": len(ctx.problems),
               "lenses": {k: _scores(r, truth) for k, r in results.items()}, "skipped": skipped}
     acts = {k: r.acts for k, r in results.items()}
     names = {k: (r.units or ["KL"]) for k, r in results.items()}
-    return record, scoring.agreement(acts, names)
+    return record, scoring.agreement(acts, names, family={k: "transcoder" for k in results if k.startswith("transcoder")})
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (summaries read the same on every machine)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def _scores(r: scoring.LensResult, truth: torch.Tensor) -> dict:

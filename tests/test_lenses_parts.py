@@ -39,6 +39,11 @@ def test_correlations_match_numpy_and_agreement_takes_the_best_match():
     assert agree["matrix"]["x"]["y"] == pytest.approx(float(np.abs(want).max(1).mean()), abs=1e-5)
     assert agree["same_mechanism"][0]["a"] == "x:a0" and agree["same_mechanism"][0]["b"] == "y:b2"
     assert agree["same_mechanism"][0]["correlation"] < -0.99 and len(agree["same_mechanism"]) == 1
+    assert agree["shared_units"] == {}
+    twice = scoring.agreement({"x": a, "y": a[:, :2], "z": b}, {"x": ["a0", "a1", "a2"], "y": ["a0", "a1"],
+                              "z": ["b0", "b1", "b2", "b3"]}, family={"x": "f", "y": "f"})
+    assert twice["shared_units"] == {"x~y": 2}  # one dictionary ranked twice: no pairs between them
+    assert [(p["a"], p["b"]) for p in twice["same_mechanism"]] == [("x:a0", "z:b2"), ("y:a0", "z:b2")]
 
 
 def test_necessity_draws_random_sets_of_the_same_size_from_the_pool():
@@ -115,3 +120,13 @@ def test_training_learns_a_sparse_dictionary_and_round_trips_through_safetensors
     (tmp_path / "cc" / "cfg.json").write_text('{"architecture": "jumprelu"}')
     with pytest.raises(ValueError, match="batchtopk_crosscoder"):
         C.load_crosscoder(tmp_path / "cc")
+
+
+@pytest.mark.parametrize("name", ["context", "crosscoder", "paired", "report", "scoring"])
+def test_docstring_examples(name):
+    """The runnable examples in the lens modules' docstrings stay true."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"mechdiff.lenses.{name}"), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -8,8 +8,8 @@ same tokens and problems:
 * ``tokens``: the target's greedy replies to *validation* problems (prompt + reply), every token
   with its ground-truth label (``spec.cut``; prompt tokens ``"prompt"``): where the label rule and
   the agreement between lenses are measured;
-* ``hes`` / ``ctl``: hesitation prompts and controls cut from those replies (validation): what the
-  lenses rank their units with;
+* ``hes`` / ``ctl``: hesitation prompts and controls cut from the same replies
+  (:func:`~mechdiff.evaluation.hesitation.hesitation_prompts`): what the lenses rank their units with;
 * ``hes_test``: hesitation prompts from the target's replies to the *test* problems, and
   ``problems``: the test problems, for necessity and steering only. Nothing is chosen on them.
 
@@ -79,43 +79,32 @@ class LensContext:
 
 def lens_context(pair: ModelPair, settings: LensSettings | None = None, *,
                  max_new_tokens: int | None = None) -> LensContext:
-    """Generate the target's replies once per split and cut everything the lenses need."""
+    """Generate the target's replies (greedy) and cut everything the lenses need."""
     s = settings or LensSettings()
     spec = H.hesitation_for(for_pair(pair), max_new_tokens)
     val = spec.problems(s.n_label_problems, "validation", s.seed)
-    tokens, hes, ctl = _replies(pair, spec, val)
     test = spec.problems(s.n_problems, "test", s.seed)
-    _, hes_test, _ = _replies(pair, spec, test)
+    hes, ctl = H.hesitation_prompts(pair.target, spec.tokenizer, val, hesitation=spec)
+    hes_test, _ = H.hesitation_prompts(pair.target, spec.tokenizer, test, hesitation=spec)
     if not len(hes):
         raise ValueError(f"the target wrote no {spec.word!r} in its replies to {len(val)} validation "
                          "problems: nothing to rank hesitation units with (raise n_label_problems)")
-    return LensContext(pair, spec, s, tokens, _first(hes, s.n_prompts), _first(ctl, s.n_prompts),
-                       _first(hes_test, s.n_prompts), test)
+    return LensContext(pair, spec, s, labelled_replies(pair.target, spec, val), _first(hes, s.n_prompts),
+                       _first(ctl, s.n_prompts), _first(hes_test, s.n_prompts), test)
 
 
-def _replies(pair, spec, problems) -> tuple[LabelledTokens, H.CutPrompts, H.CutPrompts]:
-    responses = spec.responses(pair.target, problems)
+def labelled_replies(model, spec: H.Hesitation, problems: Dataset) -> LabelledTokens:
+    """``model``'s greedy replies after each prompt, labelled by ``spec.cut`` (prompt tokens ``"prompt"``)."""
     seqs, labels = [], []
-    hes, ctl = H.CutPrompts("hesitation"), H.CutPrompts("control")
-    for idx, (row, ids) in enumerate(zip(problems, responses)):
-        labs, waits, seps = spec.cut(task.Problem(tuple(row["operands"])), ids)
+    for row, ids in zip(problems, spec.responses(model, problems)):
         seqs.append(list(row["input_ids"]) + list(ids))
-        labels.append(["prompt"] * len(row["input_ids"]) + list(labs))
-        for j, after_error in waits:
-            hes.add(row["input_ids"] + ids[:j], idx, j, after_error, labs[:j])
-            if seps:
-                k = min(seps, key=lambda s: abs(s - j))
-                seps.remove(k)
-                ctl.add(row["input_ids"] + ids[:k], idx, k, False, labs[:k])
-    return LabelledTokens(seqs, labels), hes, ctl
+        labels.append(["prompt"] * len(row["input_ids"]) + spec.cut(task.Problem(tuple(row["operands"])), ids)[0])
+    return LabelledTokens(seqs, labels)
 
 
 def _first(prompts: H.CutPrompts, n: int) -> H.CutPrompts:
-    out = H.CutPrompts(prompts.kind)
-    for i in range(min(n, len(prompts))):
-        out.add(prompts.tokens[i], prompts.problem_index[i], prompts.response_position[i],
-                prompts.after_error[i], prompts.labels[i])
-    return out
+    fields = ("tokens", "problem_index", "response_position", "after_error", "labels")
+    return H.CutPrompts(prompts.kind, *(getattr(prompts, f)[:n] for f in fields))
 
 
 @torch.no_grad()

@@ -289,6 +289,7 @@ def crosscoder_lens(ctx: LensContext, cfg: CrosscoderConfig, *, n_traces: int = 
                "l0": float((latents > 0).sum(1).float().mean()), "n_alive": len(alive),
                "latent_kinds": counts, "n_target_specific_by_scaling": int(candidate.sum()),
                "target_only_nu_median": float(nu_target_only.median()) if len(nu_target_only) else None,
+               "alive_nu_median": float(scaling["nu"][alive].nanmedian()) if alive else None,
                "named": [{"latent": j, "relative_norm": float(rel[j]), "nu": float(scaling["nu"][j]),
                           "excess": scores[j]} for j in named],
                "selection": f"target-specific by Latent Scaling (nu < {max_nu}), "

@@ -111,6 +111,6 @@ def lora_sae_lens(ctx: LensContext, lora_folder: str | Path, sae_folder: str | P
     return scoring.LensResult(
         "lora_sae", [f"S{j}" for j in named], latents[:, named], necessity=need, steering=steering,
         score_cpu_s=score_s,
-        extra={"lora": str(lora_folder), "sae": str(sae_folder), "d_sae": sae.cfg.d_sae, "n_alive": len(alive),
+        extra={"d_sae": sae.cfg.d_sae, "n_alive": len(alive),
                "lora_train_wall_s_recorded": history[-1].get("seconds") if history else None,
                "excess": [scores[j] for j in named]})

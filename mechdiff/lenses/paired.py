@@ -43,22 +43,27 @@ EditHooks = Callable[[dict[str, Tensor]], list[tuple[str, Callable]]]
 def paired_generate(
     model: HookedTransformer, reader: HookedTransformer, prompts: Sequence[Sequence[int]],
     max_new_tokens: int, edit_hooks: EditHooks, *, reader_names: Sequence[str],
-    eos_token_id: int | None = None, pad_token_id: int = 0, batch_size: int = 128, progress: bool = False,
+    eos_token_id: int | None = None, pad_token_id: int | None = None, batch_size: int = 128,
+    progress: bool = False,
 ) -> list[list[int]]:
     """New tokens per prompt (eos kept), in order; ``edit_hooks(reader_acts)`` gives the model's
-    hooks for each forward, ``reader_acts[name]`` being ``[batch new_pos ...]``."""
+    hooks for each forward, ``reader_acts[name]`` being ``[batch new_pos ...]``. ``eos_token_id``
+    and ``pad_token_id`` default to the model's tokenizer's, as in :func:`mechdiff.generation.generate`."""
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (a BOS at least)")
     check_context(model, max(map(len, prompts)), max_new_tokens)
+    tok = model.tokenizer
+    eos = eos_token_id if eos_token_id is not None else getattr(tok, "eos_token_id", None)
+    pad_id = pad_token_id if pad_token_id is not None else (getattr(tok, "pad_token_id", None) or 0)
     names = set(reader_names)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for chunk in tqdm(chunks, desc="paired generate", disable=not progress, leave=False):
         rows = _paired_batch(model, reader, [list(prompts[i]) for i in chunk], max_new_tokens, edit_hooks,
-                             names, eos_token_id, pad_token_id)
+                             names, eos, pad_id)
         for i, row in zip(chunk, rows):
             out[i] = row
     return out

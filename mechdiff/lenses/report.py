@@ -37,12 +37,12 @@ def write_figures(out: Path, summary: dict) -> list[str]:
     labels = [r[0] for r in rows]
     fig = go.Figure([go.Bar(name=score, x=labels, y=[_num(r[2].get(score)) for r in rows]) for score in SHARES])
     fig.update_layout(title="Lenses x scores (null scores left blank)", barmode="group", yaxis_title="share")
-    save(fig, out / "lenses_x_scores")
+    save(fig, out / "lenses_x_scores", width=11)
     names = ["lenses_x_scores"]
     fig = go.Figure([go.Bar(name=k, x=labels, y=[_num(r[2].get(k)) for r in rows]) for k in ("train_cpu_s", "score_cpu_s")])
     fig.update_layout(title="Cost per lens (CPU seconds, one thread)", barmode="group", yaxis_title="CPU s",
                       yaxis_type="log")
-    save(fig, out / "cost")
+    save(fig, out / "cost", width=11)
     names.append("cost")
     for org, agree in summary["agreement"].items():
         lenses = list(agree["matrix"])
@@ -81,7 +81,8 @@ def report_markdown(summary: dict) -> str:
              "starting model (base, or the hybrid for adapters) to its full model that adding the units closes.", ""]
     for org, o in summary["organisms"].items():
         lines += [f"## {org} (hesitation word {o['hesitation_word']!r})", "",
-                  f"{o.get('n_label_tokens')} labelled tokens ({o.get('n_truth_tokens')} hesitation/slip/correction), "
+                  f"{o.get('n_label_tokens')} labelled tokens ({o.get('n_truth_tokens')} hesitation/slip/correction: chance "
+                  f"precision {o.get('n_truth_tokens', 0) / max(1, o.get('n_label_tokens') or 1):.2f}), "
                   f"{o.get('n_hesitation_prompts')} validation hesitation prompts, {o.get('n_test_problems')} test problems.", ""]
         for lens, why in o.get("skipped", {}).items():
             lines.append(f"- **{lens}** skipped: {why}")
@@ -91,7 +92,8 @@ def report_markdown(summary: dict) -> str:
             lines.append(f"- **crosscoder** at {c.get('site')}: d_sae {c.get('d_sae')}, L0 {_cell(c.get('l0'))}, "
                          f"FVU {_cell(c.get('fvu'))}, alive {c.get('n_alive')}; latent kinds {c.get('latent_kinds')}; "
                          f"target-specific by Latent Scaling: {c.get('n_target_specific_by_scaling')} "
-                         f"(median nu of target-only latents {_cell(c.get('target_only_nu_median'))}). {c.get('selection')}.")
+                         f"(median nu: target-only latents {_cell(c.get('target_only_nu_median'))}, all alive latents "
+                         f"{_cell(c.get('alive_nu_median'))}). Named: {c.get('selection')}.")
         if "activation_difference" in lenses:
             a = lenses["activation_difference"]
             lines.append(f"- **activation difference** at layer {a.get('layer')}: logit lens top {a.get('logit_lens_top')}, "
@@ -112,7 +114,9 @@ def report_markdown(summary: dict) -> str:
         for a, row in agree.get("matrix", {}).items():
             lines.append(f"| {a} | " + " | ".join("-" if a == b else _cell(row.get(b)) for b in agree["matrix"]) + " |")
         pairs = agree.get("same_mechanism", [])
-        lines += ["", f"Same mechanism seen twice (|r| >= {agree.get('threshold', 0.7)}): "
-                  + ("; ".join(f"{p['a']} ~ {p['b']} ({p['correlation']:+.2f})" for p in pairs) or "none"), ""]
+        lines += ["", f"Same mechanism seen twice (units of lenses with different dictionaries, |r| >= {agree.get('threshold', 0.7)}): "
+                  + ("; ".join(f"{p['a']} ~ {p['b']} ({p['correlation']:+.2f})" for p in pairs) or "none") + ".",
+                  "Units two lenses both name: " + (", ".join(f"{k} {n}" for k, n in agree.get("shared_units", {}).items())
+                                                    or "none") + ".", ""]
     lines += ["Figures: lenses_x_scores, cost, agreement_* (.html interactive, .png static).", ""]
     return "\n".join(lines)

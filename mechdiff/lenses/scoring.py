@@ -17,8 +17,8 @@ Example:
     >>> acts = torch.tensor([[2.0, 0.0], [1.9, 1.0], [0.1, 2.0], [0.0, 0.0]])
     >>> truth = torch.tensor([True, True, False, True])
     >>> s = label_scores(acts, truth)
-    >>> s["unit_precision"], s["recall"]
-    ([1.0, 0.5], 0.6666666666666666)
+    >>> s["unit_precision"], round(s["recall"], 4)
+    ([1.0, 0.5], 0.6667)
 """
 
 from __future__ import annotations
@@ -106,12 +106,16 @@ def correlations(a: Float[Tensor, "n_tokens m"], b: Float[Tensor, "n_tokens n"])
     return corr * ((na[:, None] > 0) & (nb[None] > 0))
 
 
-def agreement(acts: dict[str, Tensor], names: dict[str, list[str]], same: float = 0.7, top: int = 12) -> dict:
-    """``matrix[A][B]``: mean over A's units of the best |correlation| with a unit of B; ``pairs``:
-    the unit pairs of different lenses correlated at least ``same`` (strongest first)."""
+def agreement(acts: dict[str, Tensor], names: dict[str, list[str]], same: float = 0.7, top: int = 12,
+              family: dict[str, str] | None = None) -> dict:
+    """``matrix[A][B]``: mean over A's units of the best |correlation| with a unit of B;
+    ``same_mechanism``: unit pairs correlated at least ``same`` (strongest first) between lenses of
+    different ``family`` (default: each lens its own; two rankings of one dictionary are one family,
+    whose units co-fire by construction); ``shared_units``: how many units two lenses both name."""
+    family = family or {}
     lenses = [k for k, v in acts.items() if v is not None and v.shape[1] > 0]
     matrix: dict[str, dict[str, float | None]] = {a: {} for a in acts}
-    pairs = []
+    pairs, shared = [], {}
     for i, a in enumerate(lenses):
         for b in lenses:
             if a == b:
@@ -119,10 +123,14 @@ def agreement(acts: dict[str, Tensor], names: dict[str, list[str]], same: float 
             corr = correlations(acts[a].double(), acts[b].double()).float()
             matrix[a][b] = float(corr.abs().max(1).values.mean())
             if lenses.index(b) > i:
+                if common := set(names[a]) & set(names[b]):
+                    shared[f"{a}~{b}"] = len(common)
+                if family.get(a, a) == family.get(b, b):
+                    continue
                 for u, v in (corr.abs() >= same).nonzero().tolist():
                     pairs.append({"a": f"{a}:{names[a][u]}", "b": f"{b}:{names[b][v]}",
                                   "correlation": float(corr[u, v])})
     pairs.sort(key=lambda p: -abs(p["correlation"]))
-    return {"matrix": matrix, "same_mechanism": pairs[:top], "threshold": same,
+    return {"matrix": matrix, "same_mechanism": pairs[:top], "shared_units": shared, "threshold": same,
             "rule": "best |Pearson correlation| over the other lens's units on the labelled tokens, "
                     "averaged over this lens's units"}
