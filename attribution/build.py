@@ -150,16 +150,25 @@ class _SharedConstants:
         self.min_numel, self.seen = min_numel, {}
 
     def pack(self, t: Tensor) -> Tensor:
-        if t.requires_grad or t.numel() < self.min_numel or not t.is_contiguous():
+        base = t if t._base is None else t._base  # autograd often saves a view (W.T) of the copy
+        if (t.requires_grad or base.requires_grad or base.numel() < self.min_numel
+                or not base.is_contiguous() or base.storage_offset() != 0):
             return t
-        flat = t.detach().reshape(-1)
+        shared = self._shared(base.detach())
+        return t if shared is None else shared.as_strided(t.shape, t.stride(), t.storage_offset())
+
+    def _shared(self, base: Tensor) -> Tensor | None:
+        """A tensor saved before that equals ``base``, or None (then ``base`` is remembered)."""
+        flat = base.reshape(-1)
         sample = tuple(flat[:: max(1, flat.numel() // 31)][:32].tolist())  # a cheap fingerprint
-        key = (tuple(t.shape), t.dtype, t.device, sample)
+        key = (tuple(base.shape), base.dtype, base.device, sample)
         for old in self.seen.setdefault(key, []):
-            if torch.equal(old, t):
+            if old.data_ptr() == base.data_ptr():
+                return None
+            if torch.equal(old, base):
                 return old
-        self.seen[key].append(t)
-        return t
+        self.seen[key].append(base)
+        return None
 
     @staticmethod
     def unpack(t: Tensor) -> Tensor:
