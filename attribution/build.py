@@ -191,9 +191,10 @@ class _RowEngine:
     one pass serves rows of every prefix. Otherwise one ``autograd.grad`` call runs the whole
     model for a batch of rows of one prefix (the reference path).
 
-    ``buckets`` prefixes (lengths ``ceil(n_pos * k / buckets)``) each get a forward: a row injected
-    at position p is computed on the shortest prefix containing p (the model is causal, so the
-    prefix's values are the full prompt's), which makes rows at early positions cheaper.
+    ``buckets`` prefixes (lengths ``ceil(n_pos * k / buckets)``) each get a forward, run when a row
+    first needs it: a row injected at position p is computed on the shortest prefix containing p
+    (the model is causal, so the prefix's values are the full prompt's), which makes rows at early
+    positions cheaper.
     """
 
     def __init__(self, adapted: AdaptedModel, tokens: Tensor, feats: Tensor, acts: Tensor,
@@ -206,11 +207,16 @@ class _RowEngine:
         self.n_backward = 0
         buckets = max(1, min(buckets, self.n_pos))
         self.lengths = sorted({math.ceil(self.n_pos * (k + 1) / buckets) for k in range(buckets)})
-        shared = _SharedConstants()
-        with torch.autograd.graph.saved_tensors_hooks(shared.pack, shared.unpack):
-            self.leaves = [self._forward(tokens[:n]) for n in self.lengths]
-        self.embed_values = self.leaves[-1].embed[0].detach()
+        self.tokens, self._shared, self._leaves = tokens, _SharedConstants(), {}
+        self.embed_values = self.leaves(len(self.lengths) - 1).embed[0].detach()
         self.blocks = [self._decoder_block(adapted, feats, acts, layer) for layer in range(self.n_layers)]
+
+    def leaves(self, k: int) -> Leaves:
+        """The retained forward of prefix ``k``, run on first use (prefixes no row needs never run)."""
+        if k not in self._leaves:
+            with torch.autograd.graph.saved_tensors_hooks(self._shared.pack, self._shared.unpack):
+                self._leaves[k] = self._forward(self.tokens[:self.lengths[k]])
+        return self._leaves[k]
 
     def _forward(self, tokens: Tensor) -> Leaves:
         leaves = Leaves()
@@ -239,7 +245,7 @@ class _RowEngine:
         out = torch.zeros(len(sites), dtype=self.dtype)
         for site in sites.unique().tolist():
             m = sites == site
-            x = self.leaves[-1].site(site, self.n_layers)[0].detach()
+            x = self.leaves(len(self.lengths) - 1).site(site, self.n_layers)[0].detach()
             dot = (x[positions[m].to(x.device)] * vectors[m].to(x.device, x.dtype)).sum(-1)
             out[m] = dot.to("cpu", out.dtype)
         return out
@@ -283,7 +289,7 @@ class _RowEngine:
             j = (bucket == k).nonzero()[:, 0]
             j = j[torch.argsort(sites[j], descending=True, stable=True)]  # alive rows: a prefix
             part = torch.zeros(len(j), row.shape[1], dtype=self.dtype, device=self.device)
-            self._walk(self.leaves[k], self.lengths[k], sites[j], positions[j], vectors[j], part)
+            self._walk(self.leaves(k), self.lengths[k], sites[j], positions[j], vectors[j], part)
             row[j.to(self.device)] = part
         self.n_backward += 1
         return row.cpu()
@@ -319,7 +325,7 @@ class _RowEngine:
 
     def _batch(self, k: int, sites: Tensor, positions: Tensor, vectors: Tensor,
                ) -> Float[Tensor, "n n_active+n_pos"]:
-        n, B, P, leaves = len(sites), self.batch, self.lengths[k], self.leaves[k]
+        n, B, P, leaves = len(sites), self.batch, self.lengths[k], self.leaves(k)
         outputs, grads = [], []
         for site in sites.unique().tolist():
             m = sites == site
