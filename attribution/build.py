@@ -43,7 +43,7 @@ from mechdiff.adapters.transcoder import AdaptedModel
 def attribute(adapted: AdaptedModel, tokens: Int[Tensor, " pos"], target=None, *,
               max_feature_nodes: int | None = 4096, batch_size: int = 64,
               refresh_every: int = 1024, zero_bos: bool = True, vmap: bool = True,
-              prefix_buckets: int = 8) -> Graph:
+              prefix_buckets: int = 8, layerwise: bool = True) -> Graph:
     """Attribution graph of ``target`` (see :func:`attribution.targets.resolve_targets`) on one prompt.
 
     ``max_feature_nodes``: keep at most this many features, the most influential first (all when
@@ -79,7 +79,7 @@ def attribute(adapted: AdaptedModel, tokens: Int[Tensor, " pos"], target=None, *
     if max_f < 0:
         raise ValueError(f"max_feature_nodes must be >= 0, got {max_feature_nodes}")
     engine = _RowEngine(adapted, tokens, feats, feat_acts, min(batch_size, n_t + max_f), zero_bos, vmap,
-                        prefix_buckets)
+                        prefix_buckets, layerwise)
     t_sites, t_pos, t_vecs = _target_inputs(targets)
 
     def feature_inputs(idx: Tensor):
@@ -128,6 +128,7 @@ def attribute(adapted: AdaptedModel, tokens: Int[Tensor, " pos"], target=None, *
         meta={"n_backward": engine.n_backward, "batch_size": engine.batch,
               "n_rows": n_t + max_f, "floor_backward": math.ceil((n_t + max_f) / engine.batch),
               "refresh_every": refresh_every, "zero_bos": zero_bos, "vmap": vmap,
+              "layerwise": engine.layerwise,
               "prefix_buckets": len(engine.lengths),
               "time_s": time.perf_counter() - start})
     return graph
@@ -139,6 +140,41 @@ def _target_inputs(targets: list[TargetRow]):
     return sites, pos, torch.stack([t.vector for t in targets])
 
 
+class _SharedConstants:
+    """Saved-tensor hooks for the retained forwards: a tensor autograd saves that needs no gradient
+    and equals one saved before is kept once. TransformerLens saves a fresh transposed copy of each
+    weight matrix in every forward (``F.linear(x, W.T.contiguous())``), about two thirds of what a
+    retained forward holds; with one forward per prefix they would be held once per prefix."""
+
+    def __init__(self, min_numel: int = 1 << 14):
+        self.min_numel, self.seen = min_numel, {}
+
+    def pack(self, t: Tensor) -> Tensor:
+        base = t if t._base is None else t._base  # autograd often saves a view (W.T) of the copy
+        if (t.requires_grad or base.requires_grad or base.numel() < self.min_numel
+                or not base.is_contiguous() or base.storage_offset() != 0):
+            return t
+        shared = self._shared(base.detach())
+        return t if shared is None else shared.as_strided(t.shape, t.stride(), t.storage_offset())
+
+    def _shared(self, base: Tensor) -> Tensor | None:
+        """A tensor saved before that equals ``base``, or None (then ``base`` is remembered)."""
+        flat = base.reshape(-1)
+        sample = tuple(flat[:: max(1, flat.numel() // 31)][:32].tolist())  # a cheap fingerprint
+        key = (tuple(base.shape), base.dtype, base.device, sample)
+        for old in self.seen.setdefault(key, []):
+            if old.data_ptr() == base.data_ptr():
+                return None
+            if torch.equal(old, base):
+                return old
+        self.seen[key].append(base)
+        return None
+
+    @staticmethod
+    def unpack(t: Tensor) -> Tensor:
+        return t
+
+
 class _RowEngine:
     """Retained forwards of the linearized model; edge rows from batched backward passes.
 
@@ -147,27 +183,44 @@ class _RowEngine:
     not repeated). ``vmap=False``: the prompt is repeated ``batch`` times along the batch and each
     batch row carries its own injected gradient. Both give the same rows.
 
-    ``buckets`` prefixes (lengths ``ceil(n_pos * k / buckets)``) each get a forward: a row injected
-    at position p is computed on the shortest prefix containing p (the model is causal, so the
-    prefix's values are the full prompt's), which makes rows at early positions cheaper.
+    ``layerwise`` (with ``vmap``): the forward's autograd graph is cut after every block and a
+    backward pass walks down the blocks, one ``autograd.grad`` call per block and prefix. A row
+    joins at its own site (rows sorted deepest first, so the rows alive at a block are a prefix
+    of the batch) and gradients are projected on the decoder rows as soon as each block is done:
+    a row injected at layer L costs L blocks, not the depth of the deepest row in its batch, and
+    one pass serves rows of every prefix. Otherwise one ``autograd.grad`` call runs the whole
+    model for a batch of rows of one prefix (the reference path).
+
+    ``buckets`` prefixes (lengths ``ceil(n_pos * k / buckets)``) each get a forward, run when a row
+    first needs it: a row injected at position p is computed on the shortest prefix containing p
+    (the model is causal, so the prefix's values are the full prompt's), which makes rows at early
+    positions cheaper.
     """
 
     def __init__(self, adapted: AdaptedModel, tokens: Tensor, feats: Tensor, acts: Tensor,
-                 batch: int, zero_bos: bool, vmap: bool = True, buckets: int = 1):
+                 batch: int, zero_bos: bool, vmap: bool = True, buckets: int = 1, layerwise: bool = True):
         self.adapted, self.batch, self.zero_bos, self.vmap = adapted, max(batch, 1), zero_bos, vmap
+        self.layerwise = layerwise and vmap
         self.n_layers = adapted.model.cfg.n_layers
         self.n_pos, self.n_active = int(tokens.shape[0]), len(feats)
         self.dtype, self.device = acts.dtype, adapted.model.cfg.device
         self.n_backward = 0
         buckets = max(1, min(buckets, self.n_pos))
         self.lengths = sorted({math.ceil(self.n_pos * (k + 1) / buckets) for k in range(buckets)})
-        self.leaves = [self._forward(tokens[:n]) for n in self.lengths]
-        self.embed_values = self.leaves[-1].embed[0].detach()
+        self.tokens, self._shared, self._leaves = tokens, _SharedConstants(), {}
+        self.embed_values = self.leaves(len(self.lengths) - 1).embed[0].detach()
         self.blocks = [self._decoder_block(adapted, feats, acts, layer) for layer in range(self.n_layers)]
+
+    def leaves(self, k: int) -> Leaves:
+        """The retained forward of prefix ``k``, run on first use (prefixes no row needs never run)."""
+        if k not in self._leaves:
+            with torch.autograd.graph.saved_tensors_hooks(self._shared.pack, self._shared.unpack):
+                self._leaves[k] = self._forward(self.tokens[:self.lengths[k]])
+        return self._leaves[k]
 
     def _forward(self, tokens: Tensor) -> Leaves:
         leaves = Leaves()
-        with torch.enable_grad(), linearized(self.adapted, leaves=leaves):
+        with torch.enable_grad(), linearized(self.adapted, leaves=leaves, cut_layers=self.layerwise):
             resid = self.adapted.model(tokens[None].expand(1 if self.vmap else self.batch, -1),
                                        stop_at_layer=self.n_layers)
             leaves.final = self.adapted.model.ln_final(resid)
@@ -192,25 +245,87 @@ class _RowEngine:
         out = torch.zeros(len(sites), dtype=self.dtype)
         for site in sites.unique().tolist():
             m = sites == site
-            x = self.leaves[-1].site(site, self.n_layers)[0].detach()
+            x = self.leaves(len(self.lengths) - 1).site(site, self.n_layers)[0].detach()
             dot = (x[positions[m].to(x.device)] * vectors[m].to(x.device, x.dtype)).sum(-1)
             out[m] = dot.to("cpu", out.dtype)
         return out
 
     def rows(self, sites: Tensor, positions: Tensor, vectors: Tensor, out: Tensor) -> None:
         """Write into ``out`` the edge rows (sources: active features, then embeddings) of
-        ``vectors`` injected at ``(sites, positions)``: grouped by prefix, ``batch`` rows per
-        backward pass."""
+        ``vectors`` injected at ``(sites, positions)``, ``batch`` rows per backward pass: grouped
+        by prefix, and (``layerwise``) ordered by position, so a pass spans few prefixes."""
         bucket = torch.bucketize(positions.contiguous(), torch.tensor(self.lengths), right=True)
+        if self.layerwise:
+            order = torch.argsort(positions, stable=True)
+            for i in range(0, len(order), self.batch):
+                j = order[i:i + self.batch]
+                out[j] = self._pass(bucket[j], sites[j], positions[j], vectors[j])
+            return
         for k in bucket.unique().tolist():
             rows = (bucket == k).nonzero()[:, 0]
             for i in range(0, len(rows), self.batch):
                 j = rows[i:i + self.batch]
                 out[j] = self._batch(k, sites[j], positions[j], vectors[j])
 
+    def _project(self, row: Tensor, layer: int, grad: Tensor, P: int) -> None:
+        """Edges into ``row`` from layer ``layer``'s active features at positions < ``P``, given
+        the gradient ``grad`` ``[n, P, d_model]`` of that layer's adapter output."""
+        idx, pos, slot, block = self.blocks[layer]
+        here = pos < P
+        if here.any():  # [pos, n, d] @ [pos, d, slot] -> [pos, n, slot]
+            projected = torch.bmm(grad.transpose(0, 1), block[:P].transpose(1, 2))
+            row[:, idx[here]] = projected[pos[here].to(self.device), :, slot[here]].T.to(self.dtype)
+
+    def _project_embed(self, row: Tensor, grad: Tensor, P: int) -> None:
+        row[:, self.n_active:self.n_active + P] = (grad * self.embed_values[:P]).sum(-1).to(self.dtype)
+        if self.zero_bos:
+            row[:, self.n_active] = 0
+
+    def _pass(self, bucket: Tensor, sites: Tensor, positions: Tensor, vectors: Tensor,
+              ) -> Float[Tensor, "n n_active+n_pos"]:
+        """One layerwise backward pass for rows of any prefixes (see the class docstring)."""
+        row = torch.zeros(len(sites), self.n_active + self.n_pos, dtype=self.dtype, device=self.device)
+        for k in bucket.unique().tolist():
+            j = (bucket == k).nonzero()[:, 0]
+            j = j[torch.argsort(sites[j], descending=True, stable=True)]  # alive rows: a prefix
+            part = torch.zeros(len(j), row.shape[1], dtype=self.dtype, device=self.device)
+            self._walk(self.leaves(k), self.lengths[k], sites[j], positions[j], vectors[j], part)
+            row[j.to(self.device)] = part
+        self.n_backward += 1
+        return row.cpu()
+
+    def _walk(self, leaves: Leaves, P: int, sites: Tensor, positions: Tensor, vectors: Tensor,
+              row: Tensor) -> None:
+        """Down the blocks of one prefix's forward, rows sorted by site (deepest first)."""
+        grad, d = None, vectors.shape[-1]  # gradient of the current block's output, alive rows
+        for layer in range(int(sites[0]), -1, -1):  # block ``n_layers``: ln_final
+            alive = int((sites >= layer).sum())
+            first = 0 if grad is None else grad.shape[0]  # rows joining here: first..alive
+            outputs, grads = [], []
+            if grad is not None:  # from the block above; zero for the rows joining here
+                outputs.append(leaves.resid_out[layer])
+                grads.append(torch.cat([grad, grad.new_zeros(alive - first, *grad.shape[1:])]))
+            if alive > first:  # rows injected at this site
+                x = leaves.site(layer, self.n_layers)
+                inject = torch.zeros(alive, *x.shape, dtype=x.dtype, device=x.device)
+                inject[torch.arange(first, alive), 0, positions[first:alive].to(x.device)] = \
+                    vectors[first:alive].to(x.device, x.dtype)
+                outputs.append(x)
+                grads.append(inject)
+            inputs = [leaves.block_input(layer)]
+            if layer < self.n_layers and len(self.blocks[layer][0]):
+                inputs.append(leaves.adapter_out[layer])
+            got = torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=True,
+                                      is_grads_batched=True)
+            if len(got) > 1 and got[1] is not None:
+                self._project(row[:alive], layer, got[1].reshape(alive, P, d), P)
+            grad = got[0] if got[0] is not None else torch.zeros(alive, *inputs[0].shape,
+                                                                 dtype=inputs[0].dtype, device=inputs[0].device)
+        self._project_embed(row[:len(sites)], grad.reshape(len(sites), P, d), P)
+
     def _batch(self, k: int, sites: Tensor, positions: Tensor, vectors: Tensor,
                ) -> Float[Tensor, "n n_active+n_pos"]:
-        n, B, P, leaves = len(sites), self.batch, self.lengths[k], self.leaves[k]
+        n, B, P, leaves = len(sites), self.batch, self.lengths[k], self.leaves(k)
         outputs, grads = [], []
         for site in sites.unique().tolist():
             m = sites == site
@@ -226,13 +341,8 @@ class _RowEngine:
         self.n_backward += 1
         row = torch.zeros(B, self.n_active + self.n_pos, dtype=self.dtype, device=self.device)
         if got[0] is not None:
-            emb = (got[0].reshape(B, P, -1) * self.embed_values[:P]).sum(-1)
-            row[:, self.n_active:self.n_active + P] = emb.to(self.dtype)
-            if self.zero_bos:
-                row[:, self.n_active] = 0
-        for grad, (idx, pos, slot, block) in zip(got[1:], self.blocks):
-            here = pos < P
-            if grad is not None and here.any():  # [pos, B, d] @ [pos, d, slot] -> [pos, B, slot]
-                projected = torch.bmm(grad.reshape(B, P, -1).transpose(0, 1), block[:P].transpose(1, 2))
-                row[:, idx[here]] = projected[pos[here].to(self.device), :, slot[here]].T.to(self.dtype)
+            self._project_embed(row, got[0].reshape(B, P, -1), P)
+        for layer, grad in enumerate(got[1:]):
+            if grad is not None:
+                self._project(row, layer, grad.reshape(B, P, -1), P)
         return row[:n].cpu()

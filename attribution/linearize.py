@@ -70,12 +70,23 @@ class Leaves:
     that require grad: the gradient of a feature activation ``a_i`` at (L, p) is
     ``adapter_out[L].grad[p] @ W_dec[i]``. ``mlp_in[L]`` is layer L's MLP input (where a feature
     target injects its encoder row) and ``final`` the final-normed residual (``unembed.hook_in``).
+
+    With ``cut_layers`` (see :func:`linearized`), the autograd graph is cut between blocks:
+    ``resid_out[L]`` is block L's output (``blocks.L.hook_resid_post``) and ``resid_in[L + 1]`` the
+    leaf (same values) the next block (or ``ln_final``) reads, so a backward pass can go one block
+    at a time; block 0 reads ``embed``.
     """
 
     embed: Tensor | None = None
     adapter_out: dict[int, Tensor] = field(default_factory=dict)
     mlp_in: dict[int, Tensor] = field(default_factory=dict)
     final: Tensor | None = None
+    resid_out: dict[int, Tensor] = field(default_factory=dict)
+    resid_in: dict[int, Tensor] = field(default_factory=dict)
+
+    def block_input(self, layer: int) -> Tensor:
+        """The leaf block ``layer`` reads (``embed`` for block 0; ``n_layers``: ``ln_final``'s)."""
+        return self.embed if layer == 0 else self.resid_in[layer]
 
     def site(self, site: int, n_layers: int) -> Tensor:
         """The tensor of injection site ``site`` (a layer's MLP input, or ``n_layers``: final)."""
@@ -124,13 +135,14 @@ def record_frozen(adapted: AdaptedModel, tokens: Int[Tensor, " pos"]) -> FrozenS
 
 @contextlib.contextmanager
 def linearized(adapted: AdaptedModel, frozen: FrozenState | None = None,
-               leaves: Leaves | None = None) -> Iterator[Leaves | None]:
+               leaves: Leaves | None = None, cut_layers: bool = False) -> Iterator[Leaves | None]:
     """Run ``adapted.model`` linearized inside this context (see the module docstring).
 
     ``frozen``: hold values from that recorded forward (the prompt must have its length) instead
     of the current forward's. ``leaves``: make embeddings and adapter outputs gradient leaves and
-    capture the injection sites into it. Hooks added later (e.g. feature edits on ``hook_acts``)
-    run after these, so they act on the frozen values.
+    capture the injection sites into it. ``cut_layers`` (with ``leaves``): also cut the autograd
+    graph after every block (``Leaves.resid_out`` / ``Leaves.resid_in``). Hooks added later (e.g.
+    feature edits on ``hook_acts``) run after these, so they act on the frozen values.
     """
     check_supported(adapted)
     model = adapted.model
@@ -147,6 +159,8 @@ def linearized(adapted: AdaptedModel, frozen: FrozenState | None = None,
                           _keep(partial(leaves.mlp_in.__setitem__, layer))))
             hooks.append((f"blocks.{layer}.adapter.hook_out",
                           _keep(partial(leaves.adapter_out.__setitem__, layer), leaf=True)))
+            if cut_layers:
+                hooks.append((f"blocks.{layer}.hook_resid_post", _cut(leaves, layer)))
     if leaves is not None:
         hooks.append(("hook_embed", _keep(partial(setattr, leaves, "embed"), leaf=True)))
         hooks.append(("unembed.hook_in", _keep(partial(setattr, leaves, "final"))))
@@ -212,8 +226,9 @@ def _mlp_hooks(layer: int, mlp: GatedMLP, frozen: FrozenState | None) -> list:
         gate0 = gate.detach() if frozen is None else _frozen_value(frozen, pre_name, gate)
         up0 = up.detach() if frozen is None else _frozen_value(frozen, up_name, up)
         sig0 = torch.sigmoid(gate0)
-        act, act0 = gate * sig0, gate0 * sig0  # SiLU(g) = g * sg(sigmoid(g))
-        return 0.5 * act * up0 + 0.5 * act0 * up + mlp.b_in
+        # 0.5 * SiLU(g) * sg(b) + 0.5 * sg(SiLU(g)) * b with SiLU(g) = g * sg(sigmoid(g)), as two
+        # frozen coefficients: the backward pass is then one multiply per factor
+        return gate * (0.5 * sig0 * up0) + up * (0.5 * gate0 * sig0) + mlp.b_in
 
     return [(pre_name, keep), (up_name, keep), (f"blocks.{layer}.mlp.hook_post", post)]
 
@@ -225,6 +240,16 @@ def _keep(store, leaf: bool = False):
             t = t.detach().requires_grad_(True)
         store(t)
         return t
+    return hook
+
+
+def _cut(leaves: Leaves, layer: int):
+    """Keep block ``layer``'s output and hand the next block a fresh leaf with its values."""
+    def hook(t: Tensor, hook) -> Tensor:
+        leaves.resid_out[layer] = t
+        leaf = t.detach().requires_grad_(True)
+        leaves.resid_in[layer + 1] = leaf
+        return leaf
     return hook
 
 

@@ -229,3 +229,26 @@ def test_linearized_mlp_is_the_specified_linear_map(adapted):
     expected = (0.5 * (d @ mlp.W_gate) * torch.sigmoid(g0) * b0
                 + 0.5 * torch.nn.functional.silu(g0) * (d @ mlp.W_in)) @ mlp.W_out
     torch.testing.assert_close(change, expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,kw", [
+    (torch.float64, dict(target=[Token("w8"), FeatureTarget(2, 5, pos=7)], max_feature_nodes=25,
+                         refresh_every=7, batch_size=5)),
+    (torch.float32, dict(target=None, batch_size=16)),
+])
+def test_layerwise_backward_gives_the_reference_graph(dtype, kw):
+    """The layerwise pass (rows join at their own block, every prefix in one pass) against the
+    reference path (one autograd call through the whole model per batch and prefix)."""
+    adapted = tiny_adapted(seed=1, dtype=dtype, n_layers=3)
+    reference = attribute(adapted, TOKENS, layerwise=False, **kw)
+    fast = attribute(adapted, TOKENS, **kw)
+    assert fast.meta["layerwise"] and not reference.meta["layerwise"]
+    assert torch.equal(fast.features, reference.features)
+    scale = reference.adjacency.abs().max()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(fast.adjacency, reference.adjacency, rtol=0, atol=float(tol * scale))
+    torch.testing.assert_close(fast.values, reference.values, rtol=0, atol=float(tol * scale))
+    assert (fast.adjacency != 0).sum() > 200
+    assert fast.meta["n_backward"] <= reference.meta["n_backward"]
+    if kw.get("max_feature_nodes") is None:  # one stream of rows: exactly the floor, prefixes and all
+        assert fast.meta["n_backward"] == fast.meta["floor_backward"] < reference.meta["n_backward"]
