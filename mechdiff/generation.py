@@ -23,11 +23,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from jaxtyping import Float, Int
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.hook_points import HookPoint
 
 from mechdiff.training.batches import pad
 
@@ -56,12 +58,20 @@ def check_context(model: HookedTransformer, prompt_len: int, max_new_tokens: int
 
 
 @torch.no_grad()
-def _generate_batch(model, prompts, max_new_tokens, eos, pad_id, temperature, processors, gen):
+def _generate_batch(model, prompts, max_new_tokens, eos, pad_id, temperature, processors, gen, fast):
     tokens, mask = pad(prompts, pad_id, side="left")
     device = model.cfg.device
     tokens, mask = tokens.to(device), mask.to(device)
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(prompts))
-    logits = model(tokens, attention_mask=mask.long(), past_kv_cache=cache)[:, -1]
+    if fast:
+        decoder = StaticCacheDecoder(model, tokens, mask, max_new_tokens)
+        logits, advance = decoder.prefill(), decoder.step
+    else:  # TransformerLens' own cached forward: concatenating cache, mask and rotary rebuilt per step
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(prompts))
+        logits = model(tokens, attention_mask=mask.long(), past_kv_cache=cache)[:, -1]
+        step_mask = torch.ones((len(prompts), 1), dtype=torch.long, device=device)
+
+        def advance(nxt):
+            return model(nxt[:, None], attention_mask=step_mask, past_kv_cache=cache)[:, -1]
     out = torch.full((len(prompts), max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
@@ -79,8 +89,7 @@ def _generate_batch(model, prompts, max_new_tokens, eos, pad_id, temperature, pr
             done |= nxt == eos
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        step_mask = torch.ones((len(prompts), 1), dtype=torch.long, device=device)
-        logits = model(nxt[:, None], attention_mask=step_mask, past_kv_cache=cache)[:, -1]
+        logits = advance(nxt)
     return [_trim(row, eos) for row in out[:, : t + 1].tolist()]
 
 
@@ -104,11 +113,14 @@ def generate(
     fwd_hooks: Sequence[tuple] = (),
     batch_size: int = 64,
     progress: bool = False,
+    fast: bool = True,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids); returns the new tokens per prompt, in order.
 
     Greedy when ``temperature == 0``; otherwise sampling, repeatable for a given ``seed``. Rows stop
     at ``eos_token_id`` (kept in the output). Prompts are grouped by length to limit padding.
+    ``fast`` decodes with :class:`StaticCacheDecoder` where :func:`fast_path_refusal` allows it
+    (same tokens; hooks fire alike), else with TransformerLens' own cached forward.
     """
     if not prompts:
         return []
@@ -123,9 +135,215 @@ def generate(
     results: list[list[int]] = [[] for _ in prompts]
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     with model.hooks(fwd_hooks=list(fwd_hooks)):
+        fast = fast and fast_path_refusal(model) is None and all(
+            len(block.attn.rotary_cos) >= max(map(len, prompts)) + max_new_tokens for block in model.blocks)
         for chunk in tqdm(chunks, desc="generate", disable=not progress, leave=False):
             outs = _generate_batch(model, [list(prompts[i]) for i in chunk], max_new_tokens, eos,
-                                   pad_id, temperature, list(logit_processors), gen)
+                                   pad_id, temperature, list(logit_processors), gen, fast)
             for i, row in zip(chunk, outs):
                 results[i] = row
     return results
+
+
+# ----------------------------------------------------------------------------- the fast decoder
+
+_BLOCK_POINTS = ("hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k",
+                 "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores",
+                 "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "ln2.hook_scale",
+                 "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
+                 "hook_mlp_out", "hook_resid_post")
+_TOP_POINTS = ("hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out")
+
+
+def _fire(point, x: Tensor) -> Tensor:
+    """A HookPoint's hooks on ``x`` (skipping the module call when nothing is attached)."""
+    return point(x) if point._forward_hooks else x
+
+
+def fast_path_refusal(model: HookedTransformer) -> str | None:
+    """Why :class:`StaticCacheDecoder` cannot run ``model`` with its current hooks (None: it can).
+
+    It covers Qwen2/Llama-style models (RMSNorm, rotary, gated SiLU MLP, grouped-query attention)
+    with hooks on the named hook points it calls, and plain forward hooks on ``block.mlp`` (the
+    transcoder adapters). Anything else (a pre-hook on an attention module, as LoRA adds, a hook on
+    a hook point it does not call) makes :func:`generate` use TransformerLens' own cached forward.
+    """
+    cfg = model.cfg
+    flags = {"RMS normalization": cfg.normalization_type == "RMS",
+             "rotary positions": cfg.positional_embedding_type == "rotary",
+             "gated SiLU MLP": cfg.gated_mlp and cfg.act_fn == "silu",
+             "plain attention inputs": not (cfg.use_attn_result or cfg.use_split_qkv_input or cfg.use_attn_in
+                                            or cfg.use_hook_mlp_in or cfg.use_hook_tokens),
+             "pre-norm sequential blocks": not (cfg.parallel_attn_mlp or cfg.use_normalization_before_and_after
+                                                or cfg.original_architecture not in ("Qwen2ForCausalLM",
+                                                                                     "LlamaForCausalLM")),
+             "no soft caps, QK norm or dynamic rotary": not (cfg.attn_scores_soft_cap > 0
+                                                             or cfg.output_logits_soft_cap > 0 or cfg.use_qk_norm
+                                                             or cfg.use_dynamic_ntk_rope or cfg.use_logn_attn
+                                                             or cfg.rotary_adjacent_pairs),
+             "rotary over the whole head": cfg.rotary_dim == cfg.d_head,
+             "one device": cfg.n_devices == 1}
+    missing = [name for name, ok in flags.items() if not ok]
+    if missing:
+        return "needs " + ", ".join(missing)
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return "global module hooks are set"
+    points = {f"blocks.{i}.{p}" for i in range(cfg.n_layers) for p in _BLOCK_POINTS} | set(_TOP_POINTS)
+    for name, module in model.named_modules():
+        if isinstance(module, HookPoint):
+            if module._forward_hooks and name in model.hook_dict and name not in points and not _inside_addon(name):
+                return f"a hook on {name}, which the fast path does not run"
+            continue
+        is_mlp = name.endswith(".mlp") and name.count(".") == 2
+        if module._forward_pre_hooks or (module._forward_hooks and not is_mlp) or \
+                module._forward_hooks_with_kwargs or getattr(module, "_forward_hooks_always_called", None):
+            return f"a module hook on {name or 'the model'}"
+    return None
+
+
+def _inside_addon(name: str) -> bool:
+    """Hook points of modules mechdiff attaches to a block (adapters, LoRA): they fire from module hooks."""
+    parts = name.split(".")
+    return len(parts) > 3 and parts[0] == "blocks" and parts[2] not in ("attn", "mlp", "ln1", "ln2")
+
+
+class StaticCacheDecoder:
+    """One token per row per step on a ``HookedTransformer`` with a preallocated KV cache.
+
+    The prompt runs through TransformerLens' own forward (every hook fires on every prompt
+    position) while hooks on ``hook_rot_k`` / ``hook_v`` copy the keys and values into a cache of
+    ``[batch, kv_heads, prompt + new, d_head]`` per layer. Each later step runs the same
+    computation as TransformerLens for the newest position only, with the weights laid out once
+    (fused QKV, transposed MLP and unembedding: TransformerLens transposes and copies them in every
+    call), rotary tables indexed by each row's position, attention over the filled part of the
+    cache under the padding mask, and each named hook point called only when something is attached
+    (in the same order and with the same shapes as in TransformerLens, so hooks can read and edit).
+    Forward hooks on ``block.mlp`` (the transcoder adapters) run as the module call would run them.
+
+    Example:
+        >>> decoder = StaticCacheDecoder(pair.target, tokens, mask, max_new_tokens=8)  # doctest: +SKIP
+        >>> logits = decoder.prefill()  # doctest: +SKIP
+        >>> logits = decoder.step(logits.argmax(-1))  # doctest: +SKIP
+    """
+
+    def __init__(self, model: HookedTransformer, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"],
+                 max_new_tokens: int):
+        cfg = self.cfg = model.cfg
+        self.model, self.tokens = model, tokens
+        batch, width = tokens.shape
+        self.length = width  # filled cache positions
+        self.mask = torch.zeros(batch, width + max_new_tokens, dtype=torch.bool, device=tokens.device)
+        self.mask[:, :width] = mask
+        self.position = mask.long().sum(1)  # the next token's rotary position, per row
+        kv = cfg.n_key_value_heads or cfg.n_heads
+        shape = (batch, kv, width + max_new_tokens, cfg.d_head)
+        self.keys = [torch.zeros(shape, dtype=cfg.dtype, device=tokens.device) for _ in model.blocks]
+        self.values = [torch.zeros(shape, dtype=cfg.dtype, device=tokens.device) for _ in model.blocks]
+        self.layers = [self._layout(block) for block in model.blocks]
+        first = model.blocks[0].attn
+        self.shared_rotary = all(torch.equal(b.attn.rotary_cos, first.rotary_cos)
+                                 and torch.equal(b.attn.rotary_sin, first.rotary_sin) for b in model.blocks)
+        self.W_U_t = model.W_U.T.contiguous()
+
+    @staticmethod
+    def _layout(block) -> dict[str, Tensor]:
+        attn, mlp = block.attn, block.mlp
+        h, d_head = attn.W_Q.shape[0], attn.W_Q.shape[2]
+        W_K = attn._W_K if hasattr(attn, "_W_K") else attn.W_K
+        W_V = attn._W_V if hasattr(attn, "_W_V") else attn.W_V
+        b_K = attn._b_K if hasattr(attn, "_b_K") else attn.b_K
+        b_V = attn._b_V if hasattr(attn, "_b_V") else attn.b_V
+        w = torch.cat([W.permute(0, 2, 1).reshape(-1, W.shape[1]) for W in (attn.W_Q, W_K, W_V)])
+        return {"qkv": w.contiguous(), "b_qkv": torch.cat([attn.b_Q.flatten(), b_K.flatten(), b_V.flatten()]),
+                "W_O": attn.W_O.reshape(h * d_head, -1).T.contiguous(), "b_O": attn.b_O,
+                "W_gate": mlp.W_gate.T.contiguous(), "W_in": mlp.W_in.T.contiguous(),
+                "W_out": mlp.W_out.T.contiguous(), "b_in": mlp.b_in, "b_out": mlp.b_out,
+                "split": (h * d_head, W_K.shape[0] * d_head, W_V.shape[0] * d_head)}
+
+    def prefill(self) -> Float[Tensor, "batch vocab"]:
+        """Run the prompt; fill the cache; the logits at the last prompt position."""
+        model, n = self.model, self.cfg.n_layers
+
+        def keep(store, layer):
+            def hook(x, hook):
+                store[layer][:, :, : x.shape[1]] = x.transpose(1, 2)
+            return hook
+
+        hooks = [(f"blocks.{i}.attn.hook_rot_k", keep(self.keys, i)) for i in range(n)]
+        hooks += [(f"blocks.{i}.attn.hook_v", keep(self.values, i)) for i in range(n)]
+        with model.hooks(fwd_hooks=hooks):  # added after the caller's: they store the edited values
+            resid = model(self.tokens, attention_mask=self.mask[:, : self.length].long(), stop_at_layer=n)
+        return self._logits(model.ln_final(resid)[:, -1:])
+
+    def _logits(self, x: Tensor) -> Tensor:
+        unembed = self.model.unembed
+        x = _fire(unembed.hook_in, x)
+        return _fire(unembed.hook_out, F.linear(x, self.W_U_t, unembed.b_U))[:, -1]
+
+    def _norm(self, ln, x: Tensor) -> Tensor:
+        if self.cfg.dtype not in (torch.float32, torch.float64):
+            x = x.to(torch.float32)
+        scale = _fire(ln.hook_scale, (x.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt())
+        return _fire(ln.hook_normalized, x / scale).to(self.cfg.dtype) * ln.w
+
+    def _rotary(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+    def step(self, nxt: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
+        """Append one token per row; the logits that follow it."""
+        model, t = self.model, self.length
+        self.mask[:, t] = True
+        resid = _fire(model.hook_embed, model.embed.W_E[nxt][:, None])
+        tables = None
+        for block, w, keys, values in zip(model.blocks, self.layers, self.keys, self.values, strict=True):
+            if tables is None or not self.shared_rotary:  # one lookup per step when the layers share tables
+                tables = (block.attn.rotary_cos[self.position][:, None, None],
+                          block.attn.rotary_sin[self.position][:, None, None])
+            resid = self._block(block, w, keys, values, resid, t, tables)
+        self.length += 1
+        self.position = self.position + 1
+        return self._logits(self._norm(model.ln_final, resid))
+
+    def _block(self, block, w, keys, values, resid, t, tables):
+        attn, batch, d_head = block.attn, resid.shape[0], self.cfg.d_head
+        resid = _fire(block.hook_resid_pre, resid)
+        x = self._norm(block.ln1, resid)
+        q_width, k_width, _ = w["split"]
+        n_q = q_width // d_head
+        qkv = F.linear(x, w["qkv"], w["b_qkv"])
+        qk = qkv[..., : q_width + k_width].view(batch, 1, -1, d_head)
+        v = _fire(attn.hook_v, qkv[..., q_width + k_width:].view(batch, 1, -1, d_head))
+        if attn.hook_q._forward_hooks or attn.hook_k._forward_hooks:
+            qk = torch.cat([_fire(attn.hook_q, qk[:, :, :n_q]), _fire(attn.hook_k, qk[:, :, n_q:])], dim=2)
+        qk = self._rotary(qk, *tables)  # queries and keys in one go
+        q, k = _fire(attn.hook_rot_q, qk[:, :, :n_q]), _fire(attn.hook_rot_k, qk[:, :, n_q:])
+        keys[:, :, t] = k[:, 0]
+        values[:, :, t] = v[:, 0]
+        n_kv, n_q = keys.shape[1], q.shape[2]  # a hook may have changed nothing but values
+        mask = self.mask[:, None, None, : t + 1]
+        if attn.hook_attn_scores._forward_hooks or attn.hook_pattern._forward_hooks:
+            grouped = q.view(batch, n_kv, n_q // n_kv, d_head)  # query head j reads key head j // group
+            scores = (grouped @ keys[:, :, : t + 1].transpose(-1, -2) / attn.attn_scale).view(batch, n_q, 1, t + 1)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            pattern = _fire(attn.hook_pattern, _fire(attn.hook_attn_scores, scores).softmax(-1))
+            z = pattern.view(batch, n_kv, n_q // n_kv, t + 1).to(values.dtype) @ values[:, :, : t + 1]
+        else:  # nothing reads the pattern: one fused kernel
+            z = F.scaled_dot_product_attention(q.transpose(1, 2), keys[:, :, : t + 1], values[:, :, : t + 1],
+                                               attn_mask=mask, scale=1 / attn.attn_scale, enable_gqa=n_kv != n_q)
+        z = _fire(attn.hook_z, z.reshape(batch, 1, n_q, d_head))
+        attn_out = _fire(block.hook_attn_out, F.linear(z.reshape(batch, 1, -1), w["W_O"], w["b_O"]))
+        resid_mid = _fire(block.hook_resid_mid, resid + attn_out)
+        mlp_out = self._mlp(block.mlp, w, self._norm(block.ln2, resid_mid))
+        return _fire(block.hook_resid_post, resid_mid + _fire(block.hook_mlp_out, mlp_out))
+
+    @staticmethod
+    def _mlp(mlp, w, x):
+        pre = _fire(mlp.hook_pre, F.linear(x, w["W_gate"]))
+        pre_linear = _fire(mlp.hook_pre_linear, F.linear(x, w["W_in"]))
+        post = _fire(mlp.hook_post, mlp.act_fn(pre) * pre_linear + w["b_in"])
+        out = F.linear(post, w["W_out"], w["b_out"])
+        for hook in mlp._forward_hooks.values():  # as Module.__call__ runs them (adapters)
+            result = hook(mlp, (x,), out)
+            out = out if result is None else result
+        return out
