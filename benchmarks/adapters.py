@@ -1,7 +1,8 @@
 """Adapter training cost: one training step beside its floor, and the plain full-logits path.
 
     python -m benchmarks.adapters [--pair organism|smollm2] [--batch 4] [--d-sae 512] [--threads 1]
-                                  [--repeats 3] [--generation] [--json] [--device cuda --dtype bfloat16]
+                                  [--repeats 3] [--checkpoint] [--autocast bfloat16]
+                                  [--generation] [--json] [--device cuda --dtype bfloat16]
 
 On one right-padded batch of the pair's training traces, with TopK-8 adapters of ``--d-sae``
 features per layer (fresh ones: cost does not depend on training), three things are timed:
@@ -14,6 +15,9 @@ features per layer (fresh ones: cost does not depend on training), three things 
   process, interleaved with the steps;
 * ``baseline_step_s``: the same step on the plain path (``fast=False``: full ``[batch, pos,
   vocab]`` logits through ``masked_kl``), which is what training ran before.
+
+``--checkpoint`` has the new path recompute each block in backward (the same loss and gradients,
+less memory, about one more forward); ``--autocast bfloat16`` runs its forwards in bf16.
 
 Each path runs in a fresh subprocess, so ``peak_gib`` and ``baseline_peak_gib`` (peak resident
 memory of that process, models included) are its own. ``--pair smollm2`` needs the ``[real]`` extra;
@@ -75,7 +79,9 @@ def measure(args, path: str) -> dict:
     tokens, mask = (t.to(device) for t in pad(traces["input_ids"], pad_id, side="right"))
     adapted = AdaptedModel.from_pair(pair, args.d_sae, "topk", 8)
     loaded_gib = _rss_gib()
-    objective = AdapterObjective(adapted, pair.target, LossWeights(), fast=path == "fast", autocast=args.autocast)
+    fast = path == "fast"
+    objective = AdapterObjective(adapted, pair.target, LossWeights(), fast=fast,
+                                 autocast=args.autocast if fast else None, checkpoint=fast and args.checkpoint)
     opt = torch.optim.AdamW(adapted.adapters.parameters(), lr=1e-6)
     keep = next_token_keep(mask)
 
@@ -148,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per path (default 3)")
     parser.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
                         help="mixed precision for the new path's forwards (default: none)")
+    parser.add_argument("--checkpoint", action="store_true",
+                        help="the new path also recomputes each block in backward (less memory, more time)")
     parser.add_argument("--generation", action="store_true", help="also time generation with adapters")
     parser.add_argument("--n", type=int, default=64, help="prompts generated at once (--generation)")
     parser.add_argument("--new", type=int, default=64, help="new tokens per prompt (--generation)")
@@ -164,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     fast, plain = _subprocess(child, "fast"), _subprocess(child, "plain")
     result = {"pair": args.pair, "note": fast["note"], "batch": args.batch, "positions": fast["positions"],
               "tokens": fast["tokens"], "d_sae": args.d_sae, "threads": fast["threads"], "autocast": args.autocast,
+              "checkpoint": args.checkpoint,
               "step_s": fast["step_interleaved_s"], "floor_s": fast["floor_s"],
               "step_over_floor": fast["step_interleaved_s"] / fast["floor_s"], "peak_gib": fast["peak_gib"],
               "loaded_gib": fast["loaded_gib"], "baseline_step_s": plain["step_s"],
