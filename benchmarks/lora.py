@@ -5,7 +5,7 @@
 
 Both sides run the organism on the same right-padded batch of reasoning traces. The LoRA side is
 one full training step of :func:`mechdiff.lora.train_lora`'s objective (hooked forward with all
-21 adapters, response-token loss, backward into the adapters, AdamW step); the baseline is the
+21 adapters, response-token loss chunked over positions as training computes it, backward into the adapters, AdamW step); the baseline is the
 base HookedTransformer's forward + backward of the same loss into all its weights. The ratio says
 what the hooks cost: the LoRA backward skips weight gradients, its forward adds 21 small hooks.
 """
@@ -26,7 +26,7 @@ from benchmarks import mean_seconds  # noqa: E402
 from mechdiff.adapters.lora import LoRAConfig, LoRAModel  # noqa: E402
 from mechdiff.models import load_pair  # noqa: E402
 from mechdiff.organism import corpus  # noqa: E402
-from mechdiff.training.lora_objective import TraceBatches, distillation_loss  # noqa: E402
+from mechdiff.training.lora_objective import TraceBatches, chunked_distillation_loss  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     opt = torch.optim.AdamW(lora.layers.parameters(), lr=1e-3)
 
     def lora_step():
-        loss, _ = distillation_loss(lora(tokens), tokens, keep)
+        loss, _ = chunked_distillation_loss(lora.model, tokens, keep)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def base_step():
         base.zero_grad()
-        distillation_loss(base(tokens), tokens, keep)[0].backward()
+        chunked_distillation_loss(base, tokens, keep)[0].backward()
 
     t_lora, t_base = mean_seconds(lora_step, args.steps), mean_seconds(base_step, args.steps)
     print(f"batch {args.batch} traces x {tokens.shape[1]} positions = {n_tok} tokens, "
