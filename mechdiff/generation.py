@@ -58,12 +58,12 @@ def check_context(model: HookedTransformer, prompt_len: int, max_new_tokens: int
 
 
 @torch.no_grad()
-def _generate_batch(model, prompts, max_new_tokens, eos, pad_id, temperature, processors, gen, fast):
+def _generate_batch(model, prompts, max_new_tokens, eos, pad_id, temperature, processors, gen, weights):
     tokens, mask = pad(prompts, pad_id, side="left")
     device = model.cfg.device
     tokens, mask = tokens.to(device), mask.to(device)
-    if fast:
-        decoder = StaticCacheDecoder(model, tokens, mask, max_new_tokens)
+    if weights is not None:
+        decoder = StaticCacheDecoder(model, tokens, mask, max_new_tokens, weights)
         logits, advance = decoder.prefill(), decoder.step
     else:  # TransformerLens' own cached forward: concatenating cache, mask and rotary rebuilt per step
         cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(prompts))
@@ -137,9 +137,11 @@ def generate(
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         fast = fast and fast_path_refusal(model) is None and all(
             len(block.attn.rotary_cos) >= max(map(len, prompts)) + max_new_tokens for block in model.blocks)
+        with torch.no_grad():
+            weights = DecoderWeights(model) if fast else None
         for chunk in tqdm(chunks, desc="generate", disable=not progress, leave=False):
             outs = _generate_batch(model, [list(prompts[i]) for i in chunk], max_new_tokens, eos,
-                                   pad_id, temperature, list(logit_processors), gen, fast)
+                                   pad_id, temperature, list(logit_processors), gen, weights)
             for i, row in zip(chunk, outs):
                 results[i] = row
     return results
@@ -207,38 +209,11 @@ def _inside_addon(name: str) -> bool:
     return len(parts) > 3 and parts[0] == "blocks" and parts[2] not in ("attn", "mlp", "ln1", "ln2")
 
 
-class StaticCacheDecoder:
-    """One token per row per step on a ``HookedTransformer`` with a preallocated KV cache.
+class DecoderWeights:
+    """A model's weights laid out for :class:`StaticCacheDecoder` (fused QKV, transposed MLP, W_O and
+    unembedding), built once per :func:`generate` call and shared by its batches."""
 
-    The prompt runs through TransformerLens' own forward (every hook fires on every prompt
-    position) while hooks on ``hook_rot_k`` / ``hook_v`` copy the keys and values into a cache of
-    ``[batch, kv_heads, prompt + new, d_head]`` per layer. Each later step runs the same
-    computation as TransformerLens for the newest position only, with the weights laid out once
-    (fused QKV, transposed MLP and unembedding: TransformerLens transposes and copies them in every
-    call), rotary tables indexed by each row's position, attention over the filled part of the
-    cache under the padding mask, and each named hook point called only when something is attached
-    (in the same order and with the same shapes as in TransformerLens, so hooks can read and edit).
-    Forward hooks on ``block.mlp`` (the transcoder adapters) run as the module call would run them.
-
-    Example:
-        >>> decoder = StaticCacheDecoder(pair.target, tokens, mask, max_new_tokens=8)  # doctest: +SKIP
-        >>> logits = decoder.prefill()  # doctest: +SKIP
-        >>> logits = decoder.step(logits.argmax(-1))  # doctest: +SKIP
-    """
-
-    def __init__(self, model: HookedTransformer, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"],
-                 max_new_tokens: int):
-        cfg = self.cfg = model.cfg
-        self.model, self.tokens = model, tokens
-        batch, width = tokens.shape
-        self.length = width  # filled cache positions
-        self.mask = torch.zeros(batch, width + max_new_tokens, dtype=torch.bool, device=tokens.device)
-        self.mask[:, :width] = mask
-        self.position = mask.long().sum(1)  # the next token's rotary position, per row
-        kv = cfg.n_key_value_heads or cfg.n_heads
-        shape = (batch, kv, width + max_new_tokens, cfg.d_head)
-        self.keys = [torch.zeros(shape, dtype=cfg.dtype, device=tokens.device) for _ in model.blocks]
-        self.values = [torch.zeros(shape, dtype=cfg.dtype, device=tokens.device) for _ in model.blocks]
+    def __init__(self, model: HookedTransformer):
         self.layers = [self._layout(block) for block in model.blocks]
         first = model.blocks[0].attn
         self.shared_rotary = all(torch.equal(b.attn.rotary_cos, first.rotary_cos)
@@ -259,6 +234,42 @@ class StaticCacheDecoder:
                 "W_gate": mlp.W_gate.T.contiguous(), "W_in": mlp.W_in.T.contiguous(),
                 "W_out": mlp.W_out.T.contiguous(), "b_in": mlp.b_in, "b_out": mlp.b_out,
                 "split": (h * d_head, W_K.shape[0] * d_head, W_V.shape[0] * d_head)}
+
+
+class StaticCacheDecoder:
+    """One token per row per step on a ``HookedTransformer`` with a preallocated KV cache.
+
+    The prompt runs through TransformerLens' own forward (every hook fires on every prompt
+    position) while hooks on ``hook_rot_k`` / ``hook_v`` copy the keys and values into a cache of
+    ``[batch, kv_heads, prompt + new, d_head]`` per layer. Each later step runs the same
+    computation as TransformerLens for the newest position only, with the weights laid out once
+    (fused QKV, transposed MLP and unembedding: TransformerLens transposes and copies them in every
+    call), rotary tables indexed by each row's position, attention over the filled part of the
+    cache under the padding mask, and each named hook point called only when something is attached
+    (in the same order and with the same shapes as in TransformerLens, so hooks can read and edit).
+    Forward hooks on ``block.mlp`` (the transcoder adapters) run as the module call would run them.
+
+    Example:
+        >>> decoder = StaticCacheDecoder(pair.target, tokens, mask, max_new_tokens=8)  # doctest: +SKIP
+        >>> logits = decoder.prefill()  # doctest: +SKIP
+        >>> logits = decoder.step(logits.argmax(-1))  # doctest: +SKIP
+    """
+
+    def __init__(self, model: HookedTransformer, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"],
+                 max_new_tokens: int, weights: DecoderWeights | None = None):
+        cfg = self.cfg = model.cfg
+        self.model, self.tokens = model, tokens
+        batch, width = tokens.shape
+        self.length = width  # filled cache positions
+        self.mask = torch.zeros(batch, width + max_new_tokens, dtype=torch.bool, device=tokens.device)
+        self.mask[:, :width] = mask
+        self.position = mask.long().sum(1)  # the next token's rotary position, per row
+        kv = cfg.n_key_value_heads or cfg.n_heads
+        shape = (batch, kv, width + max_new_tokens, cfg.d_head)
+        self.keys = [torch.zeros(shape, dtype=cfg.dtype, device=tokens.device) for _ in model.blocks]
+        self.values = [torch.zeros(shape, dtype=cfg.dtype, device=tokens.device) for _ in model.blocks]
+        weights = weights or DecoderWeights(model)
+        self.layers, self.shared_rotary, self.W_U_t = weights.layers, weights.shared_rotary, weights.W_U_t
 
     def prefill(self) -> Float[Tensor, "batch vocab"]:
         """Run the prompt; fill the cache; the logits at the last prompt position."""
