@@ -239,10 +239,9 @@ class DecoderWeights:
 class StaticCacheDecoder:
     """One token per row per step on a ``HookedTransformer`` with a preallocated KV cache.
 
-    The prompt runs through TransformerLens' own forward (every hook fires on every prompt
-    position) while hooks on ``hook_rot_k`` / ``hook_v`` copy the keys and values into a cache of
-    ``[batch, kv_heads, prompt + new, d_head]`` per layer. Each later step runs the same
-    computation as TransformerLens for the newest position only, with the weights laid out once
+    The prompt (all positions at once, causal and padding masks) and then each new token run the
+    same computation as TransformerLens' forward, keys and values written into a cache of
+    ``[batch, kv_heads, prompt + new, d_head]`` per layer, with the weights laid out once
     (fused QKV, transposed MLP and unembedding: TransformerLens transposes and copies them in every
     call), rotary tables indexed by each row's position, attention over the filled part of the
     cache under the padding mask, and each named hook point called only when something is attached
@@ -260,7 +259,7 @@ class StaticCacheDecoder:
         cfg = self.cfg = model.cfg
         self.model, self.tokens = model, tokens
         batch, width = tokens.shape
-        self.length = width  # filled cache positions
+        self.length = 0  # filled cache positions
         self.mask = torch.zeros(batch, width + max_new_tokens, dtype=torch.bool, device=tokens.device)
         self.mask[:, :width] = mask
         self.position = mask.long().sum(1)  # the next token's rotary position, per row
@@ -270,21 +269,6 @@ class StaticCacheDecoder:
         self.values = [torch.zeros(shape, dtype=cfg.dtype, device=tokens.device) for _ in model.blocks]
         weights = weights or DecoderWeights(model)
         self.layers, self.shared_rotary, self.W_U_t = weights.layers, weights.shared_rotary, weights.W_U_t
-
-    def prefill(self) -> Float[Tensor, "batch vocab"]:
-        """Run the prompt; fill the cache; the logits at the last prompt position."""
-        model, n = self.model, self.cfg.n_layers
-
-        def keep(store, layer):
-            def hook(x, hook):
-                store[layer][:, :, : x.shape[1]] = x.transpose(1, 2)
-            return hook
-
-        hooks = [(f"blocks.{i}.attn.hook_rot_k", keep(self.keys, i)) for i in range(n)]
-        hooks += [(f"blocks.{i}.attn.hook_v", keep(self.values, i)) for i in range(n)]
-        with model.hooks(fwd_hooks=hooks):  # added after the caller's: they store the edited values
-            resid = model(self.tokens, attention_mask=self.mask[:, : self.length].long(), stop_at_layer=n)
-        return self._logits(model.ln_final(resid)[:, -1:])
 
     def _logits(self, x: Tensor) -> Tensor:
         unembed = self.model.unembed
@@ -301,49 +285,68 @@ class StaticCacheDecoder:
         half = x.shape[-1] // 2
         return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
+    def prefill(self) -> Float[Tensor, "batch vocab"]:
+        """Run the prompt (every position at once, as TransformerLens would); the logits after it."""
+        positions = (self.mask[:, : self.tokens.shape[1]].long().cumsum(1) - 1).clamp(min=0)
+        return self._forward(self.tokens, positions)
+
     def step(self, nxt: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
         """Append one token per row; the logits that follow it."""
-        model, t = self.model, self.length
-        self.mask[:, t] = True
-        resid = _fire(model.hook_embed, model.embed.W_E[nxt][:, None])
+        self.mask[:, self.length] = True
+        logits = self._forward(nxt[:, None], self.position[:, None])
+        self.position = self.position + 1
+        return logits
+
+    def _forward(self, tokens: Int[Tensor, "batch q"], positions: Int[Tensor, "batch q"]) -> Tensor:
+        model, t, q = self.model, self.length, tokens.shape[1]
+        resid = _fire(model.hook_embed, model.embed.W_E[tokens])
+        allowed = self.mask[:, None, None, : t + q]  # padding; causal order within the new positions
+        if q > 1:
+            allowed = allowed & (torch.arange(t + q, device=tokens.device) <= t + torch.arange(
+                q, device=tokens.device)[:, None])
         tables = None
         for block, w, keys, values in zip(model.blocks, self.layers, self.keys, self.values, strict=True):
-            if tables is None or not self.shared_rotary:  # one lookup per step when the layers share tables
-                tables = (block.attn.rotary_cos[self.position][:, None, None],
-                          block.attn.rotary_sin[self.position][:, None, None])
-            resid = self._block(block, w, keys, values, resid, t, tables)
-        self.length += 1
-        self.position = self.position + 1
-        return self._logits(self._norm(model.ln_final, resid))
+            if tables is None or not self.shared_rotary:  # one lookup per call when the layers share tables
+                tables = (block.attn.rotary_cos[positions][:, :, None], block.attn.rotary_sin[positions][:, :, None])
+            resid = self._block(block, w, keys, values, resid, t, tables, allowed)
+        self.length += q
+        return self._logits(self._norm(model.ln_final, resid)[:, -1:])
 
-    def _block(self, block, w, keys, values, resid, t, tables):
-        attn, batch, d_head = block.attn, resid.shape[0], self.cfg.d_head
+    def _block(self, block, w, keys, values, resid, t, tables, allowed):
+        attn, (batch, q), d_head = block.attn, resid.shape[:2], self.cfg.d_head
         resid = _fire(block.hook_resid_pre, resid)
         x = self._norm(block.ln1, resid)
         q_width, k_width, _ = w["split"]
         n_q = q_width // d_head
         qkv = F.linear(x, w["qkv"], w["b_qkv"])
-        qk = qkv[..., : q_width + k_width].view(batch, 1, -1, d_head)
-        v = _fire(attn.hook_v, qkv[..., q_width + k_width:].view(batch, 1, -1, d_head))
+        qk = qkv[..., : q_width + k_width].view(batch, q, -1, d_head)
+        v = _fire(attn.hook_v, qkv[..., q_width + k_width:].view(batch, q, -1, d_head))
         if attn.hook_q._forward_hooks or attn.hook_k._forward_hooks:
             qk = torch.cat([_fire(attn.hook_q, qk[:, :, :n_q]), _fire(attn.hook_k, qk[:, :, n_q:])], dim=2)
         qk = self._rotary(qk, *tables)  # queries and keys in one go
-        q, k = _fire(attn.hook_rot_q, qk[:, :, :n_q]), _fire(attn.hook_rot_k, qk[:, :, n_q:])
-        keys[:, :, t] = k[:, 0]
-        values[:, :, t] = v[:, 0]
-        n_kv, n_q = keys.shape[1], q.shape[2]  # a hook may have changed nothing but values
-        mask = self.mask[:, None, None, : t + 1]
+        queries, k = _fire(attn.hook_rot_q, qk[:, :, :n_q]), _fire(attn.hook_rot_k, qk[:, :, n_q:])
+        keys[:, :, t: t + q] = k.transpose(1, 2)
+        values[:, :, t: t + q] = v.transpose(1, 2)
+        end, n_kv, n_q = t + q, keys.shape[1], queries.shape[2]
+        queries = queries.transpose(1, 2)  # batch head q d_head
         if attn.hook_attn_scores._forward_hooks or attn.hook_pattern._forward_hooks:
-            grouped = q.view(batch, n_kv, n_q // n_kv, d_head)  # query head j reads key head j // group
-            scores = (grouped @ keys[:, :, : t + 1].transpose(-1, -2) / attn.attn_scale).view(batch, n_q, 1, t + 1)
-            scores = scores.masked_fill(~mask, float("-inf"))
-            pattern = _fire(attn.hook_pattern, _fire(attn.hook_attn_scores, scores).softmax(-1))
-            z = pattern.view(batch, n_kv, n_q // n_kv, t + 1).to(values.dtype) @ values[:, :, : t + 1]
+            grouped = queries.reshape(batch, n_kv, n_q // n_kv, q, d_head)  # query head j reads key head j // group
+            scores = (grouped @ keys[:, :, None, :end].transpose(-1, -2) / attn.attn_scale).view(batch, n_q, q, end)
+            scores = _fire(attn.hook_attn_scores, scores.masked_fill(~allowed, float("-inf")))
+            pattern = scores.softmax(-1)
+            pattern = _fire(attn.hook_pattern, torch.where(torch.isnan(pattern), 0.0, pattern))  # as TransformerLens
+            grouped = pattern.view(batch, n_kv, n_q // n_kv, q, end).to(values.dtype)
+            z = (grouped @ values[:, :, None, :end]).view(batch, n_q, q, d_head)
         else:  # nothing reads the pattern: one fused kernel
-            z = F.scaled_dot_product_attention(q.transpose(1, 2), keys[:, :, : t + 1], values[:, :, : t + 1],
-                                               attn_mask=mask, scale=1 / attn.attn_scale, enable_gqa=n_kv != n_q)
-        z = _fire(attn.hook_z, z.reshape(batch, 1, n_q, d_head))
-        attn_out = _fire(block.hook_attn_out, F.linear(z.reshape(batch, 1, -1), w["W_O"], w["b_O"]))
+            if q > 1:  # a padding query sees no key: let it see itself, then zero its output as TransformerLens does
+                own = torch.arange(end, device=allowed.device) == t + torch.arange(q, device=allowed.device)[:, None]
+                allowed = allowed | own
+            z = F.scaled_dot_product_attention(queries, keys[:, :, :end], values[:, :, :end], attn_mask=allowed,
+                                               scale=1 / attn.attn_scale, enable_gqa=n_kv != n_q)
+            if q > 1:
+                z = z * self.mask[:, None, t:end, None]
+        z = _fire(attn.hook_z, z.transpose(1, 2))
+        attn_out = _fire(block.hook_attn_out, F.linear(z.reshape(batch, q, -1), w["W_O"], w["b_O"]))
         resid_mid = _fire(block.hook_resid_mid, resid + attn_out)
         mlp_out = self._mlp(block.mlp, w, self._norm(block.ln2, resid_mid))
         return _fire(block.hook_resid_post, resid_mid + _fire(block.hook_mlp_out, mlp_out))
