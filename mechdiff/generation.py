@@ -209,6 +209,11 @@ def _inside_addon(name: str) -> bool:
     return len(parts) > 3 and parts[0] == "blocks" and parts[2] not in ("attn", "mlp", "ln1", "ln2")
 
 
+def _bias(b: Tensor) -> Tensor | None:
+    """None for an all-zero bias (adding it changes no value; skipping it saves a pass)."""
+    return None if not b.any() else b
+
+
 class DecoderWeights:
     """A model's weights laid out for :class:`StaticCacheDecoder` (fused QKV, transposed MLP, W_O and
     unembedding), built once per :func:`generate` call and shared by its batches."""
@@ -218,7 +223,7 @@ class DecoderWeights:
         first = model.blocks[0].attn
         self.shared_rotary = all(torch.equal(b.attn.rotary_cos, first.rotary_cos)
                                  and torch.equal(b.attn.rotary_sin, first.rotary_sin) for b in model.blocks)
-        self.W_U_t = model.W_U.T.contiguous()
+        self.W_U_t, self.b_U = model.W_U.T.contiguous(), _bias(model.b_U)
 
     @staticmethod
     def _layout(block) -> dict[str, Tensor]:
@@ -229,10 +234,10 @@ class DecoderWeights:
         b_K = attn._b_K if hasattr(attn, "_b_K") else attn.b_K
         b_V = attn._b_V if hasattr(attn, "_b_V") else attn.b_V
         w = torch.cat([W.permute(0, 2, 1).reshape(-1, W.shape[1]) for W in (attn.W_Q, W_K, W_V)])
-        return {"qkv": w.contiguous(), "b_qkv": torch.cat([attn.b_Q.flatten(), b_K.flatten(), b_V.flatten()]),
-                "W_O": attn.W_O.reshape(h * d_head, -1).T.contiguous(), "b_O": attn.b_O,
-                "W_gate": mlp.W_gate.T.contiguous(), "W_in": mlp.W_in.T.contiguous(),
-                "W_out": mlp.W_out.T.contiguous(), "b_in": mlp.b_in, "b_out": mlp.b_out,
+        return {"qkv": w.contiguous(), "b_qkv": _bias(torch.cat([attn.b_Q.flatten(), b_K.flatten(), b_V.flatten()])),
+                "W_O": attn.W_O.reshape(h * d_head, -1).T.contiguous(), "b_O": _bias(attn.b_O),
+                "W_gate_in": torch.cat([mlp.W_gate.T, mlp.W_in.T]).contiguous(),  # one matmul for both
+                "W_out": mlp.W_out.T.contiguous(), "b_in": _bias(mlp.b_in), "b_out": _bias(mlp.b_out),
                 "split": (h * d_head, W_K.shape[0] * d_head, W_V.shape[0] * d_head)}
 
 
@@ -268,12 +273,12 @@ class StaticCacheDecoder:
         self.keys = [torch.zeros(shape, dtype=cfg.dtype, device=tokens.device) for _ in model.blocks]
         self.values = [torch.zeros(shape, dtype=cfg.dtype, device=tokens.device) for _ in model.blocks]
         weights = weights or DecoderWeights(model)
-        self.layers, self.shared_rotary, self.W_U_t = weights.layers, weights.shared_rotary, weights.W_U_t
+        self.weights = weights
 
     def _logits(self, x: Tensor) -> Tensor:
         unembed = self.model.unembed
         x = _fire(unembed.hook_in, x)
-        return _fire(unembed.hook_out, F.linear(x, self.W_U_t, unembed.b_U))[:, -1]
+        return _fire(unembed.hook_out, F.linear(x, self.weights.W_U_t, self.weights.b_U))[:, -1]
 
     def _norm(self, ln, x: Tensor) -> Tensor:
         if self.cfg.dtype not in (torch.float32, torch.float64):
@@ -305,8 +310,8 @@ class StaticCacheDecoder:
             allowed = allowed & (torch.arange(t + q, device=tokens.device) <= t + torch.arange(
                 q, device=tokens.device)[:, None])
         tables = None
-        for block, w, keys, values in zip(model.blocks, self.layers, self.keys, self.values, strict=True):
-            if tables is None or not self.shared_rotary:  # one lookup per call when the layers share tables
+        for block, w, keys, values in zip(model.blocks, self.weights.layers, self.keys, self.values, strict=True):
+            if tables is None or not self.weights.shared_rotary:  # one lookup per call when the layers share tables
                 tables = (block.attn.rotary_cos[positions][:, :, None], block.attn.rotary_sin[positions][:, :, None])
             resid = self._block(block, w, keys, values, resid, t, tables, allowed)
         self.length += q
@@ -353,9 +358,10 @@ class StaticCacheDecoder:
 
     @staticmethod
     def _mlp(mlp, w, x):
-        pre = _fire(mlp.hook_pre, F.linear(x, w["W_gate"]))
-        pre_linear = _fire(mlp.hook_pre_linear, F.linear(x, w["W_in"]))
-        post = _fire(mlp.hook_post, mlp.act_fn(pre) * pre_linear + w["b_in"])
+        pre, pre_linear = F.linear(x, w["W_gate_in"]).chunk(2, dim=-1)
+        pre, pre_linear = _fire(mlp.hook_pre, pre), _fire(mlp.hook_pre_linear, pre_linear)
+        post = mlp.act_fn(pre) * pre_linear
+        post = _fire(mlp.hook_post, post if w["b_in"] is None else post + w["b_in"])
         out = F.linear(post, w["W_out"], w["b_out"])
         for hook in mlp._forward_hooks.values():  # as Module.__call__ runs them (adapters)
             result = hook(mlp, (x,), out)
