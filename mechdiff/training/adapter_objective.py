@@ -330,6 +330,8 @@ class AdapterRecipe:
     checkpoint_every: int = 200
     seed: int = 0
     progress: bool = True
+    checkpoint: bool = False  # recompute blocks in backward: less memory, ~one more forward
+    autocast: str | None = None  # e.g. "bfloat16": mixed-precision forwards
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -386,7 +388,8 @@ def train_adapters(pair: ModelPair, recipe: AdapterRecipe, out_dir: str | Path |
     traces = traces if traces is not None else organism_traces(recipe.n_traces, "train", recipe.seed)
     val_traces = val_traces if val_traces is not None else organism_traces(recipe.n_val, "validation")
     pad_id = pad_id if pad_id is not None else (pair.tokenizer.pad_token_id or 0)
-    objective = AdapterObjective(adapted, pair.target, recipe.weights)
+    objective = AdapterObjective(adapted, pair.target, recipe.weights, checkpoint=recipe.checkpoint,
+                                 autocast=recipe.autocast)
     resampler = Resampler(adapted, recipe)
     warm = max(1, int(recipe.l1_warmup_frac * recipe.steps))
     device = adapted.model.cfg.device
