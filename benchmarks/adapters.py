@@ -1,47 +1,90 @@
-"""Transcoder-adapter costs: training throughput and generation with adapters attached.
+"""Adapter training cost: one training step beside its floor, and the plain full-logits path.
 
-    python -m benchmarks.adapters [--batch 64] [--d-sae 1024] [--threads 1] [--json]
-                                  [--device cuda --dtype bfloat16]
+    python -m benchmarks.adapters [--pair organism|smollm2] [--batch 4] [--d-sae 512] [--threads 1]
+                                  [--repeats 3] [--checkpoint] [--autocast bfloat16]
+                                  [--generation] [--json] [--device cuda --dtype bfloat16]
 
-* Training: tokens/s of one full adapter training step (target forward with cache, adapted forward,
-  two bridging half-forwards, backward, AdamW step) beside its baseline, one plain target forward
-  plus one adapted forward and backward (KL only) on the same batch; the ratio is step / baseline.
-* Generation: greedy generation of exactly ``--new`` tokens for ``--n`` test prompts with the
-  adapters attached beside the target without them (same architecture); the ratio is time with /
-  time without.
+On one right-padded batch of the pair's training traces, with TopK-8 adapters of ``--d-sae``
+features per layer (fresh ones: cost does not depend on training), three things are timed:
 
-Uses the shipped organism adapters when present (else fresh ones with ``--d-sae`` features).
-Results go to stdout (and ``--out`` JSON, default ``figures/adapters/benchmark.json``).
+* ``step_s``: a full training step of :class:`~mechdiff.training.adapter_objective.AdapterObjective`
+  (target forward once, adapted forward, two bridging half forwards, KL/NMSE/bridging losses
+  chunked over positions, backward, AdamW step);
+* ``floor_s``: one forward and backward of the adapted model alone on that batch (its
+  unembedding and next-token CE included, chunked; no target, no bridging), timed in the same
+  process, interleaved with the steps;
+* ``baseline_step_s``: the same step on the plain path (``fast=False``: full ``[batch, pos,
+  vocab]`` logits through ``masked_kl``), which is what training ran before.
+
+``--checkpoint`` has the new path recompute each block in backward (the same loss and gradients,
+less memory, about one more forward); ``--autocast bfloat16`` runs its forwards in bf16.
+
+Each path runs in a fresh subprocess, so ``peak_gib`` and ``baseline_peak_gib`` (peak resident
+memory of that process, models included) are its own. ``--pair smollm2`` needs the ``[real]`` extra;
+without a cached fine-tune it loads the base model on both sides (three copies, as with one) and
+says so. ``--generation`` also times greedy generation with and without the adapters (organism).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import resource
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-import torch  # noqa: E402
-
-from benchmarks import mean_seconds  # noqa: E402
-from mechdiff.adapters.formats import load_adapted  # noqa: E402
-from mechdiff.adapters.transcoder import SHIPPED_DIR, AdaptedModel  # noqa: E402
-from mechdiff.generation import generate  # noqa: E402
-from mechdiff.models import load_pair  # noqa: E402
-from mechdiff.organism import corpus  # noqa: E402
-from mechdiff.padding import pad  # noqa: E402
-from mechdiff.training.adapter_objective import AdapterObjective, LossWeights, masked_kl  # noqa: E402
+from mechdiff.cli import add_pair_options, check_pair_options, offline_environment, run
 
 
-def training(pair, adapted: AdaptedModel, batch: int, repeats: int) -> dict:
-    tokens, mask = pad(corpus.reasoning_traces(batch, "validation")["input_ids"], 0, side="right")
-    tokens, mask = tokens.to(pair.target.cfg.device), mask.to(pair.target.cfg.device)
-    n_tok = int(mask.sum())
-    objective = AdapterObjective(adapted, pair.target, LossWeights())
+def load_bench_pair(args) -> tuple[object, str]:
+    """``(pair, note)``: SmolLM2 without a cached fine-tune falls back to its base on both sides."""
+    from mechdiff.cli import load_pair_from_args
+
+    if args.pair.startswith("smollm2"):
+        from mechdiff.models import ModelPair
+        from mechdiff.real import smollm2
+
+        try:
+            return load_pair_from_args(args), "fine-tune cached: the real pair"
+        except FileNotFoundError:
+            load = dict(dtype=args.dtype, device=args.device)
+            base = smollm2.load_smollm2(**load)
+            pair = ModelPair(base, smollm2.load_smollm2(**load), base.tokenizer,
+                             {"workload": "chat", "base_name": "smollm2-base", "target_name": "smollm2-base"})
+            return pair, "no fine-tune cached: the base model on both sides (cost does not depend on training)"
+    return load_pair_from_args(args), "the pair as loaded"
+
+
+def _rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def measure(args, path: str) -> dict:
+    """In this process: the step of ``path`` ("fast" or "plain"); with "fast" also the floor."""
+    import torch
+
+    from mechdiff.adapters.transcoder import AdaptedModel
+    from mechdiff.capture import final_hidden
+    from mechdiff.padding import pad
+    from mechdiff.training.adapter_objective import AdapterObjective, LossWeights
+    from mechdiff.training.losses import Head, head_losses, next_token_keep
+    from mechdiff.workloads import for_pair
+
+    torch.manual_seed(0)
+    pair, note = load_bench_pair(args)
+    traces = for_pair(pair).traces(args.batch, "test")
+    pad_id = pair.tokenizer.pad_token_id or 0
+    device = pair.target.cfg.device
+    tokens, mask = (t.to(device) for t in pad(traces["input_ids"], pad_id, side="right"))
+    adapted = AdaptedModel.from_pair(pair, args.d_sae, "topk", 8)
+    loaded_gib = _rss_gib()
+    fast = path == "fast"
+    objective = AdapterObjective(adapted, pair.target, LossWeights(), fast=fast,
+                                 autocast=args.autocast if fast else None, checkpoint=fast and args.checkpoint)
     opt = torch.optim.AdamW(adapted.adapters.parameters(), lr=1e-6)
+    keep = next_token_keep(mask)
 
     def step():
         loss, _, _ = objective(tokens, mask)
@@ -49,69 +92,109 @@ def training(pair, adapted: AdaptedModel, batch: int, repeats: int) -> dict:
         loss.backward()
         opt.step()
 
-    def baseline():
-        with torch.no_grad():
-            t_logits = pair.target(tokens, attention_mask=mask.long())
-        masked_kl(t_logits, adapted.model(tokens, attention_mask=mask.long()), mask).backward()
+    def floor():
+        model = adapted.model
+        hidden = final_hidden(model, tokens, attention_mask=mask.long())[:, :-1][keep]
+        loss = head_losses([Head(hidden, model.W_U, model.b_U)], labels=tokens[:, 1:][keep]).ce[0]
         opt.zero_grad(set_to_none=True)
+        loss.backward()
 
-    t_step, t_base = mean_seconds(step, repeats), mean_seconds(baseline, repeats)
-    return {"batch": batch, "tokens": n_tok, "step_s": t_step, "baseline_s": t_base,
-            "step_tokens_per_s": n_tok / t_step, "baseline_tokens_per_s": n_tok / t_base,
-            "ratio_step_over_baseline": t_step / t_base}
+    step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(args.repeats):
+        step()
+    step_s = (time.perf_counter() - t0) / args.repeats
+    out = {"path": path, "step_s": step_s, "peak_gib": _rss_gib(), "loaded_gib": loaded_gib, "note": note,
+           "tokens": int(mask.sum()), "positions": tokens.shape[1], "threads": torch.get_num_threads()}
+    if path == "fast":  # the floor, interleaved with more steps so both see the same machine load
+        floor()
+        steps, floors = [], []
+        for _ in range(args.repeats):
+            for fn, times in ((floor, floors), (step, steps)):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        out.update(floor_s=sum(floors) / len(floors), step_interleaved_s=sum(steps) / len(steps))
+    return out
 
 
-def generation(pair, adapted: AdaptedModel, n: int, new: int, repeats: int) -> dict:
-    prompts = corpus.problems(n, "test")["input_ids"]
+def generation(args) -> dict:
+    """Greedy generation with the adapters attached beside the target without them."""
+    from benchmarks import mean_seconds
+    from mechdiff.adapters.transcoder import AdaptedModel
+    from mechdiff.generation import generate
+    from mechdiff.workloads import for_pair
 
-    def run(model):
-        return lambda: generate(model, prompts, new, eos_token_id=-1, batch_size=n)
+    pair, _ = load_bench_pair(args)
+    adapted = AdaptedModel.from_pair(pair, args.d_sae, "topk", 8)
+    prompts = for_pair(pair).problems(args.n, "test")["input_ids"]
 
-    t_with, t_without = mean_seconds(run(adapted.model), repeats), mean_seconds(run(pair.target), repeats)
-    return {"prompts": n, "new_tokens": new, "with_adapters_s": t_with, "without_s": t_without,
-            "with_tokens_per_s": n * new / t_with, "without_tokens_per_s": n * new / t_without,
+    def go(model):
+        return lambda: generate(model, prompts, args.new, eos_token_id=-1, batch_size=args.n)
+
+    t_with, t_without = mean_seconds(go(adapted.model), args.repeats), mean_seconds(go(pair.target), args.repeats)
+    return {"prompts": args.n, "new_tokens": args.new, "with_adapters_s": t_with, "without_s": t_without,
             "ratio_with_over_without": t_with / t_without}
 
 
+def _subprocess(argv: list[str], path: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.adapters", *argv, "--measure", path],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the {path} measurement failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=64, help="traces per training step")
-    parser.add_argument("--d-sae", type=int, default=1024, help="features per layer if nothing is shipped")
-    parser.add_argument("--n", type=int, default=64, help="prompts generated at once")
-    parser.add_argument("--new", type=int, default=64, help="new tokens per prompt")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", default="figures/adapters/benchmark.json")
-    parser.add_argument("--json", action="store_true", help="print JSON only")
-    parser.add_argument("--device", default=None,
-                        help="torch device: cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the models and adapters (default float32; use bfloat16 on a GPU, as "
-                             "a real run would: half the memory, tensor-core speed)")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.adapters", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_pair_options(parser)
+    parser.set_defaults(threads=1)
+    parser.add_argument("--batch", type=int, default=4, help="traces per training step (default 4)")
+    parser.add_argument("--d-sae", type=int, default=512, help="adapter features per layer (default 512)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per path (default 3)")
+    parser.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
+                        help="mixed precision for the new path's forwards (default: none)")
+    parser.add_argument("--checkpoint", action="store_true",
+                        help="the new path also recomputes each block in backward (less memory, more time)")
+    parser.add_argument("--generation", action="store_true", help="also time generation with adapters")
+    parser.add_argument("--n", type=int, default=64, help="prompts generated at once (--generation)")
+    parser.add_argument("--new", type=int, default=64, help="new tokens per prompt (--generation)")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    parser.add_argument("--measure", choices=["fast", "plain"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    pair = load_pair("organism", device=args.device, dtype=args.dtype)
-    shipped = (SHIPPED_DIR / "adapters.json").exists()
-    adapted = load_adapted(pair) if shipped else AdaptedModel.from_pair(pair, args.d_sae)
-    result = {"adapters": str(SHIPPED_DIR) if shipped else f"fresh, d_sae={args.d_sae}",
-              "d_sae": adapted.config.d_sae, "threads": torch.get_num_threads(),
-              "device": str(adapted.model.cfg.device), "dtype": args.dtype,
-              "training": training(pair, adapted, args.batch, args.repeats),
-              "generation": generation(pair, adapted, args.n, args.new, args.repeats)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    check_pair_options(args)
+    if args.measure:  # a child: measure one path, print its JSON
+        print(json.dumps(measure(args, args.measure)))
+        return
+    child = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--json", "--generation")]
+    child = [a for i, a in enumerate(child) if a != "--out" and (i == 0 or child[i - 1] != "--out")]
+    fast, plain = _subprocess(child, "fast"), _subprocess(child, "plain")
+    result = {"pair": args.pair, "note": fast["note"], "batch": args.batch, "positions": fast["positions"],
+              "tokens": fast["tokens"], "d_sae": args.d_sae, "threads": fast["threads"], "autocast": args.autocast,
+              "checkpoint": args.checkpoint,
+              "step_s": fast["step_interleaved_s"], "floor_s": fast["floor_s"],
+              "step_over_floor": fast["step_interleaved_s"] / fast["floor_s"], "peak_gib": fast["peak_gib"],
+              "loaded_gib": fast["loaded_gib"], "baseline_step_s": plain["step_s"],
+              "baseline_peak_gib": plain["peak_gib"], "speedup_vs_baseline": plain["step_s"] / fast["step_s"]}
+    if args.generation:
+        result["generation"] = generation(args)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    tr, ge = result["training"], result["generation"]
-    print(f"adapters: {result['adapters']}  (threads {result['threads']})")
-    print(f"training  step (full objective + AdamW) {tr['step_tokens_per_s']:>8.0f} tokens/s   "
-          f"baseline (target fwd + adapted fwd/bwd) {tr['baseline_tokens_per_s']:>8.0f} tokens/s   "
-          f"ratio {tr['ratio_step_over_baseline']:.2f}x")
-    print(f"generate  with adapters {ge['with_tokens_per_s']:>8.0f} tokens/s   "
-          f"without {ge['without_tokens_per_s']:>8.0f} tokens/s   ratio {ge['ratio_with_over_without']:.2f}x")
+    print(f"{args.pair}: {result['note']}; batch {args.batch} x {result['positions']} positions, "
+          f"{result['threads']} thread(s)")
+    print(f"{'':<34} {'s/step':>8} {'peak GiB':>9}")
+    print(f"{'adapter step (chunked losses)':<34} {result['step_s']:>8.3f} {result['peak_gib']:>9.2f}")
+    print(f"{'floor: adapted fwd+bwd':<34} {result['floor_s']:>8.3f} {'':>9}")
+    print(f"{'baseline step (full logits)':<34} {result['baseline_step_s']:>8.3f} {result['baseline_peak_gib']:>9.2f}")
+    print(f"step / floor {result['step_over_floor']:.2f}x   baseline / step {result['speedup_vs_baseline']:.2f}x")
 
 
 if __name__ == "__main__":
-    main()
+    offline_environment()
+    run(main)

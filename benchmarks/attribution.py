@@ -23,20 +23,18 @@ import ctypes
 import gc
 import json
 import math
-import os
 import random
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-from attribution.build import attribute  # noqa: E402
-from attribution.synthetic import randomize_adapters, tiny_adapted  # noqa: E402
-from mechdiff.adapters.transcoder import AdaptedModel  # noqa: E402
-from mechdiff.models import ORGANISM_DIR, load_pair  # noqa: E402
-from mechdiff.organism import task  # noqa: E402
-from mechdiff.organism.tokenizer import encode_words  # noqa: E402
+from attribution.build import attribute
+from attribution.synthetic import randomize_adapters, tiny_adapted
+from mechdiff.adapters.transcoder import AdaptedModel
+from mechdiff.cli import offline_environment
+from mechdiff.models import ORGANISM_DIR, load_pair
+from mechdiff.organism import task
+from mechdiff.organism.tokenizer import encode_words
 
 _LIBC = ctypes.CDLL("libc.so.6")
 
@@ -124,6 +122,7 @@ def forward_backward(adapted: AdaptedModel, tokens: torch.Tensor):
 
 
 def main(argv: list[str] | None = None) -> None:
+    offline_environment()  # set in main, never at import
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--batch-size", type=int, default=64)

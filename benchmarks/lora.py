@@ -5,7 +5,7 @@
 
 Both sides run the organism on the same right-padded batch of reasoning traces. The LoRA side is
 one full training step of :func:`mechdiff.lora.train_lora`'s objective (hooked forward with all
-21 adapters, response-token loss, backward into the adapters, AdamW step); the baseline is the
+21 adapters, response-token loss chunked over positions as training computes it, backward into the adapters, AdamW step); the baseline is the
 base HookedTransformer's forward + backward of the same loss into all its weights. The ratio says
 what the hooks cost: the LoRA backward skips weight gradients, its forward adds 21 small hooks.
 """
@@ -13,23 +13,20 @@ what the hooks cost: the LoRA backward skips weight gradients, its forward adds 
 from __future__ import annotations
 
 import argparse
-import os
+import copy
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import torch
 
-import copy  # noqa: E402
-
-import torch  # noqa: E402
-
-from benchmarks import mean_seconds  # noqa: E402
-from mechdiff.adapters.lora import LoRAConfig, LoRAModel  # noqa: E402
-from mechdiff.models import load_pair  # noqa: E402
-from mechdiff.organism import corpus  # noqa: E402
-from mechdiff.training.lora_objective import TraceBatches, distillation_loss  # noqa: E402
+from benchmarks import mean_seconds
+from mechdiff.adapters.lora import LoRAConfig, LoRAModel
+from mechdiff.cli import offline_environment
+from mechdiff.models import load_pair
+from mechdiff.organism import corpus
+from mechdiff.training.lora_objective import TraceBatches, chunked_distillation_loss
 
 
 def main(argv: list[str] | None = None) -> None:
+    offline_environment()  # set in main, never at import
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64, help="traces per batch")
@@ -52,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     opt = torch.optim.AdamW(lora.layers.parameters(), lr=1e-3)
 
     def lora_step():
-        loss, _ = distillation_loss(lora(tokens), tokens, keep)
+        loss, _ = chunked_distillation_loss(lora.model, tokens, keep)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -63,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def base_step():
         base.zero_grad()
-        distillation_loss(base(tokens), tokens, keep)[0].backward()
+        chunked_distillation_loss(base, tokens, keep)[0].backward()
 
     t_lora, t_base = mean_seconds(lora_step, args.steps), mean_seconds(base_step, args.steps)
     print(f"batch {args.batch} traces x {tokens.shape[1]} positions = {n_tok} tokens, "

@@ -21,11 +21,11 @@ from mechdiff.training.adapter_objective import (
     AdapterObjective,
     AdapterRecipe,
     LossWeights,
-    _reinit,
     aux_dead_loss,
     train_adapters,
 )
 from mechdiff.training.loop import TrainingInterrupted
+from mechdiff.training.resampling import reinit as _reinit
 
 PAD = 1  # conftest's tiny tokenizer: <unk>=0 <pad>=1 <bos>=2 <eos>=3
 

@@ -53,16 +53,21 @@ def _grads(params):
     return [p.grad.clone() for p in params]
 
 
-def _adapter_run(adapted, target, fast, tokens, mask, dead):
-    objective = AdapterObjective(adapted, target, LossWeights(l1=0.01), fast=fast)
+def _adapter_run(adapted, target, fast, tokens, mask, dead, checkpoint=False):
+    objective = AdapterObjective(adapted, target, LossWeights(l1=0.01), fast=fast, checkpoint=checkpoint)
     adapted.adapters.zero_grad()
+    calls = []
+    handle = adapted.adapters[-1].register_forward_pre_hook(lambda *_: calls.append(1))
     loss, parts, stats = objective(tokens, mask, cutoff=1, dead=dead, k_aux=4)
+    n_forward = len(calls)
     loss.backward()
+    handle.remove()
+    assert (len(calls) > n_forward) == checkpoint  # checkpointed blocks run again in backward
     return loss.detach(), parts, _grads(adapted.adapters.parameters()), stats["counts"]
 
 
-@pytest.mark.parametrize("which", ["tiny", "organism"])
-def test_adapter_objective_fast_equals_plain(which, tiny_model_dir, organism):
+@pytest.mark.parametrize("which,checkpoint", [("tiny", False), ("organism", False), ("tiny", True)])
+def test_adapter_objective_fast_equals_plain(which, checkpoint, tiny_model_dir, organism):
     if which == "tiny":
         pair = _tiny_pair(tiny_model_dir)
         gen = torch.Generator().manual_seed(3)
@@ -74,7 +79,7 @@ def test_adapter_objective_fast_equals_plain(which, tiny_model_dir, organism):
     adapted = _random_adapters(pair)
     dead = torch.zeros(pair.n_layers, 32, dtype=torch.bool)
     dead[:, ::3] = True  # the AuxK part runs too
-    fast = _adapter_run(adapted, pair.target, True, tokens, mask, dead)
+    fast = _adapter_run(adapted, pair.target, True, tokens, mask, dead, checkpoint)
     plain = _adapter_run(adapted, pair.target, False, tokens, mask, dead)
     torch.testing.assert_close(fast[0], plain[0], atol=1e-4, rtol=1e-5)
     assert fast[1].keys() == plain[1].keys() and {"bridge_a2t", "bridge_t2a", "aux"} <= fast[1].keys()
@@ -84,6 +89,7 @@ def test_adapter_objective_fast_equals_plain(which, tiny_model_dir, organism):
     for g_fast, g_plain in zip(fast[2], plain[2], strict=True):
         torch.testing.assert_close(g_fast, g_plain, atol=1e-5, rtol=1e-4)
     assert torch.equal(fast[3], plain[3])
+    assert all("forward" not in vars(block) for block in adapted.model.blocks)  # blocks restored
 
 
 @pytest.mark.parametrize("kl_weight", [0.0, 0.5])

@@ -29,7 +29,7 @@ Example:
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +48,7 @@ from mechdiff.padding import pad
 from mechdiff.training.batches import step_indices
 from mechdiff.training.loop import LoopConfig, train
 from mechdiff.training.losses import Head, head_losses, hooked_head, masked_kl
+from mechdiff.training.resampling import Resampler
 
 __all__ = ["AdapterObjective", "AdapterRecipe", "LossWeights", "masked_kl", "run_capture", "train_adapters"]
 
@@ -154,6 +155,9 @@ class AdapterObjective:
     mask rows by :func:`~mechdiff.training.losses.head_losses`; ``fast=False`` is the plain path
     (full logits through :func:`~mechdiff.training.losses.masked_kl`), equal to it to float error.
     ``autocast`` (e.g. ``"bfloat16"``) runs the forwards in that dtype (mixed precision).
+    ``checkpoint`` recomputes each block's internals in the backward pass instead of keeping them
+    (:func:`torch.utils.checkpoint.checkpoint`): the same loss and gradients for less memory and
+    about one more forward of time.
 
     Under a process group each rank passes its shard of the global batch (and every rank must
     call it): token means and ratios of sums are weighted by :func:`rank_shares`, so the loss
@@ -161,9 +165,9 @@ class AdapterObjective:
     """
 
     def __init__(self, adapted: AdaptedModel, target: HookedTransformer, weights: LossWeights,
-                 fast: bool = True, autocast: str | None = None):
+                 fast: bool = True, autocast: str | None = None, checkpoint: bool = False):
         self.adapted, self.target, self.weights = adapted, target, weights
-        self.fast, self.autocast = fast, autocast
+        self.fast, self.autocast, self.checkpoint = fast, autocast, checkpoint
         for p in target.parameters():  # the target is a frozen teacher (bridging runs through it)
             p.requires_grad_(False)
         self.n_layers = adapted.config.n_layers
@@ -181,7 +185,8 @@ class AdapterObjective:
                  l1_scale: float = 1.0, dead: Bool[Tensor, "layer d_sae"] | None = None, k_aux: int = 64,
                  ) -> tuple[Tensor, dict[str, float], dict[str, Tensor]]:
         """``dead`` (features that have not fired lately) enables the AuxK part when ``weights.aux``."""
-        with self._precision():
+        models = (self.adapted.model, self.target) if self.checkpoint else ()
+        with self._precision(), checkpointed_blocks(models):
             return self._loss(tokens, mask, cutoff, l1_scale, dead, k_aux)
 
     def _loss(self, tokens, mask, cutoff, l1_scale, dead, k_aux):
@@ -251,6 +256,24 @@ class AdapterObjective:
                 "err": err * mask, "mask": mask, "mlp_in": [extra[n].detach() for n in self.in_names]}
 
 
+@contextmanager
+def checkpointed_blocks(models: tuple[HookedTransformer, ...]):
+    """Within the context, each block of ``models`` keeps only its input for backward and recomputes
+    the rest (when gradients are on); module hooks (the adapters) run again in the recomputation."""
+    blocks = [block for model in models for block in model.blocks]
+    for block in blocks:
+        def run(*args, _forward=block.forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+        block.forward = run
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # the class's forward again
+
+
 def _shared_ratio(num: Float[Tensor, " n"], den: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
     """``num / den`` (ratios of sums over a batch) weighted by :func:`rank_shares` of ``den``."""
     return num / den.clamp(min=1e-12) * rank_shares(den)
@@ -293,6 +316,8 @@ class AdapterRecipe:
     checkpoint_every: int = 200
     seed: int = 0
     progress: bool = True
+    checkpoint: bool = False  # recompute blocks in backward: less memory, ~one more forward
+    autocast: str | None = None  # e.g. "bfloat16": mixed-precision forwards
 
     def __post_init__(self):  # refused here, before any model loads (CLI and Python alike)
         check(self, at_least_1=("d_sae", "k", "steps", "batch_size", "n_traces", "n_val", "log_every",
@@ -350,75 +375,6 @@ def target_traces(target: HookedTransformer, n: int, split: str = "train", seed:
     return Dataset.from_dict({"input_ids": rows, "prompt_len": [len(p) for p in prompts]})
 
 
-class _Resampler(torch.nn.Module):
-    """Tracks when each feature last fired and re-initialises dead / always-on features.
-
-    Its counters are buffers, so they are checkpointed with the adapters and a resumed run
-    resamples exactly as an uninterrupted one.
-    """
-
-    def __init__(self, adapted: AdaptedModel, recipe: AdapterRecipe):
-        super().__init__()
-        self.adapted, self.recipe = [adapted], recipe  # a list: not a submodule
-        shape = (adapted.config.n_layers, adapted.config.d_sae)
-        self.register_buffer("last_fired", torch.zeros(shape, dtype=torch.long))
-        self.register_buffer("window_counts", torch.zeros(shape))
-        self.register_buffer("window_tokens", torch.zeros((), dtype=torch.long))
-        self.last: dict | None = None
-
-    def observe(self, step: int, stats: dict) -> float:
-        """Record a batch; returns the share of features that have not fired for ``dead_window`` steps."""
-        counts = stats["counts"].cpu()
-        self.last_fired[counts > 0] = step
-        self.window_counts += counts
-        self.window_tokens += int(stats["n_tokens"])
-        self.last = stats
-        return (step - self.last_fired >= self.recipe.dead_window).float().mean().item()
-
-    @torch.no_grad()
-    def forward(self, step: int) -> None:
-        """After optimiser step ``step``: resample if it is time to."""
-        r = self.recipe
-        done = step + 1
-        if not r.resample_every or done % r.resample_every or done > r.resample_until * r.steps:
-            return
-        freq = self.window_counts / self.window_tokens.clamp(min=1)
-        dead = done - self.last_fired >= r.resample_every
-        dense = freq > r.dense_threshold
-        gen = torch.Generator().manual_seed(r.seed * 31 + done)
-        for layer, adapter in enumerate(self.adapted[0].adapters):
-            idx = torch.nonzero(dead[layer] | dense[layer]).flatten()
-            if len(idx) and self.last is not None:
-                keep = self.last["mask"].flatten()
-                x = self.last["mlp_in"][layer].flatten(0, 1)[keep]
-                err = self.last["err"][layer].flatten()[keep].float().cpu()  # `gen` is a CPU generator
-                pick = torch.multinomial(err + 1e-12, len(idx), replacement=True, generator=gen)
-                _reinit(adapter, idx, dense[layer][idx], x, x[pick])
-        self.last_fired[dead | dense] = done
-        self.window_counts.zero_()
-        self.window_tokens.zero_()
-
-
-def _reinit(adapter, idx: Tensor, was_dense: Tensor, x_all: Float[Tensor, "tok d_model"],
-            x: Float[Tensor, "n d_model"]) -> None:
-    """Point features ``idx`` at inputs ``x`` (high-error tokens), with a zero decoder row.
-
-    A dense feature's mean contribution (over the tokens ``x_all``) moves into ``b_dec`` first, so
-    its reset changes the model only by that feature's variation around its mean.
-    """
-    if was_dense.any():
-        d_idx = idx[was_dense]
-        mean_act = (x_all @ adapter.W_enc[:, d_idx] + adapter.b_enc[d_idx]).relu().mean(0)
-        adapter.b_dec += mean_act @ adapter.W_dec[d_idx]
-    alive = torch.ones(adapter.d_sae, dtype=torch.bool)
-    alive[idx] = False
-    norm = adapter.W_enc[:, alive if alive.any() else ~alive].norm(dim=0).mean()
-    direction = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-    adapter.W_enc[:, idx] = direction.T * norm
-    adapter.b_enc[idx] = -0.5 * norm * x.norm(dim=-1)  # fires on inputs within ~60 deg of x
-    adapter.W_dec[idx] = 0.0
-
-
 def train_adapters(pair: ModelPair, recipe: AdapterRecipe, out_dir: str | Path | None = None,
                    traces: Dataset | None = None, val_traces: Dataset | None = None,
                    pad_id: int | None = None) -> tuple[AdaptedModel, list[dict]]:
@@ -439,8 +395,9 @@ def train_adapters(pair: ModelPair, recipe: AdapterRecipe, out_dir: str | Path |
     traces = traces if traces is not None else organism_traces(recipe.n_traces, "train", recipe.seed, spec)
     val_traces = val_traces if val_traces is not None else organism_traces(recipe.n_val, "validation", spec=spec)
     pad_id = pad_id if pad_id is not None else (pair.tokenizer.pad_token_id or 0)
-    objective = AdapterObjective(adapted, pair.target, recipe.weights)
-    resampler = _Resampler(adapted, recipe)
+    objective = AdapterObjective(adapted, pair.target, recipe.weights, checkpoint=recipe.checkpoint,
+                                 autocast=recipe.autocast)
+    resampler = Resampler(adapted, recipe)
     warm = max(1, int(recipe.l1_warmup_frac * recipe.steps))
     device = adapted.model.cfg.device
 
