@@ -197,10 +197,24 @@ def fast_path_refusal(model: HookedTransformer) -> str | None:
                 return f"a hook on {name}, which the fast path does not run"
             continue
         is_mlp = name.endswith(".mlp") and name.count(".") == 2
+        if module is model and _only_position_trackers(model):
+            continue  # the decoder feeds them the positions of each step itself
         if module._forward_pre_hooks or (module._forward_hooks and not is_mlp) or \
                 module._forward_hooks_with_kwargs or getattr(module, "_forward_hooks_always_called", None):
             return f"a module hook on {name or 'the model'}"
     return None
+
+
+def _position_trackers(model: HookedTransformer) -> list:
+    """Model-level hooks that only record each forward's token positions (objects with a
+    ``record_positions`` method: :class:`mechdiff.adapters.edits.PositionTracker`)."""
+    owners = [getattr(h, "__self__", h) for h in (*model._forward_pre_hooks.values(), *model._forward_hooks.values())]
+    return list({id(o): o for o in owners if hasattr(o, "record_positions")}.values())
+
+
+def _only_position_trackers(model: HookedTransformer) -> bool:
+    hooks = (*model._forward_pre_hooks.values(), *model._forward_hooks.values())
+    return all(hasattr(getattr(h, "__self__", h), "record_positions") for h in hooks)
 
 
 def _inside_addon(name: str) -> bool:
@@ -274,6 +288,7 @@ class StaticCacheDecoder:
         self.values = [torch.zeros(shape, dtype=cfg.dtype, device=tokens.device) for _ in model.blocks]
         weights = weights or DecoderWeights(model)
         self.weights = weights
+        self.trackers = _position_trackers(model)  # fed each step's absolute positions (feature edits)
 
     def _logits(self, x: Tensor) -> Tensor:
         unembed = self.model.unembed
@@ -292,15 +307,26 @@ class StaticCacheDecoder:
 
     def prefill(self) -> Float[Tensor, "batch vocab"]:
         """Run the prompt (every position at once, as TransformerLens would); the logits after it."""
-        positions = (self.mask[:, : self.tokens.shape[1]].long().cumsum(1) - 1).clamp(min=0)
-        return self._forward(self.tokens, positions)
+        real = self.mask[:, : self.tokens.shape[1]]
+        positions = real.long().cumsum(1) - 1
+        return self._tracked(self.tokens, positions.clamp(min=0), torch.where(real, positions, -1))
 
     def step(self, nxt: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
         """Append one token per row; the logits that follow it."""
         self.mask[:, self.length] = True
-        logits = self._forward(nxt[:, None], self.position[:, None])
+        logits = self._tracked(nxt[:, None], self.position[:, None], self.position[:, None])
         self.position = self.position + 1
         return logits
+
+    def _tracked(self, tokens, rotary_positions, absolute) -> Tensor:
+        """:meth:`_forward` with the model's position trackers told the absolute positions (-1: padding)."""
+        for tracker in self.trackers:
+            tracker.record_positions(absolute)
+        try:
+            return self._forward(tokens, rotary_positions)
+        finally:
+            for tracker in self.trackers:
+                tracker.record_positions(None)
 
     def _forward(self, tokens: Int[Tensor, "batch q"], positions: Int[Tensor, "batch q"]) -> Tensor:
         model, t, q = self.model, self.length, tokens.shape[1]

@@ -228,6 +228,11 @@ class PositionTracker:
     def done(self, module, args, kwargs, output) -> None:
         self.current = None  # no stale positions for hooks run outside a forward
 
+    def record_positions(self, positions: Int[Tensor, "batch pos"] | None) -> None:
+        """Set the positions of the forward being run by code that does not call the model itself
+        (:class:`mechdiff.generation.StaticCacheDecoder`); -1 marks padding; None after it."""
+        self.current = positions
+
     def positions(self, acts: Tensor) -> Int[Tensor, "batch pos"]:
         pos = self.current
         if pos is None or pos.shape[-1] != acts.shape[1] or pos.shape[0] not in (1, acts.shape[0]):
