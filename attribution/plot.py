@@ -34,6 +34,8 @@ from torch import Tensor
 
 from attribution.graph import Graph, PruneResult
 from mechdiff.adapters.transcoder import AdaptedModel
+from mechdiff.visualization.assets import circuitsvis_bundle, circuitsvis_src, without_bundle
+from mechdiff.visualization.figures import write_html
 
 POSITIVE, NEGATIVE = "#1f77b4", "#d62728"
 KIND_STYLE = {"feature": ("o", "#ff7f0e", 30), "embedding": ("s", "#7f7f7f", 40), "target": ("^", "#2ca02c", 60)}
@@ -152,12 +154,12 @@ def graph_figure(graph: Graph, node_threshold: float = 0.8, edge_threshold: floa
 def save_graph_figure(graph: Graph, path: str | Path, node_threshold: float = 0.8,
                       edge_threshold: float = 0.98, title: str | None = None,
                       top_tokens: dict | None = None) -> tuple[Path, Path]:
-    """Write ``path.html`` (interactive, plotly.js inlined) and ``path.png`` (matplotlib)."""
+    """Write ``path.html`` (interactive; loads the tree's one shared plotly.js) and ``path.png``."""
     stem = Path(path).with_suffix("")
     stem.parent.mkdir(parents=True, exist_ok=True)
     fig = graph_figure(graph, node_threshold, edge_threshold, title, top_tokens)
     html = stem.with_suffix(".html")
-    fig.write_html(html, include_plotlyjs=True)
+    write_html(fig, html)
     png = stem.with_suffix(".png")
     _static_png(graph, graph.prune(node_threshold, edge_threshold), png, fig.layout.title.text, top_tokens)
     return html, png
@@ -246,7 +248,8 @@ def feature_activations(adapted: AdaptedModel, tokens: Int[Tensor, " pos"],
 def feature_token_views(adapted: AdaptedModel, prompts: Sequence[Int[Tensor, " pos"]],
                         features: Sequence[tuple[int, int]], path: str | Path | None = None) -> list:
     """One circuitsvis ``colored_tokens_multi`` view per prompt (a value per feature, labelled
-    ``L{layer}F{feature}``); with ``path``, all views are written to one offline HTML file.
+    ``L{layer}F{feature}``); with ``path``, all views are written to one offline HTML file that
+    loads the tree's one shared circuitsvis bundle.
 
     Example:
         >>> views = feature_token_views(adapted, [tokens], [(0, 3), (1, 7)], "figures/x.html")  # doctest: +SKIP
@@ -266,7 +269,9 @@ def feature_token_views(adapted: AdaptedModel, prompts: Sequence[Int[Tensor, " p
     if path is not None:
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        body = "\n".join(f"<h3>prompt {i}</h3>\n{v.local_src}" for i, v in enumerate(views))
+        bundle = circuitsvis_bundle()
+        body = "\n".join(f"<h3>prompt {i}</h3>\n{without_bundle(v.local_src, bundle)}" for i, v in enumerate(views))
         out.write_text(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>feature activations"
-                       f"</title></head><body>\n{body}\n</body></html>\n", encoding="utf-8")
+                       f"</title><script src='{circuitsvis_src(out)}'></script></head><body>\n{body}\n"
+                       "</body></html>\n", encoding="utf-8")
     return views

@@ -164,13 +164,19 @@ def test_circuit_tracer_json_structure_and_types(graph, adapted, tmp_path):
 def test_figures_are_written_for_offline_viewing(graph, adapted, tmp_path):
     html, png = save_graph_figure(graph, tmp_path / "fig" / "graph")
     text = html.read_text()
+    # offline, no CDN: the page loads plotly.js from the tree's one shared local copy
+    import re
+
     import plotly
 
-    assert "<script src=" not in text and plotly.offline.get_plotlyjs() in text  # plotly.js inlined, no CDN
+    (src,) = re.findall(r'<script[^>]*src="([^"]+)"', text)
+    assert "://" not in src and (html.parent / src).read_text() == plotly.offline.get_plotlyjs()
     assert png.read_bytes()[:4] == b"\x89PNG"
     views = feature_token_views(adapted, [TOKENS, TOKENS[:6]], [(0, 1), (1, 2)], tmp_path / "tok.html")
     assert len(views) == 2
     page = (tmp_path / "tok.html").read_text()
     assert "unpkg.com" not in page and "CircuitsVis.render" in page and "L1F2" in page
+    (cv_src,) = re.findall(r"<script src='([^']+)'>", page)  # the bundle once, from a local file
+    assert "://" not in cv_src and "CircuitsVis" in (tmp_path / cv_src).read_text()
     with pytest.raises(IndexError):
         feature_token_views(adapted, [TOKENS], [(5, 0)])

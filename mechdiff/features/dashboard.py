@@ -28,19 +28,22 @@ Example:
 from __future__ import annotations
 
 import html
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import circuitsvis
 import plotly.graph_objects as go
 import plotly.offline
 import torch
 from circuitsvis.tokens import colored_tokens
 
 from mechdiff.features.store import REGIONS, ActivationStore
+from mechdiff.visualization.assets import (
+    circuitsvis_bundle,
+    circuitsvis_src,
+    shared_asset,
+    without_bundle,
+)
 
-_CV_BUNDLE = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
 STYLE = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1150px;color:#222}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
 th{background:#f3f3f3}.cat{background:#eef;border-radius:4px;padding:2px 8px;font-size:14px}
@@ -48,31 +51,20 @@ th{background:#f3f3f3}.cat{background:#eef;border-radius:4px;padding:2px 8px;fon
 .row{display:flex;gap:16px;flex-wrap:wrap}h2{margin-top:28px}"""
 
 
-def _bundle() -> str:
-    return _CV_BUNDLE.read_text(encoding="utf-8").replace("</script>", "")
-
-
 def write_assets(folder: str | Path) -> str:
     """Write ``plotly.min.js`` and ``circuitsvis.js`` once (into ``figures/assets`` when
     ``folder`` is inside a figures tree, else ``folder/assets``); returns the folder's ``src``
     prefix as seen from a feature page (e.g. ``../assets``)."""
-    from mechdiff.visualization.assets import shared_asset
-
     page = Path(folder) / "features" / "page.html"
-    srcs = [shared_asset(page, name, text, root=folder) for name, text in (
-        ("plotly.min.js", plotly.offline.get_plotlyjs),
-        ("circuitsvis.js", lambda: re.sub(r"//# sourceMappingURL=\S+\s*$", "", _bundle())))]
-    return srcs[0].rsplit("/", 1)[0]
+    circuitsvis_src(page, root=folder)
+    return shared_asset(page, "plotly.min.js", plotly.offline.get_plotlyjs, root=folder).rsplit("/", 1)[0]
 
 
 def token_view(words: Sequence[str], acts: Sequence[float], max_value: float, bundle: str) -> str:
     """The circuitsvis ``colored_tokens`` HTML of one example, without its inlined bundle."""
-    src = colored_tokens(list(words), [float(f"{a:.4g}") for a in acts], min_value=0.0,
-                         max_value=max(float(max_value), 1e-6)).local_src
-    at = src.find(bundle[:256])
-    if at >= 0 and src.startswith(bundle, at):  # the page loads the bundle once, from assets/
-        src = src[:at] + src[at + len(bundle):]
-    return re.sub(r'<div id="(circuits-vis-[^"]+)"([^>]*)/>', r'<div id="\1"\2></div>', src)
+    view = colored_tokens(list(words), [float(f"{a:.4g}") for a in acts], min_value=0.0,
+                          max_value=max(float(max_value), 1e-6))
+    return without_bundle(view.local_src, bundle)  # the page loads the bundle once, from assets/
 
 
 def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
@@ -132,7 +124,7 @@ def feature_page(store: ActivationStore, i: int, tokenizer, *, category: str = "
                  n_top: int = 12, n_random: int = 6, bundle: str | None = None,
                  assets: str = "../assets") -> str:
     """The HTML of feature ``i``'s page (the JavaScript loaded from ``assets``)."""
-    bundle = _bundle() if bundle is None else bundle
+    bundle = circuitsvis_bundle() if bundle is None else bundle
     names = store.config.label_names
     n_fire = int(store.n_fire[i])
     mean = float(store.act_sum[i]) / max(1, n_fire)
@@ -200,7 +192,7 @@ def write_dashboards(store: ActivationStore, folder: str | Path, tokenizer, *,
     (folder / "features").mkdir(parents=True, exist_ok=True)
     assets = write_assets(folder)
     features = [int(i) for i in (store.alive.nonzero()[:, 0].tolist() if features is None else features)]
-    roles, bundle = roles or {}, _bundle()
+    roles, bundle = roles or {}, circuitsvis_bundle()
     cat_of = (lambda i: categories[i]) if categories is not None else (lambda i: "")
     for i in features:
         text = feature_page(store, i, tokenizer, category=cat_of(i), role=roles.get(i, ""),

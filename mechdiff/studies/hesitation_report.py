@@ -100,18 +100,16 @@ def role_examples(out: Path, hes, acts, role_of: dict, tokenizer, per_role: int 
                   decode: bool = False) -> Path:
     """circuitsvis views of each role's top features on their most activating prompt.
 
-    The circuitsvis bundle is the figures tree's one shared copy (:func:`shared_asset`), not
+    The circuitsvis bundle is the figures tree's one shared copy (:func:`mechdiff.visualization.assets.circuitsvis_src`), not
     inlined in every view. ``decode``: show each token as text (byte-level tokens such as
     ``ĠWait`` read as `` Wait``) instead of the vocabulary entry.
     """
-    import re
-
     from mechdiff.features import dashboard
-    from mechdiff.visualization.assets import shared_asset
+    from mechdiff.visualization.assets import circuitsvis_bundle, circuitsvis_src
 
-    bundle = dashboard._bundle()
+    bundle = circuitsvis_bundle()
     path = out / "role_examples.html"
-    src = shared_asset(path, "circuitsvis.js", lambda: re.sub(r"//# sourceMappingURL=\S+\s*$", "", bundle))
+    src = circuitsvis_src(path)
     parts = ["<html><head><meta charset='utf-8'><title>Hesitation features</title>",
              f"<script src='{src}'></script></head><body>",
              "<h1>Hesitation features: top activating prompts by role</h1>"]

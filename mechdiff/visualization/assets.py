@@ -51,6 +51,29 @@ def shared_asset(page: str | Path, name: str, text: Callable[[], str], root: str
     return Path(os.path.relpath(path, Path(page).resolve().parent)).as_posix()
 
 
+def circuitsvis_bundle() -> str:
+    """The circuitsvis bundle as its views inline it in ``local_src``."""
+    import circuitsvis
+
+    path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
+    return path.read_text(encoding="utf-8").replace("</script>", "")
+
+
+def circuitsvis_src(page: str | Path, root: str | Path | None = None) -> str:
+    """The ``src`` of the tree's one shared ``circuitsvis.js`` for ``page`` (written if missing)."""
+    return shared_asset(page, "circuitsvis.js",
+                        lambda: re.sub(r"//# sourceMappingURL=\S+\s*$", "", circuitsvis_bundle()), root)
+
+
+def without_bundle(view_html: str, bundle: str) -> str:
+    """A circuitsvis view's ``local_src`` with its inlined ``bundle`` cut out (the page loads the
+    shared copy, :func:`circuitsvis_src`) and its self-closed divs opened, as browsers need."""
+    at = view_html.find(bundle[:256])
+    if at >= 0 and view_html.startswith(bundle, at):
+        view_html = view_html[:at] + view_html[at + len(bundle):]
+    return re.sub(r'<div id="(circuits-vis-[^"]+)"([^>]*)/>', r'<div id="\1"\2></div>', view_html)
+
+
 def consolidate(tree: str | Path) -> dict[str, int]:
     """Point every HTML page under ``tree`` (a ``figures`` folder) at ``tree/assets`` and delete
     the other copies of the known assets; returns counts of pages rewritten and files removed."""
