@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args):
+    from mechdiff.config_checks import ConfigError
     from mechdiff.studies.hesitation import HesitationConfig
 
     try:
@@ -62,6 +63,8 @@ def config_from_args(args):
             n_traces=args.n_traces, max_new_tokens=args.max_new_tokens, share=args.share,
             max_feature_nodes=args.max_feature_nodes, ranking=args.ranking, sizing=args.sizing,
             n_graphs=args.n_graphs, random_draws=args.random_draws, seed=args.seed)
+    except ConfigError as err:  # the flags carry the config's field names
+        raise cli.UsageError(err.as_flag()) from None
     except ValueError as err:
         raise cli.UsageError(str(err)) from None
 

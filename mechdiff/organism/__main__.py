@@ -23,6 +23,7 @@ from mechdiff import cli
 
 
 def _train(args) -> None:
+    from mechdiff.config_checks import ConfigError
     from mechdiff.organism.task import TaskSpec
     from mechdiff.organism.train import Recipe, train_organism
 
@@ -34,6 +35,8 @@ def _train(args) -> None:
         if not 0 < args.scale:
             raise ValueError(f"--scale must be > 0, not {args.scale}")
         recipe = Recipe(seed=args.seed, task=spec).scaled(args.scale)
+    except ConfigError as err:  # TaskSpec's fields are the train flags
+        raise cli.UsageError(err.as_flag()) from None
     except ValueError as err:
         raise cli.UsageError(str(err)) from None
     cli.apply_threads(args)

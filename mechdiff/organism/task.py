@@ -48,6 +48,8 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mechdiff.config_checks import check
+
 SPLITS = ("train", "validation", "test")
 SPEC_FILE = "mechdiff_task.json"
 OPERAND_LETTERS = "ABCDEFGHIJ"
@@ -152,9 +154,7 @@ class TaskSpec:
         if clash or len(set(words)) != len(words):
             raise ValueError(f"hesitation words must be distinct single words that the task does not "
                              f"already use; got {list(words)}")
-        for name in ("slip_prob", "recheck_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], not {getattr(self, name)}")
+        check(self, fraction=("slip_prob", "recheck_prob"))
         bad = [c for c in self.slip_columns or () if not 0 <= c < self.width]
         if bad:
             raise ValueError(f"slip_columns {bad} are not columns of a {self.width}-digit operand")

@@ -19,6 +19,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from mechdiff.atomic import atomic_folder
+from mechdiff.config_checks import check
 from mechdiff.organism import corpus
 from mechdiff.organism.task import TaskSpec
 from mechdiff.organism.tokenizer import build_tokenizer
@@ -49,13 +50,9 @@ class Recipe:
     def __post_init__(self):
         if isinstance(self.task, dict):
             self.task = TaskSpec.from_dict(self.task)
-        for name in ("d_model", "n_layers", "n_heads", "d_mlp", "n_ctx", "base_docs", "base_steps",
-                     "ft_traces", "ft_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"recipe field {name} must be >= 1, not {getattr(self, name)}")
-        for name in ("base_lr", "ft_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"recipe field {name} must be > 0, not {getattr(self, name)}")
+        check(self, at_least_1=("d_model", "n_layers", "n_heads", "d_mlp", "n_ctx", "base_docs", "base_steps",
+                                "ft_traces", "ft_steps", "batch_size"),
+              positive=("base_lr", "ft_lr"), non_negative=("weight_decay",))
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
 

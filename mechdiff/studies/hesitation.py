@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mechdiff.config_checks import check
 from mechdiff.evaluation import feature_roles, feature_sets, sufficiency
 from mechdiff.evaluation import hesitation as H
 from mechdiff.evaluation.faithfulness import adapter_report
@@ -71,17 +72,10 @@ class HesitationConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("n_prompts", "n_problems", "n_dose_problems", "n_traces", "max_feature_nodes",
-                     "random_draws"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
-        for name in ("share", "ablation_share"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in (0, 1], not {getattr(self, name)}")
-        if self.ranking not in RANKINGS:
-            raise ValueError(f"ranking must be one of {RANKINGS}, not {self.ranking!r}")
-        if self.sizing not in SIZINGS:
-            raise ValueError(f"sizing must be one of {SIZINGS}, not {self.sizing!r}")
+        check(self, at_least_1=("n_prompts", "n_problems", "n_dose_problems", "n_traces", "max_feature_nodes",
+                                "random_draws"),
+              positive=("share", "ablation_share"), fraction=("share", "ablation_share"),  # (0, 1]
+              choices={"ranking": RANKINGS, "sizing": SIZINGS})
         if self.sizing == "influence" and self.ranking != "graph":
             raise ValueError("sizing='influence' needs ranking='graph' (gradient scores are no influence)")
         if self.n_graphs is not None and self.n_graphs < 0:

@@ -20,6 +20,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mechdiff.config_checks import check
 from mechdiff.evaluation.behaviour import behaviour_report
 from mechdiff.studies import hesitation as study
 from mechdiff.workloads import for_pair
@@ -60,8 +61,7 @@ class OrganismsConfig:
     temperature: float = 1.0
 
     def __post_init__(self):
-        if self.n_behaviour_problems < 1 or self.samples < 1 or self.temperature <= 0:
-            raise ValueError("n_behaviour_problems and samples must be >= 1, temperature > 0")
+        check(self, at_least_1=("n_behaviour_problems", "samples"), positive=("temperature",))
 
 
 @dataclass
