@@ -237,7 +237,7 @@ def main(argv=None) -> dict:
     fig_paths = write_figures(out, summaries, store, cats, groups)
     summary = {
         **main_sum, "published": PUBLISHED, "rule": C.RULE,
-        "pair": args.pair, "adapters": _shown(args.adapters), "adapter_config": adapted.config.to_dict(),
+        "pair": args.pair, "adapters": cli.shown_path(args.adapters), "adapter_config": adapted.config.to_dict(),
         "baselines": {k: v for k, v in summaries.items() if k != "adapters"},
         "reasoning_features": [{"feature": store.name(i), "category": cats[i], "role": roles.get(i),
                                 "density": float(store.density[i]), "scores": res["scores"][i].tolist()}
@@ -252,14 +252,6 @@ def main(argv=None) -> dict:
     (out / "report.md").write_text(report(summary))
     _log(f"wrote {out}/ in {summary['seconds']:.0f} s")
     return summary
-
-
-def _shown(path: str) -> str:
-    """A path relative to the working directory when it lies below it (stable across machines)."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return path
 
 
 def report(s: dict) -> str:

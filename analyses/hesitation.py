@@ -88,20 +88,13 @@ def main(argv=None) -> dict:
 
     pair = cli.load_pair_from_args(args)
     adapted = load_adapted(pair, args.adapters)
-    name = (f"custom --base {shown(args.base)} --target {shown(args.target)}" if args.pair == "custom"
+    name = (f"custom --base {cli.shown_path(args.base)} --target {cli.shown_path(args.target)}" if args.pair == "custom"
             else args.pair)
-    result = run(pair, adapted, cfg, pair_name=name, adapters_name=shown(args.adapters))
+    result = run(pair, adapted, cfg, pair_name=name, adapters_name=cli.shown_path(args.adapters))
     result.write(args.out)
     print(f"[hesitation] wrote {args.out}/ in {result.data['seconds']:.0f} s", flush=True)
     return result.summary()
 
-
-def shown(path: str | Path) -> str:
-    """``path`` relative to the working folder when inside it (summaries stay the same on every machine)."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 if __name__ == "__main__":

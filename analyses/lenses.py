@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from mechdiff.cli import UsageError, offline_environment, run
+from mechdiff.cli import UsageError, offline_environment, run, shown_path
 from mechdiff.lenses import scoring
 
 LENSES = ("transcoder_graph", "transcoder_gradient", "lora_sae", "crosscoder", "activation_difference", "kl")
@@ -142,22 +142,14 @@ def score_organism(name: str, where: dict, args) -> tuple[dict, dict]:
         print(f"[lenses] {name}: token-level KL", flush=True)
         results["kl"] = kl.kl_lens(ctx)
     truth = ctx.tokens.truth()
-    record = {"hesitation_word": ctx.spec.word, "folder": _shown(folder),
-              "artefacts": {k: _shown(v) for k, v in where.items() if k != "folder" and v is not None},
+    record = {"hesitation_word": ctx.spec.word, "folder": shown_path(folder, REPO),
+              "artefacts": {k: shown_path(v, REPO) for k, v in where.items() if k != "folder" and v is not None},
               "n_label_tokens": int(len(truth)), "n_truth_tokens": int(truth.sum()),
               "n_hesitation_prompts": len(ctx.hes), "n_test_problems": len(ctx.problems),
               "lenses": {k: _scores(r, truth) for k, r in results.items()}, "skipped": skipped}
     acts = {k: r.acts for k, r in results.items()}
     names = {k: (r.units or ["KL"]) for k, r in results.items()}
     return record, scoring.agreement(acts, names, family={k: "transcoder" for k in results if k.startswith("transcoder")})
-
-
-def _shown(path: Path) -> str:
-    """``path`` relative to the repository when inside it (summaries read the same on every machine)."""
-    try:
-        return str(Path(path).resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
 
 
 def _scores(r: scoring.LensResult, truth: torch.Tensor) -> dict:

@@ -26,6 +26,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
@@ -115,6 +116,20 @@ def load_pair_from_args(args: argparse.Namespace):
     if args.pair == "custom":
         return load_pair("custom", base=args.base, target=args.target, **where)
     return load_pair(args.pair, **where)
+
+
+def shown_path(path: str | Path, root: str | Path | None = None) -> str:
+    """``path`` relative to ``root`` (default: the working folder) when inside it, as summaries
+    record paths, so they read the same on every machine.
+
+    >>> shown_path(Path.cwd() / "runs" / "x")
+    'runs/x'
+    """
+    base = Path(root).resolve() if root is not None else Path.cwd().resolve()
+    try:
+        return str(Path(path).resolve().relative_to(base))
+    except ValueError:
+        return str(path)
 
 
 def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
