@@ -100,6 +100,22 @@ def _trim(row: list[int], eos: int | None) -> list[int]:
     return row
 
 
+def plan_batches(model: HookedTransformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 eos_token_id: int | None, pad_token_id: int | None, batch_size: int,
+                 ) -> tuple[int | None, int, list[list[int]]]:
+    """What every generation loop checks and decides first: refuse empty prompts and prompts that
+    overrun the context, default eos and pad to the model's tokenizer's, and group the prompts by
+    length into batches (indices into ``prompts``) so little is padded."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (a BOS at least)")
+    check_context(model, max(map(len, prompts)), max_new_tokens)
+    tok = model.tokenizer
+    eos = eos_token_id if eos_token_id is not None else getattr(tok, "eos_token_id", None)
+    pad_id = pad_token_id if pad_token_id is not None else (getattr(tok, "pad_token_id", None) or 0)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return eos, pad_id, [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def generate(
     model: HookedTransformer,
     prompts: Sequence[Sequence[int]],
@@ -124,16 +140,9 @@ def generate(
     """
     if not prompts:
         return []
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (a BOS at least)")
-    check_context(model, max(map(len, prompts)), max_new_tokens)
-    tok = model.tokenizer
-    eos = eos_token_id if eos_token_id is not None else getattr(tok, "eos_token_id", None)
-    pad_id = pad_token_id if pad_token_id is not None else (getattr(tok, "pad_token_id", None) or 0)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    eos, pad_id, chunks = plan_batches(model, prompts, max_new_tokens, eos_token_id, pad_token_id, batch_size)
     gen = torch.Generator().manual_seed(seed)
     results: list[list[int]] = [[] for _ in prompts]
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         fast = fast and fast_path_refusal(model) is None and all(
             len(block.attn.rotary_cos) >= max(map(len, prompts)) + max_new_tokens for block in model.blocks)

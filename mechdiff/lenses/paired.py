@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from mechdiff.generation import check_context
+from mechdiff.generation import plan_batches
 from mechdiff.padding import pad
 
 EditHooks = Callable[[dict[str, Tensor]], list[tuple[str, Callable]]]
@@ -51,16 +51,9 @@ def paired_generate(
     and ``pad_token_id`` default to the model's tokenizer's, as in :func:`mechdiff.generation.generate`."""
     if not prompts:
         return []
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (a BOS at least)")
-    check_context(model, max(map(len, prompts)), max_new_tokens)
-    tok = model.tokenizer
-    eos = eos_token_id if eos_token_id is not None else getattr(tok, "eos_token_id", None)
-    pad_id = pad_token_id if pad_token_id is not None else (getattr(tok, "pad_token_id", None) or 0)
+    eos, pad_id, chunks = plan_batches(model, prompts, max_new_tokens, eos_token_id, pad_token_id, batch_size)
     names = set(reader_names)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for chunk in tqdm(chunks, desc="paired generate", disable=not progress, leave=False):
         rows = _paired_batch(model, reader, [list(prompts[i]) for i in chunk], max_new_tokens, edit_hooks,
                              names, eos, pad_id)
