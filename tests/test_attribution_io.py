@@ -15,13 +15,6 @@ from attribution.targets import LogitDiff
 TOKENS = torch.tensor([2, 5, 9, 11, 7, 20, 30, 4, 8, 9, 13, 6])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def adapted():

@@ -15,13 +15,6 @@ from mechdiff.padding import pad
 PAD = 1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(params=["qwen2", "llama"])
 def models(request, tmp_path):
