@@ -91,7 +91,7 @@ def summarize(graded: list[Graded]) -> dict[str, float]:
     no such step was written)."""
     n = len(graded)
     waits = [h for g in graded for h in g.hesitation_after_error]
-    steps = [s for g in graded for s in getattr(g, "steps", [])]
+    steps = [s for g in graded for s in g.steps]
     wrong = [hes for hard, bad, hes in steps if bad]
     right_hard = [hes for hard, bad, hes in steps if hard and not bad]
     return {

@@ -45,7 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mechdiff.config_checks import check
@@ -137,7 +137,6 @@ class TaskSpec:
     slip_prob: float = 0.8
     slip_columns: tuple[int, ...] | None = None
     recheck_prob: float = 0.08
-    step_roles: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         words = tuple(self.hesitation_words)
@@ -158,15 +157,17 @@ class TaskSpec:
         bad = [c for c in self.slip_columns or () if not 0 <= c < self.width]
         if bad:
             raise ValueError(f"slip_columns {bad} are not columns of a {self.width}-digit operand")
-        roles = ("step_marker",) + ("operand_copy",) * self.n_operands + (
-            "carry_copy", "equals", "digit", "carry_out")
-        object.__setattr__(self, "step_roles", roles)
 
     # -- identity and persistence -------------------------------------------------------------
     @property
     def word(self) -> str:
         """The hesitation word attribution graphs explain (the first)."""
         return self.hesitation_words[0]
+
+    @property
+    def step_roles(self) -> tuple[str, ...]:
+        """The label of each token of a step ``p{i} a b .. k = d k'``."""
+        return ("step_marker",) + ("operand_copy",) * self.n_operands + ("carry_copy", "equals", "digit", "carry_out")
 
     @property
     def answer_width(self) -> int:
@@ -181,14 +182,13 @@ class TaskSpec:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.pop("step_roles")
         d["hesitation_words"] = list(self.hesitation_words)
         d["slip_columns"] = None if self.slip_columns is None else list(self.slip_columns)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> TaskSpec:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "step_roles"}
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         unknown = set(d) - set(known)
         if unknown:
             raise ValueError(f"unknown task fields {sorted(unknown)} (a newer mechdiff wrote this spec?)")
