@@ -146,9 +146,7 @@ def for_pair(pair) -> Workload:
     >>> for_pair(load_pair("smollm2")).name  # doctest: +SKIP
     'chat'
     """
-    task_meta = pair.meta.get("task")
-    return get(pair.meta.get("workload", "organism"), pair.tokenizer,
-               TaskSpec.from_dict(task_meta) if task_meta else None)
+    return get(pair.meta.get("workload", "organism"), pair.tokenizer, TaskSpec.of_pair(pair))
 
 
 def _problems(operands: Sequence[Sequence[int]]) -> list[task.Problem]:

@@ -194,6 +194,13 @@ class TaskSpec:
             raise ValueError(f"unknown task fields {sorted(unknown)} (a newer mechdiff wrote this spec?)")
         return cls(**known)
 
+    @classmethod
+    def of_pair(cls, pair) -> TaskSpec | None:
+        """The task a loaded pair records (``pair.meta["task"]``, read from ``mechdiff_task.json``
+        by :func:`mechdiff.models.load_pair`); None for pairs that are no organism."""
+        recorded = pair.meta.get("task")
+        return cls.from_dict(recorded) if recorded else None
+
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / SPEC_FILE
         path.write_text(json.dumps(self.to_dict(), indent=1))

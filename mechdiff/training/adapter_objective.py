@@ -346,13 +346,6 @@ def organism_traces(n: int, split: str = "train", seed: int = 0, spec=None) -> D
     return corpus.reasoning_traces(n, split=split, seed=seed, spec=spec or DEFAULT)
 
 
-def _pair_task(pair):
-    """The organism task a pair records (``pair.meta["task"]``), None for other pairs."""
-    from mechdiff.organism.task import TaskSpec
-
-    return TaskSpec.from_dict(pair.meta["task"]) if pair.meta.get("task") else None
-
-
 def target_traces(target: HookedTransformer, n: int, split: str = "train", seed: int = 0,
                   temperature: float = 1.0, max_new_tokens: int = 96, progress: bool = False,
                   spec=None) -> Dataset:
@@ -388,7 +381,9 @@ def train_adapters(pair: ModelPair, recipe: AdapterRecipe, out_dir: str | Path |
     torch.manual_seed(recipe.seed)
     adapted = AdaptedModel.from_pair(pair, recipe.d_sae, recipe.activation, recipe.k,
                                      recipe.backbone, recipe.enc_bias_init)
-    spec = _pair_task(pair)  # an organism of the family: its own words and operand shape
+    from mechdiff.organism.task import TaskSpec
+
+    spec = TaskSpec.of_pair(pair)  # an organism of the family: its own words and operand shape
     if traces is None and recipe.data == "target":
         traces = target_traces(pair.target, recipe.n_traces, "train", recipe.seed, progress=recipe.progress,
                                spec=spec)
