@@ -93,7 +93,24 @@ def real_numbers(out: Path) -> dict:
                                                "config": {k: lora["config"][k] for k in ("rank", "steps", "lr",
                                                                                           "batch_size")},
                                                "train_seconds": lora["train_seconds"]},
-            "cost": cost}
+            "cost": cost, "sweep": _read(out / "sweep.json"),
+            "adapter_targets": None if adapters is None else adapter_targets(_adapters(adapters["report"]))}
+
+
+# Issue 16's bar for SmolLM2 adapters "as faithful as the organism's": (key, direction, bound).
+ADAPTER_TARGETS = (("gain_recovered", ">=", 0.9), ("dead_fraction", "<=", 0.25), ("fve_min_layer", ">=", 0.98),
+                   ("kl_to_target", "<=", 0.02), ("l0_mean", "<=", 16))
+
+
+def adapter_targets(adapters: dict) -> dict:
+    """Each target with the measured value and whether it is met (None when not measured)."""
+    values = {**adapters, "fve_min_layer": min(adapters["fve_per_layer"]) if adapters.get("fve_per_layer") else None}
+    out = {}
+    for key, op, bound in ADAPTER_TARGETS:
+        v = values.get(key)
+        met = None if v is None else (v >= bound if op == ">=" else v <= bound)
+        out[key] = {"value": v, "target": f"{op} {bound}", "met": met}
+    return out
 
 
 def _recipe(recipe: dict) -> dict:
@@ -162,6 +179,21 @@ def report_markdown(s: dict) -> str:
     if s["adapters"]:
         lines.append(f"Adapters: {s['adapters']['recipe']} (organism: TopK k=8, 1024 features per layer, "
                      f"300 steps at batch 64); trained in {_f(s['adapters']['train_seconds'], '.0f')} s.")
+    if s.get("adapter_targets"):
+        lines += ["", "## SmolLM2 adapters against the targets (issue 16)", "", "| | SmolLM2 | target | met |",
+                  "|---|---|---|---|"]
+        for key, t in s["adapter_targets"].items():
+            lines.append(f"| {key.replace('_', ' ')} | {_f(t['value'], '.3f')} | {t['target']} | "
+                         f"{'-' if t['met'] is None else ('yes' if t['met'] else 'no')} |")
+        lines.append("")
+    if s.get("sweep"):
+        lines += ["", "## Width sweep (short runs on the same traces, 16 held-out traces)", "",
+                  "| width | k | steps | held-out KL | worst-layer FVE | mean FVE | dead | s/step |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in s["sweep"]["candidates"]:
+            lines.append(f"| {r['d_sae']} | {r['k']} | {r['steps']} | {r['val_kl']:.4f} | {r['fve_min']:.4f} | "
+                         f"{r['fve_mean']:.4f} | {r['dead_fraction']:.2f} | {r['seconds_per_step']:.1f} |")
+        lines += ["", f"Picked {s['sweep']['picked']}: {s['sweep']['rule']}", ""]
     if s["lora"]:
         lines.append(f"Rank-1 LoRA: {s['lora']['config']}; trained in {_f(s['lora']['train_seconds'], '.0f')} s.")
     if s.get("cost"):

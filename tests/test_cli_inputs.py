@@ -49,6 +49,8 @@ ROWS = [  # (module, argv, the error line's expected start)
     ("analyses.lora", ["--out", "OUT", "--ranks", "1", "0"], "error: --ranks 1 0: every rank must be >= 1"),
     ("analyses.lora", ["--out", "OUT", "--device", "tpu"], "error: --device tpu:"),
     ("analyses.real", ["--out", "OUT", "--d-sae", "0"], "error: --d-sae 0: must be >= 1"),
+    ("analyses.real", ["--out", "OUT", "--sweep", "512:0"], "error: --sweep '512:0': each candidate is WIDTH:K"),
+    ("analyses.real", ["--out", "OUT", "--sweep-steps", "0"], "error: --sweep-steps 0: must be >= 1"),
     ("analyses.real", ["--out", "OUT", "--pair", "organism"], "error: --pair organism: this study is SmolLM2's"),
 ]  # fmt: skip
 if not GPU:  # on a GPU machine these are valid devices
