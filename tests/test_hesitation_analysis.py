@@ -105,3 +105,24 @@ def test_gradient_ranking_finds_a_set_that_is_necessary_and_agrees_with_the_grap
     theirs = {(f["layer"], f["feature"]) for f in graph_run["hesitation_features"]}
     assert len(ours & theirs) >= 0.5 * len(ours)
     assert "activation x gradient" in (tmp_path / "report.md").read_text()
+
+
+def test_sufficiency_is_measured_three_ways_against_random_sets_of_the_same_size(run):
+    _, s = run
+    v = s["sufficiency"]["variants"]
+    assert set(v["variants"]) == {"zero", "mean", "patch"}
+    assert v["n_set"] == s["n_hesitation_features"] and v["n_set"] <= v["n_set_plus_feeders"] <= 2 * v["n_set"]
+    full = v["full"]
+    lo, hi = full["greedy_rate_ci"]
+    assert 0 <= lo <= full["greedy_rate"] <= hi <= 1 and full["greedy_rate"] > 0.5  # cut where the target hesitates
+    for r in v["variants"].values():
+        assert len(r["random_sets"]) == 2 and len(r["random_sets_plus_feeders_size"]) == 2
+        assert 0 <= r["set"]["greedy_rate"] <= 1 and r["set"]["greedy_rate_ci"][0] <= r["set"]["greedy_rate"]
+        curve = {int(k): x for k, x in r["curve"].items()}
+        assert curve[v["n_set"]] == pytest.approx(r["set"]["retained"])  # the curve passes through the set
+        k = r["smallest_sufficient_k"]
+        assert k is None or (curve[k] >= v["threshold"] and all(curve[j] < v["threshold"] for j in curve if j < k))
+    # On the organism the set keeps the decision every way, and random sets of its size mostly don't
+    # (patched from the full model a random set can carry some of it: averaged over the draws).
+    for r in v["variants"].values():
+        assert r["set"]["retained"] >= 0.8 and sum(r["random_sets"]) / len(r["random_sets"]) < 0.3

@@ -217,12 +217,19 @@ def run(pair, adapted, cfg: HesitationConfig | None = None, *, progress: bool = 
     keep = spec.evaluate(adapted.model, problems, fwd_hooks=sufficiency.keep_only_hooks(adapted, feature_set))
     at_prompts = M.hesitation_at_prompts(adapted, hes, ctl, feature_set, spec.variants)
     decides = M.set_decides(adapted, spec, problems, feature_set, alive, cfg.random_draws, cfg.seed)
+    means = sufficiency.mean_activations(adapted, spec.traces(min(cfg.n_traces, 64), "test", seed=cfg.seed)["input_ids"],
+                                         pad_id=spec.tokenizer.pad_token_id or 0)
+    variants = M.sufficiency_variants(adapted, hes, feature_set, list(scores), graphs, alive, means, spec.variants,
+                                      cfg.random_draws, cfg.seed)
     outputs = [f for f in feature_set if role_of[f] == "output"]
     steer = M.steering(pair, adapted, hes, acts, outputs, spec.variants, adapted.config.backbone)
 
     data = _summary(cfg, spec, faith, hes, ctl, feature_set, scores, graphs, sizing, role_of, counts, mass,
                     alive, problems, dose_problems, after, random_after, actdiff_after, (ks, curves), keep,
                     at_prompts, decides, steer, n_total)
+    for v in variants["variants"].values():  # what the kept-only model says instead, as tokens
+        v["instead"] = {spec.tokenizer.convert_ids_to_tokens(int(i)): c for i, c in v["instead"].items()}
+    data["sufficiency"]["variants"] = variants
     data = {"pair": pair_name or str(pair.meta.get("target_name", "?")), "adapters": adapters_name,
             "task": pair.meta.get("task"), **data, "seconds": time.perf_counter() - t0}
     return HesitationResult(data, faith, graphs, hes, acts, role_of, spec.tokenizer)

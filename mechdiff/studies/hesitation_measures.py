@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from mechdiff.evaluation import feature_roles, feature_sets, sufficiency
 from mechdiff.evaluation import hesitation as H
+from mechdiff.evaluation.intervals import wilson
 from mechdiff.models import hybrid
 
 Feature = feature_sets.Feature
@@ -131,3 +132,77 @@ def steering(pair, adapted, hes, acts, output_features, token_ids, backbone) -> 
     full = H.next_token_probability(adapted.model, hes.tokens, token_ids)
     return {"wait_prob_before": before.mean().item(), "wait_prob_after": after.mean().item(),
             "wait_prob_adapted": full.mean().item(), "n_output_features": len(output_features)}
+
+
+SUFFICIENT = 0.8  # a set "suffices" when it keeps this share of the full model's greedy hesitations
+
+
+def feeders(graphs, feature_set: Sequence[Feature], n: int) -> list[Feature]:
+    """The ``n`` features outside the set with the largest summed positive direct edges into the
+    set's nodes, over ``graphs``: what the set reads from (its inputs in the graphs)."""
+    inside = set(feature_set)
+    score: dict[Feature, float] = {}
+    for g in graphs:
+        feats = [tuple(int(x) for x in f) for f in g.features.tolist()]  # (layer, pos, feature)
+        rows = [i for i, (la, _, f) in enumerate(feats) if (la, f) in inside]
+        if not rows:
+            continue
+        into = g.adjacency[rows, : g.n_features].clamp(min=0).sum(0)
+        for i, value in enumerate(into.tolist()):
+            key = (feats[i][0], feats[i][2])
+            if key not in inside and value > 0:
+                score[key] = score.get(key, 0.0) + value
+    return [f for f, _ in sorted(score.items(), key=lambda kv: -kv[1])[:n]]
+
+
+def sufficiency_variants(adapted, hes: H.CutPrompts, feature_set: Sequence[Feature], ranked: Sequence[Feature],
+                         graphs, alive: Sequence[Feature], means, token_ids: Sequence[int],
+                         random_draws: int, seed: int) -> dict:
+    """Teacher-forced sufficiency at the hesitation prompts, three ways (others at zero, at their
+    mean, or the set patched from the full model into the hybrid: see
+    :mod:`mechdiff.evaluation.sufficiency`), each for the set, for the set plus as many of its
+    feeders (from ``graphs``), and for ``random_draws`` random sets of the same sizes; with the
+    retention curve over the top-k of ``ranked`` and what the kept-only model predicts instead."""
+    ids = torch.tensor(list(token_ids))
+    rng = random.Random(seed + 3)
+    fed = list(feature_set) + feeders(graphs, feature_set, len(feature_set))
+
+    def measure(features, others):
+        p, top = sufficiency.kept_only_next_token(adapted, hes.tokens, features, token_ids, others=others,
+                                                  means=means)
+        return p, torch.isin(top, ids), top
+
+    _, full_greedy, _ = measure([(la, f) for la in range(adapted.config.n_layers)
+                                 for f in range(adapted.config.d_sae)], "zero")  # every feature kept: full
+    n, full_rate = len(hes), float(full_greedy.float().mean())
+
+    def summary(p, greedy):
+        k = int(greedy.sum())
+        return {"greedy_rate": k / n, "greedy_rate_ci": wilson(k, n), "mean_prob": float(p.mean()),
+                "retained": None if full_rate == 0 else (k / n) / full_rate}
+
+    out = {"n_prompts": n, "full": {"greedy_rate": full_rate, "greedy_rate_ci": wilson(int(full_greedy.sum()), n)},
+           "n_set": len(feature_set), "n_set_plus_feeders": len(fed), "threshold": SUFFICIENT, "variants": {}}
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if k < min(len(ranked), 4 * len(feature_set))}
+                | {len(feature_set), min(len(ranked), 4 * len(feature_set))})
+    for others in sufficiency.OTHERS:
+        p, greedy, top = measure(feature_set, others)
+        v = {"set": summary(p, greedy), "set_plus_feeders": summary(*measure(fed, others)[:2])}
+        v["random_sets"] = [summary(*measure(rng.sample(alive, len(feature_set)), others)[:2])["retained"]
+                            for _ in range(random_draws)]
+        v["random_sets_plus_feeders_size"] = [
+            summary(*measure(rng.sample(alive, min(len(alive), len(fed))), others)[:2])["retained"]
+            for _ in range(random_draws)]
+        v["curve"] = {str(k): summary(*measure(list(ranked[:k]), others)[:2])["retained"] for k in ks}
+        v["smallest_sufficient_k"] = next((k for k in ks if (v["curve"][str(k)] or 0) >= SUFFICIENT), None)
+        lost = (full_greedy & ~greedy)  # prompts where the full model hesitates and the kept-only one does not
+        v["instead"] = _counts(top[lost].tolist())
+        out["variants"][others] = v
+    return out
+
+
+def _counts(ids: list[int], k: int = 5) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for i in ids:
+        counts[i] = counts.get(i, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:k])

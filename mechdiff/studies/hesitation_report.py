@@ -246,9 +246,43 @@ Adding the
 moves P("{w}") from {st['wait_prob_before']:.3f} to **{st['wait_prob_after']:.3f}**
 (the adapted model: {st.get('wait_prob_adapted', float('nan')):.3f}).
 
+{_variants_text(s)}
 Figures: `faithfulness`, `accuracy`, `length`, `hesitation_set`, `dose_response`,
 `necessity_sufficiency`, `example_graph` (HTML + PNG), `role_examples.html`; numbers in `summary.json`.
 """
+
+
+VARIANT_NAMES = {"zero": "others zeroed", "mean": "others at their mean", "patch": "set patched from the full model"}
+
+
+def _ci(ci) -> str:
+    return "" if not ci else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _variants_text(s: dict) -> str:
+    """The three ways of keeping only the set, teacher-forced at the hesitation prompts, as a table."""
+    v = s["sufficiency"].get("variants")
+    if not v:
+        return ""
+    w, full = _word(s), v["full"]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    rows = "".join(
+        f"| {VARIANT_NAMES[name]} | {r['set']['greedy_rate']:.2f}{_ci(r['set']['greedy_rate_ci'])} | "
+        f"{_pct(r['set']['retained'])} | {_pct(mean(r['random_sets']))} | {_pct(r['set_plus_feeders']['retained'])} | "
+        f"{_pct(mean(r['random_sets_plus_feeders_size']))} | {r['smallest_sufficient_k'] or 'none'} | "
+        f"{', '.join(f'{t!r} x{c}' for t, c in r['instead'].items()) or '-'} |\n"
+        for name, r in v["variants"].items())
+    return f"""
+### Keeping only the set, three ways (teacher-forced at the {v['n_prompts']} hesitation prompts)
+The full adapted model writes "{w}" greedily at {full['greedy_rate']:.2f}{_ci(full['greedy_rate_ci'])} of
+them (95% Wilson intervals in brackets). Each row keeps only the {v['n_set']}-feature set; random sets
+of the same size, and the set plus its {v['n_set_plus_feeders'] - v['n_set']} strongest feeders from the
+graphs (and random sets of that size), are the controls. "Smallest sufficient" is the fewest top-ranked
+features that keep {v['threshold']:.0%} of the full model's greedy "{w}".
+
+| others | greedy "{w}" rate | retained | random sets | set + feeders | random (that size) | smallest sufficient | says instead |
+|---|---|---|---|---|---|---|---|
+{rows}"""
 
 
 def _set_rule_text(s: dict) -> str:
