@@ -126,3 +126,28 @@ def test_sufficiency_is_measured_three_ways_against_random_sets_of_the_same_size
     # (patched from the full model a random set can carry some of it: averaged over the draws).
     for r in v["variants"].values():
         assert r["set"]["retained"] >= 0.8 and sum(r["random_sets"]) / len(r["random_sets"]) < 0.3
+
+
+def test_graph_and_gradient_rankings_are_compared_on_the_same_prompts(run):
+    _, s = run
+    agree = s["set_rule"]["ranking_agreement"]
+    assert agree["n_graphs"] == s["n_graphs"] > 0
+    k = s["n_hesitation_features"]
+    assert set(agree["top_k_overlap"]) == {"10", str(k), "100"}
+    assert all(0 <= x <= 1 for x in agree["top_k_overlap"].values())
+    assert -1 <= agree["spearman"] <= 1
+    # Both rankings find the hesitation mechanism on the organism: their top 10 share features.
+    assert agree["top_k_overlap"]["10"] > 0
+
+
+def test_ranking_agreement_by_hand():
+    from mechdiff.studies.hesitation_measures import ranking_agreement
+
+    a = {(0, 1): 5.0, (0, 2): 4.0, (1, 3): 3.0, (1, 4): 2.0}
+    b = {(0, 1): 9.0, (1, 4): 8.0, (0, 2): 1.0, (2, 5): 0.5}
+    out = ranking_agreement(a, b, (1, 2, 4))
+    assert out["top_k_overlap"] == {"1": 1.0, "2": 0.5, "4": 0.75}
+    same = ranking_agreement(a, a, (2, 4))
+    assert same["spearman"] == pytest.approx(1.0) and same["top_k_overlap"]["4"] == 1.0
+    reverse = ranking_agreement(a, {f: -v for f, v in a.items()}, (4,))
+    assert reverse["spearman"] == pytest.approx(-1.0)

@@ -136,16 +136,17 @@ def ranked_features(adapted, prompts: H.CutPrompts, spec, cfg: HesitationConfig,
                           max_feature_nodes=cfg.max_feature_nodes)
         rankings.append(graph.feature_ranking(0, aggregate=True))
         graphs.append(graph)
-    if cfg.ranking == "graph":
-        scores = feature_sets.aggregate_influence(rankings)
-    else:
-        scores = feature_sets.normalized_positive(feature_attribution(adapted, prompts.tokens, spec.variants))
-    return list(scores), scores, graphs, rankings
+    gradient = feature_sets.normalized_positive(feature_attribution(adapted, prompts.tokens, spec.variants))
+    graph = feature_sets.aggregate_influence(rankings) if rankings else None
+    scores = graph if cfg.ranking == "graph" else gradient
+    # The other ranking, for agreement: the graphs' when ranking by gradient (if any were built).
+    other = {"graph": gradient, "gradient": graph}[cfg.ranking]
+    return list(scores), scores, graphs, rankings, other
 
 
 def hesitation_set(adapted, prompts: H.CutPrompts, spec, cfg: HesitationConfig, progress: bool = True):
     """``(the set, scores by feature, graphs, how it was sized: both rules and the P curve)``."""
-    ranked, scores, graphs, rankings = ranked_features(adapted, prompts, spec, cfg, progress)
+    ranked, scores, graphs, rankings, other = ranked_features(adapted, prompts, spec, cfg, progress)
     k_abl, curve = feature_sets.smallest_ablating_prefix(adapted, ranked, prompts.tokens, spec.variants,
                                               cfg.ablation_share, greedy=True)
     sizes = {"ablation": k_abl}
@@ -167,7 +168,11 @@ def hesitation_set(adapted, prompts: H.CutPrompts, spec, cfg: HesitationConfig, 
     return ranked[:k], scores, graphs, {
         "rule": rules[cfg.sizing], "sizing": cfg.sizing, "sizes": sizes,
         "greedy_rate_by_k": {str(key): value for key, value in curve.items()}, "n_ranked": len(ranked),
-        "graph_top_k_in_set": overlap}
+        "graph_top_k_in_set": overlap,
+        # graph influence against activation x gradient, on the same prompts (None: no graph built)
+        "ranking_agreement": None if other is None else {
+            "rankings": ["graph", "gradient"], "n_graphs": len(graphs), **M.ranking_agreement(
+                scores, other, (10, k, 100))}}
 
 
 def run(pair, adapted, cfg: HesitationConfig | None = None, *, progress: bool = True,

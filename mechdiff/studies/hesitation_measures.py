@@ -206,3 +206,17 @@ def _counts(ids: list[int], k: int = 5) -> dict[int, int]:
     for i in ids:
         counts[i] = counts.get(i, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:k])
+
+
+def ranking_agreement(a: dict[Feature, float], b: dict[Feature, float], ks: Sequence[int]) -> dict:
+    """How far two feature rankings (scores, highest first) agree: the share of each top-k they
+    hold in common, for each ``k``, and Spearman's rank correlation of their scores over the union
+    of their top-``max(ks)`` (a feature one ranking does not score counts as zero there)."""
+    top = lambda r, k: [f for f, _ in sorted(r.items(), key=lambda kv: -kv[1])[:k]]  # noqa: E731
+    overlap = {str(k): len(set(top(a, k)) & set(top(b, k))) / k for k in sorted(set(ks)) if k > 0}
+    union = sorted(set(top(a, max(ks))) | set(top(b, max(ks))))
+    if len(union) < 3:
+        return {"top_k_overlap": overlap, "spearman": None, "n_compared": len(union)}
+    ranks = [torch.tensor([r.get(f, 0.0) for f in union]).argsort().argsort().float() for r in (a, b)]
+    rho = torch.corrcoef(torch.stack(ranks))[0, 1].item()
+    return {"top_k_overlap": overlap, "spearman": rho, "n_compared": len(union)}

@@ -295,8 +295,14 @@ def _set_rule_text(s: dict) -> str:
         by = "aggregated attribution-graph influence" if s["ranking"] == "graph" else \
              f'activation x gradient of the log-odds of "{w}"'
         each = "; ".join(f"the {name} rule alone takes {k}" for name, k in sizes.items())
+        agree = rule.get("ranking_agreement")
+        agreement = "" if not agree else (
+            f'. Graph influence ({agree["n_graphs"]} graphs) and activation x gradient agree on '
+            + ", ".join(f"{x:.0%} of the top {k}" for k, x in agree["top_k_overlap"].items())
+            + (f' (Spearman {agree["spearman"]:.2f} over the {agree["n_compared"]} features in either top 100)'
+               if agree.get("spearman") is not None else ""))
         return (f'Ranking features by {by}, the set is {rule["rule"]} ({each}; share of the prompts '
-                f'where greedy decoding still writes "{w}", by number ablated: {curve})')
+                f'where greedy decoding still writes "{w}", by number ablated: {curve}){agreement}')
     if s.get("ranking", "graph") == "graph":
         return (f'Aggregating "{w}" attribution graphs over the prompts, the set is the fewest features '
                 f"covering {s['influence_share']:.0%} of the influence")
