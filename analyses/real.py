@@ -58,6 +58,8 @@ def parse_args(argv):
     p.add_argument("--k", type=int, help="TopK active features per token (default: the sweep's pick, else 8)")
     p.add_argument("--adapter-steps", type=int, default=60, help="adapter training steps (default 60)")
     p.add_argument("--adapter-lr", type=float, default=1e-3, help="adapter peak learning rate (default 1e-3)")
+    p.add_argument("--autocast", choices=("bfloat16", "float16"),
+                   help="mixed-precision forwards for adapter training (bfloat16: ~1.6x faster on AVX512-bf16 CPUs)")
     p.add_argument("--sweep", default="512:8,1024:8,512:16",
                    help="width:k candidates for the sweep stage, comma-separated (default 512:8,1024:8,512:16)")
     p.add_argument("--sweep-steps", type=int, default=30, help="training steps per sweep candidate (default 30)")
@@ -168,14 +170,15 @@ def _adapter_recipe(args, d_sae: int, k: int, steps: int):
 
     return AdapterRecipe(d_sae=d_sae, k=k, steps=steps, batch_size=args.batch_size, lr=args.adapter_lr,
                          n_traces=steps * args.batch_size, n_val=16, checkpoint_every=25,
-                         validate_every=0)
+                         validate_every=0, autocast=args.autocast)
 
 
 def adapter_folder(args, out: Path) -> Path:
     """The cache folder of the adapters this recipe trains: named by width, k, steps and lr, so a
     new recipe never reuses (or overwrites) another recipe's adapters."""
     d_sae, k, _ = adapter_shape(args, out)
-    return _cache(args) / f"adapters-{d_sae}-k{k}-s{args.adapter_steps}-lr{args.adapter_lr:g}"
+    mixed = f"-{args.autocast}" if args.autocast else ""
+    return _cache(args) / f"adapters-{d_sae}-k{k}-s{args.adapter_steps}-lr{args.adapter_lr:g}{mixed}"
 
 
 def _read_json(path: Path) -> dict:
