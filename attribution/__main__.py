@@ -55,35 +55,39 @@ def _adapted(args, pair):
         raise UsageError(f"--adapters {args.adapters}: {err}") from None
 
 
-def _default_prompt(tokenizer):
-    """An organism trace (prompt + response) cut just before its first "wait"."""
+def _default_prompt(tokenizer, nth: int = 0):
+    """The ``nth`` organism trace (prompt + response) with a "wait", cut just before its first one."""
     import torch
 
     from mechdiff.organism import task
 
-    rng, vocab = random.Random(0), tokenizer.get_vocab()
-    for problem in task.DEFAULT.sample_problems(50, "test", 0):
+    rng, vocab, found = random.Random(0), tokenizer.get_vocab(), 0
+    for problem in task.DEFAULT.sample_problems(50 + 4 * nth, "test", 0):
         words = [w for w in task.DEFAULT.prompt(problem)[0] + task.DEFAULT.reasoning_trace(problem, rng)[0] if w in vocab]
-        if "wait" in words:
+        if "wait" in words and found == nth:
             return torch.tensor(tokenizer.convert_tokens_to_ids(words[: words.index("wait")]))
-    raise UsageError("no organism trace with a 'wait'; pass --prompt")
+        found += "wait" in words
+    raise UsageError(f"only {found} organism test traces have a 'wait', no --trace {nth}; pass --prompt")
 
 
-def _workload_prompt(pair):
-    """A trace of the pair's workload (prompt + response) cut just before its first hesitation,
-    and that hesitation's token id (:func:`mechdiff.evaluation.hesitation.hesitation_for`)."""
+def _workload_prompt(pair, nth: int = 0):
+    """The ``nth`` test trace of the pair's workload (prompt + response) that hesitates, cut just
+    before its first hesitation, and that hesitation's token id (:func:`mechdiff.evaluation.hesitation.hesitation_for`)."""
     import torch
 
     from mechdiff.evaluation.hesitation import hesitation_for
     from mechdiff.workloads import for_pair
 
     spec = hesitation_for(for_pair(pair))
-    for row in spec.traces(50, "test", seed=0):
+    found = 0
+    for row in spec.traces(50 + 4 * nth, "test", seed=0):
         ids = row["input_ids"]
         cut = next((k for k in range(row["prompt_len"], len(ids)) if ids[k] == spec.target), None)
-        if cut is not None:
+        if cut is not None and found == nth:
             return torch.tensor(ids[:cut]), spec.target
-    raise UsageError(f"no {spec.name} trace with a {spec.word!r}; pass --prompt")
+        found += cut is not None
+    raise UsageError(f"only {found} of the {spec.name} test traces have a {spec.word!r}, no --trace {nth}; "
+                     "pass --prompt")
 
 
 def unknown_words(tokenizer, text: str) -> list[str]:
@@ -109,9 +113,9 @@ def _prompt_and_target(args, pair, tok):
     import torch
 
     if pair.meta.get("workload", "organism") == "organism":
-        tokens, target = (None if args.prompt else _default_prompt(tok)), "wait"
+        tokens, target = (None if args.prompt else _default_prompt(tok, args.trace)), "wait"
     else:
-        tokens, target = _workload_prompt(pair)
+        tokens, target = _workload_prompt(pair, args.trace)
     if args.prompt:
         tokens = torch.tensor([tok.bos_token_id] + tok(args.prompt)["input_ids"])
     target = args.target_token or target
@@ -120,16 +124,16 @@ def _prompt_and_target(args, pair, tok):
     return tokens, target
 
 
-def check_out(out: str) -> Path:
+def check_out(out: str, flag: str = "--out") -> Path:
     """``out`` as a folder that can be written: an existing folder, or one that can be made."""
     path = Path(out)
     if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a folder")
+        raise UsageError(f"{flag} {out}: exists and is not a folder")
     parent = next(p for p in [path, *path.parents] if p.exists())  # "." or "/" at the latest
     if not parent.is_dir():
-        raise UsageError(f"--out {out}: {parent} is not a folder")
+        raise UsageError(f"{flag} {out}: {parent} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: {parent} is not writable")
+        raise UsageError(f"{flag} {out}: {parent} is not writable")
     return path
 
 
@@ -155,6 +159,12 @@ def check_args(args) -> argparse.Namespace:
     if args.adapters not in ("auto", "random") and not Path(args.adapters).is_dir():
         raise UsageError(f"--adapters {args.adapters}: no such folder")
     check_out(args.out)
+    if args.graphs is not None:
+        check_out(args.graphs, "--graphs")
+    if args.trace < 0:
+        raise UsageError(f"--trace {args.trace}: must be >= 0")
+    if args.trace and args.prompt is not None:
+        raise UsageError("--trace picks a workload trace; it cannot go with --prompt")
     check_pair_options(args)
     if args.prompt is not None and args.pair in ("organism", "custom"):  # a tokenizer folder at hand
         from mechdiff.models import ORGANISM_DIR, load_tokenizer
@@ -185,6 +195,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--node-threshold", type=float, default=0.8)
     p.add_argument("--edge-threshold", type=float, default=0.98)
     p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--graphs", default=None,
+                   help="circuit-tracer folder the graph is added to (default OUT/circuit-tracer); one folder "
+                        "can hold the graphs of several pairs and prompts")
+    p.add_argument("--trace", type=int, default=0,
+                   help="without --prompt: the Nth held-out trace that hesitates, cut before it (default 0)")
     add_pair_options(p)
     return p
 
@@ -262,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     top = graph.feature_ranking(0, aggregate=True)[: args.top]
     if top:
         feature_token_views(adapted, [tokens], [(g["layer"], g["feature"]) for g in top], out / "features.html")
-    scan, ct, examples = adapters_scan(adapted), out / "circuit-tracer", {}
+    scan, ct, examples = adapters_scan(adapted), Path(args.graphs) if args.graphs else out / "circuit-tracer", {}
     if args.examples:
         store = feature_store(adapted, for_pair(pair), args.examples, progress=True)
         examples = feature_examples(graph, store, adapted, scan, *thresholds)

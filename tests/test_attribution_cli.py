@@ -36,6 +36,9 @@ def _rows(tmp):
         (["--target-token", " "], "--target-token is empty"),
         (["--device", "tpu"], "--device tpu: not a torch device"),
         (["--pair", "custom", "--adapters", "random"], "--pair custom needs --base FOLDER"),
+        (["--graphs", str(a_file)], "--graphs " + str(a_file) + ": exists and is not a folder"),
+        (["--trace", "-1"], "--trace -1: must be >= 0"),
+        (["--trace", "2", "--prompt", "A 3 2"], "--trace picks a workload trace; it cannot go with --prompt"),
         (["serve", str(tmp)], "no graph-metadata.json"),
         (["serve", str(tmp), "--port", "70000"], "--port 70000: not a port number"),
     ]
@@ -44,7 +47,8 @@ def _rows(tmp):
 ROW_IDS = ["empty prompt", "blank prompt", "unknown words", "auto adapters off the organism",
            "missing adapters", "out is a file", "out under a file", "zero feature nodes",
            "negative batch", "negative examples", "zero node threshold", "edge threshold > 1",
-           "blank target", "tpu", "custom without folders", "serve an empty folder", "serve a bad port"]
+           "blank target", "tpu", "custom without folders", "graphs is a file", "negative trace",
+           "trace with prompt", "serve an empty folder", "serve a bad port"]
 
 
 @pytest.mark.parametrize("row", range(len(ROW_IDS)), ids=ROW_IDS)
@@ -77,3 +81,19 @@ def test_unknown_words_are_found_by_the_organisms_tokenizer():
     tok = load_tokenizer(ORGANISM_DIR / "base")
     assert cli.unknown_words(tok, "A 3 2 = <think> p0 wait") == []
     assert cli.unknown_words(tok, "A 3 Wait 2 foo") == ["Wait", "foo"]
+
+
+def test_two_traces_export_two_graphs_into_one_shared_folder(tmp_path):
+    import json
+
+    shared = tmp_path / "graphs"
+    for n in (0, 1):
+        run(cli.main, ["--trace", str(n), "--max-feature-nodes", "24", "--examples", "8", "--out",
+                       str(tmp_path / f"out{n}"), "--graphs", str(shared)])
+    index = json.loads((shared / "graph-metadata.json").read_text())["graphs"]
+    assert len(index) == 2 and index[0]["slug"] != index[1]["slug"]
+    prompts = [json.loads((tmp_path / f"out{n}" / "summary.json").read_text())["prompt"] for n in (0, 1)]
+    assert prompts[0] != prompts[1]  # different traces, each cut before its "wait"
+    for g in index:
+        assert (shared / f"{g['slug']}.json").is_file()
+    assert not (tmp_path / "out0" / "circuit-tracer").exists()  # the shared folder took the graph
