@@ -151,3 +151,16 @@ def test_ranking_agreement_by_hand():
     assert same["spearman"] == pytest.approx(1.0) and same["top_k_overlap"]["4"] == 1.0
     reverse = ranking_agreement(a, {f: -v for f, v in a.items()}, (4,))
     assert reverse["spearman"] == pytest.approx(-1.0)
+
+
+def test_headline_numbers_carry_intervals_over_the_held_out_problems(run):
+    _, s = run
+    ci, n = s["confidence_intervals"], s["necessity"]
+    lo, hi = ci["necessity_cut"]
+    assert lo <= n["cut"] <= hi and hi - lo < 0.5
+    lo, hi = ci["random_cut"]
+    assert lo <= n["random_cut"] <= hi
+    lo, hi = ci["set_decides_retained"]
+    assert lo <= s["sufficiency"]["hesitation_retained"] <= hi
+    lo, hi = ci["accuracy_before"]
+    assert lo <= n["accuracy_before"] <= hi

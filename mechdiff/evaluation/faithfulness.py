@@ -161,7 +161,8 @@ def adapter_report(pair, adapted: AdaptedModel, traces: Dataset, problems: Datas
             stats = workload.evaluate(model, problems, fwd_hooks=hooks, progress=progress)
             report[name].update({k: stats[k] for k in ("accuracy", "mean_response_tokens",
                                                        "hesitations_per_response", "n_problems",
-                                                       "n_wrong_steps", "p_hesitation_given_wrong_step")
+                                                       "n_wrong_steps", "p_hesitation_given_wrong_step",
+                                                       "hesitations_by_response", "correct_by_response")
                                  if k in stats})
         acc = {name: report[name]["accuracy"] for name in models}
         report["gain_recovered"] = gain_recovered(acc["adapted"], acc["base"], acc["target"])

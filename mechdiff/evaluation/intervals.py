@@ -45,3 +45,31 @@ def bootstrap_mean(values: Sequence[float], n_resamples: int = 2000, level: floa
     lo = means[int((1 - level) / 2 * n_resamples)]
     hi = means[min(n_resamples - 1, int((1 + level) / 2 * n_resamples))]
     return lo, hi
+
+
+def bootstrap_paired(before: Sequence[float], after: Sequence[float], statistic, n_resamples: int = 2000,
+                     level: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of ``statistic(sum(before), sum(after))`` resampling items
+    (problems) in pairs: both conditions were measured on the same items, so their noise is shared.
+    None when empty, or when the statistic is undefined (None) in more than half the resamples.
+
+    >>> cut = lambda b, a: None if b == 0 else 1 - a / b
+    >>> lo, hi = bootstrap_paired([2, 1, 2, 1, 2, 2], [0, 0, 1, 0, 0, 0], cut)
+    >>> 0.5 < lo < 1 - 1 / 10 < hi <= 1
+    True
+    """
+    if len(before) != len(after):
+        raise ValueError(f"paired samples differ in length: {len(before)} and {len(after)}")
+    if not len(before):
+        return None
+    rng, n = random.Random(seed), len(before)
+    values = []
+    for _ in range(n_resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        v = statistic(sum(before[i] for i in idx), sum(after[i] for i in idx))
+        if v is not None:
+            values.append(v)
+    if len(values) < n_resamples / 2:
+        return None
+    values.sort()
+    return values[int((1 - level) / 2 * len(values))], values[min(len(values) - 1, int((1 + level) / 2 * len(values)))]

@@ -88,7 +88,7 @@ def grade(problem: task.Problem, words: list[str], spec: task.TaskSpec) -> Grade
 def summarize(graded: list[Graded]) -> dict[str, float]:
     """Accuracy, mean length, hesitations per response, share with one, share after an error, and
     error detection: P(hesitation | a wrong step), P(hesitation | a correct hard step) (None when
-    no such step was written)."""
+    no such step was written); and the per-response hesitation counts and correctness."""
     n = len(graded)
     waits = [h for g in graded for h in g.hesitation_after_error]
     steps = [s for g in graded for s in g.steps]
@@ -104,6 +104,9 @@ def summarize(graded: list[Graded]) -> dict[str, float]:
         "p_hesitation_given_correct_hard_step": (sum(right_hard) / len(right_hard)) if right_hard else None,
         "n_wrong_steps": len(wrong), "n_correct_hard_steps": len(right_hard),
         "n_problems": n,
+        # per response, in problem order: what paired bootstrap intervals resample
+        "hesitations_by_response": [len(g.hesitation_after_error) for g in graded],
+        "correct_by_response": [bool(g.correct) for g in graded],
     }
 
 

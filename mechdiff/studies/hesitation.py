@@ -44,6 +44,7 @@ from mechdiff.config_checks import check
 from mechdiff.evaluation import feature_roles, feature_sets, sufficiency
 from mechdiff.evaluation import hesitation as H
 from mechdiff.evaluation.faithfulness import adapter_report
+from mechdiff.evaluation.intervals import bootstrap_paired, wilson
 from mechdiff.studies import hesitation_measures as M
 from mechdiff.studies import hesitation_report as report_mod
 from mechdiff.workloads import for_pair
@@ -268,6 +269,7 @@ def _summary(cfg, spec, faith, hes, ctl, feature_set, scores, graphs, sizing, ro
             "cut": _cut(before[hpr], after[hpr]), "random_cut": _cut(before[hpr], random_mean),
             "activation_difference_cut": _cut(before[hpr], actdiff_after[hpr]),
         },
+        "confidence_intervals": _intervals(before, after, random_after, decides),
         "dose_response": {"k": ks, **curves},
         "sufficiency": {
             # in generation, the kept-only copy making every hesitate-or-go-on decision while the full
@@ -292,6 +294,26 @@ def _summary(cfg, spec, faith, hes, ctl, feature_set, scores, graphs, sizing, ro
                                                    "kl_to_target", "top1_agreement")}
                    for k in ("base", "hybrid", "adapted", "target")},
         "gain_recovered": faith.get("gain_recovered"),
+    }
+
+
+def _intervals(before: dict, after: dict, random_after: list[dict], decides: dict) -> dict:
+    """95% intervals of the headline numbers over the held-out problems: paired bootstrap for the
+    cuts and the retention (both conditions ran on the same problems), Wilson for accuracies."""
+    hb = before.get("hesitations_by_response")
+    if hb is None:  # an evaluation that does not grade per response
+        return {}
+    per_problem_random = [sum(col) / len(col) for col in zip(*[r["hesitations_by_response"] for r in random_after])]
+    correct = lambda stats: stats.get("correct_by_response") or []  # noqa: E731
+    return {
+        "method": "95%: paired percentile bootstrap over problems (2000 resamples) for cuts and retention; "
+                  "Wilson score interval for accuracies",
+        "necessity_cut": bootstrap_paired(hb, after["hesitations_by_response"], _cut),
+        "random_cut": bootstrap_paired(hb, per_problem_random, _cut) if per_problem_random else None,
+        "set_decides_retained": (bootstrap_paired(hb, decides["hesitations_by_response"], lambda b, a: _ratio(a, b))
+                                 if decides.get("hesitations_by_response") else None),
+        "accuracy_before": wilson(sum(correct(before)), len(correct(before))),
+        "accuracy_after": wilson(sum(correct(after)), len(correct(after))),
     }
 
 

@@ -94,6 +94,7 @@ def set_decides(adapted, spec, problems, feature_set, alive, random_draws: int, 
     kept = rate(feature_set)
     return {"hesitations_per_response": kept["hesitations_per_response"], "accuracy": kept["accuracy"],
             "frac_hesitations_after_error": kept["frac_hesitations_after_error"],
+            "hesitations_by_response": kept.get("hesitations_by_response"),
             "random_sets": randoms, "no_features": rate([])["hesitations_per_response"]}
 
 

@@ -224,7 +224,7 @@ Zeroing the set during generation takes hesitations per response from
 of features chosen by activation difference between hesitation and control prompts leave
 {n['activation_difference_control_after']:.2f}. Response length goes from {n['length_before']:.1f} to
 {n['length_after']:.1f} tokens and accuracy from {n['accuracy_before']:.3f} to {n['accuracy_after']:.3f}.
-
+{_intervals_text(s)}
 ## Sufficiency and steering
 In generation, when a copy of the adapted model keeping only the set (every other adapter feature
 zeroed at every position) makes each decision whether to hesitate, while the full model writes the
@@ -250,6 +250,15 @@ moves P("{w}") from {st['wait_prob_before']:.3f} to **{st['wait_prob_after']:.3f
 Figures: `faithfulness`, `accuracy`, `length`, `hesitation_set`, `dose_response`,
 `necessity_sufficiency`, `example_graph` (HTML + PNG), `role_examples.html`; numbers in `summary.json`.
 """
+
+
+def _intervals_text(s: dict) -> str:
+    ci = s.get("confidence_intervals") or {}
+    names = {"necessity_cut": "the cut", "random_cut": "the random sets' cut",
+             "set_decides_retained": "the share the set decides", "accuracy_before": "accuracy before",
+             "accuracy_after": "accuracy after"}
+    parts = [f"{label} [{ci[k][0]:.2f}, {ci[k][1]:.2f}]" for k, label in names.items() if ci.get(k)]
+    return "" if not parts else f"95% intervals over the {s['n_problems']} problems: " + "; ".join(parts) + ".\n"
 
 
 VARIANT_NAMES = {"zero": "others zeroed", "mean": "others at their mean", "patch": "set patched from the full model"}
