@@ -6,7 +6,7 @@ import json
 import pytest
 from test_real_pair import cache, tokenizer  # noqa: F401  (fixtures: a tiny pair in $MECHDIFF_CACHE)
 
-from analyses import real
+from analyses import real, real_cost
 
 TINY = ["--n-problems", "2", "--n-eval-traces", "2", "--d-sae", "16", "--adapter-steps", "2",
         "--lora-steps", "2", "--batch-size", "2", "--threads", "1"]
@@ -34,8 +34,8 @@ def test_stages_write_the_summary_and_rerun_skips_them(cache, tmp_path, capsys):
 
 
 def test_cost_measures_a_training_step_and_a_graph_on_the_organism():
-    step = real.measure("organism", "lora_step", 16, 2)
-    graph = real.measure("organism", "attribution_graph", 16, 2)
+    step = real_cost.measure("organism", "lora_step", 16, 2)
+    graph = real_cost.measure("organism", "attribution_graph", 16, 2)
     assert step["seconds"] > 0 and step["peak_rss_gib"] >= step["rss_after_loading_gib"] > 0
     assert graph["prompt_tokens"] > 10 and graph["graph_info"]["d_sae"] == 16
 
