@@ -17,7 +17,8 @@ import json
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from mechdiff.estimate import Device, ModelShape, Workload, estimate, measure_time
+from mechdiff.estimate import Device, ModelShape, Workload, estimate
+from mechdiff.estimate_check import measure_time
 from mechdiff.models import ModelPair, hooked_from_hf
 
 ORGANISM = dict(vocab_size=26, hidden_size=128, intermediate_size=512, num_hidden_layers=3,

@@ -11,8 +11,8 @@ from mechdiff.estimate import (
     Workload,
     estimate,
     main,
-    measure_memory,
 )
+from mechdiff.estimate_check import measure_memory
 from mechdiff.models import ModelPair, hooked_from_hf
 
 # The organism's architecture (mechdiff/organism recipe): 3 layers, d_model 128, d_mlp 512.
