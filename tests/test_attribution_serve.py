@@ -229,3 +229,47 @@ def test_graphs_render_and_a_feature_shows_its_examples(server, site, browser):
     page.screenshot(path=str(SCREENSHOT))
     page.close()
     assert not problems and not outside, (problems, outside)
+
+
+COMMITTED = ROOT / "figures" / "attribution" / "circuit-tracer"
+
+
+def _committed_slugs() -> list[str]:
+    index = COMMITTED / "graph-metadata.json"
+    return [g["slug"] for g in json.loads(index.read_text())["graphs"]] if index.is_file() else []
+
+
+@pytest.fixture(scope="module")
+def committed_server(frontend):
+    server = make_server(COMMITTED, frontend, port=0).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("slug", _committed_slugs())
+def test_each_committed_graph_renders_with_its_feature_examples(slug, committed_server, browser):
+    """The graphs shipped in figures/attribution/circuit-tracer (the organism's and SmolLM2's, made
+    by ``python -m attribution ... --graphs``) open in the frontend, and a clicked feature node
+    lists as many contexts as its example file holds."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    problems = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.goto(f"{committed_server.url}?slug={slug}")
+    page.wait_for_function("n => d3.selectAll('.link-graph .node').size() > 0", arg=0)
+    graph = json.loads((COMMITTED / f"{slug}.json").read_text())
+    scan = graph["metadata"]["scan"]
+    drawn = page.evaluate("() => d3.selectAll('.link-graph .node').data().map(d => d.nodeId)")
+    assert set(drawn) <= {n["node_id"] for n in graph["nodes"]}  # this graph's nodes, not another's
+    x, y = _features(page)[0]
+    page.mouse.click(x, y)
+    page.wait_for_selector(".feature-example-list .ctx-container")
+    clicked = page.evaluate("() => new URL(location).searchParams.get('clickedId')")
+    layer, feat, _ = map(int, clicked.split("_"))
+    index = (layer + feat) * (layer + feat + 1) // 2 + feat  # the frontend's feature file name
+    examples = json.loads((COMMITTED / "features" / scan / f"{index}.json").read_text())
+    n_examples = sum(len(q["examples"]) for q in examples["examples_quantiles"])
+    assert page.locator(".feature-example-list .ctx-container").count() == n_examples > 0
+    page.close()
+    assert not problems, problems
