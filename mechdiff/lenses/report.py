@@ -106,7 +106,9 @@ def write_figures(out: Path, summary: dict) -> list[str]:
 def _cell(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "null"
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+    return str(v)
 
 
 def table_markdown(summary: dict) -> str:
