@@ -15,7 +15,11 @@ train traces), activation_difference and kl. For the shipped organism the shippe
 Scores (mechdiff.lenses.scoring): n_units; precision and recall by one label rule; necessity
 (ablate while generating on test problems, against 5 random draws of the same count); steering
 (share of the gap in P(hesitation) to the lens's full model closed by adding the units);
-train_cpu_s and score_cpu_s (time.process_time); agreement (activation correlation of the lenses'
+train_cpu_s and score_cpu_s (time.process_time) and each phase's memory, train_peak_gib and score_peak_gib
+(mechdiff.lenses.cost: the peak RSS rise over what was live at the phase's start); for artefacts
+reused, not trained here (adapters, LoRA), train_cpu_s is the wall seconds recorded when they were
+trained, labelled so by train_cpu_s_source and train_s_kind ("wall"); the SAE on the LoRA state has
+no record: --retrain-lora-sae trains one like it here to measure it. Agreement (activation correlation of the lenses'
 units on the same tokens). Nothing is chosen on the test problems.
 Writes --out: summary.json, report.md, lenses x scores and agreement figures (HTML + PNG).
 """
@@ -35,6 +39,8 @@ from mechdiff.lenses import scoring
 LENSES = ("transcoder_graph", "transcoder_gradient", "lora_sae", "crosscoder", "activation_difference", "kl")
 REPO = Path(__file__).resolve().parents[1]
 SCORES = ("n_units", "precision", "recall", "necessity_cut", "random_cut", "steering", "train_cpu_s", "score_cpu_s")
+COSTS = ("train_cpu_s_source", "train_s_kind", "train_peak_gib", "score_peak_gib", "train_rss_peak_gib",
+         "score_rss_peak_gib")
 
 
 def parse_args(argv):
@@ -57,6 +63,10 @@ def parse_args(argv):
     p.add_argument("--crosscoder-k", type=int, default=16, help="BatchTopK: mean active latents per token")
     p.add_argument("--crosscoder-steps", type=int, default=4000, help="training steps (batch 256)")
     p.add_argument("--crosscoder-traces", type=int, default=1500, help="train traces the crosscoder reads")
+    p.add_argument("--retrain-lora-sae", action="store_true",
+                   help="measure the LoRA-state SAE's training cost by training one like it here (scores use the given SAE)")
+    p.add_argument("--lora-sae-traces", type=int, default=2000, help="train traces for that SAE (analyses.lora's default)")
+    p.add_argument("--lora-sae-samples", type=int, default=1_500_000, help="its training samples (analyses.lora's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     return p.parse_args(argv)
@@ -141,15 +151,66 @@ def score_organism(name: str, where: dict, args) -> tuple[dict, dict]:
     if "kl" in args.lenses:
         print(f"[lenses] {name}: token-level KL", flush=True)
         results["kl"] = kl.kl_lens(ctx)
+    training = training_costs(ctx, where, results, args)
     truth = ctx.tokens.truth()
     record = {"hesitation_word": ctx.spec.word, "folder": shown_path(folder, REPO),
               "artefacts": {k: shown_path(v, REPO) for k, v in where.items() if k != "folder" and v is not None},
               "n_label_tokens": int(len(truth)), "n_truth_tokens": int(truth.sum()),
               "n_hesitation_prompts": len(ctx.hes), "n_test_problems": len(ctx.problems),
-              "lenses": {k: _scores(r, truth) for k, r in results.items()}, "skipped": skipped}
+              "lenses": {k: {**_scores(r, truth), **training[k]} for k, r in results.items()}, "skipped": skipped}
     acts = {k: r.acts for k, r in results.items()}
     names = {k: (r.units or ["KL"]) for k, r in results.items()}
     return record, scoring.agreement(acts, names, family={k: "transcoder" for k in results if k.startswith("transcoder")})
+
+
+def training_costs(ctx, where: dict, results: dict, args) -> dict[str, dict]:
+    """Per lens: ``train_cpu_s`` with ``train_cpu_s_source`` (a sentence) and ``train_s_kind``
+    (``"cpu"`` measured here, ``"wall"`` recorded when a reused artefact was trained, ``"wall+cpu"``
+    a sum of both, None unknown or nothing to train), and ``train_parts`` for reused artefacts."""
+    from mechdiff.lenses import cost, lora_sae
+
+    out = {}
+    adapters = where.get("adapters")
+    adapters_rec = cost.adapters_record(adapters, shown_path(adapters, REPO)) if adapters is not None else None
+    for name, r in results.items():
+        if r.train is not None:
+            out[name] = {"train_cpu_s": r.train.cpu_s, "train_cpu_s_source": cost.MEASURED, "train_s_kind": "cpu"}
+        elif name == "kl":
+            out[name] = {"train_cpu_s": None, "train_cpu_s_source": "nothing to train", "train_s_kind": None}
+        elif name.startswith("transcoder_"):
+            rec = adapters_rec
+            out[name] = {"train_cpu_s": rec and rec.seconds, "train_s_kind": rec and rec.kind,
+                         "train_cpu_s_source": (rec.source + " (the adapters both transcoder rankings read)") if rec
+                         else f"unknown: no training record in {shown_path(adapters, REPO)}",
+                         "train_parts": {"adapters": rec and rec.to_dict()}}
+        elif name == "lora_sae":
+            lora_rec = cost.lora_record(where["lora"], shown_path(where["lora"], REPO))
+            sae = None
+            if args.retrain_lora_sae:
+                print("[lenses] training an SAE like the LoRA-state SAE, to measure its cost", flush=True)
+                sae = lora_sae.retrain_cost(ctx, where["lora"], where["lora_sae"], n_traces=args.lora_sae_traces,
+                                            n_samples=args.lora_sae_samples)
+            parts = {"lora": lora_rec and lora_rec.to_dict(),
+                     "sae": sae and {**sae.to_dict(), "kind": "cpu", "source": (
+                         f"measured in this run by training an SAE like {shown_path(where['lora_sae'], REPO)} again "
+                         f"({args.lora_sae_traces} train traces, {args.lora_sae_samples} samples); CPU seconds, "
+                         "memory as peak_gib (process) and rise_gib (its own)")}}
+            known = lora_rec is not None and sae is not None
+            why = [] if lora_rec else [f"no training.json in {shown_path(where['lora'], REPO)}"]
+            if sae is None:
+                why.append("the SAE on the LoRA state has no training record (--retrain-lora-sae measures it)")
+            out[name] = {"train_cpu_s": lora_rec.seconds + sae.cpu_s if known else None,
+                         "train_s_kind": "wall+cpu" if known else None,
+                         "train_cpu_s_source": ("sum of train_parts: the LoRA's wall seconds recorded when trained "
+                                                "(not CPU) + the SAE's CPU seconds measured in this run") if known
+                         else "unknown: " + "; ".join(why), "train_parts": parts}
+        else:
+            out[name] = {"train_cpu_s": None, "train_cpu_s_source": "not measured", "train_s_kind": None}
+    return out
+
+
+def _mem(c, key: str):
+    return None if c is None else getattr(c, key)
 
 
 def _scores(r: scoring.LensResult, truth: torch.Tensor) -> dict:
@@ -160,6 +221,8 @@ def _scores(r: scoring.LensResult, truth: torch.Tensor) -> dict:
             "precision": rule.get("precision"), "recall": rule.get("recall") if units else None,
             "necessity_cut": need.get("cut"), "random_cut": need.get("random_cut"),
             "steering": (r.steering or {}).get("gain"), "train_cpu_s": r.train_cpu_s, "score_cpu_s": r.score_cpu_s,
+            "train_peak_gib": _mem(r.train, "rise_gib"), "score_peak_gib": _mem(r.score, "rise_gib"),
+            "train_rss_peak_gib": _mem(r.train, "peak_gib"), "score_rss_peak_gib": _mem(r.score, "peak_gib"),
             "units": r.units, "unit_precision": rule.get("unit_precision"), "n_truth_units": rule.get("n_truth_units"),
             "necessity": r.necessity, "steering_detail": r.steering, **r.extra}
 
@@ -177,8 +240,13 @@ def main(argv=None) -> dict:
     summary = {"organisms": {}, "agreement": {}}
     for name, where in which.items():
         summary["organisms"][name], summary["agreement"][name] = score_organism(name, where, args)
-    summary.update({"label_rule": scoring.RULE, "settings": {k: v for k, v in vars(args).items()},
-                    "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0})
+    from mechdiff.lenses import cost
+
+    summary.update({"label_rule": scoring.RULE, "memory_rule": cost.MEMORY_RULE,
+                    "settings": {k: v for k, v in vars(args).items()},
+                    "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                    "peak_rss_gib": cost.process_peak_gib(),
+                    "machine_ram_gib": cost.machine_ram_gib()})
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     from mechdiff.lenses.report import report_markdown, write_figures
 

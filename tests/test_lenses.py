@@ -13,7 +13,7 @@ from mechdiff.lenses.paired import paired_generate
 
 SMALL = ["--n-label-problems", "24", "--n-prompts", "4", "--n-problems", "24", "--random-draws", "2",
          "--crosscoder-steps", "60", "--crosscoder-d-sae", "128", "--crosscoder-traces", "48",
-         "--max-feature-nodes", "32"]
+         "--max-feature-nodes", "32", "--retrain-lora-sae", "--lora-sae-traces", "48", "--lora-sae-samples", "20000"]
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,40 @@ def test_summary_has_the_issue_shape_for_every_lens(run):
     assert org["lenses"]["activation_difference"]["n_units"] == 1
 
 
+def test_every_lens_reports_its_cost_and_says_where_training_seconds_come_from(run):
+    """Memory per phase is measured in the run (> 0, below the machine's RAM); train seconds are
+    CPU seconds measured here for lenses trained here, and the recorded wall seconds, so labelled,
+    for the reused adapters and LoRA (the SAE on the LoRA state is trained again to measure it)."""
+    from mechdiff.lenses import cost
+
+    _, s = run
+    ram = cost.machine_ram_gib()
+    assert 0 < s["peak_rss_gib"] < ram
+    lens = s["organisms"]["organism"]["lenses"]
+    for name, rec in lens.items():
+        assert set(lenses.COSTS) <= set(rec), name
+        assert 0 <= rec["score_peak_gib"] <= rec["score_rss_peak_gib"] <= s["peak_rss_gib"], name
+        assert rec["score_cpu_s"] > 0, name
+    for name in ("crosscoder", "activation_difference"):
+        rec = lens[name]
+        assert rec["train_cpu_s"] > 0 and rec["train_s_kind"] == "cpu" and rec["train_cpu_s_source"] == cost.MEASURED
+        assert 0 <= rec["train_peak_gib"] <= rec["train_rss_peak_gib"] < ram
+    # the crosscoder holds base and target activations of its traces while it trains
+    assert lens["crosscoder"]["train_peak_gib"] > lens["activation_difference"]["train_peak_gib"]
+    recorded = json.loads((SHIPPED_DIR / "adapters.json").read_text())["metrics"]["train_last"]["seconds"]
+    for name in ("transcoder_graph", "transcoder_gradient"):
+        rec = lens[name]
+        assert rec["train_cpu_s"] == recorded and rec["train_s_kind"] == "wall"
+        assert "wall seconds" in rec["train_cpu_s_source"] and "not CPU" in rec["train_cpu_s_source"]
+        assert rec["train_peak_gib"] is None  # no memory was recorded when they were trained
+    sae = lens["lora_sae"]
+    parts = sae["train_parts"]
+    assert parts["lora"]["kind"] == "wall" and parts["sae"]["kind"] == "cpu" and parts["sae"]["cpu_s"] > 0
+    assert sae["train_s_kind"] == "wall+cpu"
+    assert sae["train_cpu_s"] == pytest.approx(parts["lora"]["seconds"] + parts["sae"]["cpu_s"])
+    assert lens["kl"]["train_cpu_s"] is None and lens["kl"]["train_cpu_s_source"] == "nothing to train"
+
+
 def test_scores_say_what_the_organism_is_known_to_do(run):
     """The graph-ranked adapter set cuts hesitations far more than random sets (the hesitation
     study's finding); the mean difference at the hesitation slot, subtracted, cuts them too; the
@@ -68,7 +102,8 @@ def test_agreement_and_figures_are_written(run):
     for name in ("lenses_x_scores", "cost", "agreement_organism"):
         assert (out / f"{name}.html").stat().st_size > 1000 and (out / f"{name}.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
-    assert "| organism | wait | crosscoder |" in report
+    assert "| organism | wait | crosscoder |" in report and "(wall, recorded)" in report
+    assert "train_peak_gib | score_peak_gib |" in report
     assert (out / "organism" / "crosscoder" / "cfg.json").is_file()
 
 

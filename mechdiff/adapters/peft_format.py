@@ -13,7 +13,18 @@ Qwen2/Llama model, so the lens runs on real LoRAs: plain LoRA or rsLoRA, any sub
 projections, every layer. Anything else (DoRA, biases, per-module ranks, embeddings, pickles) is
 refused with a message saying what and why.
 
+Where PEFT finds the base model: a folder written by ``python -m mechdiff.lora train`` records the
+base's absolute path (:func:`base_reference`), so ``peft.AutoPeftModelForCausalLM.from_pretrained``
+loads it offline from any directory. Folders shipped inside the repository cannot know where the
+repository will be: they record the base folder's path relative to the repository root (e.g.
+``mechdiff/organism/shipped/base``), which ``AutoPeftModelForCausalLM`` resolves from the repository
+root, where the README's commands run; :func:`load_peft` loads any of them from anywhere, resolving a
+relative base path against the repository root.
+
 Example:
+    >>> model = load_peft("mechdiff/adapters/shipped/lora_r1")  # a peft.PeftModel, offline
+    >>> type(model).__name__, model.peft_config["default"].r
+    ('PeftModelForCausalLM', 1)
     >>> export_peft(lora, "out/lora_r1")  # doctest: +SKIP
     >>> again = import_peft("out/lora_r1", pair.base)  # doctest: +SKIP
     >>> torch.allclose(again(tokens), lora(tokens))  # doctest: +SKIP
@@ -32,6 +43,7 @@ from transformer_lens import HookedTransformer
 
 from mechdiff.adapters.lora import HF_PROJ, MODULES, LoRAConfig, LoRAModel, module_shapes
 
+REPO = Path(__file__).resolve().parents[2]  # the folder holding the mechdiff package (the repository root)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -70,6 +82,49 @@ def base_reference(pair) -> str:
         return str((ORGANISM_DIR / "base").resolve())
     path = Path(name).expanduser()
     return str(path.resolve()) if name and (path / "config.json").is_file() else name
+
+
+def resolve_base(folder: str | Path) -> str:
+    """The base model a PEFT folder's ``base_model_name_or_path`` names, made usable from any
+    directory: an absolute path as is; a relative one that is a model folder from here, or else
+    from the repository root (:data:`REPO`; shipped folders record such paths), made absolute; a
+    name that is neither (a hub name) as is.
+
+    Example:
+        >>> resolve_base("mechdiff/adapters/shipped/lora_r1") == str(REPO / "mechdiff/organism/shipped/base")
+        True
+    """
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; a PEFT LoRA folder has {CONFIG_FILE} + {WEIGHTS_FILE}")
+    name = json.loads(path.read_text()).get("base_model_name_or_path")
+    if not name:
+        raise ValueError(f"{path}: base_model_name_or_path is missing; cannot tell which model the LoRA adapts")
+    given = Path(name).expanduser()
+    if given.is_absolute():
+        return str(given)
+    for root in (Path.cwd(), REPO):
+        if (root / given / "config.json").is_file():
+            return str((root / given).resolve())
+    return name
+
+
+def load_peft(folder: str | Path, **from_pretrained):
+    """Load a PEFT LoRA folder with ``peft`` itself, on its base model (:func:`resolve_base`):
+    ``transformers.AutoModelForCausalLM`` then ``peft.PeftModel.from_pretrained``, as
+    ``peft.AutoPeftModelForCausalLM.from_pretrained(folder)`` does, but from any directory.
+    Keyword arguments go to the base model's ``from_pretrained`` (``torch_dtype``, ``device_map``...).
+    Returns the ``peft.PeftModel`` in eval mode.
+
+    Example:
+        >>> load_peft("mechdiff/organism/family/hmm/lora_r1").peft_config["default"].r
+        1
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_base(folder), **from_pretrained)
+    return PeftModel.from_pretrained(base, str(folder)).eval()
 
 
 def export_peft(lora: LoRAModel, folder: str | Path, base_model_name_or_path: str | None = None) -> Path:

@@ -10,5 +10,6 @@ One module per lens, each with its own natural ranking of hesitation units:
 
 Shared: :mod:`~mechdiff.lenses.context` (what every lens is scored on), :mod:`~mechdiff.lenses.scoring`
 (the one label rule, necessity, agreement), :mod:`~mechdiff.lenses.paired` (generation edited from a
-second model's activations), :mod:`~mechdiff.lenses.report` (figures and report.md).
+second model's activations), :mod:`~mechdiff.lenses.cost` (CPU seconds and memory measured per phase,
+or seconds recorded when a reused artefact was trained), :mod:`~mechdiff.lenses.report` (figures and report.md).
 """

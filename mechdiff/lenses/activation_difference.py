@@ -20,8 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import time
-
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -30,6 +28,7 @@ from mechdiff.evaluation import hesitation as H
 from mechdiff.features.classify import logit_lens
 from mechdiff.lenses import scoring
 from mechdiff.lenses.context import LensContext, cached, last_position
+from mechdiff.lenses.cost import measure
 
 
 def site(layer: int) -> str:
@@ -57,18 +56,16 @@ def shift_hooks(layer: int, vec: Tensor, last_only: bool = False) -> list[tuple]
 def activation_difference_lens(ctx: LensContext) -> scoring.LensResult:
     """Compute ``delta`` (validation), pick its layer (validation), then score it."""
     pair, spec, s = ctx.pair, ctx.spec, ctx.settings
-    t0 = time.process_time()
-    deltas = mean_differences(pair, ctx.hes.tokens)
-    train_s = time.process_time() - t0
-    t0 = time.process_time()
-    p_val = [float(H.next_token_probability(pair.target, ctx.hes.tokens, spec.variants,
-                                            fwd_hooks=shift_hooks(la, -deltas[la])).mean())
-             for la in range(pair.n_layers)]
-    layer = min(range(pair.n_layers), key=p_val.__getitem__)
-    delta = deltas[layer]
-    lens = logit_lens(pair.target, delta[None], k=5)
-    rank = _rank_of(pair.target, delta, spec.target)
-    score_s = time.process_time() - t0
+    with measure() as train:
+        deltas = mean_differences(pair, ctx.hes.tokens)
+    with measure() as score:
+        p_val = [float(H.next_token_probability(pair.target, ctx.hes.tokens, spec.variants,
+                                                fwd_hooks=shift_hooks(la, -deltas[la])).mean())
+                 for la in range(pair.n_layers)]
+        layer = min(range(pair.n_layers), key=p_val.__getitem__)
+        delta = deltas[layer]
+        lens = logit_lens(pair.target, delta[None], k=5)
+        rank = _rank_of(pair.target, delta, spec.target)
     name = site(layer)
     diff = cached(pair.target, ctx.tokens.sequences, [name])[name] - cached(pair.base, ctx.tokens.sequences, [name])[name]
     acts = (diff @ (delta / delta.norm()))[:, None]
@@ -92,7 +89,7 @@ def activation_difference_lens(ctx: LensContext) -> scoring.LensResult:
     tokens = spec.tokenizer.convert_ids_to_tokens
     return scoring.LensResult(
         "activation_difference", [f"delta@L{layer}"], acts, necessity=need, steering=steering,
-        train_cpu_s=train_s, score_cpu_s=score_s,
+        train=train, score=score,
         extra={"layer": layer, "p_hesitation_validation_by_layer_when_subtracted": p_val,
                "delta_norm_by_layer": deltas.norm(dim=-1).tolist(),
                "logit_lens_top": tokens(lens["lens_top_ids"][0].tolist()),

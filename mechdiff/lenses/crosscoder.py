@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from mechdiff.evaluation import feature_sets
 from mechdiff.evaluation import hesitation as H
 from mechdiff.lenses import scoring
 from mechdiff.lenses.context import LensContext, cached, last_position
+from mechdiff.lenses.cost import measure
 from mechdiff.lenses.paired import paired_generate
 from mechdiff.organism import task
 from mechdiff.training.loop import LoopConfig, train
@@ -256,24 +256,23 @@ def crosscoder_lens(ctx: LensContext, cfg: CrosscoderConfig, *, n_traces: int = 
     more they fire at the hesitation prompts' last token than at the controls' (times the target
     decoder norm); the set covers ``share`` of that excess (:func:`~mechdiff.evaluation.hesitation.covering_set`)."""
     pair, spec, s = ctx.pair, ctx.spec, ctx.settings
-    t0 = time.process_time()
-    train_acts = pair_acts(pair, spec.traces(n_traces, "train", s.seed)["input_ids"], cfg.layer)
-    cc = train_crosscoder(train_acts, cfg, progress=progress)
-    train_s = time.process_time() - t0
+    with measure() as train:
+        train_acts = pair_acts(pair, spec.traces(n_traces, "train", s.seed)["input_ids"], cfg.layer)
+        cc = train_crosscoder(train_acts, cfg, progress=progress)
+        del train_acts
     if folder is not None:
         save_crosscoder(cc, folder, site_name(cfg.layer))
-    t0 = time.process_time()
-    with torch.no_grad():
-        acts = pair_acts(pair, ctx.tokens.sequences, cfg.layer)
-        latents = cc.encode(acts)
-        rel, scaling = relative_norm(cc), latent_scaling(cc, acts)
-        kinds = latent_kinds(rel)
-        excess = (cc.encode(_last(pair, ctx.hes.tokens, cfg.layer)).mean(0)
-                  - cc.encode(_last(pair, ctx.ctl.tokens, cfg.layer)).mean(0)) * cc.decoder_norms()[:, 1]
-    candidate = scaling["nu"] < max_nu  # NaN (never fires) is not a candidate
-    scores = {j: float(excess[j]) for j in candidate.nonzero().flatten().tolist() if excess[j] > 0}
-    named = feature_sets.covering_set(scores, s.share) if scores else []
-    score_s = time.process_time() - t0
+    with measure() as score:
+        with torch.no_grad():
+            acts = pair_acts(pair, ctx.tokens.sequences, cfg.layer)
+            latents = cc.encode(acts)
+            rel, scaling = relative_norm(cc), latent_scaling(cc, acts)
+            kinds = latent_kinds(rel)
+            excess = (cc.encode(_last(pair, ctx.hes.tokens, cfg.layer)).mean(0)
+                      - cc.encode(_last(pair, ctx.ctl.tokens, cfg.layer)).mean(0)) * cc.decoder_norms()[:, 1]
+        candidate = scaling["nu"] < max_nu  # NaN (never fires) is not a candidate
+        scores = {j: float(excess[j]) for j in candidate.nonzero().flatten().tolist() if excess[j] > 0}
+        named = feature_sets.covering_set(scores, s.share) if scores else []
     alive = (latents > 0).any(0).nonzero().flatten().tolist()
     before = spec.evaluate(pair.target, ctx.problems)["hesitations_per_response"]
     need = scoring.ablation_necessity(lambda units: _ablated_rate(ctx, cc, units), named, alive, before,
@@ -284,7 +283,7 @@ def crosscoder_lens(ctx: LensContext, cfg: CrosscoderConfig, *, n_traces: int = 
         fvu = float((acts - cc.decode(latents)).pow(2).sum() / (acts - acts.mean(0)).pow(2).sum())
     return scoring.LensResult(
         "crosscoder", [f"X{j}" for j in named], latents[:, named], necessity=need,
-        steering=_steer(ctx, cc, named), train_cpu_s=train_s, score_cpu_s=score_s,
+        steering=_steer(ctx, cc, named), train=train, score=score,
         extra={"site": site_name(cfg.layer), "d_sae": cc.d_sae, "k": cc.k, "fvu": fvu,
                "l0": float((latents > 0).sum(1).float().mean()), "n_alive": len(alive),
                "latent_kinds": counts, "n_target_specific_by_scaling": int(candidate.sum()),

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from mechdiff.lenses import scoring
 from mechdiff.lenses.context import LensContext
+from mechdiff.lenses.cost import measure
 from mechdiff.padding import pad
 
 
@@ -43,9 +43,8 @@ def token_kl(target, base, sequences: Sequence[Sequence[int]], batch_size: int =
 
 def kl_lens(ctx: LensContext) -> scoring.LensResult:
     """KL per token on the labelled replies, its mean per label, and the label rule on it."""
-    t0 = time.process_time()
-    kl = token_kl(ctx.pair.target, ctx.pair.base, ctx.tokens.sequences)
-    score_s = time.process_time() - t0
+    with measure() as score:
+        kl = token_kl(ctx.pair.target, ctx.pair.base, ctx.tokens.sequences)
     labels = ctx.tokens.flat_labels()
     by_label = {}
     for lab in dict.fromkeys(labels):
@@ -53,6 +52,6 @@ def kl_lens(ctx: LensContext) -> scoring.LensResult:
         by_label[lab] = {"mean_kl": float(kl[sel].mean()), "n_tokens": int(sel.sum())}
     rule = scoring.label_scores(kl[:, None], ctx.tokens.truth())
     return scoring.LensResult(
-        "kl", None, kl[:, None], score_cpu_s=score_s,
+        "kl", None, kl[:, None], score=score,
         extra={"by_label": dict(sorted(by_label.items(), key=lambda kv: -kv[1]["mean_kl"])),
                "mean_kl": float(kl.mean()), "token_precision": rule["precision"], "token_recall": rule["recall"]})

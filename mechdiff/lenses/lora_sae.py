@@ -2,7 +2,7 @@
 
 Uses a trained LoRA (PEFT folder; the shipped organism's ``lora_r1``) and the BatchTopK SAE on its
 ``n_layers x 7`` state (SAELens folder; ``figures/lora/sae`` from ``python -m analyses.lora``);
-nothing is retrained. Hesitation latents: those firing more at the validation hesitation prompts'
+nothing is retrained for the scores. Hesitation latents: those firing more at the validation hesitation prompts'
 last token than at the controls' (times the decoder norm), the fewest covering ``share`` of that
 excess.
 
@@ -12,6 +12,10 @@ token each adapter's activation loses the named latents' share ``f_S W_dec[S]`` 
 reader's state). Steering: the base (every LoRA activation zero) with only the named latents' mean
 state at the last position.
 
+The SAE's training cost has no record beside it: :func:`retrain_cost` trains one of the same shape
+again, on the LoRA study's data (``python -m analyses.lora``: 2000 train traces drawn with seed 2,
+1.5M samples), and measures that; the trained copy is discarded.
+
 Example:
     >>> result = lora_sae_lens(ctx, "mechdiff/adapters/shipped/lora_r1", "figures/lora/sae")  # doctest: +SKIP
     >>> result.units[:2]  # doctest: +SKIP
@@ -20,8 +24,7 @@ Example:
 
 from __future__ import annotations
 
-import json
-import time
+import tempfile
 from pathlib import Path
 
 import torch
@@ -29,9 +32,11 @@ from sae_lens import SAE
 
 from mechdiff.evaluation import feature_sets
 from mechdiff.evaluation import hesitation as H
-from mechdiff.features.lora_sae import encode
+from mechdiff.features.lora_lens import collect
+from mechdiff.features.lora_sae import SAEConfig, encode, train_sae
 from mechdiff.lenses import scoring
 from mechdiff.lenses.context import LensContext, cached, last_position
+from mechdiff.lenses.cost import Cost, measure
 from mechdiff.lenses.paired import paired_generate
 from mechdiff.lora import load_lora
 from mechdiff.organism import task
@@ -72,14 +77,13 @@ def lora_sae_lens(ctx: LensContext, lora_folder: str | Path, sae_folder: str | P
     pair, spec, s = ctx.pair, ctx.spec, ctx.settings
     lora = load_lora(lora_folder, pair)
     sae = SAE.load_from_disk(str(sae_folder), device="cpu")
-    t0 = time.process_time()
-    with torch.no_grad():
-        norms = sae.W_dec.detach().norm(dim=-1)
-        excess = (encode(sae, states(lora, ctx.hes.tokens, last=True)).mean(0)
-                  - encode(sae, states(lora, ctx.ctl.tokens, last=True)).mean(0)) * norms
-    scores = {j: float(excess[j]) for j in range(len(excess)) if excess[j] > 0}
-    named = feature_sets.covering_set(scores, s.share) if scores else []
-    score_s = time.process_time() - t0
+    with measure() as score:
+        with torch.no_grad():
+            norms = sae.W_dec.detach().norm(dim=-1)
+            excess = (encode(sae, states(lora, ctx.hes.tokens, last=True)).mean(0)
+                      - encode(sae, states(lora, ctx.ctl.tokens, last=True)).mean(0)) * norms
+        scores = {j: float(excess[j]) for j in range(len(excess)) if excess[j] > 0}
+        named = feature_sets.covering_set(scores, s.share) if scores else []
     latents = encode(sae, states(lora, ctx.tokens.sequences))
     alive = (latents > 0).any(0).nonzero().flatten().tolist()
     tok = spec.tokenizer
@@ -106,11 +110,31 @@ def lora_sae_lens(ctx: LensContext, lora_folder: str | Path, sae_folder: str | P
     steering = {**p, "gain": scoring.steering_gain(p["before"], p["after"], p["reference"]),
                 "how": "base (every LoRA activation 0) with the named latents' mean state at the last "
                        "position; reference: the LoRA model"}
-    trained = Path(lora_folder) / "training.json"
-    history = json.loads(trained.read_text()).get("history", []) if trained.is_file() else []
     return scoring.LensResult(
         "lora_sae", [f"S{j}" for j in named], latents[:, named], necessity=need, steering=steering,
-        score_cpu_s=score_s,
+        score=score,
         extra={"d_sae": sae.cfg.d_sae, "n_alive": len(alive),
-               "lora_train_wall_s_recorded": history[-1].get("seconds") if history else None,
                "excess": [scores[j] for j in named]})
+
+
+def retrain_cost(ctx: LensContext, lora_folder: str | Path, sae_folder: str | Path, *, n_traces: int = 2000,
+                 n_samples: int = 1_500_000, trace_seed: int = 2) -> Cost:
+    """Train an SAE shaped like ``sae_folder``'s (width, k) on the LoRA's state over ``n_traces``
+    train traces, as ``python -m analyses.lora`` does, and return what collecting the states and
+    training cost (CPU seconds, memory); the SAE is discarded (the lens scores ``sae_folder``'s).
+
+    Example:
+        >>> retrain_cost(ctx, "mechdiff/adapters/shipped/lora_r1", "figures/lora/sae").cpu_s  # doctest: +SKIP
+        21.3
+    """
+    shipped = SAE.load_from_disk(str(sae_folder), device="cpu")
+    d_in, d_sae = shipped.cfg.d_in, shipped.cfg.d_sae
+    k = float((shipped.cfg.metadata.training_architecture_details or {}).get("k", SAEConfig.k))
+    if d_sae % d_in:
+        raise ValueError(f"{sae_folder}: d_sae {d_sae} is not a multiple of d_in {d_in}")
+    lora = load_lora(lora_folder, ctx.pair)
+    with measure() as cost:
+        acts = collect(lora, ctx.spec.traces(n_traces, "train", trace_seed), with_mlp=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            train_sae(acts.lora.flatten(1), SAEConfig(expansion=d_sae // d_in, k=k, n_samples=n_samples), out_dir=tmp)
+    return cost

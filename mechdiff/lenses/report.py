@@ -12,11 +12,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
-from mechdiff.visualization.figures import save
+from mechdiff.visualization.figures import PALETTE, new_figure, save, write_html
 
-TABLE = ("n_units", "precision", "recall", "necessity_cut", "random_cut", "steering", "train_cpu_s", "score_cpu_s")
+TABLE = ("n_units", "precision", "recall", "necessity_cut", "random_cut", "steering", "train_cpu_s", "score_cpu_s",
+         "train_peak_gib", "score_peak_gib")
+KIND = {"wall": "wall, recorded", "wall+cpu": "wall+CPU"}  # train_s_kind shown beside a train_cpu_s that is not all CPU
 SHARES = ("precision", "recall", "necessity_cut", "random_cut", "steering")
 
 
@@ -30,20 +34,65 @@ def _rows(summary: dict) -> list[tuple[str, str, dict]]:
             for org, o in summary["organisms"].items() for lens, rec in o["lenses"].items()]
 
 
-def write_figures(out: Path, summary: dict) -> list[str]:
-    """``lenses_x_scores`` (one bar group per lens), ``cost`` (CPU seconds) and one ``agreement_NAME``
-    heatmap per organism; returns the figure names."""
-    rows = _rows(summary)
+def _panels(rows, with_scores: bool) -> list[tuple[str, bool, dict[str, list[float]]]]:
+    """``(y title, log scale, {series: values per row})`` per panel."""
+    def series(keys):
+        return {k: [_num(r[2].get(k)) for r in rows] for k in keys}
+
+    panels = [("share", False, series(SHARES))] if with_scores else []
+    return panels + [("seconds (one thread)", True, series(("train_cpu_s", "score_cpu_s"))),
+                     ("memory, GiB", False, series(("train_peak_gib", "score_peak_gib")))]
+
+
+def _save_panels(out: Path, name: str, title: str, rows, panels) -> None:
+    """``name.html`` (plotly, one subplot per panel) and ``name.png`` (matplotlib, the same panels);
+    a train_cpu_s bar that is not CPU seconds measured here is labelled with its kind."""
     labels = [r[0] for r in rows]
-    fig = go.Figure([go.Bar(name=score, x=labels, y=[_num(r[2].get(score)) for r in rows]) for score in SHARES])
-    fig.update_layout(title="Lenses x scores (null scores left blank)", barmode="group", yaxis_title="share")
-    save(fig, out / "lenses_x_scores", width=11)
-    names = ["lenses_x_scores"]
-    fig = go.Figure([go.Bar(name=k, x=labels, y=[_num(r[2].get(k)) for r in rows]) for k in ("train_cpu_s", "score_cpu_s")])
-    fig.update_layout(title="Cost per lens (CPU seconds, one thread)", barmode="group", yaxis_title="CPU s",
-                      yaxis_type="log")
-    save(fig, out / "cost", width=11)
-    names.append("cost")
+    marks = [KIND.get(r[2].get("train_s_kind"), "") for r in rows]
+    heights = [2 if p[0] == "share" else 1 for p in panels]
+    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.06,
+                        row_heights=[h / sum(heights) for h in heights])
+    for i, (ytitle, log, series) in enumerate(panels, start=1):
+        for k, ys in series.items():
+            fig.add_trace(go.Bar(name=k, x=labels, y=ys, text=marks if k == "train_cpu_s" else None), row=i, col=1)
+        fig.update_yaxes(title_text=ytitle, type="log" if log else None, row=i, col=1)
+    fig.update_layout(title=title, barmode="group", height=250 * sum(heights) + 100)
+    write_html(fig, out / f"{name}.html")
+    figure = new_figure(figsize=(11, 1.9 * sum(heights) + 1.2))
+    axes = figure.subplots(len(panels), 1, sharex=True, gridspec_kw={"height_ratios": heights}, squeeze=False)[:, 0]
+    x = np.arange(len(labels))
+    for ax, (ytitle, log, series) in zip(axes, panels, strict=True):
+        n = len(series)
+        for j, (k, ys) in enumerate(series.items()):
+            pos = x + (j - (n - 1) / 2) * 0.8 / n
+            bars = ax.bar(pos, ys, width=0.8 / n, label=k, color=PALETTE[j % len(PALETTE)])
+            if k == "train_cpu_s":
+                for bar, mark in zip(bars, marks, strict=True):
+                    if mark:
+                        bar.set_hatch("//")
+                if any(marks):
+                    ax.text(1.005, 0.0, "hatched: wall seconds\nrecorded when trained", transform=ax.transAxes,
+                            fontsize=7, va="bottom")
+        ax.set_ylabel(ytitle, fontsize=9)
+        if log:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[-1].set_xticks(x, labels, rotation=35, ha="right", fontsize=8)
+    axes[0].set_title(title, fontsize=10)
+    figure.savefig(out / f"{name}.png", dpi=130, bbox_inches="tight")
+
+
+def write_figures(out: Path, summary: dict) -> list[str]:
+    """``lenses_x_scores`` (per lens: the scores, then its cost in seconds and memory), ``cost``
+    (seconds and memory alone) and one ``agreement_NAME`` heatmap per organism; returns the figure names."""
+    rows = _rows(summary)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_panels(out, "lenses_x_scores", "Lenses x scores and cost (null left blank; train seconds marked "
+                 "'wall' were recorded when a reused artefact was trained)", rows, _panels(rows, True))
+    _save_panels(out, "cost", "Cost per lens: CPU seconds (train marked 'wall': recorded when trained), memory "
+                 "(peak RSS rise over the phase's start)", rows, _panels(rows, False))
+    names = ["lenses_x_scores", "cost"]
     for org, agree in summary["agreement"].items():
         lenses = list(agree["matrix"])
         z = [[_num(agree["matrix"][a].get(b)) if a != b else 1.0 for b in lenses] for a in lenses]
@@ -57,7 +106,9 @@ def write_figures(out: Path, summary: dict) -> list[str]:
 def _cell(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "null"
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+    return str(v)
 
 
 def table_markdown(summary: dict) -> str:
@@ -65,7 +116,9 @@ def table_markdown(summary: dict) -> str:
     lines = ["| organism | word | lens | " + " | ".join(TABLE) + " |", "|" + "---|" * (len(TABLE) + 3)]
     for org, o in summary["organisms"].items():
         for lens, rec in o["lenses"].items():
-            lines.append(f"| {org} | {o['hesitation_word']} | {lens} | " + " | ".join(_cell(rec.get(k)) for k in TABLE) + " |")
+            cells = [_cell(rec.get(k)) + (f" ({KIND[rec.get('train_s_kind')]})" if k == "train_cpu_s" and
+                                          rec.get("train_s_kind") in KIND else "") for k in TABLE]
+            lines.append(f"| {org} | {o['hesitation_word']} | {lens} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -78,7 +131,14 @@ def report_markdown(summary: dict) -> str:
              "**Necessity**: 1 - hesitations per response after ablating the units while generating on the test "
              "problems / before; random_cut: the same for random units of the same count (mean of the draws). "
              "**Steering**: share of the gap in P(hesitation) at the test hesitation prompts from the lens's "
-             "starting model (base, or the hybrid for adapters) to its full model that adding the units closes.", ""]
+             "starting model (base, or the hybrid for adapters) to its full model that adding the units closes.", "",
+             "**Cost**: train_cpu_s / score_cpu_s are CPU seconds measured in this run (time.process_time, one "
+             "thread), except where marked: \"wall, recorded\" is the wall seconds a reused artefact's training "
+             "recorded (the shipped adapters, the rank-1 LoRA; not retrained here), \"wall+CPU\" the LoRA's "
+             "recorded wall seconds plus the CPU seconds of training an SAE like the shipped one in this run. "
+             f"Memory: {summary.get('memory_rule', '')}. Null where nothing was measured or recorded "
+             "(train_cpu_s_source in summary.json says which and why). "
+             f"Whole run: peak RSS {_cell(summary.get('peak_rss_gib'))} GiB, {_cell(summary.get('cpu_s'))} CPU s.", ""]
     for org, o in summary["organisms"].items():
         lines += [f"## {org} (hesitation word {o['hesitation_word']!r})", "",
                   f"{o.get('n_label_tokens')} labelled tokens ({o.get('n_truth_tokens')} hesitation/slip/correction: chance "

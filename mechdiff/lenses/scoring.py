@@ -32,6 +32,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from mechdiff.lenses.context import TRUTH
+from mechdiff.lenses.cost import Cost
 
 THETA = 0.5
 RULE = (f"a unit fires strongly on a token where its activation is >= {THETA} x its maximum over the "
@@ -49,9 +50,17 @@ class LensResult:
     acts: Float[Tensor, "n_tokens n_units"] | None
     necessity: dict | None = None
     steering: dict | None = None
-    train_cpu_s: float | None = None
-    score_cpu_s: float | None = None
+    train: Cost | None = None  # measured in this run (None: nothing trained here)
+    score: Cost | None = None  # the lens's own ranking, measured in this run
     extra: dict = field(default_factory=dict)
+
+    @property
+    def train_cpu_s(self) -> float | None:
+        return None if self.train is None else self.train.cpu_s
+
+    @property
+    def score_cpu_s(self) -> float | None:
+        return None if self.score is None else self.score.cpu_s
 
 
 def label_scores(acts: Float[Tensor, "n_tokens n_units"], truth: Bool[Tensor, " n_tokens"],

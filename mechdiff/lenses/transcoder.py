@@ -22,8 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import time
-
 import torch
 from tqdm.auto import tqdm
 
@@ -33,6 +31,7 @@ from mechdiff.evaluation import feature_roles, feature_sets
 from mechdiff.evaluation import hesitation as H
 from mechdiff.lenses import scoring
 from mechdiff.lenses.context import LensContext
+from mechdiff.lenses.cost import measure
 from mechdiff.models import hybrid
 
 RANKINGS = ("graph", "gradient")
@@ -63,9 +62,8 @@ def transcoder_lens(ctx: LensContext, adapted, ranking: str, *, acts: torch.Tens
     ``acts`` (:func:`flat_acts` on ``ctx.tokens``) and ``before`` (the adapted model's hesitations
     per response) may be passed to share them between the two rankings."""
     spec, s = ctx.spec, ctx.settings
-    t0 = time.process_time()
-    features = rank_features(ctx, adapted, ranking, max_feature_nodes)
-    score_s = time.process_time() - t0
+    with measure() as score:
+        features = rank_features(ctx, adapted, ranking, max_feature_nodes)
     acts = flat_acts(adapted, ctx.tokens.sequences) if acts is None else acts
     idx_l = torch.tensor([f[0] for f in features], dtype=torch.long)
     idx_f = torch.tensor([f[1] for f in features], dtype=torch.long)
@@ -79,7 +77,7 @@ def transcoder_lens(ctx: LensContext, adapted, ranking: str, *, acts: torch.Tens
     need = scoring.ablation_necessity(rate, features, alive, before, s.random_draws, s.seed)
     return scoring.LensResult(
         f"transcoder_{ranking}", [f"L{la}/F{fe}" for la, fe in features], acts[:, idx_l, idx_f],
-        necessity=need, steering=steer_hybrid(ctx, adapted, features), score_cpu_s=score_s,
+        necessity=need, steering=steer_hybrid(ctx, adapted, features), score=score,
         extra={"ranking": ranking, "n_features_total": adapted.n_features, "n_alive": len(alive)})
 
 
