@@ -71,13 +71,12 @@ def _default_prompt(tokenizer):
 
 def _workload_prompt(pair):
     """A trace of the pair's workload (prompt + response) cut just before its first hesitation,
-    and that hesitation's token id (:func:`mechdiff.evaluation.hesitation.hesitation_for`)."""
+    and that hesitation's token id (the workload's ``target``, :mod:`mechdiff.workloads`)."""
     import torch
 
-    from mechdiff.evaluation.hesitation import hesitation_for
     from mechdiff.workloads import for_pair
 
-    spec = hesitation_for(for_pair(pair))
+    spec = for_pair(pair)
     for row in spec.traces(50, "test", seed=0):
         ids = row["input_ids"]
         cut = next((k for k in range(row["prompt_len"], len(ids)) if ids[k] == spec.target), None)
