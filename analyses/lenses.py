@@ -5,7 +5,7 @@
         --adapters other=runs/organism-b/adapters
 
 Each ORGANISM is NAME=FOLDER, the folder holding base/ and target/ (HF folders). Its hesitation
-word comes from the pair's workload (:func:`mechdiff.evaluation.hesitation.hesitation_for`).
+word comes from the pair's workload (:func:`mechdiff.workloads.for_pair`).
 Lenses (:mod:`mechdiff.lenses`), each with its own ranking of hesitation units:
 transcoder_graph / transcoder_gradient (trained adapters: --adapters NAME=DIR), lora_sae (a LoRA and
 the SAE on its state: --lora NAME=DIR, --lora-sae NAME=DIR), crosscoder (trained here on the pair's

@@ -251,7 +251,7 @@ def stage_adapters(args, out: Path) -> dict:
     report = adapter_report(pair, adapted, work.traces(args.n_eval_traces, "test"),
                             work.problems(args.n_problems, "test"), progress=True)
     history = json.loads(history_file.read_text())
-    return {"folder": str(folder), "recipe": recipe.to_dict(), "shape_from": shape_from, "report": report,
+    return {"folder": str(folder), "recipe": recipe.flat_dict(), "shape_from": shape_from, "report": report,
             "train_last": history[-1], "train_seconds": history[-1]["seconds"]}
 
 
@@ -280,11 +280,12 @@ def stage_lora(args, out: Path) -> dict:
     else:
         lora, _ = train_lora(pair, cfg, folder)
     training = json.loads((folder / "training.json").read_text())
+    config = TrainConfig.from_dict(training["config"]).flat_dict()  # saved flat or nested: the flat form
     stats = evaluate_lora(pair, {"lora_r1": lora}, args.n_problems, progress=True,
                           reference=reference if args.n_problems == behaviour.get("base", {}).get("n_problems")
                           else None)
-    return {"folder": str(folder), "config": training["config"], "train_seconds": training["seconds"],
-            "train_seconds_per_step": training["seconds"] / training["config"]["steps"], "eval": stats}
+    return {"folder": str(folder), "config": config, "train_seconds": training["seconds"],
+            "train_seconds_per_step": training["seconds"] / config["steps"], "eval": stats}
 
 
 def stage_cost(args, out: Path) -> dict:

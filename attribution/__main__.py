@@ -72,13 +72,12 @@ def _default_prompt(tokenizer, nth: int = 0):
 
 def _workload_prompt(pair, nth: int = 0):
     """The ``nth`` test trace of the pair's workload (prompt + response) that hesitates, cut just
-    before its first hesitation, and that hesitation's token id (:func:`mechdiff.evaluation.hesitation.hesitation_for`)."""
+    before its first hesitation, and that hesitation's token id (the workload's ``target``)."""
     import torch
 
-    from mechdiff.evaluation.hesitation import hesitation_for
     from mechdiff.workloads import for_pair
 
-    spec = hesitation_for(for_pair(pair))
+    spec = for_pair(pair)
     found = 0
     for row in spec.traces(50 + 4 * nth, "test", seed=0):
         ids = row["input_ids"]

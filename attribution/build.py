@@ -55,6 +55,8 @@ def attribute(adapted: AdaptedModel, tokens: Int[Tensor, " pos"], target=None, *
     less work; each bucket may add one partial backward pass). 1 turns this off.
 
     Example:
+        Not run as a doctest: it needs trained adapters and prompt tokens from the caller (the
+        attribution tests build a graph on the organism).
         >>> graph = attribute(adapted, tokens, target="wait", max_feature_nodes=500)  # doctest: +SKIP
         >>> graph.top_features("wait", k=5)  # doctest: +SKIP
     """

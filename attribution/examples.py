@@ -170,6 +170,8 @@ def feature_store(adapted, workload, n_traces: int = 64, *, seed: int = 0, progr
     and the organism's labels when it has them), every adapter layer hooked, decoder logit lens.
 
     Example:
+        Not run as a doctest: it runs the adapted model over traces and keeps their activations
+        (seconds per trace batch).
         >>> store = feature_store(adapted, for_pair(pair), n_traces=32)  # doctest: +SKIP
     """
     from mechdiff.features.classify import decoder_directions

@@ -144,6 +144,7 @@ def write_circuit_tracer_files(graph: Graph, out_dir: str | Path, slug: str | No
     :func:`graph_slug`; ``clerps`` as in :func:`to_circuit_tracer_json`. Returns the graph file's path.
 
     Example:
+        Not run as a doctest: it writes files into the repository's figures/ folder.
         >>> write_circuit_tracer_files(graph, "figures/attribution/circuit-tracer")  # doctest: +SKIP
     """
     out = Path(out_dir)

@@ -46,6 +46,8 @@ def feature_attribution(adapted: AdaptedModel, prompts: Sequence[Sequence[int]],
     ``fwd_hooks`` run during the forward (e.g. an ablation, to rank what is left).
 
     Example:
+        Not run as a doctest: it needs the target's hesitation prompts
+        (:func:`mechdiff.evaluation.hesitation.hesitation_prompts`) and trained adapters.
         >>> scores = feature_attribution(adapted, hes.tokens, spec.variants)  # doctest: +SKIP
         >>> top = torch.topk(scores.sum(0).flatten(), 10).indices  # doctest: +SKIP
     """

@@ -117,6 +117,8 @@ def record_frozen(adapted: AdaptedModel, tokens: Int[Tensor, " pos"]) -> FrozenS
     """Run the true adapted model once on ``tokens`` and keep what the linearization freezes.
 
     Example:
+        Not run as a doctest: it needs an adapted model from the caller (the attribution tests run
+        it on the organism).
         >>> frozen = record_frozen(adapted, torch.tensor([2, 5, 9]))  # doctest: +SKIP
         >>> frozen.values["blocks.0.attn.hook_pattern"].shape  # doctest: +SKIP
         torch.Size([1, 4, 3, 3])
@@ -181,6 +183,8 @@ def linearized_logits(adapted: AdaptedModel, tokens: Int[Tensor, " pos"],
     """Logits of the linearized model on one prompt (``fwd_hooks`` run after the freezing).
 
     Example:
+        Not run as a doctest: it needs an adapted model from the caller (the attribution tests run
+        it on the organism).
         >>> logits = linearized_logits(adapted, torch.tensor([2, 5, 9]))  # doctest: +SKIP
     """
     tokens = _as_prompt(adapted, tokens)

@@ -252,6 +252,7 @@ def feature_token_views(adapted: AdaptedModel, prompts: Sequence[Int[Tensor, " p
     loads the tree's one shared circuitsvis bundle.
 
     Example:
+        Not run as a doctest: it writes an HTML page.
         >>> views = feature_token_views(adapted, [tokens], [(0, 3), (1, 7)], "figures/x.html")  # doctest: +SKIP
     """
     from circuitsvis.tokens import colored_tokens_multi

@@ -19,6 +19,7 @@ remote bucket, the frontend's probe for a Hugging Face feature index is skipped 
 locally, and the hot-reload client of its authors' dev server is dropped.
 
 Example:
+    Not run as a doctest: it starts a local web server.
     >>> frontend = Frontend(cache_dir())                              # doctest: +SKIP
     >>> frontend.fetch()                                              # doctest: +SKIP
     >>> server = make_server("figures/attribution/circuit-tracer", frontend, port=0)  # doctest: +SKIP

@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> dict:
     check_pair_options(args)
     pair = load_pair_from_args(args)
     adapted = load_adapted(pair, args.adapters or SHIPPED_DIR)
-    spec = H.hesitation_for(for_pair(pair))
+    spec = for_pair(pair)
     hes, _ = H.hesitation_prompts(pair.target, spec.tokenizer, spec.problems(args.n_prompts, "validation", 0),
-                                  hesitation=spec)
+                                  workload=spec)
     prompts = hes.tokens[:args.n_prompts]
     if not prompts:
         raise SystemExit("the target wrote no hesitation: nothing to attribute")

@@ -372,6 +372,7 @@ def spawn(fn: Callable, world_size_: int, *args, backend: str = "gloo") -> list:
     ``fn`` must be importable (defined at module level in an importable module).
 
     Example:
+        Not run as a doctest: it starts two worker processes (seconds of start-up each).
         >>> spawn(_rank_and_world, 2)  # doctest: +SKIP
         [(0, 2), (1, 2)]
     """

@@ -277,6 +277,8 @@ class StaticCacheDecoder:
     Forward hooks on ``block.mlp`` (the transcoder adapters) run as the module call would run them.
 
     Example:
+        Not run as a doctest: it needs a model, prompt tokens and mask from the caller (the
+        generation tests check it against TransformerLens).
         >>> decoder = StaticCacheDecoder(pair.target, tokens, mask, max_new_tokens=8)  # doctest: +SKIP
         >>> logits = decoder.prefill()  # doctest: +SKIP
         >>> logits = decoder.step(logits.argmax(-1))  # doctest: +SKIP

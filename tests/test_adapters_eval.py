@@ -78,7 +78,7 @@ def test_cli_train_eval_sweep(organism_like, tmp_path, capsys):
     out = tmp_path / "adapters"
     main(["train", *pair_args, *small, "--l1", "0.01", "--out", str(out), "--work", str(tmp_path / "ck")])
     meta = json.loads((out / "adapters.json").read_text())
-    assert meta["recipe"]["steps"] == 3 and meta["recipe"]["weights"]["l1"] == 0.01
+    assert meta["recipe"]["loop"]["steps"] == 3 and meta["recipe"]["weights"]["l1"] == 0.01
     assert (out / "layer_1" / "sae_weights.safetensors").exists() and (tmp_path / "ck" / "checkpoint").exists()
     capsys.readouterr()
     main(["eval", *pair_args, "--adapters", str(out), "--n-eval-traces", "8", "--n-problems", "6", "--json"])

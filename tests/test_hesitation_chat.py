@@ -30,7 +30,8 @@ from mechdiff.evaluation import sufficiency
 from mechdiff.models import load_pair, load_tokenizer
 from mechdiff.organism import task
 from mechdiff.real import chat, smollm2
-from mechdiff.workloads import ChatWorkload, for_pair
+from mechdiff.workloads import ChatWorkload, Workload, for_pair
+from mechdiff.workloads.chat import chat_char_labels
 
 STEP_END = re.compile(r"carry \d\.$")  # a step's last words, right before the decision slot
 
@@ -99,15 +100,15 @@ def writes_traces(monkeypatch):
     def responses(self, model, problems, **kwargs):
         return [_trace_reply(self.tokenizer, ops) for ops in problems["operands"]]
 
-    monkeypatch.setattr(H.ChatHesitation, "responses", responses)
+    monkeypatch.setattr(ChatWorkload, "responses", responses)
 
 
 # --------------------------------------------------------------------------- the tokens
 
 
 def test_hesitation_tokens_are_read_off_a_chat_trace(tokenizer):
-    spec = H.hesitation_for(ChatWorkload(tokenizer))
-    assert isinstance(spec, H.ChatHesitation) and spec.max_new_tokens == chat.MAX_NEW_TOKENS
+    spec = ChatWorkload(tokenizer)
+    assert isinstance(spec, Workload) and spec.max_new_tokens == chat.MAX_NEW_TOKENS
     assert tokenizer.decode([spec.target]) == " Wait" and spec.variants[0] == spec.target
     assert set(spec.variants) == set(chat.hesitation_token_ids(tokenizer))
     assert tokenizer.decode([spec.go_on]) == "\n" and spec.decisions == (*spec.variants, spec.go_on)
@@ -120,7 +121,7 @@ def test_chat_labels_follow_the_grader():
     slip, fixed, right = ("Tens: 3 + 7 = 10, write 0, carry 1.", "Tens: 3 + 7 + 1 = 11, write 1, carry 1.",
                           "Units: 4 + 8 = 12, write 2, carry 1.")
     text = f"{right} Wait, let me check. {right}\n{slip} Wait, I forgot. {fixed}\nHundreds: 2 + 6 = 8, write 8, carry 0.\nAnswer: 6912"
-    labels, words = H.chat_char_labels(p, text)
+    labels, words = chat_char_labels(p, text)
     assert [w[2] for w in words] == chat.grade(p, text).hesitation_after_error == [False, True]
     at = lambda s, k=0: labels[[m.start() for m in re.finditer(re.escape(s), text)][k]]  # noqa: E731
     assert [at(right), at("Wait"), at(right, 1), at(slip), at("Wait", 1), at(fixed), at("Hundreds"),
@@ -132,9 +133,9 @@ def test_chat_labels_follow_the_grader():
 
 
 def test_prompts_end_right_before_wait_and_controls_before_the_newline(pair, writes_traces):
-    spec = H.hesitation_for(for_pair(pair))
-    tok, problems = pair.tokenizer, for_pair(pair).problems(6, "validation", seed=0)
-    hes, ctl = H.hesitation_prompts(pair.target, tok, problems, hesitation=spec)
+    spec = for_pair(pair)
+    tok, problems = pair.tokenizer, spec.problems(6, "validation", seed=0)
+    hes, ctl = H.hesitation_prompts(pair.target, tok, problems, workload=spec)
     replies = [_trace_reply(tok, ops) for ops in problems["operands"]]
     graded = [chat.grade(task.Problem(tuple(ops)), spec.text(r)) for ops, r in zip(problems["operands"], replies)]
     assert len(hes) == sum(g.n_hesitations for g in graded) > 0 and 0 < len(ctl) <= len(hes)
@@ -160,8 +161,8 @@ def test_chat_generation_paths_agree_with_the_workload(pair, adapters):
     """Unpatched replies are chat.respond's; with every feature kept the set-decides copy is the model."""
     from mechdiff.adapters.formats import load_adapted
 
-    spec, work = H.hesitation_for(for_pair(pair), max_new_tokens=6), for_pair(pair)
-    problems = work.problems(3, "test", seed=1)
+    spec = for_pair(pair, max_new_tokens=6)
+    problems = spec.problems(3, "test", seed=1)
     ops = [task.Problem(tuple(o)) for o in problems["operands"]]
     texts = [t for t, _ in chat.respond(pair.target, ops, max_new_tokens=6, tokenizer=pair.tokenizer)]
     assert [spec.text(r) for r in spec.responses(pair.target, problems)] == texts
@@ -183,7 +184,7 @@ def test_study_runs_end_to_end_on_the_chat_pair(pair, adapters, writes_traces, t
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
     tokens = summary["hesitation_tokens"]
     assert tokens["workload"] == "chat" and tokens["word"] == "Wait" and tokens["max_new_tokens"] == 8
-    assert pair.tokenizer.convert_tokens_to_ids(tokens["target"]) == H.hesitation_for(for_pair(pair)).target
+    assert pair.tokenizer.convert_tokens_to_ids(tokens["target"]) == for_pair(pair).target
     assert summary["n_hesitation_prompts"] == 3 and summary["n_control_prompts"] > 0
     for key in ("n_adapter_features", "n_hesitation_features", "hesitation_fraction", "roles"):
         assert key in summary
@@ -211,7 +212,7 @@ def test_attribution_cli_defaults_to_the_workload_hesitation(pair, adapters, tmp
     attribution_cli.main(["--pair", "smollm2", "--adapters", str(adapters), "--max-feature-nodes", "4",
                           "--device", "cpu", "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
-    spec = H.hesitation_for(for_pair(pair))
+    spec = for_pair(pair)
     assert [t["token_id"] for t in summary["targets"]] == [spec.target]
     prompt_ids = pair.tokenizer.convert_tokens_to_ids(summary["prompt"])
     assert STEP_END.search(pair.tokenizer.decode(prompt_ids))  # a trace cut right before its "Wait"

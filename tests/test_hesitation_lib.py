@@ -116,10 +116,10 @@ def test_set_decides_generation_takes_only_the_decisions_from_the_kept_copy(pair
 
 def test_organism_hesitation_is_the_wait_word_and_the_step_separator(pair, adapted):
     from mechdiff.evaluation.behaviour import MAX_NEW_TOKENS
-    from mechdiff.workloads import for_pair
+    from mechdiff.workloads import OrganismWorkload, for_pair
 
-    spec, tok = H.hesitation_for(for_pair(pair)), pair.tokenizer
-    assert isinstance(spec, H.OrganismHesitation) and spec.word == "wait" and spec.max_new_tokens == MAX_NEW_TOKENS
+    spec, tok = for_pair(pair), pair.tokenizer
+    assert isinstance(spec, OrganismWorkload) and spec.word == "wait" and spec.max_new_tokens == MAX_NEW_TOKENS
     assert spec.decisions == tuple(tok.convert_tokens_to_ids(["wait", ";"])) and spec.variants == (spec.target,)
     prompts = corpus.reasoning_traces(3, "test")["input_ids"]
     one = H.next_token_probability(adapted.model, prompts, spec.target)

@@ -132,7 +132,8 @@ def _work_dir(args, recipe: AdapterRecipe, out: Path, pair) -> Path:
     if getattr(args, "work", None):
         return Path(args.work)
     # How often to checkpoint and whether a bar shows change nothing trained: keyed at their defaults
-    keyed = {**recipe.to_dict(), "checkpoint_every": 200, "progress": True}
+    # (the flat form the recipe had before its loop settings were nested: old runs' folders resume)
+    keyed = {**recipe.flat_dict(), "checkpoint_every": 200, "progress": True}
     parts = [keyed, pair.meta.get("base_name"), pair.meta.get("target_name"), args.dataset]
     if pair.meta.get("dtype", "float32") != "float32":  # float32 keys stay as before: runs resume
         parts.append(pair.meta["dtype"])  # a bf16 run must not resume float32 checkpoints

@@ -269,6 +269,8 @@ def merge(lora: LoRAModel) -> HookedTransformer:
     an independent path from the hooks, so comparing the two checks the hook semantics.
 
     Example:
+        Not run as a doctest: it needs a trained LoRA from the caller
+        (:func:`mechdiff.lora.train_lora`).
         >>> merged = merge(lora)  # doctest: +SKIP
         >>> torch.allclose(merged(tokens), lora(tokens), atol=1e-5)  # doctest: +SKIP
         True

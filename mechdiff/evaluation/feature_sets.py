@@ -84,6 +84,8 @@ def smallest_ablating_prefix(adapted, ranked: Sequence[Feature], prompts: Sequen
     k = ``len(ranked)`` the floor.
 
     Example:
+        Not run as a doctest: it needs a feature ranking and hesitation prompts from the study
+        (:func:`mechdiff.studies.hesitation.run`).
         >>> k, curve = smallest_ablating_prefix(adapted, ranked, hes.tokens, spec.variants)  # doctest: +SKIP
     """
     if not 0 < share <= 1:

@@ -16,6 +16,9 @@ Example (the same script runs alone or under ``torchrun --nproc_per_node 4``)::
     >>> from mechdiff import distributed
     >>> from mechdiff.models import load_pair
     >>> from mechdiff.organism import corpus
+
+    Not run as a doctest: ``distributed.init()`` would start a process group, and 500 problems take
+    minutes.
     >>> dist_info = distributed.init()  # doctest: +SKIP
     >>> pair = load_pair("organism", device=dist_info.device)  # doctest: +SKIP
     >>> stats = evaluate(pair.target, pair.tokenizer, corpus.problems(500))  # doctest: +SKIP
@@ -66,6 +69,8 @@ def generate(
     (``eos_token_id``, ``pad_token_id``, ``logit_processors``, ``fwd_hooks``) pass through.
 
     Example:
+        Not run as a doctest: it needs a pair and problems from the caller (the module example shows
+        them).
         >>> out = generate(pair.target, problems["input_ids"], 96)  # doctest: +SKIP
     """
     if distributed.world_size() == 1 and temperature == 0:

@@ -81,8 +81,8 @@ def set_decides_ids(
     the model from writing the slips that hesitations answer, so free generation cannot tell "the
     set does not hesitate" from "there was nothing to hesitate about". Here both copies read the
     same tokens; wherever the full copy's greedy token is one of ``decisions`` (the hesitation
-    tokens and the go-on token: :attr:`Hesitation.decisions`), the kept-only copy's preferred one
-    of them is used. Its later states are computed with only ``features`` at every position, as in
+    tokens and the go-on token: the workload's ``decisions``, :mod:`mechdiff.workloads`), the
+    kept-only copy's preferred one of them is used. Its later states are computed with only ``features`` at every position, as in
     the teacher-forced measurement.
     """
     prompts = [list(p) for p in problems["input_ids"]]

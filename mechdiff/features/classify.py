@@ -368,6 +368,7 @@ class JudgeClient:
     """Client of an OpenAI-compatible chat-completions endpoint (e.g. ``http://localhost:8000/v1``).
 
     Example:
+        Not run as a doctest: it needs a judge model served at that address.
         >>> client = JudgeClient("http://127.0.0.1:8000/v1", "qwen2.5-7b-instruct")  # doctest: +SKIP
         >>> client.judge(build_messages("L0/F3", ["x [[wait]](3)"], [], ["wait"], [], 0.01))  # doctest: +SKIP
         Judgement(category='reasoning', role='output', ...)

@@ -14,6 +14,8 @@
 
 Example:
     >>> from mechdiff.organism import corpus
+
+    Not run as a doctest: it needs a trained LoRA (``lora``) from the caller.
     >>> acts = collect(lora, corpus.reasoning_traces(32, "validation"))  # doctest: +SKIP
     >>> scores = monosemanticity(acts.lora.flatten(1), acts.labels, k=50)  # doctest: +SKIP
     >>> scores["precision"].shape  # 2 * n_layers * 7 units  # doctest: +SKIP
@@ -198,6 +200,7 @@ def ablation_kl(
     ``tokens``/``keep`` as from :meth:`TraceBatches.rows`. An empty set gives 0.
 
     Example:
+        Not run as a doctest: it needs a trained LoRA from the caller.
         >>> tb = TraceBatches(corpus.reasoning_traces(64, "validation"), 64)  # doctest: +SKIP
         >>> ablation_kl(lora, *tb.rows(range(64)), adapter_sets(lora)["layer"])  # doctest: +SKIP
     """

@@ -3,8 +3,8 @@
 :func:`lens_context` builds, for a pair, everything the lenses share, so each is scored on the
 same tokens and problems:
 
-* ``spec``: the pair's :class:`~mechdiff.evaluation.hesitation.Hesitation` (its word, token ids,
-  grader), from the pair's workload: no lens assumes the word;
+* ``spec``: the pair's workload (:class:`~mechdiff.workloads.protocol.Workload`: its word,
+  hesitation token ids, grader): no lens assumes the word;
 * ``tokens``: the target's greedy replies to *validation* problems (prompt + reply), every token
   with its ground-truth label (``spec.cut``; prompt tokens ``"prompt"``): where the label rule and
   the agreement between lenses are measured;
@@ -34,7 +34,7 @@ from mechdiff.evaluation import hesitation as H
 from mechdiff.models import ModelPair
 from mechdiff.organism import task
 from mechdiff.padding import pad
-from mechdiff.workloads import for_pair
+from mechdiff.workloads import Workload, for_pair
 
 TRUTH = ("hesitation", "slip", "correction")  # the labels a hesitation unit should fire on
 
@@ -68,7 +68,7 @@ class LabelledTokens:
 @dataclass
 class LensContext:
     pair: ModelPair
-    spec: H.Hesitation
+    spec: Workload
     settings: LensSettings
     tokens: LabelledTokens
     hes: H.CutPrompts
@@ -81,11 +81,11 @@ def lens_context(pair: ModelPair, settings: LensSettings | None = None, *,
                  max_new_tokens: int | None = None) -> LensContext:
     """Generate the target's replies (greedy) and cut everything the lenses need."""
     s = settings or LensSettings()
-    spec = H.hesitation_for(for_pair(pair), max_new_tokens)
+    spec = for_pair(pair, max_new_tokens)
     val = spec.problems(s.n_label_problems, "validation", s.seed)
     test = spec.problems(s.n_problems, "test", s.seed)
-    hes, ctl = H.hesitation_prompts(pair.target, spec.tokenizer, val, hesitation=spec)
-    hes_test, _ = H.hesitation_prompts(pair.target, spec.tokenizer, test, hesitation=spec)
+    hes, ctl = H.hesitation_prompts(pair.target, spec.tokenizer, val, workload=spec)
+    hes_test, _ = H.hesitation_prompts(pair.target, spec.tokenizer, test, workload=spec)
     if not len(hes):
         raise ValueError(f"the target wrote no {spec.word!r} in its replies to {len(val)} validation "
                          "problems: nothing to rank hesitation units with (raise n_label_problems)")
@@ -93,7 +93,7 @@ def lens_context(pair: ModelPair, settings: LensSettings | None = None, *,
                        _first(ctl, s.n_prompts), _first(hes_test, s.n_prompts), test)
 
 
-def labelled_replies(model, spec: H.Hesitation, problems: Dataset) -> LabelledTokens:
+def labelled_replies(model, spec: Workload, problems: Dataset) -> LabelledTokens:
     """``model``'s greedy replies after each prompt, labelled by ``spec.cut`` (prompt tokens ``"prompt"``)."""
     seqs, labels = [], []
     for row, ids in zip(problems, spec.responses(model, problems)):

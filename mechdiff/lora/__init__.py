@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,35 +31,32 @@ from mechdiff.evaluation.behaviour import gain_recovered
 from mechdiff.models import ModelPair
 from mechdiff.training.loop import LoopConfig, train
 from mechdiff.training.lora_objective import TraceBatches, make_loss_fn
+from mechdiff.training.recipe_loop import nests_loop
 from mechdiff.workloads import Workload, for_pair
 
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "adapters" / "shipped"
 
 
+@nests_loop("steps", "lr", "warmup_frac", "weight_decay", "seed", "checkpoint_every", "log_every")
 @dataclass
 class TrainConfig:
-    """Everything that defines a LoRA training run (saved as ``training.json``)."""
+    """Everything that defines a LoRA training run (saved as ``training.json``). The optimiser's
+    schedule is ``loop`` (1000 steps, lr 1e-2, a checkpoint every 100); its settings are keywords
+    too (``TrainConfig(steps=2)``, :mod:`mechdiff.training.recipe_loop`)."""
 
     rank: int = 1
     alpha: float = 16.0
     rslora: bool = True
     modules: tuple[str, ...] = MODULES
-    steps: int = 1000
     batch_size: int = 64
-    lr: float = 1e-2
-    warmup_frac: float = 0.05
-    weight_decay: float = 0.0
     n_traces: int = 20_000
     kl_weight: float = 0.0  # 0: next-token CE on the traces; 1: KL to the target's logits
-    seed: int = 0
-    checkpoint_every: int = 100
-    log_every: int = 10
     extra: dict = field(default_factory=dict)
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=1000, lr=1e-2, checkpoint_every=100))
 
     def __post_init__(self):  # refused here, before any model loads (CLI and Python alike)
-        check(self, at_least_1=("rank", "steps", "batch_size", "n_traces", "checkpoint_every", "log_every"),
-              positive=("alpha", "lr"), non_negative=("weight_decay",),
-              fraction=("warmup_frac", "kl_weight"))
+        check(self, at_least_1=("rank", "batch_size", "n_traces"), positive=("alpha",),
+              fraction=("kl_weight",))
         unknown = sorted(set(self.modules) - set(MODULES))
         if not self.modules or unknown:
             raise ConfigError("modules", " ".join(self.modules),
@@ -89,17 +86,14 @@ def train_lora(
     batches = TraceBatches(data, cfg.batch_size, seed=cfg.seed, pad_id=pair.tokenizer.pad_token_id or 0)
     target = pair.target if cfg.kl_weight > 0 else None
     loss_fn = make_loss_fn(lora, batches, target=target, kl_weight=cfg.kl_weight)
-    loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup_frac=cfg.warmup_frac,
-                      weight_decay=cfg.weight_decay, seed=cfg.seed, out_dir=out_dir, resume=resume,
-                      progress=progress, desc=f"LoRA r{cfg.rank}",
-                      checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every)
+    loop = replace(cfg.loop, out_dir=out_dir, resume=resume, progress=progress, desc=f"LoRA r{cfg.rank}")
     lora.train()
     start = time.perf_counter()
     history = train(lora.layers, loss_fn, loop)
     lora.eval()
     if out_dir is not None and distributed.is_main():  # under torchrun: one writer
         export_peft(lora, out_dir, base_model_name_or_path=base_reference(pair))
-        info = {"config": asdict(cfg), "history": history, "seconds": time.perf_counter() - start,
+        info = {"config": cfg.to_dict(), "history": history, "seconds": time.perf_counter() - start,
                 "tokens_seen": int(cfg.steps * batches.batch_size * batches.lengths.float().mean())}
         Path(out_dir, "training.json").write_text(json.dumps(info, indent=1, default=list))
     return lora, history

@@ -158,13 +158,13 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("train", "eval"):
         commands[name].add_argument("--run", default="default", help="run name under the cache's runs/")
         commands[name].add_argument("--seed", type=int, default=0)
-    tr = commands["train"]
-    tr.add_argument("--steps", type=int, default=Recipe.steps,
-                    help=f"optimiser steps (default {Recipe.steps}: about an hour on 2 CPU cores)")
-    tr.add_argument("--batch-size", type=int, default=Recipe.batch_size)
-    tr.add_argument("--lr", type=float, default=Recipe.lr)
-    tr.add_argument("--checkpoint-every", type=int, default=Recipe.checkpoint_every,
-                    help=f"write a resumable checkpoint every N steps (default {Recipe.checkpoint_every}; "
+    tr, default = commands["train"], Recipe()  # its loop settings live on instances (recipe.loop)
+    tr.add_argument("--steps", type=int, default=default.steps,
+                    help=f"optimiser steps (default {default.steps}: about an hour on 2 CPU cores)")
+    tr.add_argument("--batch-size", type=int, default=default.batch_size)
+    tr.add_argument("--lr", type=float, default=default.lr)
+    tr.add_argument("--checkpoint-every", type=int, default=default.checkpoint_every,
+                    help=f"write a resumable checkpoint every N steps (default {default.checkpoint_every}; "
                          "Ctrl-C writes one too)")
     tr.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
                     help="mixed precision over fp32 weights (bfloat16: ~1.6x faster on AVX512-bf16 CPUs)")

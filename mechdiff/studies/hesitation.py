@@ -2,8 +2,7 @@
 ablate, keep and steer them.
 
 The pair's workload (:func:`mechdiff.workloads.for_pair`) gives the problems, traces and grader,
-and :func:`mechdiff.evaluation.hesitation.hesitation_for` what hesitating is in its tokens: an
-organism's own hesitation word(s) (``wait`` on the shipped one; controls before a ``;``), or on
+and what hesitating is in its tokens: an organism's own hesitation word(s) (``wait`` on the shipped one; controls before a ``;``), or on
 SmolLM2's chat the " Wait" written after a step. Nothing assumes the word.
 
 Steps:
@@ -26,6 +25,8 @@ Example:
     >>> pair = load_pair("organism"); adapted = load_adapted(pair, SHIPPED_DIR)
     >>> cfg = HesitationConfig(n_prompts=6, n_problems=12, n_dose_problems=6, n_traces=8,
     ...                        random_draws=1, ranking="gradient")
+
+    The study itself is not run as a doctest: it generates, attributes and ablates for minutes.
     >>> result = run(pair, adapted, cfg, progress=False)  # doctest: +SKIP
     >>> result.summary()["necessity"]["cut"] > 0.5  # doctest: +SKIP
     True
@@ -47,7 +48,7 @@ from mechdiff.evaluation.faithfulness import adapter_report
 from mechdiff.evaluation.intervals import bootstrap_paired, wilson
 from mechdiff.studies import hesitation_measures as M
 from mechdiff.studies import hesitation_report as report_mod
-from mechdiff.workloads import for_pair
+from mechdiff.workloads import Workload, for_pair
 
 PUBLISHED = {"hesitation_fraction": 0.024, "gain_recovered": (0.5, 0.9)}
 RANKINGS = ("graph", "gradient")
@@ -185,7 +186,7 @@ def run(pair, adapted, cfg: HesitationConfig | None = None, *, progress: bool = 
     cfg = cfg or HesitationConfig()
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    spec = H.hesitation_for(for_pair(pair), cfg.max_new_tokens)
+    spec = for_pair(pair, cfg.max_new_tokens)  # the workload, its replies capped
     word = spec.word
     problems = spec.problems(cfg.n_problems, "test", seed=cfg.seed)
 
@@ -195,7 +196,7 @@ def run(pair, adapted, cfg: HesitationConfig | None = None, *, progress: bool = 
 
     _log(f"2/5 hesitation prompts ('{word}') from target responses", progress)
     hes, ctl = H.hesitation_prompts(pair.target, spec.tokenizer,
-                                    spec.problems(cfg.n_prompts, "validation", cfg.seed), hesitation=spec)
+                                    spec.problems(cfg.n_prompts, "validation", cfg.seed), workload=spec)
     hes, ctl = _first(hes, cfg.n_prompts), _first(ctl, cfg.n_prompts)
     _log(f"    {len(hes)} hesitation prompts, {len(ctl)} controls", progress)
     if not len(hes):
@@ -323,7 +324,7 @@ def _per_response(stats: dict) -> float | None:
     return None if n is None else n / max(1, stats["n_problems"])
 
 
-def _tokens(spec: H.Hesitation) -> dict:
+def _tokens(spec: Workload) -> dict:
     """What the study counted as hesitating (token strings as the tokenizer has them)."""
     names = lambda ids: spec.tokenizer.convert_ids_to_tokens(list(ids))  # noqa: E731
     return {"workload": spec.name, "word": spec.word, "target": names([spec.target])[0],

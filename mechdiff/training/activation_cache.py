@@ -254,6 +254,7 @@ class ActivationCache:
         skipped that epoch); consecutive steps read the same shard, kept in memory.
 
         Example:
+            Not run as a doctest: it needs a cache written by :func:`cache_activations`.
             >>> x = cache.batch(step, batch_size=4096)["blocks.3.hook_resid_post"]  # doctest: +SKIP
         """
         per_epoch = self.batches_per_epoch(batch_size)
@@ -298,6 +299,7 @@ def cache_activations(model, sequences: Sequence[Sequence[int]], directory: str 
     as is. ``dtype`` converts the stored activations (e.g. ``torch.bfloat16`` halves the disk).
 
     Example:
+        Not run as a doctest: it writes a cache of activations to disk.
         >>> cache = cache_activations(pair.target, traces["input_ids"], "runs/cache",
         ...                           ["blocks.2.hook_resid_post"])  # doctest: +SKIP
     """

@@ -30,7 +30,7 @@ Example:
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -48,6 +48,7 @@ from mechdiff.padding import pad
 from mechdiff.training.batches import step_indices
 from mechdiff.training.loop import LoopConfig, train
 from mechdiff.training.losses import Head, head_losses, hooked_head, masked_kl
+from mechdiff.training.recipe_loop import nests_loop
 from mechdiff.training.resampling import Resampler
 
 __all__ = ["AdapterObjective", "AdapterRecipe", "LossWeights", "masked_kl", "run_capture", "train_adapters"]
@@ -282,11 +283,19 @@ def _shared_ratio(num: Float[Tensor, " n"], den: Float[Tensor, " n"]) -> Float[T
 # ----------------------------------------------------------------------------- the recipe
 
 
+_ADAPTER_LOOP = ("steps", "lr", "warmup_frac", "grad_clip", "validate_every", "log_every", "checkpoint_every",
+                 "seed", "progress")  # the loop settings saved flat before they were nested
+
+
+@nests_loop(*_ADAPTER_LOOP)
 @dataclass
 class AdapterRecipe:
     """Everything that determines a set of trained adapters (saved beside them).
 
     The defaults are the shipped organism recipe (see ``mechdiff/adapters/shipped/organism``).
+    The optimiser's schedule is ``loop`` (:class:`~mechdiff.training.loop.LoopConfig`: 300 steps,
+    lr 1e-3); its settings are keywords too (``AdapterRecipe(steps=3)``,
+    :mod:`mechdiff.training.recipe_loop`).
     """
 
     d_sae: int = 1024
@@ -301,37 +310,26 @@ class AdapterRecipe:
     dense_threshold: float = 1.1  # firing frequency above which a feature is reset (>1: never)
     dead_window: int = 50  # steps without firing after which a feature counts as dead (AuxK)
     k_aux: int = 64  # dead features used by the AuxK part (weights.aux)
-    steps: int = 300
     batch_size: int = 64
-    lr: float = 1e-3
-    warmup_frac: float = 0.05
-    grad_clip: float = 1.0
     n_traces: int = 50_000
     # "corpus": the pair's workload's own traces (the organism's distillation data; SmolLM2's chat
     # traces with "Wait"); "target": traces sampled from the target (the organism only)
     data: str = "corpus"
     n_val: int = 256
-    validate_every: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 200
-    seed: int = 0
-    progress: bool = True
     checkpoint: bool = False  # recompute blocks in backward: less memory, ~one more forward
     autocast: str | None = None  # e.g. "bfloat16": mixed-precision forwards
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=300, lr=1e-3))
 
     def __post_init__(self):  # refused here, before any model loads (CLI and Python alike)
-        check(self, at_least_1=("d_sae", "k", "steps", "batch_size", "n_traces", "n_val", "log_every",
-                                "checkpoint_every", "dead_window"),
-              non_negative=("resample_every", "validate_every", "k_aux", "dense_threshold"),
-              positive=("lr", "grad_clip"), fraction=("l1_warmup_frac", "resample_until", "warmup_frac"),
+        check(self, at_least_1=("d_sae", "k", "batch_size", "n_traces", "n_val", "dead_window"),
+              non_negative=("resample_every", "k_aux", "dense_threshold"),
+              fraction=("l1_warmup_frac", "resample_until"),
               choices={"activation": ("relu", "topk"), "backbone": ("target", "base"),
                        "data": ("corpus", "target")})
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, d: dict) -> AdapterRecipe:
+        """A saved recipe: the nested form of :meth:`to_dict`, or the flat one saved before."""
         d = dict(d)
         d["weights"] = LossWeights(**d.get("weights", {}))
         return cls(**d)
@@ -378,7 +376,7 @@ def train_adapters(pair: ModelPair, recipe: AdapterRecipe, out_dir: str | Path |
     take the pair's device and dtype. Under torchrun (see :mod:`mechdiff.distributed`) each rank
     trains on its shard of every ``batch_size`` batch and the steps equal a single process's.
     """
-    torch.manual_seed(recipe.seed)
+    torch.manual_seed(recipe.loop.seed)
     adapted = AdaptedModel.from_pair(pair, recipe.d_sae, recipe.activation, recipe.k,
                                      recipe.backbone, recipe.enc_bias_init)
     from mechdiff.organism.task import TaskSpec
@@ -415,11 +413,7 @@ def train_adapters(pair: ModelPair, recipe: AdapterRecipe, out_dir: str | Path |
         parts.update({f"fve_{i}": 1 - v for i, v in enumerate(stats["nmse"].tolist())})
         return parts
 
-    cfg = LoopConfig(steps=recipe.steps, lr=recipe.lr, warmup_frac=recipe.warmup_frac,
-                     grad_clip=recipe.grad_clip, seed=recipe.seed, log_every=recipe.log_every,
-                     validate_every=recipe.validate_every, out_dir=out_dir,
-                     checkpoint_every=recipe.checkpoint_every,
-                     progress=recipe.progress, desc="adapters")
+    cfg = replace(recipe.loop, out_dir=out_dir, desc="adapters")
     trained = torch.nn.ModuleDict({"adapters": adapted.adapters, "resampler": resampler})
     history = train(trained, loss_fn, cfg, validate=validate, on_step=resampler)
     return adapted, history

@@ -66,6 +66,7 @@ class LoopConfig:
     desc: str = "train"
 
     def __post_init__(self):
+        self.betas = tuple(self.betas)  # read back from JSON as a list
         check(self, at_least_1=("steps", "log_every", "checkpoint_every"), positive=("lr", "grad_clip"),
               non_negative=("weight_decay", "validate_every"), fraction=("warmup_frac", "min_lr_frac"))
 

@@ -94,6 +94,8 @@ def chunked_distillation_loss(
     scores the kept rows in chunks (the target's under no_grad). Same values and gradients.
 
     Example:
+        Not run as a doctest: it needs a LoRA and a batch from the caller
+        (:func:`mechdiff.lora.train_lora` makes both).
         >>> loss, m = chunked_distillation_loss(lora.model, tokens, keep)  # doctest: +SKIP
     """
     _check_weight(kl_weight, target is not None)

@@ -222,6 +222,7 @@ def causal_lm_ce(model, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "ba
     embedding) over :func:`next_token_keep` positions, chunked: no ``[batch, pos, vocab]`` tensor.
 
     Example:
+        Not run as a doctest: it needs a Hugging Face model and a padded batch from the caller.
         >>> loss = causal_lm_ce(hf_model, tokens, mask, prompt_len)  # doctest: +SKIP
     """
     keep = next_token_keep(mask, prompt_len)

@@ -5,6 +5,8 @@ on the recipe's schedule, points dead or dense features at high-error inputs wit
 Used by :func:`mechdiff.training.adapter_objective.train_adapters`.
 
 Example:
+    Not run as a doctest: it needs adapters, a recipe and a step's statistics from
+    :func:`~mechdiff.training.adapter_objective.train_adapters`.
     >>> resampler = Resampler(adapted, recipe)  # doctest: +SKIP
     >>> dead_share = resampler.observe(step, stats); resampler(step)  # doctest: +SKIP
 """
