@@ -274,7 +274,9 @@ def _variants_text(s: dict) -> str:
     if not v:
         return ""
     w, full = _word(s), v["full"]
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    def mean(xs):  # retention is None where the full model never hesitates: nothing to retain
+        xs = [x for x in xs if x is not None]
+        return sum(xs) / len(xs) if xs else None
     rows = "".join(
         f"| {VARIANT_NAMES[name]} | {r['set']['greedy_rate']:.2f}{_ci(r['set']['greedy_rate_ci'])} | "
         f"{_pct(r['set']['retained'])} | {_pct(mean(r['random_sets']))} | {_pct(r['set_plus_feeders']['retained'])} | "
