@@ -9,6 +9,7 @@ hesitate-or-go-on slot; teacher-forced at the prompts) and steering of the hybri
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -203,10 +204,7 @@ def sufficiency_variants(adapted, hes: H.CutPrompts, feature_set: Sequence[Featu
 
 
 def _counts(ids: list[int], k: int = 5) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for i in ids:
-        counts[i] = counts.get(i, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:k])
+    return dict(Counter(ids).most_common(k))
 
 
 def ranking_agreement(a: dict[Feature, float], b: dict[Feature, float], ks: Sequence[int]) -> dict:
