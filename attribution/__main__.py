@@ -286,15 +286,42 @@ def main(argv: list[str] | None = None) -> None:
                                       clerps=clerps(examples))
     n_examples = len(examples)
     scores = graph.scores()
+    pruned = graph.prune(*thresholds)
+    kept, feature_share = int(pruned.node_mask[: graph.n_features].sum()), _feature_share(pruned, graph.n_features)
     summary = {"prompt": graph.token_strs, "adapters": kind, "targets": graph.targets,
                "n_features": graph.n_features, "n_active": graph.info["n_active"], "meta": graph.meta,
                "scores": scores.__dict__, "top_features": top, "thresholds": thresholds,
-               "kept_features": int(graph.prune(*thresholds).node_mask[: graph.n_features].sum()),
+               "kept_features": kept, "feature_influence_share": feature_share,
                "circuit_tracer": {"graph": path.name, "scan": scan, "feature_examples": n_examples}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: summary[k] for k in ("adapters", "n_features", "n_active", "scores")}, indent=1))
     print(f"wrote {out}/graph.{{safetensors,json,html,png}}, features.html, {ct}/{path.name} and "
           f"{n_examples} feature example files; browse: python -m attribution serve {ct}")
+    if graph.n_features and not kept:
+        print(no_feature_kept(graph, *thresholds))
+
+
+def _feature_share(pruned, n_features: int) -> float:
+    """The share of the target's influence that the feature nodes carry (embeddings hold the rest)."""
+    return float(pruned.node_influence[:n_features].sum() / pruned.node_influence.sum().clamp(min=1e-30))
+
+
+def no_feature_kept(graph, node_threshold: float, edge_threshold: float) -> str:
+    """Why the pruned graph shows no feature, and the smallest node threshold (in steps of 0.01) that
+    shows one under the same edge threshold.
+
+    Adapters model only what fine-tuning changed; the base model's own computation reaches the
+    target from the embeddings through the linearized base MLPs. On a real model that path can hold
+    more than ``node_threshold`` of the influence, and circuit-tracer's rule then keeps no feature.
+    """
+    n_f = graph.n_features
+    share = _feature_share(graph.prune(node_threshold, edge_threshold), n_f)
+    steps = range(int(node_threshold * 100) + 1, 101)
+    shows = next((t / 100 for t in steps if graph.prune(t / 100, edge_threshold).node_mask[:n_f].any()), None)
+    fix = (f"--node-threshold {shows:.2f} keeps some" if shows is not None
+           else "no node threshold keeps one under this --edge-threshold")
+    return (f"warning: the pruned graph keeps no feature node: features carry {share:.0%} of the influence and "
+            f"the embeddings the rest; {fix} (the graph files hold every feature either way)")
 
 
 if __name__ == "__main__":

@@ -173,3 +173,25 @@ def test_figures_are_written_for_offline_viewing(graph, adapted, tmp_path):
     assert "://" not in cv_src and "CircuitsVis" in (tmp_path / cv_src).read_text()
     with pytest.raises(IndexError):
         feature_token_views(adapted, [TOKENS], [(5, 0)])
+
+
+def test_a_graph_whose_embeddings_hold_the_threshold_names_the_threshold_that_shows_features(graph):
+    """When the embeddings carry more than the node threshold, circuit-tracer's rule keeps no feature
+    (SmolLM2's "Wait" graphs at 0.8); the CLI's warning names the threshold that keeps the first one."""
+    from attribution.__main__ import _feature_share, no_feature_kept
+
+    n_f = graph.n_features
+    p = graph.prune(0.8, 0.98)
+    order = torch.argsort(p.node_influence, descending=True)
+    first = int((order < n_f).nonzero()[0])  # rank of the most influential feature
+    low = float(p.cumulative_scores[order[first - 1]]) - 1e-6 if first else None
+    if low is None or low <= 0:
+        pytest.skip("this graph's most influential node is a feature: no threshold hides every feature")
+    hidden = graph.prune(low, 0.98)
+    assert not hidden.node_mask[:n_f].any()
+    message = no_feature_kept(graph, low, 0.98)
+    suggested = float(message.split("--node-threshold ")[1].split(" ")[0])
+    assert suggested > low and graph.prune(suggested, 0.98).node_mask[:n_f].any()
+    assert not graph.prune(suggested - 0.01, 0.98).node_mask[:n_f].any()
+    share = _feature_share(hidden, n_f)
+    assert f"features carry {share:.0%}" in message and 0 < share < 1
