@@ -127,6 +127,21 @@ def test_chat_labels_follow_the_grader():
     assert [at(right), at("Wait"), at(right, 1), at(slip), at("Wait", 1), at(fixed), at("Hundreds"),
             at("Answer"), at("let")] == ["step", "recheck", "recheck_step", "slip", "hesitation",
                                          "correction", "error", "answer", "text"]
+    slipped_end = text.index(slip) + len(slip)  # its "." and the space before the judging " Wait"
+    assert labels[slipped_end - 1: slipped_end + 1] == ["slip", "slip"] and text[slipped_end + 1] == "W"
+    assert labels[text.index(right) + len(right) - 1] == "step" and labels[len(text) - len("6912") - 1] == "answer"
+
+
+def test_the_token_before_a_judged_wait_is_a_slip_token(pair):
+    """The role rule's error-detection mass: on chat text the last token before " Wait" (the step's
+    closing ".") belongs to the slipped step, as on the organism."""
+    spec = for_pair(pair)
+    p = task.Problem((1234, 5678))
+    text = "Units: 4 + 8 = 12, write 2, carry 1.\nTens: 3 + 7 = 10, write 0, carry 1. Wait, I forgot."
+    ids = pair.tokenizer(text, add_special_tokens=False)["input_ids"]
+    labels, hesitations, _ = spec.cut(p, ids)
+    (j, after), = hesitations
+    assert after and labels[j] == "hesitation" and labels[j - 1] == "slip"
 
 
 # --------------------------------------------------------------------------- the prompts

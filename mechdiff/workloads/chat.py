@@ -10,7 +10,10 @@ hesitating is in its tokens, read off a chat trace:
 Token labels are coarse, from the text (:func:`chat_char_labels`): a step is ``slip`` (wrong, a
 "Wait" right after), ``correction`` / ``recheck_step`` (the step a "Wait" brought), ``error``
 (wrong, left standing) or ``step``; the "Wait" itself ``hesitation`` (after a wrong step, as the
-grader judges) or ``recheck``; the ``Answer:`` line ``answer``; everything else ``text``.
+grader judges) or ``recheck``; the ``Answer:`` line ``answer``; everything else ``text``. A step's
+label covers its closing punctuation and the spaces up to the next word ("carry 1." and the space
+before " Wait"), as the organism labels a slipped step's separator ``slip``: that is where a model
+reads the whole wrong step before it hesitates, so the role rule's ``slip`` mass counts it.
 
 This module imports :mod:`mechdiff.real.chat`; :func:`mechdiff.workloads.get` imports it only
 when a chat workload is asked for.
@@ -192,7 +195,8 @@ def chat_char_labels(problem: task.Problem, text: str) -> tuple[list[str], list[
         name = ("slip" if judged and not right else
                 ("correction" if brought[-1][2] else "recheck_step") if brought else
                 "step" if right else "error")
-        paint(*step.span(), name)
+        end = chat._BETWEEN.match(text, step.end()).end()  # its closing "." and spaces, as the organism's separator
+        paint(step.start(), end, name)
     for m in chat._ANSWER_LINE.finditer(text):
         paint(*m.span(), "answer")
     return labels, words
