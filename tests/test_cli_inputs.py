@@ -51,6 +51,7 @@ ROWS = [  # (module, argv, the error line's expected start)
     ("analyses.real", ["--out", "OUT", "--d-sae", "0"], "error: --d-sae 0: must be >= 1"),
     ("analyses.real", ["--out", "OUT", "--sweep", "512:0"], "error: --sweep '512:0': each candidate is WIDTH:K"),
     ("analyses.real", ["--out", "OUT", "--sweep-steps", "0"], "error: --sweep-steps 0: must be >= 1"),
+    ("analyses.real", ["--out", "OUT", "--adapter-resample", "-1"], "error: --adapter-resample -1: must be >= 0"),
     ("analyses.real", ["--out", "OUT", "--pair", "organism"], "error: --pair organism: this study is SmolLM2's"),
 ]  # fmt: skip
 if not GPU:  # on a GPU machine these are valid devices

@@ -60,6 +60,9 @@ def test_the_sweep_scores_each_candidate_and_the_adapters_take_its_pick(cache, t
     # Other flags, other adapters: a stage made with different adapters is rerun, not reused.
     assert real._stale(real.parse_args([*argv, "--adapter-lr", "0.002"]), out, "adapters")
     assert not real._stale(real.parse_args(argv), out, "adapters")
+    resampled = real.parse_args([*argv, "--adapter-resample", "5"])
+    assert real._stale(resampled, out, "adapters") and "-r5" in real.adapter_folder(resampled, out).name
+    assert real._adapter_recipe(resampled, 16, 2, 10).resample_every == 5
 
 
 def test_the_pick_prefers_faithful_candidates_and_breaks_near_ties_by_kl():
