@@ -52,3 +52,12 @@ def test_importing_evaluation_pulls_in_neither_training_nor_real():
             "w.ChatWorkload\nprint('mechdiff.real.chat' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.split("\n")[:2] == ["[]", "True"]
+
+
+def test_hf_conversion_is_below_models():
+    """The conversion module imports nothing of mechdiff (models builds on it, never the reverse)."""
+    path = ROOT / "mechdiff" / "hf_conversion.py"
+    assert sorted(n for n in imported_modules(path) if n.startswith("mechdiff")) == []
+    code = "import sys, mechdiff.hf_conversion\nprint(sorted(m for m in sys.modules if m.startswith('mechdiff.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "['mechdiff.hf_conversion']"
