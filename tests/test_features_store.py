@@ -211,3 +211,11 @@ def test_lora_state_store_and_names(tiny_model_dir):
     assert torch.allclose(store.act_max, state.max(0).values, atol=1e-5)
     with pytest.raises(ValueError, match="no hook points"):
         build_store(lora.model, rows, ["blocks.9.nothing"])
+
+
+def test_names_moved_to_store_statistics_still_import_from_store():
+    from mechdiff.features import store, store_statistics
+
+    for name in ("REGIONS", "StoreConfig", "annotate"):
+        assert getattr(store, name) is getattr(store_statistics, name)
+    assert sorted(n for n in store.__all__ if not hasattr(store, n)) == []
