@@ -330,9 +330,11 @@ def _organism_task(sources) -> dict | None:
         path = Path(str(source)).expanduser() / TASK_FILE
         found.append(json.loads(path.read_text()) if path.is_file() else None)
     if found[0] != found[1]:
-        raise ModelPairMismatch(f"base and target were trained on different organism tasks "
-                                f"({TASK_FILE}): {found[0]} vs {found[1]}")
+        raise ModelPairMismatch(
+            f"base and target were trained on different organism tasks ({TASK_FILE}): {found[0]} vs {found[1]}"
+        )
     return found[1]
+
 
 def register_pair_source(name: str, sources: PairSource, workload: str | None = None) -> None:
     """Make ``load_pair(name)`` and ``load_pair(f"{name}:RUN")`` load ``sources(pair)``.
@@ -367,12 +369,13 @@ def _source_kind(source: str | Path) -> tuple[str, Path | str]:
     """('hub', 'ORG/NAME') for ``"hf:ORG/NAME"``; else ('local', Path), which must be a folder."""
     text = str(source)
     if not isinstance(source, Path) and text.startswith(HUB_PREFIX):
-        return "hub", text[len(HUB_PREFIX):]
+        return "hub", text[len(HUB_PREFIX) :]
     path = Path(text).expanduser()
     if not path.exists():
         raise FileNotFoundError(
             f"Model folder {path} does not exist (relative to {Path.cwd()}); a model on the "
-            f"Hugging Face Hub needs the explicit form '{HUB_PREFIX}ORG/NAME'")
+            f"Hugging Face Hub needs the explicit form '{HUB_PREFIX}ORG/NAME'"
+        )
     if not path.is_dir():
         raise FileNotFoundError(f"Model folder {path} is not a folder")
     return "local", path

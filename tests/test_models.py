@@ -57,9 +57,19 @@ def test_local_folder_matches_hf(tiny_model_dir, arch):
         ("llama", {"num_key_value_heads": 4}),  # no GQA: TL uses plain W_K/W_V keys
         ("qwen2", {"num_key_value_heads": 4}),  # Qwen2 always uses grouped _W_K keys
         ("qwen2", {"tie_word_embeddings": True}),
-        ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0,
-                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 64}}),  # fmt: skip
+        (
+            "llama",
+            {
+                "rope_parameters": {
+                    "rope_type": "llama3",
+                    "rope_theta": 50000.0,
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                }
+            },
+        ),  # fmt: skip
     ],
 )
 def test_in_memory_round_trip(arch, overrides):
@@ -226,11 +236,14 @@ def test_hub_name_offline_gives_clear_error(monkeypatch):
         load_pair("r1-distill-qwen-7b")
 
 
-@pytest.mark.parametrize("call", [
-    lambda: load_pair("custom", base="models/base", target="models/target"),
-    lambda: load_hooked("mechdiff-test/definitely-not-cached"),  # hub-shaped, but no "hf:"
-    lambda: load_tokenizer("org/name"),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: load_pair("custom", base="models/base", target="models/target"),
+        lambda: load_hooked("mechdiff-test/definitely-not-cached"),  # hub-shaped, but no "hf:"
+        lambda: load_tokenizer("org/name"),
+    ],
+)
 def test_a_missing_relative_path_is_a_clear_error_never_a_hub_lookup(call, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
@@ -247,8 +260,10 @@ def test_models_does_not_import_the_real_pair_until_asked():
     import subprocess
     import sys
 
-    code = ("import sys, mechdiff.models as m; print('mechdiff.real' in sys.modules); "
-            "m._registered('smollm2'); print('mechdiff.real.smollm2' in sys.modules)")
+    code = (
+        "import sys, mechdiff.models as m; print('mechdiff.real' in sys.modules); "
+        "m._registered('smollm2'); print('mechdiff.real.smollm2' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
 
@@ -300,9 +315,19 @@ def test_names_moved_to_hf_conversion_still_import_from_models():
     ("arch", "overrides"),
     [
         ("qwen2", {"num_key_value_heads": 2, "tie_word_embeddings": True}),
-        ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0,
-                   "low_freq_factor": 2.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 64}}),  # fmt: skip
+        (
+            "llama",
+            {
+                "rope_parameters": {
+                    "rope_type": "llama3",
+                    "rope_theta": 50000.0,
+                    "factor": 8.0,
+                    "low_freq_factor": 2.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                }
+            },
+        ),  # fmt: skip
     ],
 )
 def test_config_conversion_round_trips(arch, overrides):

@@ -43,8 +43,9 @@ class _Kill(Exception):
 
 
 def test_a_killed_run_resumes_in_each_stage_to_the_uninterrupted_weights(tmp_path):
-    recipe = Recipe.from_dict({**TINY.flat_dict(), "base_steps": 6, "ft_steps": 4, "base_checkpoint_every": 2,
-                               "ft_checkpoint_every": 2})
+    recipe = Recipe.from_dict(
+        {**TINY.flat_dict(), "base_steps": 6, "ft_steps": 4, "base_checkpoint_every": 2, "ft_checkpoint_every": 2}
+    )
     assert (recipe.base_loop.checkpoint_every, recipe.ft_loop.steps) == (2, 4)
     full = train_organism(tmp_path / "full", tmp_path / "wfull", recipe, progress=False)
 

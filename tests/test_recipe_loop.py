@@ -51,18 +51,22 @@ def test_keywords_go_into_the_loop_and_its_defaults_are_the_old_ones():
     lora, real = TrainConfig(), Recipe()
     assert (lora.loop.steps, lora.loop.lr, lora.loop.checkpoint_every, lora.loop.log_every) == (1000, 1e-2, 100, 10)
     assert (real.loop.steps, real.loop.lr, real.loop.checkpoint_every, real.loop.log_every) == (360, 3e-5, 30, 1)
-    assert Recipe.from_dict({"steps": 5, "lr": 1e-4, "batch_size": 2}) == Recipe(loop=replace(
-        Recipe().loop, steps=5, lr=1e-4), batch_size=2)
+    assert Recipe.from_dict({"steps": 5, "lr": 1e-4, "batch_size": 2}) == Recipe(
+        loop=replace(Recipe().loop, steps=5, lr=1e-4), batch_size=2
+    )
     with pytest.raises(AttributeError):
         r.no_such_setting  # noqa: B018
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: AdapterRecipe(steps=0), "AdapterRecipe.steps = 0: must be >= 1"),
-    (lambda: TrainConfig(lr=0.0), "TrainConfig.lr = 0.0: must be a number > 0"),
-    (lambda: Recipe(warmup_frac=2.0), "Recipe.warmup_frac = 2.0"),
-    (lambda: AdapterRecipe.from_dict({"loop": {"steps": -1, "lr": 1e-3}}), "AdapterRecipe.steps = -1"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: AdapterRecipe(steps=0), "AdapterRecipe.steps = 0: must be >= 1"),
+        (lambda: TrainConfig(lr=0.0), "TrainConfig.lr = 0.0: must be a number > 0"),
+        (lambda: Recipe(warmup_frac=2.0), "Recipe.warmup_frac = 2.0"),
+        (lambda: AdapterRecipe.from_dict({"loop": {"steps": -1, "lr": 1e-3}}), "AdapterRecipe.steps = -1"),
+    ],
+)
 def test_loop_settings_are_checked_and_named_as_the_recipe(make, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         make()
@@ -102,13 +106,16 @@ def test_the_organism_stages_train_with_the_loops_they_trained_with_before_the_n
     assert (short.base_loop.steps, short.ft_loop.steps, short.ft_loop.lr, short.seed) == (5, 70, 2e-4, 3)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: OrganismRecipe(base_steps=0), "Recipe.base_steps = 0: must be >= 1"),
-    (lambda: OrganismRecipe(ft_lr=-1.0), "Recipe.ft_lr = -1.0"),
-    (lambda: OrganismRecipe(weight_decay=-1.0), "Recipe.weight_decay = -1.0"),
-    (lambda: OrganismRecipe(base_seed=1), "Recipe.seed = (1, 0): the stages share one seed"),
-    (lambda: OrganismRecipe.from_dict({"ft_loop": {"steps": 0, "lr": 1e-3}}), "Recipe.ft_steps = 0"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: OrganismRecipe(base_steps=0), "Recipe.base_steps = 0: must be >= 1"),
+        (lambda: OrganismRecipe(ft_lr=-1.0), "Recipe.ft_lr = -1.0"),
+        (lambda: OrganismRecipe(weight_decay=-1.0), "Recipe.weight_decay = -1.0"),
+        (lambda: OrganismRecipe(base_seed=1), "Recipe.seed = (1, 0): the stages share one seed"),
+        (lambda: OrganismRecipe.from_dict({"ft_loop": {"steps": 0, "lr": 1e-3}}), "Recipe.ft_steps = 0"),
+    ],
+)
 def test_organism_loop_settings_are_checked_and_named_as_the_recipe(make, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         make()

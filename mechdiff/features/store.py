@@ -71,14 +71,27 @@ class StoreMismatch(ValueError):
 class ActivationStore:
     """Per-feature statistics of one pass; tensors are attributes (``store.top_values``, ...)."""
 
-    def __init__(self, hook_names: Sequence[str], widths: Sequence[int], config: StoreConfig,
-                 tensors: dict[str, Tensor] | None = None, meta: dict | None = None):
+    def __init__(
+        self,
+        hook_names: Sequence[str],
+        widths: Sequence[int],
+        config: StoreConfig,
+        tensors: dict[str, Tensor] | None = None,
+        meta: dict | None = None,
+    ):
         self.hook_names, self.widths, self.config = list(hook_names), [int(w) for w in widths], config
         self.offsets = [0]
         for w in self.widths:
             self.offsets.append(self.offsets[-1] + w)
-        self.meta = {"rows_done": 0, "n_tokens": 0, "seconds": 0.0, "fingerprint": "",
-                     "has_lens": False, "d_vocab": 1, **(meta or {})}
+        self.meta = {
+            "rows_done": 0,
+            "n_tokens": 0,
+            "seconds": 0.0,
+            "fingerprint": "",
+            "has_lens": False,
+            "d_vocab": 1,
+            **(meta or {}),
+        }
         self.t = tensors if tensors is not None else empty_statistics(self.n_features, config, self.meta["d_vocab"])
 
     def __getattr__(self, name: str) -> Tensor:
@@ -136,19 +149,34 @@ class ActivationStore:
             toks, acts = t[f"{kind}_tokens"][i, j], t[f"{kind}_acts"][i, j]
             keep = toks >= 0
             centre = int(keep[: self.config.before].sum())
-            out.append({"tokens": toks[keep].tolist(), "acts": acts[keep].tolist(), "centre": centre,
-                        "value": float(t[f"{kind}_values"][i, j]), "row": int(t[f"{kind}_row"][i, j]),
-                        "pos": int(t[f"{kind}_pos"][i, j]), "label": int(t[f"{kind}_label"][i, j])})
+            out.append(
+                {
+                    "tokens": toks[keep].tolist(),
+                    "acts": acts[keep].tolist(),
+                    "centre": centre,
+                    "value": float(t[f"{kind}_values"][i, j]),
+                    "row": int(t[f"{kind}_row"][i, j]),
+                    "pos": int(t[f"{kind}_pos"][i, j]),
+                    "label": int(t[f"{kind}_label"][i, j]),
+                }
+            )
         if kind == "rand":
             out.sort(key=lambda e: -e["value"])
         return out
 
-    def update(self, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"],
-               ann: dict[str, Int[Tensor, "batch pos"]], acts_by_hook: Sequence[Float[Tensor, "batch pos _"]],
-               batch_index: int, row_offset: int) -> None:
+    def update(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        mask: Bool[Tensor, "batch pos"],
+        ann: dict[str, Int[Tensor, "batch pos"]],
+        acts_by_hook: Sequence[Float[Tensor, "batch pos _"]],
+        batch_index: int,
+        row_offset: int,
+    ) -> None:
         """Fold one batch into the statistics (see :func:`~mechdiff.features.store_statistics.fold_batch`)."""
-        self.meta["n_tokens"] += fold_batch(self.t, self.config, tokens, mask, ann, acts_by_hook, batch_index,
-                                            row_offset)
+        self.meta["n_tokens"] += fold_batch(
+            self.t, self.config, tokens, mask, ann, acts_by_hook, batch_index, row_offset
+        )
 
     # ------------------------------------------------------------------ io
 
@@ -156,11 +184,15 @@ class ActivationStore:
         """Write ``folder/store.safetensors`` (atomically) and ``folder/store.json``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT, "hook_names": self.hook_names, "widths": self.widths,
-                "config": dataclasses.asdict(self.config), **self.meta}
+        meta = {
+            "format": FORMAT,
+            "hook_names": self.hook_names,
+            "widths": self.widths,
+            "config": dataclasses.asdict(self.config),
+            **self.meta,
+        }
         with atomic_file(folder / STORE_FILE) as tmp:
-            save_file({k: v.contiguous() for k, v in self.t.items()}, str(tmp),
-                      metadata={"mechdiff": json.dumps(meta)})
+            save_file({k: v.contiguous() for k, v in self.t.items()}, str(tmp), metadata={"mechdiff": json.dumps(meta)})
         write_json(folder / META_FILE, meta)
         return folder
 
@@ -176,8 +208,14 @@ class ActivationStore:
                 raise StoreMismatch(f"{path} is not a {FORMAT} file")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         config = StoreConfig(**meta.pop("config"))
-        return cls(meta.pop("hook_names"), meta.pop("widths"), config, tensors,
-                   {k: v for k, v in meta.items() if k != "format"})
+        return cls(
+            meta.pop("hook_names"),
+            meta.pop("widths"),
+            config,
+            tensors,
+            {k: v for k, v in meta.items() if k != "format"},
+        )
+
 
 def _corpus_rows(corpus, i: int, j: int) -> tuple[list, list | None, list | None]:
     if hasattr(corpus, "column_names"):  # a datasets.Dataset: slice by column
@@ -194,15 +232,23 @@ def _fingerprint(model, corpus, hook_names, widths, config) -> str:
     n = len(corpus)
     ends = [_corpus_rows(corpus, i, i + 1)[0][0] for i in sorted({0, n - 1})] if n else []
     norms = [round(float(p.detach().float().norm()), 4) for p in model.parameters()]
-    text = json.dumps([n, [list(map(int, e)) for e in ends], norms, hook_names, widths,
-                       dataclasses.asdict(config)], default=str)
+    text = json.dumps(
+        [n, [list(map(int, e)) for e in ends], norms, hook_names, widths, dataclasses.asdict(config)], default=str
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def build_store(
-    model, corpus, hook_names: Sequence[str], folder: str | Path | None = None, *,
-    config: StoreConfig | None = None, decoder: Float[Tensor, "n_features d_model"] | None = None,
-    pad_id: int = 0, progress: bool = False, on_chunk: Callable[[ActivationStore], None] | None = None,
+    model,
+    corpus,
+    hook_names: Sequence[str],
+    folder: str | Path | None = None,
+    *,
+    config: StoreConfig | None = None,
+    decoder: Float[Tensor, "n_features d_model"] | None = None,
+    pad_id: int = 0,
+    progress: bool = False,
+    on_chunk: Callable[[ActivationStore], None] | None = None,
 ) -> ActivationStore:
     """One pass of ``model`` over ``corpus``, caching ``hook_names``; see the module docstring.
 
@@ -225,8 +271,7 @@ def build_store(
 
     def forward(ids):
         tokens, mask = pad([list(r) for r in ids], pad_id, "right")
-        _, cache = model.run_with_cache(tokens.to(device), names_filter=lambda n: n in names,
-                                        stop_at_layer=stop)
+        _, cache = model.run_with_cache(tokens.to(device), names_filter=lambda n: n in names, stop_at_layer=stop)
         return tokens, mask, [cache[n] for n in names]
 
     if len(corpus) == 0:
@@ -237,11 +282,13 @@ def build_store(
     if folder is not None and (Path(folder) / STORE_FILE).is_file():
         store = ActivationStore.load(folder)
         if store.meta.get("fingerprint") != fp:
-            raise StoreMismatch(f"{folder} holds a store of another model, corpus or config; "
-                                "delete it or choose another folder")
+            raise StoreMismatch(
+                f"{folder} holds a store of another model, corpus or config; delete it or choose another folder"
+            )
     else:
-        store = ActivationStore(names, widths, config, meta={"fingerprint": fp, "n_rows": len(corpus),
-                                                             "d_vocab": int(model.cfg.d_vocab)})
+        store = ActivationStore(
+            names, widths, config, meta={"fingerprint": fp, "n_rows": len(corpus), "d_vocab": int(model.cfg.d_vocab)}
+        )
         if decoder is not None:
             if decoder.shape[0] != store.n_features:
                 raise ValueError(f"decoder has {decoder.shape[0]} rows, the hooks {store.n_features} units")

@@ -70,8 +70,18 @@ class StoreConfig:
         self.label_names = tuple(self.label_names)
         if self.threshold < 0:
             raise ValueError(f"threshold must be >= 0, not {self.threshold}")
-        if min(self.top_k, self.n_random, self.batch_size, self.chunk_batches, self.pos_bins,
-               self.act_bins, self.feature_group) < 1:
+        if (
+            min(
+                self.top_k,
+                self.n_random,
+                self.batch_size,
+                self.chunk_batches,
+                self.pos_bins,
+                self.act_bins,
+                self.feature_group,
+            )
+            < 1
+        ):
             raise ValueError(f"sizes in {self} must be >= 1")
 
     @property
@@ -82,13 +92,20 @@ class StoreConfig:
 def empty_statistics(n: int, cfg: StoreConfig, d_vocab: int) -> dict[str, Tensor]:
     """The statistics of ``n`` features before any batch (fixed sizes: see :class:`StoreConfig`)."""
     w, n_lab = cfg.window, max(1, len(cfg.label_names))
-    t = {"n_fire": torch.zeros(n, dtype=torch.long), "act_sum": torch.zeros(n, dtype=torch.float64),
-         "act_max": torch.full((n,), float("-inf")),
-         "act_hist": torch.zeros(n, cfg.act_bins, dtype=torch.long),
-         "pos_hist": torch.zeros(n, cfg.pos_bins), "region_count": torch.zeros(n, len(REGIONS)),
-         "region_mass": torch.zeros(n, len(REGIONS)), "label_count": torch.zeros(n, n_lab),
-         "label_mass": torch.zeros(n, n_lab), "tokens_by_region": torch.zeros(len(REGIONS)),
-         "tokens_by_label": torch.zeros(n_lab), "label_token_count": torch.zeros(n_lab, d_vocab)}
+    t = {
+        "n_fire": torch.zeros(n, dtype=torch.long),
+        "act_sum": torch.zeros(n, dtype=torch.float64),
+        "act_max": torch.full((n,), float("-inf")),
+        "act_hist": torch.zeros(n, cfg.act_bins, dtype=torch.long),
+        "pos_hist": torch.zeros(n, cfg.pos_bins),
+        "region_count": torch.zeros(n, len(REGIONS)),
+        "region_mass": torch.zeros(n, len(REGIONS)),
+        "label_count": torch.zeros(n, n_lab),
+        "label_mass": torch.zeros(n, n_lab),
+        "tokens_by_region": torch.zeros(len(REGIONS)),
+        "tokens_by_label": torch.zeros(n_lab),
+        "label_token_count": torch.zeros(n_lab, d_vocab),
+    }
     for kind, k in (("top", cfg.top_k), ("rand", cfg.n_random)):
         t[f"{kind}_values"], t[f"{kind}_acts"] = torch.full((n, k), float("-inf")), torch.zeros(n, k, w)
         for field, shape in (("row", (n, k)), ("pos", (n, k)), ("label", (n, k)), ("tokens", (n, k, w))):
@@ -101,9 +118,16 @@ def empty_statistics(n: int, cfg: StoreConfig, d_vocab: int) -> dict[str, Tensor
 
 
 @torch.no_grad()
-def fold_batch(t: dict[str, Tensor], config: StoreConfig, tokens: Int[Tensor, "batch pos"],
-               mask: Bool[Tensor, "batch pos"], ann: dict[str, Int[Tensor, "batch pos"]],
-               acts_by_hook: Sequence[Float[Tensor, "batch pos _"]], batch_index: int, row_offset: int) -> int:
+def fold_batch(
+    t: dict[str, Tensor],
+    config: StoreConfig,
+    tokens: Int[Tensor, "batch pos"],
+    mask: Bool[Tensor, "batch pos"],
+    ann: dict[str, Int[Tensor, "batch pos"]],
+    acts_by_hook: Sequence[Float[Tensor, "batch pos _"]],
+    batch_index: int,
+    row_offset: int,
+) -> int:
     """Fold one batch (``[batch pos]`` tokens and mask, :func:`annotate` output, one
     ``[batch pos width]`` tensor per hook) into the statistics ``t`` in place; return the number of
     tokens it counted (``mask``, less position 0 under ``config.skip_first``)."""
@@ -111,20 +135,36 @@ def fold_batch(t: dict[str, Tensor], config: StoreConfig, tokens: Int[Tensor, "b
     if config.skip_first:
         valid[:, 0] = False
     n_reg, n_lab = len(REGIONS), t["label_count"].shape[1]
-    onehot = torch.cat([_onehot(ann["region"], n_reg), _onehot(ann["label"], n_lab),
-                        _onehot(ann["pos_bin"], config.pos_bins)], -1) * valid[..., None]
+    onehot = (
+        torch.cat(
+            [_onehot(ann["region"], n_reg), _onehot(ann["label"], n_lab), _onehot(ann["pos_bin"], config.pos_bins)], -1
+        )
+        * valid[..., None]
+    )
     onehot = onehot.flatten(0, 1)
     t["tokens_by_region"] += onehot[:, :n_reg].sum(0)
-    t["tokens_by_label"] += onehot[:, n_reg:n_reg + n_lab].sum(0)
+    t["tokens_by_label"] += onehot[:, n_reg : n_reg + n_lab].sum(0)
     vocab = t["label_token_count"].shape[1]
     seen = valid & (ann["label"] >= 0) & (tokens < vocab)
     flat = ann["label"][seen] * vocab + tokens[seen]
     t["label_token_count"] += torch.bincount(flat, minlength=n_lab * vocab).view(n_lab, vocab).float()
     acts = torch.cat([a.float().cpu() for a in acts_by_hook], -1)  # [batch pos n_features]
     for s in range(0, acts.shape[-1], config.feature_group):
-        _update_group(t, config, s, acts[..., s:s + config.feature_group], tokens, mask, valid,
-                      onehot, ann["label"], batch_index, row_offset)
+        _update_group(
+            t,
+            config,
+            s,
+            acts[..., s : s + config.feature_group],
+            tokens,
+            mask,
+            valid,
+            onehot,
+            ann["label"],
+            batch_index,
+            row_offset,
+        )
     return int(valid.sum())
+
 
 def _update_group(t, cfg, f0, acts, tokens, mask, valid, onehot, labels, batch_index, row_offset):
     B, P, G = acts.shape
@@ -141,7 +181,7 @@ def _update_group(t, cfg, f0, acts, tokens, mask, valid, onehot, labels, batch_i
     for name, lo, hi in (("region", 0, n_reg), ("label", n_reg, n_reg + n_lab)):
         t[f"{name}_count"][sl] += counts[:, lo:hi]
         t[f"{name}_mass"][sl] += masses[:, lo:hi]
-    t["pos_hist"][sl] += counts[:, n_reg + n_lab:]
+    t["pos_hist"][sl] += counts[:, n_reg + n_lab :]
     lo, hi = cfg.act_log10_range
     bins = ((acts[fire].clamp(min=1e-30).log10() - lo) / (hi - lo) * cfg.act_bins).floor()
     feat = torch.arange(G).expand(B, P, G)[fire]
@@ -151,15 +191,46 @@ def _update_group(t, cfg, f0, acts, tokens, mask, valid, onehot, labels, batch_i
     seq_max, seq_pos = masked.max(dim=1)  # [B G]
     seq_max = seq_max.masked_fill(seq_max <= cfg.threshold, float("-inf"))
     vals, b = seq_max.topk(min(cfg.top_k, B), dim=0)  # [k G]
-    _merge(t, cfg, "top", sl, vals, b, seq_pos.gather(0, b), vals, acts, tokens, mask, valid,
-           labels, row_offset, largest=True)
+    _merge(
+        t,
+        cfg,
+        "top",
+        sl,
+        vals,
+        b,
+        seq_pos.gather(0, b),
+        vals,
+        acts,
+        tokens,
+        mask,
+        valid,
+        labels,
+        row_offset,
+        largest=True,
+    )
     # reservoir: the n_random firing tokens with the smallest seeded random keys
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + batch_index * 7919 + f0)
     keys = torch.rand(B, P, G, generator=gen).masked_fill(~fire, float("inf")).flatten(0, 1)
     neg, idx = (-keys).topk(min(cfg.n_random, B * P), dim=0)
     rand_vals = acts.flatten(0, 1).gather(0, idx)
-    _merge(t, cfg, "rand", sl, -neg, idx // P, idx % P, rand_vals, acts, tokens, mask, valid,
-           labels, row_offset, largest=False)
+    _merge(
+        t,
+        cfg,
+        "rand",
+        sl,
+        -neg,
+        idx // P,
+        idx % P,
+        rand_vals,
+        acts,
+        tokens,
+        mask,
+        valid,
+        labels,
+        row_offset,
+        largest=False,
+    )
+
 
 def _merge(t, cfg, kind, sl, keys, b, p, vals, acts, tokens, mask, valid, labels, row_offset, largest):
     """Merge candidates ``[k G]`` (sort keys, batch rows, positions, values) into the buffers."""
@@ -169,10 +240,16 @@ def _merge(t, cfg, kind, sl, keys, b, p, vals, acts, tokens, mask, valid, labels
     wp = wpos.clamp(0, P - 1)
     bw = b[..., None].expand_as(wpos)
     inside = (wpos >= 0) & (wpos < P) & mask[bw, wp]
-    new = {"tokens": tokens[bw, wp].masked_fill(~inside, -1),
-           "acts": acts[bw, wp, torch.arange(G)[None, :, None].expand_as(wpos)]
-           .masked_fill(~(inside & valid[bw, wp]), 0.0),
-           "values": vals, "row": b + row_offset, "pos": p, "label": labels[b, p]}
+    new = {
+        "tokens": tokens[bw, wp].masked_fill(~inside, -1),
+        "acts": acts[bw, wp, torch.arange(G)[None, :, None].expand_as(wpos)].masked_fill(
+            ~(inside & valid[bw, wp]), 0.0
+        ),
+        "values": vals,
+        "row": b + row_offset,
+        "pos": p,
+        "label": labels[b, p],
+    }
     key_name = "values" if kind == "top" else "keys"
     all_keys = torch.cat([t[f"{kind}_{key_name}"][sl], keys.T], 1)
     k = t[f"{kind}_{key_name}"].shape[1]
@@ -194,9 +271,14 @@ def _onehot(index: Tensor, n: int) -> Tensor:
     return torch.nn.functional.one_hot(index.clamp(min=0), n).float() * (index >= 0)[..., None]
 
 
-def annotate(tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"],
-             prompt_len: Int[Tensor, " batch"], label_ids: Int[Tensor, "batch pos"] | None,
-             think_ids: tuple[int, int] | None, pos_bins: int) -> dict[str, Int[Tensor, "batch pos"]]:
+def annotate(
+    tokens: Int[Tensor, "batch pos"],
+    mask: Bool[Tensor, "batch pos"],
+    prompt_len: Int[Tensor, " batch"],
+    label_ids: Int[Tensor, "batch pos"] | None,
+    think_ids: tuple[int, int] | None,
+    pos_bins: int,
+) -> dict[str, Int[Tensor, "batch pos"]]:
     """Per token of a right-padded batch: ``region`` (index into :data:`REGIONS`, -1 on padding),
     ``label`` (-1 when none) and ``pos_bin`` (bin of the relative position in the thinking span,
     from its opening delimiter (0) to its closing one (1); -1 outside it).

@@ -70,29 +70,46 @@ class Recipe:
     def __post_init__(self):
         if isinstance(self.task, dict):
             self.task = TaskSpec.from_dict(self.task)
-        check(self, at_least_1=("d_model", "n_layers", "n_heads", "d_mlp", "n_ctx", "base_docs", "ft_traces",
-                                "batch_size"))
+        check(
+            self,
+            at_least_1=("d_model", "n_layers", "n_heads", "d_mlp", "n_ctx", "base_docs", "ft_traces", "batch_size"),
+        )
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
         if self.base_loop.seed != self.ft_loop.seed:
-            raise ConfigError("seed", (self.base_loop.seed, self.ft_loop.seed),
-                              "the stages share one seed (it also seeds the weights and corpora)", "Recipe")
+            raise ConfigError(
+                "seed",
+                (self.base_loop.seed, self.ft_loop.seed),
+                "the stages share one seed (it also seeds the weights and corpora)",
+                "Recipe",
+            )
 
     def scaled(self, factor: float) -> Recipe:
         """A shorter (or longer) run with the same shape: for tests and quick looks."""
-        return replace(self, base_steps=max(2, int(self.base_loop.steps * factor)),
-                       ft_steps=max(2, int(self.ft_loop.steps * factor)),
-                       base_docs=max(256, int(self.base_docs * factor)),
-                       ft_traces=max(256, int(self.ft_traces * factor)))
+        return replace(
+            self,
+            base_steps=max(2, int(self.base_loop.steps * factor)),
+            ft_steps=max(2, int(self.ft_loop.steps * factor)),
+            base_docs=max(256, int(self.base_docs * factor)),
+            ft_traces=max(256, int(self.ft_traces * factor)),
+        )
 
 
 def model_config(recipe: Recipe, vocab_size: int) -> Qwen2Config:
     return Qwen2Config(
-        vocab_size=vocab_size, hidden_size=recipe.d_model, intermediate_size=recipe.d_mlp,
-        num_hidden_layers=recipe.n_layers, num_attention_heads=recipe.n_heads,
-        num_key_value_heads=recipe.n_heads, max_position_embeddings=recipe.n_ctx,
-        rms_norm_eps=1e-6, rope_theta=10_000.0, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=recipe.d_model,
+        intermediate_size=recipe.d_mlp,
+        num_hidden_layers=recipe.n_layers,
+        num_attention_heads=recipe.n_heads,
+        num_key_value_heads=recipe.n_heads,
+        max_position_embeddings=recipe.n_ctx,
+        rms_norm_eps=1e-6,
+        rope_theta=10_000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
 
 
@@ -120,12 +137,18 @@ def _save_hf(model, tokenizer, directory: Path, recipe: Recipe, history) -> None
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         recipe.task.save(tmp)
-        (tmp / "mechdiff_recipe.json").write_text(json.dumps(
-            {"recipe": recipe.to_dict(), "final": history[-1] if history else None}, indent=1))
+        (tmp / "mechdiff_recipe.json").write_text(
+            json.dumps({"recipe": recipe.to_dict(), "final": history[-1] if history else None}, indent=1)
+        )
 
 
-def train_organism(out: str | Path, work: str | Path, recipe: Recipe | None = None,
-                   progress: bool = True, on_step: Callable[[str, int], None] | None = None) -> tuple[Path, Path]:
+def train_organism(
+    out: str | Path,
+    work: str | Path,
+    recipe: Recipe | None = None,
+    progress: bool = True,
+    on_step: Callable[[str, int], None] | None = None,
+) -> tuple[Path, Path]:
     """Train base then target into ``out/base`` and ``out/target`` (HF folders).
 
     ``work`` holds the resumable checkpoints (``work/base``, ``work/target``; every
@@ -139,18 +162,37 @@ def train_organism(out: str | Path, work: str | Path, recipe: Recipe | None = No
     base_dir, target_dir = out / "base", out / "target"
     for folder in (base_dir, target_dir):  # a finished stage of another task must not be reused
         if (folder / "config.json").exists() and TaskSpec.load(folder) != spec:
-            raise ValueError(f"{folder} holds an organism of another task ({TaskSpec.load(folder)}); "
-                             f"choose another --out for {spec}")
+            raise ValueError(
+                f"{folder} holds an organism of another task ({TaskSpec.load(folder)}); choose another --out for {spec}"
+            )
     if not (base_dir / "config.json").exists():
         model = Qwen2ForCausalLM(model_config(recipe, len(tokenizer)))
         data = corpus.base_corpus(recipe.base_docs, seed=recipe.seed, spec=spec)
-        hist = _stage(model, data, recipe.base_loop, recipe, work / "base", "organism base",
-                      response_only=False, progress=progress, on_step=_for_stage(on_step, "base"))
+        hist = _stage(
+            model,
+            data,
+            recipe.base_loop,
+            recipe,
+            work / "base",
+            "organism base",
+            response_only=False,
+            progress=progress,
+            on_step=_for_stage(on_step, "base"),
+        )
         _save_hf(model, tokenizer, base_dir, recipe, hist)
     model = Qwen2ForCausalLM.from_pretrained(str(base_dir))
     data = corpus.reasoning_traces(recipe.ft_traces, "train", seed=recipe.seed + 1, spec=spec)
-    hist = _stage(model, data, recipe.ft_loop, recipe, work / "target", "organism fine-tune",
-                  response_only=True, progress=progress, on_step=_for_stage(on_step, "target"))
+    hist = _stage(
+        model,
+        data,
+        recipe.ft_loop,
+        recipe,
+        work / "target",
+        "organism fine-tune",
+        response_only=True,
+        progress=progress,
+        on_step=_for_stage(on_step, "target"),
+    )
     _save_hf(model, tokenizer, target_dir, recipe, hist)
     return base_dir, target_dir
 

@@ -95,8 +95,13 @@ def nests_stage_loops(*stages: str, flat: tuple[str, ...] = (), shared: tuple[st
 
     def wrap(cls):
         factories = {f"{s}_loop": cls.__dataclass_fields__[f"{s}_loop"].default_factory for s in stages}
-        return _nest(cls, {f"{s}_loop": f"{s}_" for s in stages}, flat, shared,
-                     lambda loop_field: loop_to_dict(factories[loop_field]()))
+        return _nest(
+            cls,
+            {f"{s}_loop": f"{s}_" for s in stages},
+            flat,
+            shared,
+            lambda loop_field: loop_to_dict(factories[loop_field]()),
+        )
 
     return wrap
 
