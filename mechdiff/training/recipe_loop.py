@@ -14,6 +14,10 @@ A recipe is a dataclass with a ``loop: LoopConfig`` field, decorated with :func:
   own fields, the loop settings it names (``flat``), and any other loop setting changed from
   :class:`LoopConfig`'s default (what keys a checkpoint folder, so old runs resume).
 
+A recipe trained in stages (the organism: pretraining, then fine-tuning) has one loop per stage,
+``{stage}_loop``, and :func:`nests_stage_loops`: the same, with keywords ``{stage}_{setting}``
+(``base_steps=3``) and settings ``shared`` by every stage (``seed=1``).
+
 Example:
     >>> from dataclasses import dataclass, field
     >>> @nests_loop("steps", "lr")
