@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE=1
 export WANDB_MODE=disabled
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test test-fast setup real lint bench clean
+.PHONY: demo test test-fast setup real lint format bench clean
 
 setup: $(STAMP)
 
@@ -38,8 +38,15 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# Lint rules and formatting (ruff, line length 120: [tool.ruff] in pyproject.toml); .ci/run runs it.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mechdiff attribution analyses tests benchmarks
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Rewrites the tree: the fixable lint findings first (imports sorted, ...), then the formatter.
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.generation

@@ -11,7 +11,8 @@ what a base-vs-target diff must compare. Consequently ``ln_final`` must be
 applied explicitly before unembedding a residual-stream vector.
 
 Supported: Qwen2ForCausalLM and LlamaForCausalLM (no o_proj/MLP biases,
-rotary scaling "default" or "llama3"). Weights are read only from safetensors;
+rotary scaling "default" or "llama3"); the config and weight conversion both ways
+is :mod:`mechdiff.hf_conversion`. Weights are read only from safetensors;
 pickle checkpoints are refused.
 """
 
@@ -25,19 +26,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import einops
 import torch
 import transformers
-from jaxtyping import Float
 from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens.pretrained.weight_conversions import (
-    convert_llama_weights,
-    convert_qwen2_weights,
-)
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
-from transformers.initialization import no_init_weights  # transformers-internal; pinned <6
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+# hooked_to_hf and SUPPORTED_ARCHITECTURES lived here and are still importable from here.
+from mechdiff.hf_conversion import (
+    SUPPORTED_ARCHITECTURES,
+    check_supported,
+    hooked_to_hf,
+    to_hooked_config,
+    to_hooked_state_dict,
+    with_architecture,
+)
+
 ORGANISM_DIR: Path = Path(__file__).parent / "organism" / "shipped"
 PRESETS: dict[str, tuple[str, str]] = {
     "r1-distill-qwen-7b": ("Qwen/Qwen2.5-Math-7B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"),
@@ -50,8 +53,6 @@ PairSource = Callable[[str], tuple[tuple, tuple[str, str]]]
 _PAIR_SOURCES: dict[str, tuple[PairSource, str | None]] = {}
 _PAIR_PROVIDERS: dict[str, str] = {"smollm2": "mechdiff.real.smollm2"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_CONVERTERS = {"Qwen2ForCausalLM": convert_qwen2_weights, "LlamaForCausalLM": convert_llama_weights}
-_HF_CONFIGS = {"Qwen2ForCausalLM": "Qwen2Config", "LlamaForCausalLM": "LlamaConfig"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 _SHAPE_ATTRS = ("original_architecture", "d_model", "n_layers", "n_heads", "d_head", "d_mlp",
                 "n_key_value_heads", "d_vocab")  # fmt: skip
@@ -177,7 +178,7 @@ def load_hooked(
     """
     kind, where = _source_kind(source)
     torch_dtype = resolve_dtype(dtype)
-    _check_supported(_load_hf_config(where, kind), str(source))
+    check_supported(_load_hf_config(where, kind), str(source))
     if kind == "local":
         _check_weight_files(where)
     try:
@@ -194,9 +195,10 @@ def load_hooked(
     if bad:
         raise ValueError(f"Weights in {where} are incomplete or misshapen: {bad[:8]}")
     tokenizer = tokenizer if tokenizer is not None else _find_tokenizer(source)
-    cfg = _hooked_config(_with_architecture(hf_model), torch_dtype, device, n_devices, n_ctx, tokenizer)
+    kw = dict(dtype=torch_dtype, device=device, n_devices=n_devices, n_ctx=n_ctx, tokenizer=tokenizer)
+    cfg = to_hooked_config(with_architecture(hf_model), **kw)
     cfg.model_name = str(source)
-    state_dict = _CONVERTERS[cfg.original_architecture](hf_model, cfg)
+    state_dict = to_hooked_state_dict(hf_model, cfg)
     del hf_model  # so each HF tensor is freed once copied (peak ~1x model, not 2x)
     return _build_hooked(cfg, state_dict, tokenizer)
 
@@ -220,37 +222,11 @@ def hooked_from_hf(
         >>> hooked_from_hf(hf, device="cpu").cfg.n_layers
         2
     """
-    hf_config = _with_architecture(hf_model)
-    _check_supported(hf_config, "hooked_from_hf")
-    cfg = _hooked_config(hf_config, resolve_dtype(dtype), device, n_devices, n_ctx, tokenizer)
-    return _build_hooked(cfg, _CONVERTERS[cfg.original_architecture](hf_model, cfg), tokenizer)
-
-
-def hooked_to_hf(model: HookedTransformer) -> transformers.PreTrainedModel:
-    """Convert an unprocessed Qwen2/Llama HookedTransformer back to an HF model (on CPU).
-
-    Raises ValueError for non-zero biases HF has no slot for (attention output,
-    MLP, unembedding; q/k/v too for Llama). Embeddings are tied iff W_U == W_E.T.
-
-    Example:
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> hf = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64,
-        ...     intermediate_size=128, num_hidden_layers=2, num_attention_heads=4))
-        >>> type(hooked_to_hf(hooked_from_hf(hf, device="cpu"))).__name__
-        'LlamaForCausalLM'
-    """
-    cfg = model.cfg
-    if cfg.original_architecture not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"hooked_to_hf supports {SUPPORTED_ARCHITECTURES}, not {cfg.original_architecture}")
-    state_dict = _hf_state_dict(model)
-    tied = torch.equal(state_dict["lm_head.weight"], state_dict["model.embed_tokens.weight"])
-    with no_init_weights():  # the random init would be overwritten anyway
-        hf_model = AutoModelForCausalLM.from_config(_hf_config(cfg, model.tokenizer, tied), dtype=cfg.dtype)
-    # assign=True adopts our fresh CPU copies instead of copying them a second time
-    hf_model.load_state_dict(state_dict, strict=True, assign=True)
-    if tied:
-        hf_model.tie_weights()
-    return hf_model.eval()
+    hf_config = with_architecture(hf_model)
+    check_supported(hf_config, "hooked_from_hf")
+    kw = dict(dtype=resolve_dtype(dtype), device=device, n_devices=n_devices, n_ctx=n_ctx, tokenizer=tokenizer)
+    cfg = to_hooked_config(hf_config, **kw)
+    return _build_hooked(cfg, to_hooked_state_dict(hf_model, cfg), tokenizer)
 
 
 def check_pair(
@@ -354,9 +330,11 @@ def _organism_task(sources) -> dict | None:
         path = Path(str(source)).expanduser() / TASK_FILE
         found.append(json.loads(path.read_text()) if path.is_file() else None)
     if found[0] != found[1]:
-        raise ModelPairMismatch(f"base and target were trained on different organism tasks "
-                                f"({TASK_FILE}): {found[0]} vs {found[1]}")
+        raise ModelPairMismatch(
+            f"base and target were trained on different organism tasks ({TASK_FILE}): {found[0]} vs {found[1]}"
+        )
     return found[1]
+
 
 def register_pair_source(name: str, sources: PairSource, workload: str | None = None) -> None:
     """Make ``load_pair(name)`` and ``load_pair(f"{name}:RUN")`` load ``sources(pair)``.
@@ -391,12 +369,13 @@ def _source_kind(source: str | Path) -> tuple[str, Path | str]:
     """('hub', 'ORG/NAME') for ``"hf:ORG/NAME"``; else ('local', Path), which must be a folder."""
     text = str(source)
     if not isinstance(source, Path) and text.startswith(HUB_PREFIX):
-        return "hub", text[len(HUB_PREFIX):]
+        return "hub", text[len(HUB_PREFIX) :]
     path = Path(text).expanduser()
     if not path.exists():
         raise FileNotFoundError(
             f"Model folder {path} does not exist (relative to {Path.cwd()}); a model on the "
-            f"Hugging Face Hub needs the explicit form '{HUB_PREFIX}ORG/NAME'")
+            f"Hugging Face Hub needs the explicit form '{HUB_PREFIX}ORG/NAME'"
+        )
     if not path.is_dir():
         raise FileNotFoundError(f"Model folder {path} is not a folder")
     return "local", path
@@ -427,24 +406,6 @@ def _load_hf_config(where: Path | str, kind: str) -> transformers.PretrainedConf
         raise ValueError(f"Unreadable config in {where}: {e}; supported: {SUPPORTED_ARCHITECTURES}") from e
 
 
-def _with_architecture(hf_model: transformers.PreTrainedModel) -> transformers.PretrainedConfig:
-    # In-memory models built from a bare config have `architectures=None`.
-    if not getattr(hf_model.config, "architectures", None):
-        hf_model.config.architectures = [type(hf_model).__name__]
-    return hf_model.config
-
-
-def _check_supported(hf_config: transformers.PretrainedConfig, what: str) -> None:
-    arch = (getattr(hf_config, "architectures", None) or ["unknown"])[0]
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"{what}: unsupported architecture {arch}; supported: {SUPPORTED_ARCHITECTURES}")
-    # TL's Llama converter silently drops these biases, and TL does not model Qwen2 windowing.
-    if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
-        raise ValueError(f"{what}: Llama with attention_bias/mlp_bias=True is not supported")
-    if getattr(hf_config, "use_sliding_window", False):
-        raise ValueError(f"{what}: Qwen2 with use_sliding_window=True is not supported")
-
-
 def _check_weight_files(folder: Path) -> None:
     if any(folder.glob("*.safetensors")):
         return
@@ -472,57 +433,11 @@ def _find_tokenizer(source: str | Path) -> PreTrainedTokenizerBase | None:
         raise (_hub_error(source, e) if kind == "hub" else e) from e
 
 
-def _rope_fields(hf_config: transformers.PretrainedConfig) -> dict:
-    # transformers 5 keeps theta and scaling in `rope_parameters` (`rope_scaling` is an
-    # alias); older configs have a top-level `rope_theta`.
-    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
-    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "default":
-        return {"rotary_base": theta}
-    if rope_type == "llama3":
-        return {
-            "rotary_base": theta, "use_NTK_by_parts_rope": True,
-            "NTK_original_ctx_len": params["original_max_position_embeddings"],
-            "NTK_by_parts_low_freq_factor": params.get("low_freq_factor", 1.0),
-            "NTK_by_parts_high_freq_factor": params.get("high_freq_factor", 4.0),
-            "NTK_by_parts_factor": params.get("factor", 1.0),
-        }  # fmt: skip
-    raise ValueError(f"Unsupported rope scaling {rope_type!r}; supported: 'default', 'llama3'")
-
-
-def _hooked_config(hf_config, dtype, device, n_devices, n_ctx, tokenizer) -> HookedTransformerConfig:
-    """Built here, not by TL's get_pretrained_model_config: that needs a folder on disk and
-    routes by *path name* (a folder whose path contains "llama"/"gemma" is misrouted)."""
-    arch, n_heads = hf_config.architectures[0], hf_config.num_attention_heads
-    n_kv = getattr(hf_config, "num_key_value_heads", None) or n_heads
-    d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
-    return HookedTransformerConfig(
-        model_name=str(getattr(hf_config, "_name_or_path", "") or arch), original_architecture=arch,
-        d_model=hf_config.hidden_size, d_head=d_head, n_heads=n_heads,
-        d_mlp=hf_config.intermediate_size, n_layers=hf_config.num_hidden_layers,
-        d_vocab=hf_config.vocab_size, eps=hf_config.rms_norm_eps, act_fn=hf_config.hidden_act,
-        # TL's Qwen2 converter always writes grouped K/V (`_W_K`); Llama's only under GQA.
-        n_key_value_heads=n_kv if arch == "Qwen2ForCausalLM" or n_kv != n_heads else None,
-        # TL 3.9 builds the causal mask per forward and grows the rotary cache lazily, so
-        # the full trained context costs no memory up front: no cap needed.
-        n_ctx=n_ctx or hf_config.max_position_embeddings,
-        normalization_type="RMS", final_rms=True, gated_mlp=True, use_attn_scale=True,
-        positional_embedding_type="rotary", rotary_dim=d_head, rotary_adjacent_pairs=False,
-        initializer_range=getattr(hf_config, "initializer_range", 0.02),
-        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        # to_tokens prepends BOS only if there is one (Qwen2 hub tokenizers have none).
-        default_prepend_bos=tokenizer is not None and tokenizer.bos_token is not None,
-        init_weights=False, dtype=dtype, device=device, n_devices=n_devices,
-        **_rope_fields(hf_config),
-    )  # fmt: skip
-
-
 def _cfg_from_config(source: str | Path) -> HookedTransformerConfig:
     kind, where = _source_kind(source)
     hf_config = _load_hf_config(where, kind)
-    _check_supported(hf_config, str(source))
-    return _hooked_config(hf_config, torch.float32, "cpu", 1, None, None)
+    check_supported(hf_config, str(source))
+    return to_hooked_config(hf_config, dtype=torch.float32, device="cpu")
 
 
 def _build_hooked(cfg, state_dict: dict[str, torch.Tensor], tokenizer) -> HookedTransformer:
@@ -580,58 +495,3 @@ def _check_tokenizers(a, b, allow_added: bool) -> list[str]:
     if special and not allow_added:
         raise ModelPairMismatch(f"tokenizer special/added tokens differ: {special[:5]}")
     return special
-
-
-def _hf_state_dict(model: HookedTransformer) -> dict[str, Float[torch.Tensor, "..."]]:
-    """TL names/shapes -> HF Qwen2/Llama names/shapes: the inverse of TL's converters."""
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    is_qwen = model.cfg.original_architecture == "Qwen2ForCausalLM"
-    no_slot = ("attn.b_O", "mlp.b_in", "mlp.b_out", "unembed.b_U")
-    no_slot += () if is_qwen else ("attn.b_Q", "attn.b_K", "attn.b_V", "attn._b_K", "attn._b_V")
-    for key in (k for k in sd if k.endswith(no_slot)):
-        if sd[key].abs().max() > 0:
-            raise ValueError(f"{key} is non-zero, but {model.cfg.original_architecture} has no such bias")
-    out = {
-        "model.embed_tokens.weight": sd["embed.W_E"],
-        "model.norm.weight": sd["ln_final.w"],
-        "lm_head.weight": sd["unembed.W_U"].T,
-    }
-    for layer in range(model.cfg.n_layers):
-        tl, hf = f"blocks.{layer}.", f"model.layers.{layer}."
-        g = "_" if f"{tl}attn._W_K" in sd else ""  # TL stores grouped (GQA) K/V as `_W_K`, `_W_V`
-        for proj, w in (("q", "W_Q"), ("k", f"{g}W_K"), ("v", f"{g}W_V")):
-            out[f"{hf}self_attn.{proj}_proj.weight"] = einops.rearrange(sd[tl + "attn." + w], "n m h -> (n h) m")
-            if is_qwen:
-                bias = sd[tl + "attn." + w.replace("W_", "b_")]
-                out[f"{hf}self_attn.{proj}_proj.bias"] = einops.rearrange(bias, "n h -> (n h)")
-        out[f"{hf}self_attn.o_proj.weight"] = einops.rearrange(sd[f"{tl}attn.W_O"], "n h m -> m (n h)")
-        out[f"{hf}mlp.up_proj.weight"] = sd[f"{tl}mlp.W_in"].T
-        out[f"{hf}mlp.gate_proj.weight"] = sd[f"{tl}mlp.W_gate"].T
-        out[f"{hf}mlp.down_proj.weight"] = sd[f"{tl}mlp.W_out"].T
-        out[f"{hf}input_layernorm.weight"] = sd[f"{tl}ln1.w"]
-        out[f"{hf}post_attention_layernorm.weight"] = sd[f"{tl}ln2.w"]
-    # Fresh contiguous copies: the HF model adopts them, and must not share TL's storage.
-    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in out.items()}
-
-
-def _hf_config(cfg: HookedTransformerConfig, tokenizer, tied: bool) -> transformers.PretrainedConfig:
-    rope = {"rope_type": "default", "rope_theta": float(cfg.rotary_base)}
-    if cfg.use_NTK_by_parts_rope:
-        rope.update(
-            rope_type="llama3", factor=cfg.NTK_by_parts_factor,
-            low_freq_factor=cfg.NTK_by_parts_low_freq_factor,
-            high_freq_factor=cfg.NTK_by_parts_high_freq_factor,
-            original_max_position_embeddings=cfg.NTK_original_ctx_len,
-        )  # fmt: skip
-    ids = {}
-    if tokenizer is not None:
-        ids = {f"{r}_token_id": getattr(tokenizer, f"{r}_token_id") for r in ("bos", "eos", "pad")}
-    return getattr(transformers, _HF_CONFIGS[cfg.original_architecture])(
-        vocab_size=cfg.d_vocab, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_key_value_heads or cfg.n_heads, head_dim=cfg.d_head,
-        hidden_act=cfg.act_fn, max_position_embeddings=cfg.n_ctx, rms_norm_eps=cfg.eps,
-        rope_parameters=rope, tie_word_embeddings=tied, architectures=[cfg.original_architecture],
-        **ids,
-    )  # fmt: skip
-

@@ -47,8 +47,20 @@ def names(adapted):
 
 
 def config(**kw):
-    base = dict(top_k=4, n_random=3, before=3, after=2, batch_size=3, chunk_batches=2, pos_bins=4,
-                act_bins=8, feature_group=20, think_ids=(OPEN, CLOSE), label_names=LABELS, lens_k=3)
+    base = dict(
+        top_k=4,
+        n_random=3,
+        before=3,
+        after=2,
+        batch_size=3,
+        chunk_batches=2,
+        pos_bins=4,
+        act_bins=8,
+        feature_group=20,
+        think_ids=(OPEN, CLOSE),
+        label_names=LABELS,
+        lens_k=3,
+    )
     return StoreConfig(**{**base, **kw})
 
 
@@ -89,8 +101,7 @@ def brute_force(adapted, rows, cfg):
 
 def test_store_matches_brute_force(adapted):
     rows, cfg = make_corpus(), config()
-    store = build_store(adapted.model, rows, names(adapted), config=cfg, pad_id=1,
-                        decoder=decoder_directions(adapted))
+    store = build_store(adapted.model, rows, names(adapted), config=cfg, pad_id=1, decoder=decoder_directions(adapted))
     per_row, seq_max, n_fire, region_count, pos_hist, label_count = brute_force(adapted, rows, cfg)
     assert store.n_features == 2 * adapted.config.d_sae
     assert store.n_tokens == sum(len(r["input_ids"]) - 1 for r in rows)
@@ -117,9 +128,9 @@ def test_store_matches_brute_force(adapted):
     ex = store.examples(f, "top")[0]
     ids, acts = rows[ex["row"]]["input_ids"], per_row[ex["row"]][:, f]
     lo = max(0, ex["pos"] - cfg.before)
-    assert ex["tokens"] == ids[lo: ex["pos"] + cfg.after + 1]
+    assert ex["tokens"] == ids[lo : ex["pos"] + cfg.after + 1]
     assert ex["tokens"][ex["centre"]] == ids[ex["pos"]]
-    want_acts = acts[lo: ex["pos"] + cfg.after + 1].clamp(min=0).nan_to_num(neginf=0.0)
+    want_acts = acts[lo : ex["pos"] + cfg.after + 1].clamp(min=0).nan_to_num(neginf=0.0)
     assert torch.allclose(torch.tensor(ex["acts"]).float(), want_acts, atol=1e-6)
     assert ex["label"] == rows[ex["row"]]["label_ids"][ex["pos"]]
     # random examples: distinct firing tokens, as many as possible up to n_random
@@ -148,8 +159,7 @@ def test_resume_after_interruption_equals_uninterrupted(adapted, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         build_store(adapted.model, rows, names(adapted), tmp_path / "s", config=cfg, pad_id=1, on_chunk=crash)
     assert ActivationStore.load(tmp_path / "s").rows_done == cfg.batch_size * cfg.chunk_batches < len(rows)
-    resumed = build_store(adapted.model, rows, names(adapted), tmp_path / "s", config=cfg, pad_id=1,
-                          on_chunk=crash)
+    resumed = build_store(adapted.model, rows, names(adapted), tmp_path / "s", config=cfg, pad_id=1, on_chunk=crash)
     assert calls[1:] == [12, 13]  # only the remaining chunks ran
     loaded = ActivationStore.load(tmp_path / "s")
     for name, tensor in full.t.items():
@@ -201,8 +211,14 @@ def test_lora_state_store_and_names(tiny_model_dir):
             for m in layer.B:
                 layer.B[m].normal_(0, 0.5)
     rows = [[2, *torch.randint(4, 60, (9,)).tolist()] for _ in range(5)]
-    store = build_store(lora.model, rows, lora.act_names(), config=StoreConfig(top_k=2, batch_size=2),
-                        decoder=lora_directions(lora), pad_id=1)
+    store = build_store(
+        lora.model,
+        rows,
+        lora.act_names(),
+        config=StoreConfig(top_k=2, batch_size=2),
+        decoder=lora_directions(lora),
+        pad_id=1,
+    )
     assert store.n_features == 2 * 7
     assert store.name(0) == "L0.q" and store.name(13) == "L1.down"
     assert store.index("blocks.1.lora.hook_down_act", 0) == 13
@@ -211,3 +227,11 @@ def test_lora_state_store_and_names(tiny_model_dir):
     assert torch.allclose(store.act_max, state.max(0).values, atol=1e-5)
     with pytest.raises(ValueError, match="no hook points"):
         build_store(lora.model, rows, ["blocks.9.nothing"])
+
+
+def test_names_moved_to_store_statistics_still_import_from_store():
+    from mechdiff.features import store, store_statistics
+
+    for name in ("REGIONS", "StoreConfig", "annotate"):
+        assert getattr(store, name) is getattr(store_statistics, name)
+    assert sorted(n for n in store.__all__ if not hasattr(store, n)) == []

@@ -46,9 +46,20 @@ def test_evaluation_does_not_import_training_or_real(path):
 def test_importing_evaluation_pulls_in_neither_training_nor_real():
     """Not even through what it imports (the workloads, the adapters, the models)."""
     modules = [f"mechdiff.evaluation.{p.stem}" for p in EVALUATION if p.stem != "__init__"]
-    code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
-            "import mechdiff.workloads as w\n"
-            "print(sorted(m for m in sys.modules if m.startswith(('mechdiff.real', 'mechdiff.training'))))\n"
-            "w.ChatWorkload\nprint('mechdiff.real.chat' in sys.modules)")
+    code = (
+        f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+        "import mechdiff.workloads as w\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('mechdiff.real', 'mechdiff.training'))))\n"
+        "w.ChatWorkload\nprint('mechdiff.real.chat' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.split("\n")[:2] == ["[]", "True"]
+
+
+def test_hf_conversion_is_below_models():
+    """The conversion module imports nothing of mechdiff (models builds on it, never the reverse)."""
+    path = ROOT / "mechdiff" / "hf_conversion.py"
+    assert sorted(n for n in imported_modules(path) if n.startswith("mechdiff")) == []
+    code = "import sys, mechdiff.hf_conversion\nprint(sorted(m for m in sys.modules if m.startswith('mechdiff.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "['mechdiff.hf_conversion']"

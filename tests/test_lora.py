@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from mechdiff.adapters.lora import HF_PROJ, MODULES, LoRAConfig, LoRAModel, merge
 from mechdiff.adapters.peft_format import export_peft, import_peft
 from mechdiff.generation import generate
-from mechdiff.models import hooked_from_hf, hooked_to_hf
+from mechdiff.hf_conversion import hooked_to_hf
+from mechdiff.models import hooked_from_hf
 
 
 @pytest.fixture(autouse=True)

@@ -6,13 +6,13 @@ import torch
 from conftest import make_tiny_hf, make_tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mechdiff import models
+from mechdiff import hf_conversion, models
+from mechdiff.hf_conversion import hooked_to_hf, to_hf_config, to_hooked_config, with_architecture
 from mechdiff.models import (
     ModelPair,
     ModelPairMismatch,
     check_pair,
     hooked_from_hf,
-    hooked_to_hf,
     hybrid,
     load_hooked,
     load_pair,
@@ -57,9 +57,19 @@ def test_local_folder_matches_hf(tiny_model_dir, arch):
         ("llama", {"num_key_value_heads": 4}),  # no GQA: TL uses plain W_K/W_V keys
         ("qwen2", {"num_key_value_heads": 4}),  # Qwen2 always uses grouped _W_K keys
         ("qwen2", {"tie_word_embeddings": True}),
-        ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0,
-                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 64}}),  # fmt: skip
+        (
+            "llama",
+            {
+                "rope_parameters": {
+                    "rope_type": "llama3",
+                    "rope_theta": 50000.0,
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                }
+            },
+        ),  # fmt: skip
     ],
 )
 def test_in_memory_round_trip(arch, overrides):
@@ -226,11 +236,14 @@ def test_hub_name_offline_gives_clear_error(monkeypatch):
         load_pair("r1-distill-qwen-7b")
 
 
-@pytest.mark.parametrize("call", [
-    lambda: load_pair("custom", base="models/base", target="models/target"),
-    lambda: load_hooked("mechdiff-test/definitely-not-cached"),  # hub-shaped, but no "hf:"
-    lambda: load_tokenizer("org/name"),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: load_pair("custom", base="models/base", target="models/target"),
+        lambda: load_hooked("mechdiff-test/definitely-not-cached"),  # hub-shaped, but no "hf:"
+        lambda: load_tokenizer("org/name"),
+    ],
+)
 def test_a_missing_relative_path_is_a_clear_error_never_a_hub_lookup(call, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
@@ -247,8 +260,10 @@ def test_models_does_not_import_the_real_pair_until_asked():
     import subprocess
     import sys
 
-    code = ("import sys, mechdiff.models as m; print('mechdiff.real' in sys.modules); "
-            "m._registered('smollm2'); print('mechdiff.real.smollm2' in sys.modules)")
+    code = (
+        "import sys, mechdiff.models as m; print('mechdiff.real' in sys.modules); "
+        "m._registered('smollm2'); print('mechdiff.real.smollm2' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
 
@@ -285,9 +300,55 @@ def test_bfloat16_load(tiny_model_dir):
     assert hooked_to_hf(model).dtype == torch.bfloat16
 
 
-def test_docstring_examples_run():
-    failures, _ = doctest.testmod(models, optionflags=doctest.ELLIPSIS)
-    assert failures == 0
+@pytest.mark.parametrize("module", [models, hf_conversion], ids=lambda m: m.__name__)
+def test_docstring_examples_run(module):
+    failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert failures == 0 and tried > 0
+
+
+def test_names_moved_to_hf_conversion_still_import_from_models():
+    assert models.hooked_to_hf is hf_conversion.hooked_to_hf
+    assert models.SUPPORTED_ARCHITECTURES == hf_conversion.SUPPORTED_ARCHITECTURES
+
+
+@pytest.mark.parametrize(
+    ("arch", "overrides"),
+    [
+        ("qwen2", {"num_key_value_heads": 2, "tie_word_embeddings": True}),
+        (
+            "llama",
+            {
+                "rope_parameters": {
+                    "rope_type": "llama3",
+                    "rope_theta": 50000.0,
+                    "factor": 8.0,
+                    "low_freq_factor": 2.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                }
+            },
+        ),  # fmt: skip
+    ],
+)
+def test_config_conversion_round_trips(arch, overrides):
+    """HF config -> TL config -> HF config keeps every field the HF model is built from."""
+    src = with_architecture(make_tiny_hf(arch, **overrides))
+    back = to_hf_config(to_hooked_config(src, device="cpu"), None, tied=src.tie_word_embeddings)
+    assert type(back) is type(src)
+    for attr in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+                 "tie_word_embeddings", "architectures"):  # fmt: skip
+        assert getattr(back, attr) == getattr(src, attr), attr
+    assert back.head_dim == (getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads) == 16
+    want = {k: v for k, v in src.rope_parameters.items() if k in back.rope_parameters}
+    assert back.rope_parameters == pytest.approx(want) and want["rope_type"] == back.rope_parameters["rope_type"]
+
+
+def test_unsupported_rope_scaling_is_refused():
+    src = with_architecture(make_tiny_hf("llama"))
+    src.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(ValueError, match="Unsupported rope scaling 'yarn'"):
+        to_hooked_config(src)
 
 
 @pytest.mark.parametrize("backbone", ["target", "base"])

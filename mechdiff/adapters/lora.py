@@ -275,7 +275,8 @@ def merge(lora: LoRAModel) -> HookedTransformer:
         >>> torch.allclose(merged(tokens), lora(tokens), atol=1e-5)  # doctest: +SKIP
         True
     """
-    from mechdiff.models import hooked_from_hf, hooked_to_hf
+    from mechdiff.hf_conversion import hooked_to_hf
+    from mechdiff.models import hooked_from_hf
 
     hf = hooked_to_hf(lora.model)  # reads only the base weights (the LoRA keys have no HF slot)
     with torch.no_grad():

@@ -8,7 +8,7 @@ A PEFT LoRA folder holds ``adapter_config.json`` (written here by ``peft.LoraCon
 
 (``o_proj``, ``mlp.gate_proj``, ``mlp.up_proj``, ``mlp.down_proj`` likewise), which is what
 ``peft.PeftModel.from_pretrained(hf_model, folder)`` loads onto the HF export of the base model
-(:func:`mechdiff.models.hooked_to_hf`). Importing accepts LoRAs trained elsewhere with PEFT on a
+(:func:`mechdiff.hf_conversion.hooked_to_hf`). Importing accepts LoRAs trained elsewhere with PEFT on a
 Qwen2/Llama model, so the lens runs on real LoRAs: plain LoRA or rsLoRA, any subset of the seven
 projections, every layer. Anything else (DoRA, biases, per-module ranks, embeddings, pickles) is
 refused with a message saying what and why.
