@@ -160,6 +160,8 @@ def test_retrain_measures_the_reused_adapters_and_lora_in_the_run(run, tmp_path)
         "given": 1000, "retrained": 2}
     assert sae["train_cpu_s"] == pytest.approx(lora["cpu_s"] + sae_part["cpu_s"])
     assert sae["train_peak_gib"] == pytest.approx(max(lora["rise_gib"], sae_part["rise_gib"]))
+    report = (tmp_path / "report.md").read_text()
+    assert "**adapters trained again**" in report and "**lora trained again**" in report and "weight cosine" in report
     # the scores read the given (shipped) artefacts: the same as the run without --retrain adapters,lora
     before = run[1]["organisms"]["organism"]["lenses"]
     for name in ("transcoder_gradient", "lora_sae"):
