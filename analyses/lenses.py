@@ -16,11 +16,14 @@ Scores (mechdiff.lenses.scoring): n_units; precision and recall by one label rul
 (ablate while generating on test problems, against 5 random draws of the same count); steering
 (share of the gap in P(hesitation) to the lens's full model closed by adding the units);
 train_cpu_s and score_cpu_s (time.process_time) and each phase's memory, train_peak_gib and score_peak_gib
-(mechdiff.lenses.cost: the peak RSS rise over what was live at the phase's start); for artefacts
-reused, not trained here (adapters, LoRA), train_cpu_s is the wall seconds recorded when they were
-trained, labelled so by train_cpu_s_source and train_s_kind ("wall"); the SAE on the LoRA state has
-no record: --retrain-lora-sae trains one like it here to measure it. Agreement (activation correlation of the lenses'
-units on the same tokens). Nothing is chosen on the test problems.
+(mechdiff.lenses.cost: the peak RSS rise over what was live at the phase's start). Artefacts reused,
+not trained here (adapters, LoRA, the SAE on the LoRA state), are scored as given; their training is
+measured only with --retrain adapters,lora,lora-sae (or all): each is trained again here with the
+recipe saved beside it, into a temporary folder, measured, compared with the given one (weight cosine,
+final metrics: train_parts) and discarded (mechdiff.lenses.retrain). Without it, train_cpu_s is the
+wall seconds recorded when they were trained, labelled so by train_cpu_s_source and train_s_kind
+("wall"), and the SAE on the LoRA state (no record) leaves it unknown. Agreement (activation
+correlation of the lenses' units on the same tokens). Nothing is chosen on the test problems.
 Writes --out: summary.json, report.md, lenses x scores and agreement figures (HTML + PNG).
 """
 
@@ -36,6 +39,7 @@ import torch
 from mechdiff.cli import UsageError, offline_environment, run, shown_path
 from mechdiff.lenses import scoring
 
+RETRAIN = ("adapters", "lora", "lora-sae")  # reused artefacts --retrain can train again to measure
 LENSES = ("transcoder_graph", "transcoder_gradient", "lora_sae", "crosscoder", "activation_difference", "kl")
 REPO = Path(__file__).resolve().parents[1]
 SCORES = ("n_units", "precision", "recall", "necessity_cut", "random_cut", "steering", "train_cpu_s", "score_cpu_s")
@@ -63,13 +67,30 @@ def parse_args(argv):
     p.add_argument("--crosscoder-k", type=int, default=16, help="BatchTopK: mean active latents per token")
     p.add_argument("--crosscoder-steps", type=int, default=4000, help="training steps (batch 256)")
     p.add_argument("--crosscoder-traces", type=int, default=1500, help="train traces the crosscoder reads")
-    p.add_argument("--retrain-lora-sae", action="store_true",
-                   help="measure the LoRA-state SAE's training cost by training one like it here (scores use the given SAE)")
+    p.add_argument("--retrain", type=_retrain_set, default=frozenset(), metavar="SET",
+                   help="measure the training cost of reused artefacts by training them again here with their saved "
+                        f"recipes (scores use the given ones): a comma-separated subset of {','.join(RETRAIN)}, or all")
+    p.add_argument("--retrain-lora-sae", action="store_true", help="the same as --retrain lora-sae (kept for old commands)")
+    p.add_argument("--retrain-steps", type=int, default=None,
+                   help="smoke tests only: retrain adapters and LoRA with this many steps, not their recipes'")
+    p.add_argument("--retrain-traces", type=int, default=None,
+                   help="smoke tests only: retrain adapters and LoRA on this many traces, not their recipes'")
     p.add_argument("--lora-sae-traces", type=int, default=2000, help="train traces for that SAE (analyses.lora's default)")
     p.add_argument("--lora-sae-samples", type=int, default=1_500_000, help="its training samples (analyses.lora's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.retrain = frozenset(args.retrain | ({"lora-sae"} if args.retrain_lora_sae else set()))
+    return args
+
+
+def _retrain_set(text: str) -> frozenset[str]:
+    items = {t.strip() for t in text.split(",") if t.strip()}
+    if items == {"all"}:
+        return frozenset(RETRAIN)
+    if not items or items - set(RETRAIN):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated subset of {','.join(RETRAIN)}, or all")
+    return frozenset(items)
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, Path]:
@@ -163,20 +184,47 @@ def score_organism(name: str, where: dict, args) -> tuple[dict, dict]:
     return record, scoring.agreement(acts, names, family={k: "transcoder" for k in results if k.startswith("transcoder")})
 
 
+def _overrides(args) -> dict:
+    """The recipe fields --retrain-steps / --retrain-traces replace (smoke tests), or {} (the recipes)."""
+    return {k: v for k, v in (("steps", args.retrain_steps), ("n_traces", args.retrain_traces)) if v is not None}
+
+
+def _retrained_part(r, shown: str) -> dict:
+    """A retrained artefact as a train part: its measured cost, recipe and closeness to the given one."""
+    what = f"with the recipe saved in {shown}" + (f", except {r.overrides}" if r.overrides else "")
+    return {**r.cost.to_dict(), "kind": "cpu", "closeness": r.closeness, "overrides": r.overrides,
+            "source": f"measured in this run by training the {r.kind} again {what} (data drawn included; "
+                      "CPU seconds, memory as peak_gib (process) and rise_gib (its own)); the lens scores "
+                      f"{shown}'s"}
+
+
 def training_costs(ctx, where: dict, results: dict, args) -> dict[str, dict]:
-    """Per lens: ``train_cpu_s`` with ``train_cpu_s_source`` (a sentence) and ``train_s_kind``
+    """Per lens: ``train_cpu_s`` with ``train_cpu_s_source`` (a sentence), ``train_s_kind``
     (``"cpu"`` measured here, ``"wall"`` recorded when a reused artefact was trained, ``"wall+cpu"``
-    a sum of both, None unknown or nothing to train), and ``train_parts`` for reused artefacts."""
-    from mechdiff.lenses import cost, lora_sae
+    a sum of both, None unknown or nothing to train), ``train_peak_gib`` / ``train_rss_peak_gib``
+    where measured, and ``train_parts`` for reused artefacts (trained again with ``--retrain``:
+    :mod:`mechdiff.lenses.retrain`)."""
+    from mechdiff.lenses import cost, lora_sae, retrain
 
     out = {}
     adapters = where.get("adapters")
     adapters_rec = cost.adapters_record(adapters, shown_path(adapters, REPO)) if adapters is not None else None
+    retrained_adapters = None
+    if "adapters" in args.retrain and adapters is not None and any(k.startswith("transcoder_") for k in results):
+        print("[lenses] training the adapters again with their saved recipe, to measure their cost", flush=True)
+        retrained_adapters = retrain.retrain_adapters(ctx.pair, adapters, _overrides(args))
     for name, r in results.items():
         if r.train is not None:
             out[name] = {"train_cpu_s": r.train.cpu_s, "train_cpu_s_source": cost.MEASURED, "train_s_kind": "cpu"}
         elif name == "kl":
             out[name] = {"train_cpu_s": None, "train_cpu_s_source": "nothing to train", "train_s_kind": None}
+        elif name.startswith("transcoder_") and retrained_adapters is not None:
+            c = retrained_adapters.cost
+            part = _retrained_part(retrained_adapters, shown_path(adapters, REPO))
+            out[name] = {"train_cpu_s": c.cpu_s, "train_s_kind": "cpu", "train_peak_gib": c.rise_gib,
+                         "train_rss_peak_gib": c.peak_gib,
+                         "train_cpu_s_source": part["source"] + " (the adapters both transcoder rankings read)",
+                         "train_parts": {"adapters": {**part, "recorded": adapters_rec and adapters_rec.to_dict()}}}
         elif name.startswith("transcoder_"):
             rec = adapters_rec
             out[name] = {"train_cpu_s": rec and rec.seconds, "train_s_kind": rec and rec.kind,
@@ -184,29 +232,51 @@ def training_costs(ctx, where: dict, results: dict, args) -> dict[str, dict]:
                          else f"unknown: no training record in {shown_path(adapters, REPO)}",
                          "train_parts": {"adapters": rec and rec.to_dict()}}
         elif name == "lora_sae":
-            lora_rec = cost.lora_record(where["lora"], shown_path(where["lora"], REPO))
-            sae = None
-            if args.retrain_lora_sae:
-                print("[lenses] training an SAE like the LoRA-state SAE, to measure its cost", flush=True)
-                sae = lora_sae.retrain_cost(ctx, where["lora"], where["lora_sae"], n_traces=args.lora_sae_traces,
-                                            n_samples=args.lora_sae_samples)
-            parts = {"lora": lora_rec and lora_rec.to_dict(),
-                     "sae": sae and {**sae.to_dict(), "kind": "cpu", "source": (
-                         f"measured in this run by training an SAE like {shown_path(where['lora_sae'], REPO)} again "
-                         f"({args.lora_sae_traces} train traces, {args.lora_sae_samples} samples); CPU seconds, "
-                         "memory as peak_gib (process) and rise_gib (its own)")}}
-            known = lora_rec is not None and sae is not None
-            why = [] if lora_rec else [f"no training.json in {shown_path(where['lora'], REPO)}"]
-            if sae is None:
-                why.append("the SAE on the LoRA state has no training record (--retrain-lora-sae measures it)")
-            out[name] = {"train_cpu_s": lora_rec.seconds + sae.cpu_s if known else None,
-                         "train_s_kind": "wall+cpu" if known else None,
-                         "train_cpu_s_source": ("sum of train_parts: the LoRA's wall seconds recorded when trained "
-                                                "(not CPU) + the SAE's CPU seconds measured in this run") if known
-                         else "unknown: " + "; ".join(why), "train_parts": parts}
+            out[name] = _lora_sae_costs(ctx, where, args, cost, lora_sae, retrain)
         else:
             out[name] = {"train_cpu_s": None, "train_cpu_s_source": "not measured", "train_s_kind": None}
     return out
+
+
+def _lora_sae_costs(ctx, where: dict, args, cost, lora_sae, retrain) -> dict:
+    """The LoRA-SAE lens's training: the LoRA's (measured with --retrain lora, else recorded) plus the
+    SAE's on its state (measured with --retrain lora-sae, else unknown)."""
+    lora_shown, sae_shown = shown_path(where["lora"], REPO), shown_path(where["lora_sae"], REPO)
+    lora_rec = cost.lora_record(where["lora"], lora_shown)
+    lora_part = lora_rec and lora_rec.to_dict()
+    lora_cost = None
+    if "lora" in args.retrain:
+        print("[lenses] training the LoRA again with its saved recipe, to measure its cost", flush=True)
+        again = retrain.retrain_lora(ctx.pair, where["lora"], _overrides(args))
+        lora_cost, lora_part = again.cost, {**_retrained_part(again, lora_shown), "recorded": lora_part}
+    sae = None
+    if "lora-sae" in args.retrain:
+        print("[lenses] training an SAE like the LoRA-state SAE, to measure its cost", flush=True)
+        sae = lora_sae.retrain_cost(ctx, where["lora"], where["lora_sae"], n_traces=args.lora_sae_traces,
+                                    n_samples=args.lora_sae_samples)
+    parts = {"lora": lora_part,
+             "sae": sae and {**sae.to_dict(), "kind": "cpu", "source": (
+                 f"measured in this run by training an SAE like {sae_shown} again "
+                 f"({args.lora_sae_traces} train traces, {args.lora_sae_samples} samples); CPU seconds, "
+                 "memory as peak_gib (process) and rise_gib (its own)")}}
+    why = [] if lora_cost is not None or lora_rec is not None else [f"no training.json in {lora_shown}"]
+    if sae is None:
+        why.append("the SAE on the LoRA state has no training record (--retrain lora-sae measures it)")
+    if why:
+        return {"train_cpu_s": None, "train_s_kind": None, "train_cpu_s_source": "unknown: " + "; ".join(why),
+                "train_parts": parts}
+    if lora_cost is None:
+        return {"train_cpu_s": lora_rec.seconds + sae.cpu_s, "train_s_kind": "wall+cpu", "train_parts": parts,
+                "train_cpu_s_source": "sum of train_parts: the LoRA's wall seconds recorded when trained "
+                                      "(not CPU) + the SAE's CPU seconds measured in this run"}
+    peaks = [c.peak_gib for c in (lora_cost, sae) if c.peak_gib is not None]
+    rises = [c.rise_gib for c in (lora_cost, sae) if c.rise_gib is not None]
+    return {"train_cpu_s": lora_cost.cpu_s + sae.cpu_s, "train_s_kind": "cpu", "train_parts": parts,
+            "train_peak_gib": max(rises) if len(rises) == 2 else None,
+            "train_rss_peak_gib": max(peaks) if len(peaks) == 2 else None,
+            "train_cpu_s_source": "sum of train_parts, both measured in this run: CPU seconds of training the "
+                                  f"LoRA again with the recipe saved in {lora_shown} and of training an SAE like "
+                                  f"{sae_shown} on its state; memory: the larger of the two phases' own peaks"}
 
 
 def _mem(c, key: str):
@@ -243,7 +313,7 @@ def main(argv=None) -> dict:
     from mechdiff.lenses import cost
 
     summary.update({"label_rule": scoring.RULE, "memory_rule": cost.MEMORY_RULE,
-                    "settings": {k: v for k, v in vars(args).items()},
+                    "settings": {k: sorted(v) if isinstance(v, frozenset) else v for k, v in vars(args).items()},
                     "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
                     "peak_rss_gib": cost.process_peak_gib(),
                     "machine_ram_gib": cost.machine_ram_gib()})

@@ -125,3 +125,53 @@ def test_bad_organism_arguments_fail_before_any_work(tmp_path):
         lenses.main([f"x={tmp_path}", "--out", str(tmp_path)])
     with pytest.raises(UsageError, match="not among the organisms"):
         lenses.main(["--adapters", "other=somewhere", "--out", str(tmp_path)])
+
+
+def test_retrain_measures_the_reused_adapters_and_lora_in_the_run(run, tmp_path):
+    """--retrain trains the adapters and the LoRA again (here with a 2-step recipe) and the lenses
+    reading them then report CPU seconds and memory measured in the run, with the retrained copy's
+    closeness to the given one; the scores still read the given artefacts."""
+    from mechdiff.lenses import cost
+
+    small = [a for a in SMALL if a != "--retrain-lora-sae"]
+    args = ["--out", str(tmp_path), *small, "--lenses", "transcoder_gradient", "lora_sae",
+            "--retrain", "adapters,lora", "--retrain-lora-sae", "--retrain-steps", "2", "--retrain-traces", "64"]
+    threads = torch.get_num_threads()
+    try:
+        s = lenses.main(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert s["settings"]["retrain"] == ["adapters", "lora", "lora-sae"]
+    lens = s["organisms"]["organism"]["lenses"]
+    ram = cost.machine_ram_gib()
+    recorded = json.loads((SHIPPED_DIR / "adapters.json").read_text())["metrics"]["train_last"]["seconds"]
+    for name in ("transcoder_gradient", "lora_sae"):
+        rec = lens[name]
+        assert rec["train_s_kind"] == "cpu" and "measured in this run" in rec["train_cpu_s_source"], name
+        assert rec["train_cpu_s"] > 0 and 0 < rec["train_peak_gib"] <= rec["train_rss_peak_gib"] < ram, name
+    grad = lens["transcoder_gradient"]
+    part = grad["train_parts"]["adapters"]
+    assert grad["train_cpu_s"] == part["cpu_s"] != recorded and part["recorded"]["seconds"] == recorded
+    assert part["overrides"] == {"steps": 2, "n_traces": 64} and part["closeness"]["metrics"]["step"]["retrained"] == 2
+    assert part["closeness"]["metrics"]["val_fve_0"]["given"] > 0.9 and -1 <= part["closeness"]["weight_cosine"] < 1
+    sae = lens["lora_sae"]
+    lora, sae_part = sae["train_parts"]["lora"], sae["train_parts"]["sae"]
+    assert lora["kind"] == "cpu" and lora["recorded"]["kind"] == "wall" and lora["closeness"]["metrics"]["step"] == {
+        "given": 1000, "retrained": 2}
+    assert sae["train_cpu_s"] == pytest.approx(lora["cpu_s"] + sae_part["cpu_s"])
+    assert sae["train_peak_gib"] == pytest.approx(max(lora["rise_gib"], sae_part["rise_gib"]))
+    report = (tmp_path / "report.md").read_text()
+    assert "**adapters trained again**" in report and "**lora trained again**" in report and "weight cosine" in report
+    # the scores read the given (shipped) artefacts: the same as the run without --retrain adapters,lora
+    before = run[1]["organisms"]["organism"]["lenses"]
+    for name in ("transcoder_gradient", "lora_sae"):
+        for key in ("units", "precision", "recall", "necessity", "steering"):
+            assert lens[name][key] == before[name][key], (name, key)
+
+
+def test_retrain_takes_a_set_and_keeps_the_old_flag():
+    assert lenses.parse_args(["--retrain-lora-sae"]).retrain == {"lora-sae"}
+    assert lenses.parse_args(["--retrain", "all"]).retrain == set(lenses.RETRAIN)
+    assert lenses.parse_args([]).retrain == set()
+    with pytest.raises(SystemExit):
+        lenses.parse_args(["--retrain", "adapters,sae"])

@@ -130,3 +130,30 @@ def test_docstring_examples(name):
 
     result = doctest.testmod(importlib.import_module(f"mechdiff.lenses.{name}"), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_retraining_uses_the_saved_recipe_and_leaves_the_random_state():
+    """The LoRA trained again takes every field of the shipped training.json but the ones overridden;
+    the run's random state is as before; the given LoRA is its own perfect match."""
+    import json
+
+    from mechdiff.lenses import retrain
+    from mechdiff.lora import SHIPPED_DIR, load_lora
+    from mechdiff.models import load_pair
+
+    pair = load_pair("organism")
+    folder = SHIPPED_DIR / "lora_r1"
+    state = torch.get_rng_state()
+    r = retrain.retrain_lora(pair, folder, {"steps": 2, "n_traces": 16, "batch_size": 8})
+    assert torch.equal(torch.get_rng_state(), state)
+    saved = json.loads((folder / "training.json").read_text())["config"]
+    assert r.recipe["loop"]["steps"] == 2 and r.recipe["batch_size"] == 8 and r.recipe["n_traces"] == 16
+    for key in ("rank", "alpha", "rslora", "kl_weight"):
+        assert r.recipe[key] == saved[key], key
+    assert r.recipe["loop"]["lr"] == saved["lr"] and list(r.recipe["modules"]) == saved["modules"]
+    assert r.cost.cpu_s > 0 and r.closeness["metrics"]["step"] == {"given": saved["steps"], "retrained": 2}
+    given = load_lora(folder, pair).layers.state_dict()
+    assert retrain.weight_cosine(given, given) == pytest.approx(1.0)
+    assert r.closeness["weight_cosine"] < 0.99  # two steps from B = 0 are far from a thousand
+    with pytest.raises(ValueError, match="different tensors"):
+        retrain.weight_cosine(given, {})

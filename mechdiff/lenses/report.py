@@ -21,6 +21,7 @@ from mechdiff.visualization.figures import PALETTE, new_figure, save, write_html
 TABLE = ("n_units", "precision", "recall", "necessity_cut", "random_cut", "steering", "train_cpu_s", "score_cpu_s",
          "train_peak_gib", "score_peak_gib")
 KIND = {"wall": "wall, recorded", "wall+cpu": "wall+CPU"}  # train_s_kind shown beside a train_cpu_s that is not all CPU
+SHOWN_METRICS = ("val_kl", "val_nmse", "val_fve", "loss", "token_acc")  # a retrained artefact's, beside the given's
 SHARES = ("precision", "recall", "necessity_cut", "random_cut", "steering")
 
 
@@ -122,6 +123,44 @@ def table_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _cost_prose(summary: dict) -> str:
+    """The report's paragraph on cost: what was measured in the run and what recorded."""
+    retrained = (summary.get("settings") or {}).get("retrain") or []
+    reused = {"adapters": "the transcoder adapters", "lora": "the LoRA", "lora-sae": "the SAE on the LoRA state"}
+    again = [reused[k] for k in retrained if k in reused]
+    text = ("**Cost**: train_cpu_s / score_cpu_s are CPU seconds measured in this run (time.process_time, one "
+            "thread)")
+    if again:
+        text += (f"; the reused artefacts ({', '.join(again)}) were trained again in this run with the recipes saved "
+                 "beside them, to measure their training (the scores read the given ones; how close each retrained "
+                 "copy came is listed per organism)")
+    text += (". Where marked, \"wall, recorded\" is the wall seconds a reused artefact's training recorded (not "
+             "retrained here), \"wall+CPU\" the LoRA's recorded wall seconds plus the CPU seconds of training an "
+             f"SAE like the given one in this run. Memory: {summary.get('memory_rule', '')}. Null where nothing was "
+             "measured (train_cpu_s_source in summary.json says which and why). "
+             f"Whole run: peak RSS {_cell(summary.get('peak_rss_gib'))} GiB, {_cell(summary.get('cpu_s'))} CPU s.")
+    return text
+
+
+def _retrained_lines(lenses: dict) -> list[str]:
+    """One line per reused artefact trained again in the run: its cost and its closeness to the given one."""
+    parts = {}
+    for rec in lenses.values():
+        for kind, part in (rec.get("train_parts") or {}).items():
+            if part and part.get("closeness"):
+                parts[kind] = part
+    lines = []
+    for kind, part in parts.items():
+        c = part["closeness"]
+        shown = "; ".join(f"{k} {_cell(v['given'])} given, {_cell(v['retrained'])} retrained"
+                          for k, v in c.get("metrics", {}).items() if k.startswith(SHOWN_METRICS))
+        lines.append(f"- **{kind} trained again** ({part.get('overrides') or 'the saved recipe'}): "
+                     f"{_cell(part.get('cpu_s'))} CPU s, {_cell(part.get('rise_gib'))} GiB over the start "
+                     f"(process peak {_cell(part.get('peak_gib'))} GiB); weight cosine with the given "
+                     f"{_cell(c.get('weight_cosine'))}; final metrics: {shown}.")
+    return lines
+
+
 def report_markdown(summary: dict) -> str:
     lines = ["# Which lens finds the mechanism?", "",
              "Every lens on the same pair, the same tokens and the same problems, scored against the "
@@ -132,13 +171,7 @@ def report_markdown(summary: dict) -> str:
              "problems / before; random_cut: the same for random units of the same count (mean of the draws). "
              "**Steering**: share of the gap in P(hesitation) at the test hesitation prompts from the lens's "
              "starting model (base, or the hybrid for adapters) to its full model that adding the units closes.", "",
-             "**Cost**: train_cpu_s / score_cpu_s are CPU seconds measured in this run (time.process_time, one "
-             "thread), except where marked: \"wall, recorded\" is the wall seconds a reused artefact's training "
-             "recorded (the shipped adapters, the rank-1 LoRA; not retrained here), \"wall+CPU\" the LoRA's "
-             "recorded wall seconds plus the CPU seconds of training an SAE like the shipped one in this run. "
-             f"Memory: {summary.get('memory_rule', '')}. Null where nothing was measured or recorded "
-             "(train_cpu_s_source in summary.json says which and why). "
-             f"Whole run: peak RSS {_cell(summary.get('peak_rss_gib'))} GiB, {_cell(summary.get('cpu_s'))} CPU s.", ""]
+             _cost_prose(summary), ""]
     for org, o in summary["organisms"].items():
         lines += [f"## {org} (hesitation word {o['hesitation_word']!r})", "",
                   f"{o.get('n_label_tokens')} labelled tokens ({o.get('n_truth_tokens')} hesitation/slip/correction: chance "
@@ -165,6 +198,7 @@ def report_markdown(summary: dict) -> str:
                          + ", ".join(f"{lab} {v['mean_kl']:.3g} (n={v['n_tokens']})" for lab, v in top)
                          + f"; as one unit under the label rule: precision {_cell(k.get('token_precision'))}, "
                            f"recall {_cell(k.get('token_recall'))}.")
+        lines += _retrained_lines(lenses)
         for lens, rec in lenses.items():
             if rec.get("units"):
                 lines.append(f"- **{lens}** units: {', '.join(rec['units'][:20])}{' ...' if len(rec['units']) > 20 else ''}")
