@@ -59,10 +59,12 @@ class Figures:
         self.names.append(name)
 
     def write_html(self, path: Path, header: str):
-        frames = "".join(f"<iframe src='{n}.html' style='width:100%;height:520px;border:0'></iframe>"
-                         for n in self.names)
-        path.write_text(f"<html><head><meta charset='utf-8'><title>LoRA lens</title></head><body>"
-                        f"{header}{frames}</body></html>")
+        frames = "".join(
+            f"<iframe src='{n}.html' style='width:100%;height:520px;border:0'></iframe>" for n in self.names
+        )
+        path.write_text(
+            f"<html><head><meta charset='utf-8'><title>LoRA lens</title></head><body>{header}{frames}</body></html>"
+        )
 
 
 def get_loras(pair, ranks, args):
@@ -79,8 +81,9 @@ def get_loras(pair, ranks, args):
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m analyses.lora", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m analyses.lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="figures/lora", help="output folder (default figures/lora)")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8], help="LoRA ranks (first: analysed)")
     p.add_argument("--n-problems", type=int, default=500, help="held-out test problems for behaviour")
@@ -131,15 +134,20 @@ def main(argv=None) -> dict:
 
     print("monosemanticity ...", flush=True)
     acts = lens.collect(r1, holdout)
-    mono = {"lora": lens.monosemanticity(acts.lora.flatten(1), acts.labels, k=args.top_k),
-            "mlp": lens.monosemanticity(acts.mlp.flatten(1), acts.labels, k=args.top_k)}
+    mono = {
+        "lora": lens.monosemanticity(acts.lora.flatten(1), acts.labels, k=args.top_k),
+        "mlp": lens.monosemanticity(acts.mlp.flatten(1), acts.labels, k=args.top_k),
+    }
     mono_frac = {k: lens.class_fractions(v) for k, v in mono.items()}
     label_freq = torch.bincount(acts.labels, minlength=len(LABELS)).float() / len(acts.labels)
 
     print("SAE ...", flush=True)
     sae_acts = lens.collect(r1, work.traces(args.n_sae_traces, "train", seed=2), with_mlp=False)
-    sae = lora_sae.train_sae(sae_acts.lora.flatten(1), lora_sae.SAEConfig(
-        expansion=args.sae_expansion, k=args.sae_k, n_samples=args.sae_samples), out_dir=out / "sae")
+    sae = lora_sae.train_sae(
+        sae_acts.lora.flatten(1),
+        lora_sae.SAEConfig(expansion=args.sae_expansion, k=args.sae_k, n_samples=args.sae_samples),
+        out_dir=out / "sae",
+    )
     held_states = acts.lora.flatten(1)
     sae_m = lora_sae.sae_metrics(sae, held_states)
     latents = lora_sae.encode(sae, held_states)
@@ -154,8 +162,12 @@ def main(argv=None) -> dict:
         "gain_recovered_by_rank": {str(r): behaviour[f"lora_r{r}"]["gain_recovered"] for r in args.ranks},
         "behaviour": behaviour,
         "lora_sources": {str(r): s for r, s in sources.items()},
-        "sae": {**sae_m, "d_sae": sae.cfg.d_sae, "k": args.sae_k,
-                "category_mass": dict(zip(lora_sae.CATEGORIES, (cat_mass / cat_mass.sum()).tolist(), strict=True))},
+        "sae": {
+            **sae_m,
+            "d_sae": sae.cfg.d_sae,
+            "k": args.sae_k,
+            "category_mass": dict(zip(lora_sae.CATEGORIES, (cat_mass / cat_mass.sum()).tolist(), strict=True)),
+        },
         "monosemanticity": {k: v["mean_precision"] for k, v in mono_frac.items() if k != "sae"},
         "monosemanticity_classes": mono_frac,
         "chance_precision": float(label_freq.max()),
@@ -166,31 +178,73 @@ def main(argv=None) -> dict:
     }
     figs = Figures(out)
     names = list(behaviour)
-    figs.bars("behaviour", "Accuracy on held-out problems", names,
-              {"accuracy": [behaviour[n]["accuracy"] for n in names]}, "accuracy")
-    figs.bars("length_hesitation", "Response length and hesitations", names,
-              {"tokens / 10": [behaviour[n]["mean_response_tokens"] / 10 for n in names],
-               "hesitations": [behaviour[n]["hesitations_per_response"] for n in names]}, "per response")
-    figs.bars("gain_by_rank", "Gain recovered by LoRA rank", [f"r{r}" for r in args.ranks],
-              {"gain recovered": list(summary["gain_recovered_by_rank"].values())}, "gain recovered", hline=0.8)
-    figs.bars("ablation_layer", "Ablating a layer's 7 adapters: KL to the full LoRA", list(kl["layer"]),
-              {"KL": list(kl["layer"].values())}, "KL (nats / response token)")
-    figs.heatmap("ablation_heatmap", "Ablation KL per adapter (module x layer)",
-                 lens.kl_matrix(kl["adapter"], r1).tolist(), [f"L{i}" for i in range(r1.n_layers)],
-                 list(r1.config.modules), "KL")
-    figs.bars("monosemanticity", "LoRA adapters vs MLP neurons vs SAE latents: label-based classes",
-              list(lens.CLASSES) + ["mean precision"],
-              {k: [v[c] for c in lens.CLASSES] + [v["mean_precision"]] for k, v in mono_frac.items()},
-              "share of units", hline=summary["chance_precision"])
+    figs.bars(
+        "behaviour",
+        "Accuracy on held-out problems",
+        names,
+        {"accuracy": [behaviour[n]["accuracy"] for n in names]},
+        "accuracy",
+    )
+    figs.bars(
+        "length_hesitation",
+        "Response length and hesitations",
+        names,
+        {
+            "tokens / 10": [behaviour[n]["mean_response_tokens"] / 10 for n in names],
+            "hesitations": [behaviour[n]["hesitations_per_response"] for n in names],
+        },
+        "per response",
+    )
+    figs.bars(
+        "gain_by_rank",
+        "Gain recovered by LoRA rank",
+        [f"r{r}" for r in args.ranks],
+        {"gain recovered": list(summary["gain_recovered_by_rank"].values())},
+        "gain recovered",
+        hline=0.8,
+    )
+    figs.bars(
+        "ablation_layer",
+        "Ablating a layer's 7 adapters: KL to the full LoRA",
+        list(kl["layer"]),
+        {"KL": list(kl["layer"].values())},
+        "KL (nats / response token)",
+    )
+    figs.heatmap(
+        "ablation_heatmap",
+        "Ablation KL per adapter (module x layer)",
+        lens.kl_matrix(kl["adapter"], r1).tolist(),
+        [f"L{i}" for i in range(r1.n_layers)],
+        list(r1.config.modules),
+        "KL",
+    )
+    figs.bars(
+        "monosemanticity",
+        "LoRA adapters vs MLP neurons vs SAE latents: label-based classes",
+        list(lens.CLASSES) + ["mean precision"],
+        {k: [v[c] for c in lens.CLASSES] + [v["mean_precision"]] for k, v in mono_frac.items()},
+        "share of units",
+        hline=summary["chance_precision"],
+    )
     shown = [i for i in range(len(cat_mass)) if cat_mass[i] > 0]
-    figs.donut("sae_categories", "SAE activation mass by category",
-               [list(lora_sae.CATEGORIES)[i] for i in shown], cat_mass[shown].tolist())
+    figs.donut(
+        "sae_categories",
+        "SAE activation mass by category",
+        [list(lora_sae.CATEGORIES)[i] for i in shown],
+        cat_mass[shown].tolist(),
+    )
     order = torch.argsort(cat * 1000 - dist.sum(1) / (dist.sum() + 1e-9))
     order = order[cat[order] >= 0]  # live latents only, grouped by category
     used = [i for i, name in enumerate(LABELS) if label_freq[i] > 0]
     norm = (dist / dist.sum(1, keepdim=True).clamp(min=1e-9))[order][:, used]
-    figs.heatmap("sae_label_distribution", "SAE latents (by category): share of activation mass per label",
-                 norm.T.tolist(), [str(int(i)) for i in order], [LABELS[i] for i in used], "share")
+    figs.heatmap(
+        "sae_label_distribution",
+        "SAE latents (by category): share of activation mass per label",
+        norm.T.tolist(),
+        [str(int(i)) for i in order],
+        [LABELS[i] for i in used],
+        "share",
+    )
 
     contexts = _contexts(r1, acts, mono, pair.tokenizer, latents, alive, dist, cat)
     (out / "contexts.json").write_text(json.dumps(contexts, indent=1))
@@ -208,11 +262,13 @@ def _contexts(r1, acts, mono, tokenizer, latents, alive, dist, cat) -> dict:
     lora_units = {}
     for u, name in enumerate(names):
         col = u % cols.shape[1]
-        lora_units[name] = {"best_label": LABELS[int(mono["lora"]["best_label"][u])],
-                            "precision": float(mono["lora"]["precision"][u]),
-                            "recall": float(mono["lora"]["recall"][u]),
-                            "class": lens.CLASSES[int(mono["lora"]["klass"][u])],
-                            "top": lens.top_contexts(cols[:, col], acts, tokenizer, k=5, polarity=name[-1])}
+        lora_units[name] = {
+            "best_label": LABELS[int(mono["lora"]["best_label"][u])],
+            "precision": float(mono["lora"]["precision"][u]),
+            "recall": float(mono["lora"]["recall"][u]),
+            "class": lens.CLASSES[int(mono["lora"]["klass"][u])],
+            "top": lens.top_contexts(cols[:, col], acts, tokenizer, k=5, polarity=name[-1]),
+        }
     mlp_cols = acts.mlp.flatten(1)
     best = mono["mlp"]["precision"].argsort(descending=True)[:10].tolist()
     mlp_units = {}
@@ -220,59 +276,98 @@ def _contexts(r1, acts, mono, tokenizer, latents, alive, dist, cat) -> dict:
         col, sign = u % mlp_cols.shape[1], "+" if u < mlp_cols.shape[1] else "-"
         L, n = divmod(col, acts.mlp.shape[2])
         mlp_units[f"L{L}.n{n}{sign}"] = {
-            "best_label": LABELS[int(mono["mlp"]["best_label"][u])], "precision": float(mono["mlp"]["precision"][u]),
-            "top": lens.top_contexts(mlp_cols[:, col], acts, tokenizer, k=5, polarity=sign)}
+            "best_label": LABELS[int(mono["mlp"]["best_label"][u])],
+            "precision": float(mono["mlp"]["precision"][u]),
+            "top": lens.top_contexts(mlp_cols[:, col], acts, tokenizer, k=5, polarity=sign),
+        }
     sae_latents = {}
     cats = list(lora_sae.CATEGORIES)
     for i in dist.sum(1).argsort(descending=True)[:16].tolist():
         share = dist[i] / dist[i].sum().clamp(min=1e-9)
         top_labels = {LABELS[j]: round(float(share[j]), 3) for j in share.argsort(descending=True)[:3].tolist()}
-        sae_latents[f"latent {i}"] = {"category": cats[int(cat[i])] if cat[i] >= 0 else "dead",
-                                      "labels": top_labels,
-                                      "top": lens.top_contexts(latents[:, i], acts, tokenizer, k=4)}
+        sae_latents[f"latent {i}"] = {
+            "category": cats[int(cat[i])] if cat[i] >= 0 else "dead",
+            "labels": top_labels,
+            "top": lens.top_contexts(latents[:, i], acts, tokenizer, k=4),
+        }
     return {"lora": lora_units, "mlp_top10": mlp_units, "sae_top16": sae_latents}
 
 
 def _headline(s) -> str:
-    rows = [f"gain recovered (rank 1): {s['gain_recovered']:.3f}   published {PUBLISHED['gain_recovered']}",
-            "gain recovered by rank: " + ", ".join(f"r{r}={g:.3f}" for r, g in s["gain_recovered_by_rank"].items()),
-            f"SAE: FVU {s['sae']['fvu']:.4f}, L0 {s['sae']['l0']:.2f}, dead {s['sae']['dead_fraction']:.3f}",
-            f"monosemanticity (mean precision): LoRA {s['monosemanticity']['lora']:.3f}, MLP "
-            f"{s['monosemanticity']['mlp']:.3f} (chance {s['chance_precision']:.3f})",
-            f"ablation KL MLP/attention per adapter: {s['ablation_kl_mlp_over_attention']:.2f} (published ~2.4)",
-            f"wall time {s.get('seconds', 0):.0f} s"]
+    rows = [
+        f"gain recovered (rank 1): {s['gain_recovered']:.3f}   published {PUBLISHED['gain_recovered']}",
+        "gain recovered by rank: " + ", ".join(f"r{r}={g:.3f}" for r, g in s["gain_recovered_by_rank"].items()),
+        f"SAE: FVU {s['sae']['fvu']:.4f}, L0 {s['sae']['l0']:.2f}, dead {s['sae']['dead_fraction']:.3f}",
+        f"monosemanticity (mean precision): LoRA {s['monosemanticity']['lora']:.3f}, MLP "
+        f"{s['monosemanticity']['mlp']:.3f} (chance {s['chance_precision']:.3f})",
+        f"ablation KL MLP/attention per adapter: {s['ablation_kl_mlp_over_attention']:.2f} (published ~2.4)",
+        f"wall time {s.get('seconds', 0):.0f} s",
+    ]
     return "\n".join(rows)
 
 
 def _report(s, contexts) -> str:
     b = s["behaviour"]
-    lines = ["# Rank-1 LoRA lens on the organism", "", "```", _headline(s), "```", "",
-             "## Behaviour (greedy, held-out test problems)", "",
-             "| model | accuracy | tokens | hesitations | gain recovered |", "|---|---|---|---|---|"]
+    lines = [
+        "# Rank-1 LoRA lens on the organism",
+        "",
+        "```",
+        _headline(s),
+        "```",
+        "",
+        "## Behaviour (greedy, held-out test problems)",
+        "",
+        "| model | accuracy | tokens | hesitations | gain recovered |",
+        "|---|---|---|---|---|",
+    ]
     for name, st in b.items():
         g = st.get("gain_recovered")
-        lines.append(f"| {name} | {st['accuracy']:.3f} | {st['mean_response_tokens']:.1f} | "
-                     f"{st['hesitations_per_response']:.2f} | {'' if g is None else f'{g:.3f}'} |")
-    lines += ["", "## Monosemanticity (label precision among top activations)", "",
-              "| units | monosemantic | broad | polysemantic | mean precision | mean recall | n |",
-              "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {st['accuracy']:.3f} | {st['mean_response_tokens']:.1f} | "
+            f"{st['hesitations_per_response']:.2f} | {'' if g is None else f'{g:.3f}'} |"
+        )
+    lines += [
+        "",
+        "## Monosemanticity (label precision among top activations)",
+        "",
+        "| units | monosemantic | broad | polysemantic | mean precision | mean recall | n |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for k, v in s["monosemanticity_classes"].items():
-        lines.append(f"| {k} | {v['monosemantic']:.2f} | {v['broad']:.2f} | {v['polysemantic']:.2f} | "
-                     f"{v['mean_precision']:.3f} | {v['mean_recall']:.3f} | {v['n_units']} |")
-    lines += ["", f"Published (LLM-judged, not comparable one to one): LoRA {PUBLISHED['monosemantic_lora']:.0%} "
-              f"monosemantic vs MLP {PUBLISHED['monosemantic_mlp']:.0%}.", "",
-              "## Ablation KL (nats per response token)", "",
-              "| layer | KL |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in s["ablation_kl"]["layer"].items()]
-    lines += ["", "Groups: " + ", ".join(f"ablate {k}: {v:.4f}" for k, v in s["ablation_kl"]["group"].items()), "",
-              "## LoRA adapters: best label and top contexts", ""]
+        lines.append(
+            f"| {k} | {v['monosemantic']:.2f} | {v['broad']:.2f} | {v['polysemantic']:.2f} | "
+            f"{v['mean_precision']:.3f} | {v['mean_recall']:.3f} | {v['n_units']} |"
+        )
+    lines += [
+        "",
+        f"Published (LLM-judged, not comparable one to one): LoRA {PUBLISHED['monosemantic_lora']:.0%} "
+        f"monosemantic vs MLP {PUBLISHED['monosemantic_mlp']:.0%}.",
+        "",
+        "## Ablation KL (nats per response token)",
+        "",
+        "| layer | KL |",
+        "|---|---|",
+    ] + [f"| {k} | {v:.4f} |" for k, v in s["ablation_kl"]["layer"].items()]
+    lines += [
+        "",
+        "Groups: " + ", ".join(f"ablate {k}: {v:.4f}" for k, v in s["ablation_kl"]["group"].items()),
+        "",
+        "## LoRA adapters: best label and top contexts",
+        "",
+    ]
     for name, u in contexts["lora"].items():
-        lines.append(f"- **{name}** {u['class']}, {u['best_label']} (P {u['precision']:.2f}, R {u['recall']:.2f}): "
-                     f"`{u['top'][0]}`")
+        lines.append(
+            f"- **{name}** {u['class']}, {u['best_label']} (P {u['precision']:.2f}, R {u['recall']:.2f}): "
+            f"`{u['top'][0]}`"
+        )
     lines += ["", "## SAE latents (largest activation mass)", ""]
     for name, u in contexts["sae_top16"].items():
         lines.append(f"- **{name}** [{u['category']}] {u['labels']}: `{u['top'][0]}`")
-    lines += ["", "Figures: index.html (interactive), *.png; SAE in SAELens format under sae/; "
-              "all contexts in contexts.json.", ""]
+    lines += [
+        "",
+        "Figures: index.html (interactive), *.png; SAE in SAELens format under sae/; all contexts in contexts.json.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -24,10 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
     from mechdiff.studies.hesitation import HesitationConfig
 
     d = HesitationConfig()
-    p = argparse.ArgumentParser(prog="python -m analyses.organisms", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--organism", action="append", default=[], metavar="NAME=FOLDER",
-                   help="an organism folder (base/, target/, adapters/) to add to the shipped family")
+    p = argparse.ArgumentParser(
+        prog="python -m analyses.organisms", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--organism",
+        action="append",
+        default=[],
+        metavar="NAME=FOLDER",
+        help="an organism folder (base/, target/, adapters/) to add to the shipped family",
+    )
     p.add_argument("--only", nargs="+", default=None, help="run only these organisms (names)")
     p.add_argument("--out", default="figures/organisms", help="output folder")
     p.add_argument("--n-prompts", type=int, default=d.n_prompts, help="hesitation prompts per organism")
@@ -52,10 +58,19 @@ def main(argv=None) -> dict:
 
     try:
         cfg = OrganismsConfig(
-            hesitation=HesitationConfig(n_prompts=args.n_prompts, n_problems=args.n_problems,
-                                        n_dose_problems=args.n_dose_problems, n_traces=args.n_traces,
-                                        ranking=args.ranking, random_draws=args.random_draws, seed=args.seed),
-            n_behaviour_problems=args.n_problems, samples=args.samples, temperature=args.temperature)
+            hesitation=HesitationConfig(
+                n_prompts=args.n_prompts,
+                n_problems=args.n_problems,
+                n_dose_problems=args.n_dose_problems,
+                n_traces=args.n_traces,
+                ranking=args.ranking,
+                random_draws=args.random_draws,
+                seed=args.seed,
+            ),
+            n_behaviour_problems=args.n_problems,
+            samples=args.samples,
+            temperature=args.temperature,
+        )
     except ValueError as err:
         raise cli.UsageError(str(err)) from None
     organisms = family()

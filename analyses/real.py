@@ -40,46 +40,77 @@ from mechdiff.measure import peak_rss_gib
 
 STAGES = ("behaviour", "sweep", "adapters", "hesitation", "lora", "cost")
 ROOT = Path(__file__).resolve().parents[1]
-ORGANISM = {"behaviour": ROOT / "mechdiff/adapters/shipped/organism/adapters.json",  # its study's outputs
-            "hesitation": ROOT / "figures/hesitation/summary.json", "lora": ROOT / "figures/lora/summary.json"}
+ORGANISM = {
+    "behaviour": ROOT / "mechdiff/adapters/shipped/organism/adapters.json",  # its study's outputs
+    "hesitation": ROOT / "figures/hesitation/summary.json",
+    "lora": ROOT / "figures/lora/summary.json",
+}
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m analyses.real", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m analyses.real", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_pair_options(p, default_pair="smollm2")
     p.add_argument("--out", default="figures/real", help="output folder (default figures/real)")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="stages to run")
     p.add_argument("--redo", nargs="*", default=[], choices=STAGES, help="rerun these even if done")
-    p.add_argument("--n-problems", type=int, default=48,
-                   help="held-out problems for behaviour, adapters and LoRA (default 48)")
+    p.add_argument(
+        "--n-problems", type=int, default=48, help="held-out problems for behaviour, adapters and LoRA (default 48)"
+    )
     p.add_argument("--n-eval-traces", type=int, default=32, help="held-out traces for faithfulness")
     p.add_argument("--d-sae", type=int, help="adapter features per layer (default: the sweep's pick, else 512)")
     p.add_argument("--k", type=int, help="TopK active features per token (default: the sweep's pick, else 8)")
     p.add_argument("--adapter-steps", type=int, default=60, help="adapter training steps (default 60)")
     p.add_argument("--adapter-lr", type=float, default=1e-3, help="adapter peak learning rate (default 1e-3)")
-    p.add_argument("--adapter-resample", type=int, default=0, metavar="N",
-                   help="re-initialise adapter features dead for N steps, every N steps, over the first 60%% of "
-                        "training (default 0: never; 250 steps at 512:16 without it left 33%% dead)")
-    p.add_argument("--autocast", choices=("bfloat16", "float16"),
-                   help="mixed-precision forwards for adapter training (bfloat16: ~1.6x faster on AVX512-bf16 CPUs)")
-    p.add_argument("--sweep", default="512:8,1024:8,512:16",
-                   help="width:k candidates for the sweep stage, comma-separated (default 512:8,1024:8,512:16)")
+    p.add_argument(
+        "--adapter-resample",
+        type=int,
+        default=0,
+        metavar="N",
+        help="re-initialise adapter features dead for N steps, every N steps, over the first 60%% of "
+        "training (default 0: never; 250 steps at 512:16 without it left 33%% dead)",
+    )
+    p.add_argument(
+        "--autocast",
+        choices=("bfloat16", "float16"),
+        help="mixed-precision forwards for adapter training (bfloat16: ~1.6x faster on AVX512-bf16 CPUs)",
+    )
+    p.add_argument(
+        "--sweep",
+        default="512:8,1024:8,512:16",
+        help="width:k candidates for the sweep stage, comma-separated (default 512:8,1024:8,512:16)",
+    )
     p.add_argument("--sweep-steps", type=int, default=30, help="training steps per sweep candidate (default 30)")
     p.add_argument("--lora-steps", type=int, default=200, help="LoRA training steps (default 200)")
     p.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA peak learning rate (default 1e-3)")
-    p.add_argument("--batch-size", type=int, default=4,
-                   help="traces per training step (default 4: 11 GB for an adapter step; 8 takes 17.5 GB)")
-    p.add_argument("--hesitation-args", default="--ranking gradient --n-prompts 24 --n-problems 32 "
-                   "--n-traces 8 --n-dose-problems 12 --random-draws 2 --max-feature-nodes 256",
-                   help="extra flags for analyses.hesitation (quoted)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        help="traces per training step (default 4: 11 GB for an adapter step; 8 takes 17.5 GB)",
+    )
+    p.add_argument(
+        "--hesitation-args",
+        default="--ranking gradient --n-prompts 24 --n-problems 32 "
+        "--n-traces 8 --n-dose-problems 12 --random-draws 2 --max-feature-nodes 256",
+        help="extra flags for analyses.hesitation (quoted)",
+    )
     p.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
     args = p.parse_args(argv)
     cli.check_pair_options(args)
     if not (args.pair == "smollm2" or args.pair.startswith("smollm2:")):
         raise cli.UsageError(f"--pair {args.pair}: this study is SmolLM2's (smollm2 or smollm2:RUN)")
-    for flag in ("n_problems", "n_eval_traces", "d_sae", "k", "adapter_steps", "lora_steps", "batch_size",
-                 "sweep_steps"):
+    for flag in (
+        "n_problems",
+        "n_eval_traces",
+        "d_sae",
+        "k",
+        "adapter_steps",
+        "lora_steps",
+        "batch_size",
+        "sweep_steps",
+    ):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise cli.UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     if args.adapter_resample < 0:
@@ -115,8 +146,10 @@ def main(argv=None) -> dict:
             print(f"[real] {stage}: done ({out / f'{stage}.json'})", flush=True)
             continue
         print(f"[real] {stage} ...", flush=True)
-        subprocess.run([sys.executable, "-m", "analyses.real", *(argv if argv is not None else sys.argv[1:]),
-                        "--stage", stage], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "analyses.real", *(argv if argv is not None else sys.argv[1:]), "--stage", stage],
+            check=True,
+        )
     summary = write_summary(out)
     print(json.dumps(summary, indent=1))
     return summary
@@ -128,8 +161,14 @@ def _run_stage(args, out: Path) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    result = {"behaviour": stage_behaviour, "sweep": stage_sweep, "adapters": stage_adapters, "hesitation": stage_hesitation,
-              "lora": stage_lora, "cost": stage_cost}[args.stage](args, out)
+    result = {
+        "behaviour": stage_behaviour,
+        "sweep": stage_sweep,
+        "adapters": stage_adapters,
+        "hesitation": stage_hesitation,
+        "lora": stage_lora,
+        "cost": stage_cost,
+    }[args.stage](args, out)
     result["stage_seconds"] = round(time.perf_counter() - start, 1)
     result["stage_args"] = {k: v for k, v in vars(args).items() if k not in ("stage", "redo", "stages")}
     result["stage_peak_rss_gib"] = round(peak_rss_gib(), 2)
@@ -173,9 +212,19 @@ def adapter_shape(args, out: Path) -> tuple[int, int, str]:
 def _adapter_recipe(args, d_sae: int, k: int, steps: int):
     from mechdiff.training.adapter_objective import AdapterRecipe
 
-    return AdapterRecipe(d_sae=d_sae, k=k, steps=steps, batch_size=args.batch_size, lr=args.adapter_lr,
-                         n_traces=steps * args.batch_size, n_val=16, checkpoint_every=25,
-                         validate_every=0, autocast=args.autocast, resample_every=args.adapter_resample)
+    return AdapterRecipe(
+        d_sae=d_sae,
+        k=k,
+        steps=steps,
+        batch_size=args.batch_size,
+        lr=args.adapter_lr,
+        n_traces=steps * args.batch_size,
+        n_val=16,
+        checkpoint_every=25,
+        validate_every=0,
+        autocast=args.autocast,
+        resample_every=args.adapter_resample,
+    )
 
 
 def adapter_folder(args, out: Path) -> Path:
@@ -215,15 +264,30 @@ def stage_sweep(args, out: Path) -> dict:
         recipe = _adapter_recipe(args, d_sae, k, args.sweep_steps)
         traces, val = work.traces(recipe.n_traces, "train"), work.traces(recipe.n_val, "validation")
         start = time.process_time()
-        _, history = train_adapters(pair, recipe, out_dir=_cache(args) / f"sweep-{d_sae}-k{k}-s{args.sweep_steps}",
-                                    traces=traces, val_traces=val)
+        _, history = train_adapters(
+            pair,
+            recipe,
+            out_dir=_cache(args) / f"sweep-{d_sae}-k{k}-s{args.sweep_steps}",
+            traces=traces,
+            val_traces=val,
+        )
         last = history[-1]
         fve = [last[f"val_fve_{i}"] for i in range(pair.base.cfg.n_layers)]
-        rows.append({"d_sae": d_sae, "k": k, "steps": args.sweep_steps, "val_kl": last["val_kl"],
-                     "fve_min": min(fve), "fve_mean": sum(fve) / len(fve), "fve_per_layer": fve,
-                     "dead_fraction": last["dead"], "l0": last["l0"],
-                     "seconds_per_step": last["seconds"] / max(1, last["step"]),
-                     "cpu_seconds": time.process_time() - start})
+        rows.append(
+            {
+                "d_sae": d_sae,
+                "k": k,
+                "steps": args.sweep_steps,
+                "val_kl": last["val_kl"],
+                "fve_min": min(fve),
+                "fve_mean": sum(fve) / len(fve),
+                "fve_per_layer": fve,
+                "dead_fraction": last["dead"],
+                "l0": last["l0"],
+                "seconds_per_step": last["seconds"] / max(1, last["step"]),
+                "cpu_seconds": time.process_time() - start,
+            }
+        )
     return {"candidates": rows, "picked": _pick(rows), "rule": stage_sweep.__doc__.split("The pick: ")[1].strip()}
 
 
@@ -249,27 +313,39 @@ def stage_adapters(args, out: Path) -> dict:
     history_file = folder.parent / f"{folder.name}-history.json"
     if not (folder / "adapters.json").is_file():
         traces, val = work.traces(recipe.n_traces, "train"), work.traces(recipe.n_val, "validation")
-        adapted, history = train_adapters(pair, recipe, out_dir=folder.parent / f"{folder.name}-ckpt",
-                                          traces=traces, val_traces=val)
+        adapted, history = train_adapters(
+            pair, recipe, out_dir=folder.parent / f"{folder.name}-ckpt", traces=traces, val_traces=val
+        )
         history_file.write_text(json.dumps(history))
         save_adapters(adapted, folder, recipe=recipe.to_dict())
     adapted = load_adapted(pair, folder)
-    report = adapter_report(pair, adapted, work.traces(args.n_eval_traces, "test"),
-                            work.problems(args.n_problems, "test"), progress=True)
+    report = adapter_report(
+        pair, adapted, work.traces(args.n_eval_traces, "test"), work.problems(args.n_problems, "test"), progress=True
+    )
     history = json.loads(history_file.read_text())
-    return {"folder": str(folder), "recipe": recipe.flat_dict(), "shape_from": shape_from, "report": report,
-            "train_last": history[-1], "train_seconds": history[-1]["seconds"]}
+    return {
+        "folder": str(folder),
+        "recipe": recipe.flat_dict(),
+        "shape_from": shape_from,
+        "report": report,
+        "train_last": history[-1],
+        "train_seconds": history[-1]["seconds"],
+    }
 
 
 def stage_hesitation(args, out: Path) -> dict:
     from analyses import hesitation
 
     extra = args.hesitation_args.split()
-    summary = hesitation.main(["--pair", args.pair, "--adapters", str(adapter_folder(args, out)),
-                               "--out", str(out / "hesitation"), *extra])
-    return {"summary": str(out / "hesitation" / "summary.json"), "adapters_folder": str(adapter_folder(args, out)),
-            "n_hesitation_features":
-            summary["n_hesitation_features"], "hesitation_fraction": summary["hesitation_fraction"]}
+    summary = hesitation.main(
+        ["--pair", args.pair, "--adapters", str(adapter_folder(args, out)), "--out", str(out / "hesitation"), *extra]
+    )
+    return {
+        "summary": str(out / "hesitation" / "summary.json"),
+        "adapters_folder": str(adapter_folder(args, out)),
+        "n_hesitation_features": summary["n_hesitation_features"],
+        "hesitation_fraction": summary["hesitation_fraction"],
+    }
 
 
 def stage_lora(args, out: Path) -> dict:
@@ -279,19 +355,35 @@ def stage_lora(args, out: Path) -> dict:
     behaviour = json.loads((out / "behaviour.json").read_text()) if (out / "behaviour.json").is_file() else {}
     reference = {k: behaviour[k] for k in ("base", "target") if k in behaviour}
     folder = _cache(args) / "lora_r1"
-    cfg = TrainConfig(rank=1, steps=args.lora_steps, batch_size=args.batch_size, lr=args.lora_lr,
-                      n_traces=args.lora_steps * args.batch_size, checkpoint_every=25, log_every=1)
+    cfg = TrainConfig(
+        rank=1,
+        steps=args.lora_steps,
+        batch_size=args.batch_size,
+        lr=args.lora_lr,
+        n_traces=args.lora_steps * args.batch_size,
+        checkpoint_every=25,
+        log_every=1,
+    )
     if (folder / "adapter_model.safetensors").is_file():
         lora = load_lora(folder, pair)
     else:
         lora, _ = train_lora(pair, cfg, folder)
     training = json.loads((folder / "training.json").read_text())
     config = TrainConfig.from_dict(training["config"]).flat_dict()  # saved flat or nested: the flat form
-    stats = evaluate_lora(pair, {"lora_r1": lora}, args.n_problems, progress=True,
-                          reference=reference if args.n_problems == behaviour.get("base", {}).get("n_problems")
-                          else None)
-    return {"folder": str(folder), "config": config, "train_seconds": training["seconds"],
-            "train_seconds_per_step": training["seconds"] / config["steps"], "eval": stats}
+    stats = evaluate_lora(
+        pair,
+        {"lora_r1": lora},
+        args.n_problems,
+        progress=True,
+        reference=reference if args.n_problems == behaviour.get("base", {}).get("n_problems") else None,
+    )
+    return {
+        "folder": str(folder),
+        "config": config,
+        "train_seconds": training["seconds"],
+        "train_seconds_per_step": training["seconds"] / config["steps"],
+        "eval": stats,
+    }
 
 
 def stage_cost(args, out: Path) -> dict:
@@ -299,11 +391,14 @@ def stage_cost(args, out: Path) -> dict:
     result, d_sae = {}, adapter_shape(args, out)[0]
     for pair in ("organism", args.pair):
         for what in ("adapter_step", "lora_step", "attribution_graph", "gradient_ranking"):
-            code = (f"import json; from analyses.real_cost import measure; "
-                    f"print(json.dumps(measure({pair!r}, {what!r}, {d_sae}, {args.batch_size}, {args.threads})))")
+            code = (
+                f"import json; from analyses.real_cost import measure; "
+                f"print(json.dumps(measure({pair!r}, {what!r}, {d_sae}, {args.batch_size}, {args.threads})))"
+            )
             done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
             result.setdefault("smollm2" if pair != "organism" else "organism", {})[what] = json.loads(
-                done.stdout.strip().splitlines()[-1])
+                done.stdout.strip().splitlines()[-1]
+            )
     return result
 
 

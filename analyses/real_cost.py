@@ -40,8 +40,15 @@ def measure(pair_name: str, what: str, d_sae: int, batch_size: int, threads: int
         seconds = (history[-1]["seconds"] - history[0]["seconds"]) / (len(history) - 1)
         info = {}
     peak = peak_rss_gib()
-    return {"seconds": round(seconds, 3), "peak_rss_gib": round(peak, 2), "rss_after_loading_gib": round(before, 2),
-            "batch_size": batch_size, "d_sae": d_sae, "threads": torch.get_num_threads(), **info}
+    return {
+        "seconds": round(seconds, 3),
+        "peak_rss_gib": round(peak, 2),
+        "rss_after_loading_gib": round(before, 2),
+        "batch_size": batch_size,
+        "d_sae": d_sae,
+        "threads": torch.get_num_threads(),
+        **info,
+    }
 
 
 def _adapter_steps(pair, traces, d_sae, batch_size) -> list[dict]:
@@ -85,13 +92,16 @@ def _attribution_graph(pair, traces, d_sae):
     from attribution.build import attribute
 
     adapted = _random_adapters(pair, d_sae)
-    (prefix, target), = _hesitation_cuts(pair, traces, 1)
+    ((prefix, target),) = _hesitation_cuts(pair, traces, 1)
     tokens = torch.tensor(prefix)
 
     def graph():
         g = attribute(adapted, tokens, target=target, max_feature_nodes=256)
-        return {"prompt_tokens": int(tokens.shape[0]), "graph_info": {k: v for k, v in g.info.items()
-                                                                       if isinstance(v, (int, float))}}
+        return {
+            "prompt_tokens": int(tokens.shape[0]),
+            "graph_info": {k: v for k, v in g.info.items() if isinstance(v, (int, float))},
+        }
+
     return graph
 
 
@@ -106,8 +116,12 @@ def _gradient_ranking(pair, traces, d_sae, batch: int = 8):
 
     def rank():
         feature_attribution(adapted, prompts, ids, batch_size=batch)
-        return {"n_prompts": len(prompts), "batch": batch,
-                "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1)}
+        return {
+            "n_prompts": len(prompts),
+            "batch": batch,
+            "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1),
+        }
+
     return rank
 
 

@@ -24,13 +24,20 @@ import importlib
 
 # Loaded on first use (PEP 562), so that ``python -m attribution serve`` starts without torch.
 _EXPORTS = {
-    "attribute": "attribution.build", "feature_attribution": "attribution.gradient",
-    "Graph": "attribution.graph", "ablate": "attribution.interventions",
-    "steer": "attribution.interventions", "intervene": "attribution.interventions",
-    "generate_with_edits": "attribution.interventions", "linearized": "attribution.linearize",
-    "record_frozen": "attribution.linearize", "TopLogits": "attribution.targets",
-    "Token": "attribution.targets", "LogitDiff": "attribution.targets",
-    "Direction": "attribution.targets", "FeatureTarget": "attribution.targets",
+    "attribute": "attribution.build",
+    "feature_attribution": "attribution.gradient",
+    "Graph": "attribution.graph",
+    "ablate": "attribution.interventions",
+    "steer": "attribution.interventions",
+    "intervene": "attribution.interventions",
+    "generate_with_edits": "attribution.interventions",
+    "linearized": "attribution.linearize",
+    "record_frozen": "attribution.linearize",
+    "TopLogits": "attribution.targets",
+    "Token": "attribution.targets",
+    "LogitDiff": "attribution.targets",
+    "Direction": "attribution.targets",
+    "FeatureTarget": "attribution.targets",
 }
 __all__ = list(_EXPORTS)
 

@@ -63,7 +63,9 @@ def _default_prompt(tokenizer, nth: int = 0):
 
     rng, vocab, found = random.Random(0), tokenizer.get_vocab(), 0
     for problem in task.DEFAULT.sample_problems(50 + 4 * nth, "test", 0):
-        words = [w for w in task.DEFAULT.prompt(problem)[0] + task.DEFAULT.reasoning_trace(problem, rng)[0] if w in vocab]
+        words = [
+            w for w in task.DEFAULT.prompt(problem)[0] + task.DEFAULT.reasoning_trace(problem, rng)[0] if w in vocab
+        ]
         if "wait" in words and found == nth:
             return torch.tensor(tokenizer.convert_tokens_to_ids(words[: words.index("wait")]))
         found += "wait" in words
@@ -85,8 +87,9 @@ def _workload_prompt(pair, nth: int = 0):
         if cut is not None and found == nth:
             return torch.tensor(ids[:cut]), spec.target
         found += cut is not None
-    raise UsageError(f"only {found} of the {spec.name} test traces have a {spec.word!r}, no --trace {nth}; "
-                     "pass --prompt")
+    raise UsageError(
+        f"only {found} of the {spec.name} test traces have a {spec.word!r}, no --trace {nth}; pass --prompt"
+    )
 
 
 def unknown_words(tokenizer, text: str) -> list[str]:
@@ -95,15 +98,20 @@ def unknown_words(tokenizer, text: str) -> list[str]:
     unk = tokenizer.unk_token_id
     if unk is None:
         return []
-    return [w for w in text.split() if w != tokenizer.unk_token
-            and unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
+    return [
+        w
+        for w in text.split()
+        if w != tokenizer.unk_token and unk in tokenizer(w, add_special_tokens=False)["input_ids"]
+    ]
 
 
 def _check_prompt(tokenizer, prompt: str | None) -> None:
     if prompt is not None and (bad := unknown_words(tokenizer, prompt)):
         shown = ", ".join(repr(w) for w in bad[:8]) + (" ..." if len(bad) > 8 else "")
-        raise UsageError(f"--prompt: {len(bad)} word(s) not in the tokenizer's vocabulary ({shown}); "
-                         "they would all read as the same unknown token")
+        raise UsageError(
+            f"--prompt: {len(bad)} word(s) not in the tokenizer's vocabulary ({shown}); "
+            "they would all read as the same unknown token"
+        )
 
 
 def _prompt_and_target(args, pair, tok):
@@ -139,8 +147,9 @@ def check_out(out: str, flag: str = "--out") -> Path:
 def check_args(args) -> argparse.Namespace:
     """Every flag checked before a model is loaded or a file written (:class:`UsageError`)."""
     if args.prompt is not None and not args.prompt.strip():
-        raise UsageError("--prompt is empty; give the prompt's tokens, or leave --prompt out for the "
-                         "workload's default trace")
+        raise UsageError(
+            "--prompt is empty; give the prompt's tokens, or leave --prompt out for the workload's default trace"
+        )
     for flag in ("max_feature_nodes", "batch_size", "top", "d_sae"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
@@ -152,9 +161,11 @@ def check_args(args) -> argparse.Namespace:
     if args.target_token is not None and not args.target_token.strip():
         raise UsageError("--target-token is empty")
     if args.adapters == "auto" and args.pair != "organism":
-        raise UsageError(f"--adapters auto: mechdiff ships adapters for the organism only, not --pair "
-                         f"{args.pair}; pass --adapters DIR (python -m mechdiff.adapters train) or "
-                         "--adapters random for a dry run")
+        raise UsageError(
+            f"--adapters auto: mechdiff ships adapters for the organism only, not --pair "
+            f"{args.pair}; pass --adapters DIR (python -m mechdiff.adapters train) or "
+            "--adapters random for a dry run"
+        )
     if args.adapters not in ("auto", "random") and not Path(args.adapters).is_dir():
         raise UsageError(f"--adapters {args.adapters}: no such folder")
     check_out(args.out)
@@ -175,30 +186,45 @@ def check_args(args) -> argparse.Namespace:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m attribution", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m attribution", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--prompt", default=None, help="space-separated tokens after <bos>")
-    p.add_argument("--target-token", default=None,
-                   help='a token, "a,b" for a logit difference, or "top" (default: the hesitation, '
-                        '"wait" on the organism, "ĠWait" on SmolLM2)')
+    p.add_argument(
+        "--target-token",
+        default=None,
+        help='a token, "a,b" for a logit difference, or "top" (default: the hesitation, '
+        '"wait" on the organism, "ĠWait" on SmolLM2)',
+    )
     p.add_argument("--max-feature-nodes", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--adapters", default="auto",
-                   help="auto (the shipped adapters; organism only), random (a dry run), or an adapters folder")
+    p.add_argument(
+        "--adapters",
+        default="auto",
+        help="auto (the shipped adapters; organism only), random (a dry run), or an adapters folder",
+    )
     p.add_argument("--d-sae", type=int, default=1024, help="random adapters: features per layer")
     p.add_argument("--density", type=float, default=0.01, help="random adapters: firing rate")
     p.add_argument("--dec-norm", type=float, default=2.0, help="random adapters: decoder row norm")
     p.add_argument("--top", type=int, default=8, help="features shown in the token views")
-    p.add_argument("--examples", type=int, default=64,
-                   help="workload traces the feature examples come from (0: write none)")
+    p.add_argument(
+        "--examples", type=int, default=64, help="workload traces the feature examples come from (0: write none)"
+    )
     p.add_argument("--node-threshold", type=float, default=0.8)
     p.add_argument("--edge-threshold", type=float, default=0.98)
     p.add_argument("--out", default=DEFAULT_OUT)
-    p.add_argument("--graphs", default=None,
-                   help="circuit-tracer folder the graph is added to (default OUT/circuit-tracer); one folder "
-                        "can hold the graphs of several pairs and prompts")
-    p.add_argument("--trace", type=int, default=0,
-                   help="without --prompt: the Nth held-out trace that hesitates, cut before it (default 0)")
+    p.add_argument(
+        "--graphs",
+        default=None,
+        help="circuit-tracer folder the graph is added to (default OUT/circuit-tracer); one folder "
+        "can hold the graphs of several pairs and prompts",
+    )
+    p.add_argument(
+        "--trace",
+        type=int,
+        default=0,
+        help="without --prompt: the Nth held-out trace that hesitates, cut before it (default 0)",
+    )
     add_pair_options(p)
     return p
 
@@ -206,15 +232,24 @@ def parser() -> argparse.ArgumentParser:
 def serve_main(argv: list[str]) -> None:
     from attribution.serve import FrontendMissing, serve
 
-    p = argparse.ArgumentParser(prog="python -m attribution serve",
-                                description="Serve exported graphs in circuit-tracer's frontend on "
-                                            "127.0.0.1 (downloaded once into ~/.cache/mechdiff).")
-    p.add_argument("dir", nargs="?", default=f"{DEFAULT_OUT}/circuit-tracer",
-                   help="a folder with graph-metadata.json (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        prog="python -m attribution serve",
+        description="Serve exported graphs in circuit-tracer's frontend on "
+        "127.0.0.1 (downloaded once into ~/.cache/mechdiff).",
+    )
+    p.add_argument(
+        "dir",
+        nargs="?",
+        default=f"{DEFAULT_OUT}/circuit-tracer",
+        help="a folder with graph-metadata.json (default: %(default)s)",
+    )
     p.add_argument("--port", type=int, default=8032, help="0 picks a free port (default %(default)s)")
     p.add_argument("--log", action="store_true", help="print every request")
-    p.add_argument("--fetch-only", action="store_true",
-                   help="download the frontend and its scripts into the cache, say what is missing, exit")
+    p.add_argument(
+        "--fetch-only",
+        action="store_true",
+        help="download the frontend and its scripts into the cache, say what is missing, exit",
+    )
     args = p.parse_args(argv)
     if args.fetch_only:
         from attribution.serve import Frontend
@@ -265,8 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         _check_prompt(pair.tokenizer, args.prompt)
     adapted, kind = _adapted(args, pair)
     tokens, target = _prompt_and_target(args, pair, adapted.model.tokenizer)
-    graph = attribute(adapted, tokens, target, max_feature_nodes=args.max_feature_nodes,
-                      batch_size=args.batch_size)
+    graph = attribute(adapted, tokens, target, max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     graph.save(out / "graph")
@@ -281,22 +315,39 @@ def main(argv: list[str] | None = None) -> None:
         store = feature_store(adapted, for_pair(pair), args.examples, progress=True)
         examples = feature_examples(graph, store, adapted, scan, *thresholds)
         write_feature_examples(graph, store, adapted, ct, scan, examples=examples)
-    path = write_circuit_tracer_files(graph, ct, graph_slug(graph, args.pair), *thresholds, scan=scan,
-                                      title=f"{args.pair}, {kind}, → {graph.targets[0]['label']}:",
-                                      clerps=clerps(examples))
+    path = write_circuit_tracer_files(
+        graph,
+        ct,
+        graph_slug(graph, args.pair),
+        *thresholds,
+        scan=scan,
+        title=f"{args.pair}, {kind}, → {graph.targets[0]['label']}:",
+        clerps=clerps(examples),
+    )
     n_examples = len(examples)
     scores = graph.scores()
     pruned = graph.prune(*thresholds)
     kept, feature_share = int(pruned.node_mask[: graph.n_features].sum()), _feature_share(pruned, graph.n_features)
-    summary = {"prompt": graph.token_strs, "adapters": kind, "targets": graph.targets,
-               "n_features": graph.n_features, "n_active": graph.info["n_active"], "meta": graph.meta,
-               "scores": scores.__dict__, "top_features": top, "thresholds": thresholds,
-               "kept_features": kept, "feature_influence_share": feature_share,
-               "circuit_tracer": {"graph": path.name, "scan": scan, "feature_examples": n_examples}}
+    summary = {
+        "prompt": graph.token_strs,
+        "adapters": kind,
+        "targets": graph.targets,
+        "n_features": graph.n_features,
+        "n_active": graph.info["n_active"],
+        "meta": graph.meta,
+        "scores": scores.__dict__,
+        "top_features": top,
+        "thresholds": thresholds,
+        "kept_features": kept,
+        "feature_influence_share": feature_share,
+        "circuit_tracer": {"graph": path.name, "scan": scan, "feature_examples": n_examples},
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: summary[k] for k in ("adapters", "n_features", "n_active", "scores")}, indent=1))
-    print(f"wrote {out}/graph.{{safetensors,json,html,png}}, features.html, {ct}/{path.name} and "
-          f"{n_examples} feature example files; browse: python -m attribution serve {ct}")
+    print(
+        f"wrote {out}/graph.{{safetensors,json,html,png}}, features.html, {ct}/{path.name} and "
+        f"{n_examples} feature example files; browse: python -m attribution serve {ct}"
+    )
     if graph.n_features and not kept:
         print(no_feature_kept(graph, *thresholds))
 
@@ -318,10 +369,15 @@ def no_feature_kept(graph, node_threshold: float, edge_threshold: float) -> str:
     share = _feature_share(graph.prune(node_threshold, edge_threshold), n_f)
     steps = range(int(node_threshold * 100) + 1, 101)
     shows = next((t / 100 for t in steps if graph.prune(t / 100, edge_threshold).node_mask[:n_f].any()), None)
-    fix = (f"--node-threshold {shows:.2f} keeps some" if shows is not None
-           else "no node threshold keeps one under this --edge-threshold")
-    return (f"warning: the pruned graph keeps no feature node: features carry {share:.0%} of the influence and "
-            f"the embeddings the rest; {fix} (the graph files hold every feature either way)")
+    fix = (
+        f"--node-threshold {shows:.2f} keeps some"
+        if shows is not None
+        else "no node threshold keeps one under this --edge-threshold"
+    )
+    return (
+        f"warning: the pruned graph keeps no feature node: features carry {share:.0%} of the influence and "
+        f"the embeddings the rest; {fix} (the graph files hold every feature either way)"
+    )
 
 
 if __name__ == "__main__":

@@ -40,10 +40,19 @@ from attribution.targets import TargetRow, resolve_targets
 from mechdiff.adapters.transcoder import AdaptedModel
 
 
-def attribute(adapted: AdaptedModel, tokens: Int[Tensor, " pos"], target=None, *,
-              max_feature_nodes: int | None = 4096, batch_size: int = 64,
-              refresh_every: int = 1024, zero_bos: bool = True, vmap: bool = True,
-              prefix_buckets: int = 8, layerwise: bool = True) -> Graph:
+def attribute(
+    adapted: AdaptedModel,
+    tokens: Int[Tensor, " pos"],
+    target=None,
+    *,
+    max_feature_nodes: int | None = 4096,
+    batch_size: int = 64,
+    refresh_every: int = 1024,
+    zero_bos: bool = True,
+    vmap: bool = True,
+    prefix_buckets: int = 8,
+    layerwise: bool = True,
+) -> Graph:
     """Attribution graph of ``target`` (see :func:`attribution.targets.resolve_targets`) on one prompt.
 
     ``max_feature_nodes``: keep at most this many features, the most influential first (all when
@@ -80,8 +89,9 @@ def attribute(adapted: AdaptedModel, tokens: Int[Tensor, " pos"], target=None, *
     max_f = n_active if max_feature_nodes is None else min(int(max_feature_nodes), n_active)
     if max_f < 0:
         raise ValueError(f"max_feature_nodes must be >= 0, got {max_feature_nodes}")
-    engine = _RowEngine(adapted, tokens, feats, feat_acts, min(batch_size, n_t + max_f), zero_bos, vmap,
-                        prefix_buckets, layerwise)
+    engine = _RowEngine(
+        adapted, tokens, feats, feat_acts, min(batch_size, n_t + max_f), zero_bos, vmap, prefix_buckets, layerwise
+    )
     t_sites, t_pos, t_vecs = _target_inputs(targets)
 
     def feature_inputs(idx: Tensor):
@@ -100,8 +110,7 @@ def attribute(adapted: AdaptedModel, tokens: Int[Tensor, " pos"], target=None, *
     visited = torch.zeros(n_active, dtype=torch.bool)
     if max_f == n_active:  # every feature: no ranking, so targets and features share batches
         f_sites, f_pos, f_vecs = feature_inputs(torch.arange(n_active))
-        engine.rows(torch.cat([t_sites, f_sites]), torch.cat([t_pos, f_pos]),
-                    torch.cat([t_vecs, f_vecs]), out=edges)
+        engine.rows(torch.cat([t_sites, f_sites]), torch.cat([t_pos, f_pos]), torch.cat([t_vecs, f_vecs]), out=edges)
         row_node[n_t:] = torch.arange(n_active)
         visited[:] = True
     else:
@@ -111,28 +120,42 @@ def attribute(adapted: AdaptedModel, tokens: Int[Tensor, " pos"], target=None, *
             infl = partial_influence(edges[:filled], row_node[:filled], weights, n_active + n_pos)
             order = torch.argsort(infl[:n_active], descending=True, stable=True)
             pending = order[~visited[order]][: min(refresh_every, n_t + max_f - filled)]
-            engine.rows(*feature_inputs(pending), out=edges[filled:filled + len(pending)])
-            row_node[filled:filled + len(pending)] = pending
+            engine.rows(*feature_inputs(pending), out=edges[filled : filled + len(pending)])
+            row_node[filled : filled + len(pending)] = pending
             visited[pending] = True
             filled += len(pending)
 
-    t_values = engine.values(t_sites, t_pos, t_vecs) + torch.tensor(
-        [t.bias for t in targets], dtype=edges.dtype)
+    t_values = engine.values(t_sites, t_pos, t_vecs) + torch.tensor([t.bias for t in targets], dtype=edges.dtype)
     selected = visited.nonzero()[:, 0]
     row_of = torch.full((n_active,), -1, dtype=torch.long)
     row_of[row_node[n_t:]] = torch.arange(n_t, n_t + max_f)
     b_enc = torch.stack([a.b_enc.detach() for a in adapted.adapters]).to("cpu", dtype)  # [layer d_sae]
     f_values = engine.values(*feature_inputs(selected)) + b_enc[feats[selected, 0], feats[selected, 2]]
     graph = Graph.assemble(
-        adapted=adapted, tokens=tokens, features=feats[selected], activations=feat_acts[selected],
-        edges=edges, feature_rows=row_of[selected], selected=selected,
-        n_active=n_active, targets=targets, target_values=t_values, feature_values=f_values,
-        meta={"n_backward": engine.n_backward, "batch_size": engine.batch,
-              "n_rows": n_t + max_f, "floor_backward": math.ceil((n_t + max_f) / engine.batch),
-              "refresh_every": refresh_every, "zero_bos": zero_bos, "vmap": vmap,
-              "layerwise": engine.layerwise,
-              "prefix_buckets": len(engine.lengths),
-              "time_s": time.perf_counter() - start})
+        adapted=adapted,
+        tokens=tokens,
+        features=feats[selected],
+        activations=feat_acts[selected],
+        edges=edges,
+        feature_rows=row_of[selected],
+        selected=selected,
+        n_active=n_active,
+        targets=targets,
+        target_values=t_values,
+        feature_values=f_values,
+        meta={
+            "n_backward": engine.n_backward,
+            "batch_size": engine.batch,
+            "n_rows": n_t + max_f,
+            "floor_backward": math.ceil((n_t + max_f) / engine.batch),
+            "refresh_every": refresh_every,
+            "zero_bos": zero_bos,
+            "vmap": vmap,
+            "layerwise": engine.layerwise,
+            "prefix_buckets": len(engine.lengths),
+            "time_s": time.perf_counter() - start,
+        },
+    )
     return graph
 
 
@@ -153,8 +176,13 @@ class _SharedConstants:
 
     def pack(self, t: Tensor) -> Tensor:
         base = t if t._base is None else t._base  # autograd often saves a view (W.T) of the copy
-        if (t.requires_grad or base.requires_grad or base.numel() < self.min_numel
-                or not base.is_contiguous() or base.storage_offset() != 0):
+        if (
+            t.requires_grad
+            or base.requires_grad
+            or base.numel() < self.min_numel
+            or not base.is_contiguous()
+            or base.storage_offset() != 0
+        ):
             return t
         shared = self._shared(base.detach())
         return t if shared is None else shared.as_strided(t.shape, t.stride(), t.storage_offset())
@@ -199,8 +227,18 @@ class _RowEngine:
     positions cheaper.
     """
 
-    def __init__(self, adapted: AdaptedModel, tokens: Tensor, feats: Tensor, acts: Tensor,
-                 batch: int, zero_bos: bool, vmap: bool = True, buckets: int = 1, layerwise: bool = True):
+    def __init__(
+        self,
+        adapted: AdaptedModel,
+        tokens: Tensor,
+        feats: Tensor,
+        acts: Tensor,
+        batch: int,
+        zero_bos: bool,
+        vmap: bool = True,
+        buckets: int = 1,
+        layerwise: bool = True,
+    ):
         self.adapted, self.batch, self.zero_bos, self.vmap = adapted, max(batch, 1), zero_bos, vmap
         self.layerwise = layerwise and vmap
         self.n_layers = adapted.model.cfg.n_layers
@@ -217,14 +255,15 @@ class _RowEngine:
         """The retained forward of prefix ``k``, run on first use (prefixes no row needs never run)."""
         if k not in self._leaves:
             with torch.autograd.graph.saved_tensors_hooks(self._shared.pack, self._shared.unpack):
-                self._leaves[k] = self._forward(self.tokens[:self.lengths[k]])
+                self._leaves[k] = self._forward(self.tokens[: self.lengths[k]])
         return self._leaves[k]
 
     def _forward(self, tokens: Tensor) -> Leaves:
         leaves = Leaves()
         with torch.enable_grad(), linearized(self.adapted, leaves=leaves, cut_layers=self.layerwise):
-            resid = self.adapted.model(tokens[None].expand(1 if self.vmap else self.batch, -1),
-                                       stop_at_layer=self.n_layers)
+            resid = self.adapted.model(
+                tokens[None].expand(1 if self.vmap else self.batch, -1), stop_at_layer=self.n_layers
+            )
             leaves.final = self.adapted.model.ln_final(resid)
         return leaves
 
@@ -237,8 +276,9 @@ class _RowEngine:
         slot = torch.arange(len(idx)) - (torch.cumsum(counts, 0) - counts)[pos]  # rank within position
         W_dec = adapted.adapters[layer].W_dec.detach()
         dev = W_dec.device
-        block = torch.zeros(self.n_pos, int(counts.max()) if len(idx) else 0, W_dec.shape[1],
-                            dtype=W_dec.dtype, device=dev)
+        block = torch.zeros(
+            self.n_pos, int(counts.max()) if len(idx) else 0, W_dec.shape[1], dtype=W_dec.dtype, device=dev
+        )
         block[pos.to(dev), slot.to(dev)] = W_dec[feat.to(dev)] * acts[idx, None].to(dev, W_dec.dtype)
         return idx, pos, slot.to(dev), block
 
@@ -260,13 +300,13 @@ class _RowEngine:
         if self.layerwise:
             order = torch.argsort(positions, stable=True)
             for i in range(0, len(order), self.batch):
-                j = order[i:i + self.batch]
+                j = order[i : i + self.batch]
                 out[j] = self._pass(bucket[j], sites[j], positions[j], vectors[j])
             return
         for k in bucket.unique().tolist():
             rows = (bucket == k).nonzero()[:, 0]
             for i in range(0, len(rows), self.batch):
-                j = rows[i:i + self.batch]
+                j = rows[i : i + self.batch]
                 out[j] = self._batch(k, sites[j], positions[j], vectors[j])
 
     def _project(self, row: Tensor, layer: int, grad: Tensor, P: int) -> None:
@@ -279,12 +319,17 @@ class _RowEngine:
             row[:, idx[here]] = projected[pos[here].to(self.device), :, slot[here]].T.to(self.dtype)
 
     def _project_embed(self, row: Tensor, grad: Tensor, P: int) -> None:
-        row[:, self.n_active:self.n_active + P] = (grad * self.embed_values[:P]).sum(-1).to(self.dtype)
+        row[:, self.n_active : self.n_active + P] = (grad * self.embed_values[:P]).sum(-1).to(self.dtype)
         if self.zero_bos:
             row[:, self.n_active] = 0
 
-    def _pass(self, bucket: Tensor, sites: Tensor, positions: Tensor, vectors: Tensor,
-              ) -> Float[Tensor, "n n_active+n_pos"]:
+    def _pass(
+        self,
+        bucket: Tensor,
+        sites: Tensor,
+        positions: Tensor,
+        vectors: Tensor,
+    ) -> Float[Tensor, "n n_active+n_pos"]:
         """One layerwise backward pass for rows of any prefixes (see the class docstring)."""
         row = torch.zeros(len(sites), self.n_active + self.n_pos, dtype=self.dtype, device=self.device)
         for k in bucket.unique().tolist():
@@ -296,8 +341,7 @@ class _RowEngine:
         self.n_backward += 1
         return row.cpu()
 
-    def _walk(self, leaves: Leaves, P: int, sites: Tensor, positions: Tensor, vectors: Tensor,
-              row: Tensor) -> None:
+    def _walk(self, leaves: Leaves, P: int, sites: Tensor, positions: Tensor, vectors: Tensor, row: Tensor) -> None:
         """Down the blocks of one prefix's forward, rows sorted by site (deepest first)."""
         grad, d = None, vectors.shape[-1]  # gradient of the current block's output, alive rows
         for layer in range(int(sites[0]), -1, -1):  # block ``n_layers``: ln_final
@@ -310,23 +354,33 @@ class _RowEngine:
             if alive > first:  # rows injected at this site
                 x = leaves.site(layer, self.n_layers)
                 inject = torch.zeros(alive, *x.shape, dtype=x.dtype, device=x.device)
-                inject[torch.arange(first, alive), 0, positions[first:alive].to(x.device)] = \
-                    vectors[first:alive].to(x.device, x.dtype)
+                inject[torch.arange(first, alive), 0, positions[first:alive].to(x.device)] = vectors[first:alive].to(
+                    x.device, x.dtype
+                )
                 outputs.append(x)
                 grads.append(inject)
             inputs = [leaves.block_input(layer)]
             if layer < self.n_layers and len(self.blocks[layer][0]):
                 inputs.append(leaves.adapter_out[layer])
-            got = torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=True,
-                                      is_grads_batched=True)
+            got = torch.autograd.grad(
+                outputs, inputs, grads, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
             if len(got) > 1 and got[1] is not None:
                 self._project(row[:alive], layer, got[1].reshape(alive, P, d), P)
-            grad = got[0] if got[0] is not None else torch.zeros(alive, *inputs[0].shape,
-                                                                 dtype=inputs[0].dtype, device=inputs[0].device)
-        self._project_embed(row[:len(sites)], grad.reshape(len(sites), P, d), P)
+            grad = (
+                got[0]
+                if got[0] is not None
+                else torch.zeros(alive, *inputs[0].shape, dtype=inputs[0].dtype, device=inputs[0].device)
+            )
+        self._project_embed(row[: len(sites)], grad.reshape(len(sites), P, d), P)
 
-    def _batch(self, k: int, sites: Tensor, positions: Tensor, vectors: Tensor,
-               ) -> Float[Tensor, "n n_active+n_pos"]:
+    def _batch(
+        self,
+        k: int,
+        sites: Tensor,
+        positions: Tensor,
+        vectors: Tensor,
+    ) -> Float[Tensor, "n n_active+n_pos"]:
         n, B, P, leaves = len(sites), self.batch, self.lengths[k], self.leaves(k)
         outputs, grads = [], []
         for site in sites.unique().tolist():
@@ -338,8 +392,9 @@ class _RowEngine:
             grads.append(g[:, None] if self.vmap else g)
         depth = min(int(sites.max()), self.n_layers)  # adapters below the deepest site
         inputs = [leaves.embed] + [leaves.adapter_out[la] for la in range(depth)]
-        got = torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=True,
-                                  is_grads_batched=self.vmap)
+        got = torch.autograd.grad(
+            outputs, inputs, grads, retain_graph=True, allow_unused=True, is_grads_batched=self.vmap
+        )
         self.n_backward += 1
         row = torch.zeros(B, self.n_active + self.n_pos, dtype=self.dtype, device=self.device)
         if got[0] is not None:

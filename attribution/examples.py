@@ -92,15 +92,20 @@ def _distribution(store: ActivationStore, i: int, act_max: float) -> tuple[list[
     return linear.tolist(), upper.clamp(max=max(act_max, 0.0)).tolist()
 
 
-def feature_json(store: ActivationStore, i: int, tokenizer, *, transcoder_id: str, index: int,
-                 n_random: int = 5) -> dict:
+def feature_json(
+    store: ActivationStore, i: int, tokenizer, *, transcoder_id: str, index: int, n_random: int = 5
+) -> dict:
     """Feature ``i`` of ``store`` as circuit-tracer's feature JSON (``feature_models.Model``; see
     the module docstring). ``index`` is the frontend's feature index."""
     names = store.config.label_names
 
     def example(e: dict) -> dict:
-        out = {"tokens": _tokens(tokenizer, e["tokens"]), "tokens_acts_list": [round(a, 5) for a in e["acts"]],
-               "train_token_ind": e["centre"], "is_repeated_datapoint": False}
+        out = {
+            "tokens": _tokens(tokenizer, e["tokens"]),
+            "tokens_acts_list": [round(a, 5) for a in e["acts"]],
+            "train_token_ind": e["centre"],
+            "is_repeated_datapoint": False,
+        }
         if names and e["label"] >= 0:
             out["label"] = names[e["label"]]
         return out
@@ -109,10 +114,12 @@ def feature_json(store: ActivationStore, i: int, tokenizer, *, transcoder_id: st
     groups: dict[str, list[dict]] = {}
     for e in top:
         ex = example(e)
-        key = (f"Top activations on '{ex['label']}' tokens" if "label" in ex else "Top activations")
+        key = f"Top activations on '{ex['label']}' tokens" if "label" in ex else "Top activations"
         groups.setdefault(key, []).append(ex)
-    quantiles = [{"quantile_name": f"{name} ({len(exs)} of {len(top)})" if names else name,
-                  "examples": exs} for name, exs in groups.items()]
+    quantiles = [
+        {"quantile_name": f"{name} ({len(exs)} of {len(top)})" if names else name, "examples": exs}
+        for name, exs in groups.items()
+    ]
     rand = [example(e) for e in store.examples(i, "rand")[:n_random]]
     if rand:
         quantiles.append({"quantile_name": "Random firing tokens", "examples": rand})
@@ -123,33 +130,52 @@ def feature_json(store: ActivationStore, i: int, tokenizer, *, transcoder_id: st
         ids = [int(t) for t in store.t[f"lens_{side}_ids"][i] if int(t) >= 0] if store.meta.get("has_lens") else []
         return [s.strip() or repr(s) for s in _tokens(tokenizer, ids)] if ids else []
 
-    return {"transcoder_id": transcoder_id, "index": int(index), "examples_quantiles": quantiles,
-            "top_logits": lens("top"), "bottom_logits": lens("bottom"), "act_min": 0.0,
-            "act_max": act_max, "quantile_values": quantile_values, "histogram": histogram,
-            "activation_frequency": float(store.density[i])}
+    return {
+        "transcoder_id": transcoder_id,
+        "index": int(index),
+        "examples_quantiles": quantiles,
+        "top_logits": lens("top"),
+        "bottom_logits": lens("bottom"),
+        "act_min": 0.0,
+        "act_max": act_max,
+        "quantile_values": quantile_values,
+        "histogram": histogram,
+        "activation_frequency": float(store.density[i]),
+    }
 
 
-def feature_examples(graph: Graph, store: ActivationStore, adapted, scan: str, node_threshold: float = 0.8,
-                     edge_threshold: float = 0.98) -> dict[tuple[int, int], dict]:
+def feature_examples(
+    graph: Graph, store: ActivationStore, adapted, scan: str, node_threshold: float = 0.8, edge_threshold: float = 0.98
+) -> dict[tuple[int, int], dict]:
     """The feature JSON (:func:`feature_json`) of every feature node of the pruned graph (the nodes
     :func:`attribution.export.to_circuit_tracer_json` exports), by ``(layer, feature)``."""
     pruned = graph.prune(node_threshold, edge_threshold)
     kept = pruned.node_mask[: graph.n_features].nonzero()[:, 0]
     pairs = sorted({(int(la), int(f)) for la, _, f in graph.features[kept].tolist()})
     tokenizer = adapted.model.tokenizer
-    return {(la, f): feature_json(store, store.index(adapted.acts_name(la), f), tokenizer,
-                                  transcoder_id=scan, index=cantor(la, f)) for la, f in pairs}
+    return {
+        (la, f): feature_json(
+            store, store.index(adapted.acts_name(la), f), tokenizer, transcoder_id=scan, index=cantor(la, f)
+        )
+        for la, f in pairs
+    }
 
 
 def clerps(examples: dict[tuple[int, int], dict], n: int = 3) -> dict[tuple[int, int], str]:
     """A one-line description per feature for the graph's node labels: the tokens it promotes."""
-    return {key: "→ " + " ".join(data["top_logits"][:n]) for key, data in examples.items()
-            if data["top_logits"]}
+    return {key: "→ " + " ".join(data["top_logits"][:n]) for key, data in examples.items() if data["top_logits"]}
 
 
-def write_feature_examples(graph: Graph, store: ActivationStore, adapted, out_dir: str | Path, scan: str,
-                           node_threshold: float = 0.8, edge_threshold: float = 0.98,
-                           examples: dict[tuple[int, int], dict] | None = None) -> list[Path]:
+def write_feature_examples(
+    graph: Graph,
+    store: ActivationStore,
+    adapted,
+    out_dir: str | Path,
+    scan: str,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    examples: dict[tuple[int, int], dict] | None = None,
+) -> list[Path]:
     """Write ``out_dir/features/{scan}/{index}.json`` for every feature node of the pruned graph
     (``examples``: :func:`feature_examples`' result, when already made). Returns the paths."""
     folder = Path(out_dir) / "features" / scan
@@ -164,8 +190,9 @@ def write_feature_examples(graph: Graph, store: ActivationStore, adapted, out_di
     return paths
 
 
-def feature_store(adapted, workload, n_traces: int = 64, *, seed: int = 0, progress: bool = False,
-                  config: StoreConfig | None = None) -> ActivationStore:
+def feature_store(
+    adapted, workload, n_traces: int = 64, *, seed: int = 0, progress: bool = False, config: StoreConfig | None = None
+) -> ActivationStore:
     """One activation-store pass over ``n_traces`` of the workload's training traces (``label_ids``
     and the organism's labels when it has them), every adapter layer hooked, decoder logit lens.
 
@@ -188,5 +215,12 @@ def feature_store(adapted, workload, n_traces: int = 64, *, seed: int = 0, progr
     tokenizer = adapted.model.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     with torch.no_grad():
-        return build_store(adapted.model, traces, hooks, config=config, decoder=decoder_directions(adapted),
-                           pad_id=pad_id, progress=progress)
+        return build_store(
+            adapted.model,
+            traces,
+            hooks,
+            config=config,
+            decoder=decoder_directions(adapted),
+            pad_id=pad_id,
+            progress=progress,
+        )

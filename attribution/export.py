@@ -56,13 +56,34 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
-def _node(node_id: str, feature: int, layer: str, ctx_idx: int, feature_type: str, js: str,
-          influence: float | None = None, activation: float | None = None, clerp: str = "",
-          token_prob: float = 0.0, is_target_logit: bool = False) -> dict:
-    return {"node_id": node_id, "feature": int(feature), "layer": layer, "ctx_idx": int(ctx_idx),
-            "feature_type": feature_type, "token_prob": float(token_prob),
-            "is_target_logit": bool(is_target_logit), "run_idx": 0, "reverse_ctx_idx": 0,
-            "jsNodeId": js, "clerp": clerp, "influence": influence, "activation": activation}
+def _node(
+    node_id: str,
+    feature: int,
+    layer: str,
+    ctx_idx: int,
+    feature_type: str,
+    js: str,
+    influence: float | None = None,
+    activation: float | None = None,
+    clerp: str = "",
+    token_prob: float = 0.0,
+    is_target_logit: bool = False,
+) -> dict:
+    return {
+        "node_id": node_id,
+        "feature": int(feature),
+        "layer": layer,
+        "ctx_idx": int(ctx_idx),
+        "feature_type": feature_type,
+        "token_prob": float(token_prob),
+        "is_target_logit": bool(is_target_logit),
+        "run_idx": 0,
+        "reverse_ctx_idx": 0,
+        "jsNodeId": js,
+        "clerp": clerp,
+        "influence": influence,
+        "activation": activation,
+    }
 
 
 def graph_slug(graph: Graph, name: str = "") -> str:
@@ -87,9 +108,15 @@ def graph_slug(graph: Graph, name: str = "") -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def to_circuit_tracer_json(graph: Graph, slug: str = "mechdiff-graph", node_threshold: float = 0.8,
-                           edge_threshold: float = 0.98, clerps: dict | None = None,
-                           scan: str | None = None, title: str = "") -> dict:
+def to_circuit_tracer_json(
+    graph: Graph,
+    slug: str = "mechdiff-graph",
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    clerps: dict | None = None,
+    scan: str | None = None,
+    title: str = "",
+) -> dict:
     """The pruned graph as circuit-tracer's graph JSON (a dict; see the module docstring).
 
     ``clerps`` optionally maps ``(layer, feature)`` to a feature description; ``scan`` names the
@@ -104,9 +131,17 @@ def to_circuit_tracer_json(graph: Graph, slug: str = "mechdiff-graph", node_thre
     for i in pruned.node_mask.nonzero()[:, 0].tolist():
         if i < n_f:
             layer, pos, feat = graph.features[i].tolist()
-            nodes[i] = _node(f"{layer}_{feat}_{pos}", cantor(layer, feat), str(layer), pos,
-                             "cross layer transcoder", f"{layer}_{feat}-0", scores[i],
-                             float(graph.activations[i]), clerps.get((layer, feat), ""))
+            nodes[i] = _node(
+                f"{layer}_{feat}_{pos}",
+                cantor(layer, feat),
+                str(layer),
+                pos,
+                "cross layer transcoder",
+                f"{layer}_{feat}-0",
+                scores[i],
+                float(graph.activations[i]),
+                clerps.get((layer, feat), ""),
+            )
         elif i < graph.target_slice.start:
             pos = i - n_f
             tok = int(graph.tokens[pos])
@@ -117,28 +152,50 @@ def to_circuit_tracer_json(graph: Graph, slug: str = "mechdiff-graph", node_thre
             vocab_idx = t["token_id"] if t["token_id"] is not None else d_vocab + k
             prob = t["prob"] if t["prob"] is not None else t["weight"]
             layer = str(n_layers + 1)
-            nodes[i] = _node(f"{layer}_{vocab_idx}_{t['pos']}", vocab_idx, layer, t["pos"], "logit",
-                             f"L_{vocab_idx}-{t['pos']}", clerp=f'Output "{t["label"]}" (p={prob:.3f})',
-                             token_prob=prob, is_target_logit=k == 0)
+            nodes[i] = _node(
+                f"{layer}_{vocab_idx}_{t['pos']}",
+                vocab_idx,
+                layer,
+                t["pos"],
+                "logit",
+                f"L_{vocab_idx}-{t['pos']}",
+                clerp=f'Output "{t["label"]}" (p={prob:.3f})',
+                token_prob=prob,
+                is_target_logit=k == 0,
+            )
     dsts, srcs = pruned.edge_mask.nonzero(as_tuple=True)
-    links = [{"source": nodes[s]["node_id"], "target": nodes[d]["node_id"],
-              "weight": float(graph.adjacency[d, s])}
-             for d, s in zip(dsts.tolist(), srcs.tolist()) if s in nodes and d in nodes]
+    links = [
+        {"source": nodes[s]["node_id"], "target": nodes[d]["node_id"], "weight": float(graph.adjacency[d, s])}
+        for d, s in zip(dsts.tolist(), srcs.tolist())
+        if s in nodes and d in nodes
+    ]
     linked = {x for link in links for x in (link["source"], link["target"])}
-    used = [n for n in nodes.values()
-            if n["node_id"] in linked or n["feature_type"] in ("embedding", "logit")]
-    metadata = {"slug": slug, "scan": scan or graph.info["scan"], "transcoder_list": [],
-                "prompt_tokens": list(graph.token_strs), "prompt": " ".join(graph.token_strs),
-                "node_threshold": node_threshold, "schema_version": 1}
+    used = [n for n in nodes.values() if n["node_id"] in linked or n["feature_type"] in ("embedding", "logit")]
+    metadata = {
+        "slug": slug,
+        "scan": scan or graph.info["scan"],
+        "transcoder_list": [],
+        "prompt_tokens": list(graph.token_strs),
+        "prompt": " ".join(graph.token_strs),
+        "node_threshold": node_threshold,
+        "schema_version": 1,
+    }
     if title:
         metadata["title_prefix"] = title
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": metadata, "qParams": qparams, "nodes": used, "links": links}
 
 
-def write_circuit_tracer_files(graph: Graph, out_dir: str | Path, slug: str | None = None,
-                               node_threshold: float = 0.8, edge_threshold: float = 0.98,
-                               scan: str | None = None, title: str = "", clerps: dict | None = None) -> Path:
+def write_circuit_tracer_files(
+    graph: Graph,
+    out_dir: str | Path,
+    slug: str | None = None,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    scan: str | None = None,
+    title: str = "",
+    clerps: dict | None = None,
+) -> Path:
     """Write ``out_dir/{slug}.json`` and add it to ``out_dir/graph-metadata.json`` (the index the
     frontend reads), keeping every other graph listed there. ``slug`` defaults to
     :func:`graph_slug`; ``clerps`` as in :func:`to_circuit_tracer_json`. Returns the graph file's path.

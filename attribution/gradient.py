@@ -36,9 +36,16 @@ from mechdiff.adapters.transcoder import AdaptedModel
 from mechdiff.padding import pad
 
 
-def feature_attribution(adapted: AdaptedModel, prompts: Sequence[Sequence[int]],
-                        target_ids: int | Sequence[int], *, batch_size: int = 8, zero_bos: bool = True,
-                        pad_id: int = 0, fwd_hooks: Sequence[tuple] = ()) -> Float[Tensor, "prompt layer d_sae"]:
+def feature_attribution(
+    adapted: AdaptedModel,
+    prompts: Sequence[Sequence[int]],
+    target_ids: int | Sequence[int],
+    *,
+    batch_size: int = 8,
+    zero_bos: bool = True,
+    pad_id: int = 0,
+    fwd_hooks: Sequence[tuple] = (),
+) -> Float[Tensor, "prompt layer d_sae"]:
     """Activation x gradient of the log-odds of the next token being in ``target_ids``, for every adapter feature,
     summed over each prompt's positions (the first token's excluded when ``zero_bos``).
 
@@ -66,8 +73,8 @@ def feature_attribution(adapted: AdaptedModel, prompts: Sequence[Sequence[int]],
         raise ValueError(f"a prompt of {longest} tokens is longer than the model's context ({n_ctx} tokens)")
     out = torch.zeros(len(prompts), n_layers, adapted.config.d_sae)
     for start in range(0, len(prompts), batch_size):
-        chunk = [list(p) for p in prompts[start:start + batch_size]]
-        out[start:start + len(chunk)] = _batch_scores(adapted, chunk, ids, zero_bos, pad_id, fwd_hooks)
+        chunk = [list(p) for p in prompts[start : start + batch_size]]
+        out[start : start + len(chunk)] = _batch_scores(adapted, chunk, ids, zero_bos, pad_id, fwd_hooks)
     return out
 
 
@@ -96,9 +103,15 @@ def _batch_scores(adapted, prompts, ids, zero_bos, pad_id, fwd_hooks) -> Tensor:
     if zero_bos:  # the first real token of each row (left padding: after the pads)
         first = mask.long().argmax(1)
         weight[torch.arange(len(prompts), device=device), first] = 0
-    scores = torch.stack([
-        torch.zeros(a.shape[0], a.shape[-1]) if g is None else
-        (a.detach().float() * g.float() * weight[..., None]).sum(1).cpu() for a, g in zip(acts, grads)], 1)
+    scores = torch.stack(
+        [
+            torch.zeros(a.shape[0], a.shape[-1])
+            if g is None
+            else (a.detach().float() * g.float() * weight[..., None]).sum(1).cpu()
+            for a, g in zip(acts, grads)
+        ],
+        1,
+    )
     return scores.cpu()
 
 

@@ -33,8 +33,18 @@ from torch import Tensor
 
 FORMAT_VERSION = 1
 _CHUNK = 1024
-_TENSORS = ("tokens", "features", "activations", "adjacency", "values", "constants", "dropped",
-            "dropped_abs", "selected", "target_vectors")
+_TENSORS = (
+    "tokens",
+    "features",
+    "activations",
+    "adjacency",
+    "values",
+    "constants",
+    "dropped",
+    "dropped_abs",
+    "selected",
+    "target_vectors",
+)
 
 
 @dataclass
@@ -64,16 +74,19 @@ class GraphScores:
     constant_share: float
 
 
-def normalize_rows(matrix: Float[Tensor, "r c"], extra: Float[Tensor, " r"] | None = None,
-                   ) -> Float[Tensor, "r c"]:
+def normalize_rows(
+    matrix: Float[Tensor, "r c"],
+    extra: Float[Tensor, " r"] | None = None,
+) -> Float[Tensor, "r c"]:
     """``|matrix|`` with rows divided by their sums (plus ``extra`` mass, e.g. dropped features)."""
     out = matrix.abs()
     total = out.sum(1) if extra is None else out.sum(1) + extra
     return out / total.clamp(min=1e-30)[:, None]
 
 
-def compute_influence(normalized: Float[Tensor, "n n"], weights: Float[Tensor, " n"],
-                      max_iter: int = 1000) -> Float[Tensor, " n"]:
+def compute_influence(
+    normalized: Float[Tensor, "n n"], weights: Float[Tensor, " n"], max_iter: int = 1000
+) -> Float[Tensor, " n"]:
     """``weights @ (N + N^2 + ...)`` for a nilpotent (acyclic) ``N``."""
     current = weights @ normalized
     total = current.clone()
@@ -85,23 +98,27 @@ def compute_influence(normalized: Float[Tensor, "n n"], weights: Float[Tensor, "
     raise RuntimeError("influence did not converge: the adjacency is not acyclic")
 
 
-def partial_influence(rows: Float[Tensor, "r c"], row_node: Int[Tensor, " r"],
-                      weights: Float[Tensor, " t"], n_cols: int) -> Float[Tensor, " c"]:
+def partial_influence(
+    rows: Float[Tensor, "r c"], row_node: Int[Tensor, " r"], weights: Float[Tensor, " t"], n_cols: int
+) -> Float[Tensor, " c"]:
     """Influence of the column nodes (features, embeddings) through the rows computed so far.
 
     Rows are identified by their node index (targets are nodes ``n_cols ...``); rows not yet
     computed count as empty. Used by the builder to visit features in order of influence.
     Works through ``rows`` in chunks, so no temporary as large as ``rows`` is made.
     """
-    scale = 1.0 / torch.cat([rows[i:i + _CHUNK].norm(p=1, dim=1)
-                             for i in range(0, len(rows), _CHUNK)]).clamp(min=1e-30)
+    scale = 1.0 / torch.cat([rows[i : i + _CHUNK].norm(p=1, dim=1) for i in range(0, len(rows), _CHUNK)]).clamp(
+        min=1e-30
+    )
     x = torch.zeros(n_cols + len(weights), dtype=rows.dtype)
     x[n_cols:] = weights.to(rows.dtype)
     total = torch.zeros(n_cols, dtype=rows.dtype)
     for _ in range(1000):
         w = x[row_node] * scale
-        y = sum((w[i:i + _CHUNK] @ rows[i:i + _CHUNK].abs() for i in range(0, len(rows), _CHUNK)),
-                torch.zeros(n_cols, dtype=rows.dtype))
+        y = sum(
+            (w[i : i + _CHUNK] @ rows[i : i + _CHUNK].abs() for i in range(0, len(rows), _CHUNK)),
+            torch.zeros(n_cols, dtype=rows.dtype),
+        )
         if not y.any():
             return total
         total += y
@@ -124,8 +141,24 @@ def _cutoff(scores: Tensor, share: float) -> Tensor:
 class Graph:
     """An attribution graph of one prompt; build it with :func:`attribution.build.attribute`."""
 
-    def __init__(self, *, tokens, token_strs, features, activations, adjacency, values, constants,
-                 dropped, dropped_abs, selected, target_vectors, targets, info, meta=None):
+    def __init__(
+        self,
+        *,
+        tokens,
+        token_strs,
+        features,
+        activations,
+        adjacency,
+        values,
+        constants,
+        dropped,
+        dropped_abs,
+        selected,
+        target_vectors,
+        targets,
+        info,
+        meta=None,
+    ):
         self.tokens, self.token_strs = tokens, list(token_strs)
         self.features, self.activations, self.adjacency = features, activations, adjacency
         self.values, self.constants = values, constants
@@ -135,8 +168,22 @@ class Graph:
         self.info, self.meta = dict(info), dict(meta or {})
 
     @classmethod
-    def assemble(cls, *, adapted, tokens, features, activations, edges, feature_rows, selected,
-                 n_active, targets, target_values, feature_values, meta) -> Graph:
+    def assemble(
+        cls,
+        *,
+        adapted,
+        tokens,
+        features,
+        activations,
+        edges,
+        feature_rows,
+        selected,
+        n_active,
+        targets,
+        target_values,
+        feature_values,
+        meta,
+    ) -> Graph:
         """Cut full edge rows (``edges[:n_targets]`` for the targets, ``edges[feature_rows]`` for
         the selected features; columns: every active feature, then embeddings) to the graph."""
         n_f, n_pos, n_t = len(features), int(tokens.shape[0]), len(targets)
@@ -147,7 +194,7 @@ class Graph:
         for i in range(0, n_f, _CHUNK):  # in row chunks: bounded temporaries
             k = min(i + _CHUNK, n_f)
             adjacency[i:k, : n_f + n_pos] = edges[feature_rows[i:k, None], cols]
-        adjacency[n_f + n_pos:, : n_f + n_pos] = edges[:n_t, cols]
+        adjacency[n_f + n_pos :, : n_f + n_pos] = edges[:n_t, cols]
         row_ids = torch.cat([torch.arange(n_f), n_f + n_pos + torch.arange(n_t)])
 
         def per_node(x: Tensor) -> Tensor:
@@ -160,17 +207,34 @@ class Graph:
         model = adapted.model
         tok = model.tokenizer
         strs = tok.convert_ids_to_tokens(tokens.tolist()) if tok is not None else [str(int(t)) for t in tokens]
-        info = {"n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model,
-                "d_sae": adapted.config.d_sae, "d_vocab": model.cfg.d_vocab, "n_active": n_active,
-                "model_name": str(model.cfg.model_name), "base_name": adapted.config.base_name,
-                "target_name": adapted.config.target_name, "activation": adapted.config.activation,
-                "scan": adapted.config.extra.get("scan", f"mechdiff-adapters-{model.cfg.model_name}")}
-        return cls(tokens=tokens.cpu(), token_strs=strs, features=features.cpu(),
-                   activations=activations.cpu(), adjacency=adjacency, values=values,
-                   constants=values - total, dropped=total - adjacency.sum(1),
-                   dropped_abs=(total_abs - adjacency.norm(p=1, dim=1)).clamp(min=0),
-                   selected=selected.cpu(), target_vectors=torch.stack([t.vector for t in targets]).cpu(),
-                   targets=[t.info() for t in targets], info=info, meta=meta)
+        info = {
+            "n_layers": model.cfg.n_layers,
+            "d_model": model.cfg.d_model,
+            "d_sae": adapted.config.d_sae,
+            "d_vocab": model.cfg.d_vocab,
+            "n_active": n_active,
+            "model_name": str(model.cfg.model_name),
+            "base_name": adapted.config.base_name,
+            "target_name": adapted.config.target_name,
+            "activation": adapted.config.activation,
+            "scan": adapted.config.extra.get("scan", f"mechdiff-adapters-{model.cfg.model_name}"),
+        }
+        return cls(
+            tokens=tokens.cpu(),
+            token_strs=strs,
+            features=features.cpu(),
+            activations=activations.cpu(),
+            adjacency=adjacency,
+            values=values,
+            constants=values - total,
+            dropped=total - adjacency.sum(1),
+            dropped_abs=(total_abs - adjacency.norm(p=1, dim=1)).clamp(min=0),
+            selected=selected.cpu(),
+            target_vectors=torch.stack([t.vector for t in targets]).cpu(),
+            targets=[t.info() for t in targets],
+            info=info,
+            meta=meta,
+        )
 
     # ------------------------------------------------------------------ layout
 
@@ -262,9 +326,16 @@ class Graph:
         order = torch.argsort(influence, descending=True)
         cumulative = torch.zeros_like(influence)
         cumulative[order] = torch.cumsum(influence[order], 0) / total
-        return PruneResult(node_mask, edge_mask, influence, cumulative, threshold_share,
-                           threshold_edge_share, float(influence[node_mask].sum() / total),
-                           float(edge_scores[edge_mask].sum() / edge_total))
+        return PruneResult(
+            node_mask,
+            edge_mask,
+            influence,
+            cumulative,
+            threshold_share,
+            threshold_edge_share,
+            float(influence[node_mask].sum() / total),
+            float(edge_scores[edge_mask].sum() / edge_total),
+        )
 
     def scores(self) -> GraphScores:
         """Replacement and completeness scores (see :class:`GraphScores`)."""
@@ -283,7 +354,8 @@ class Graph:
         return GraphScores(
             replacement=float(token / (token + dropped).clamp(min=1e-30)),
             completeness=float((weight * (1 - dropped_frac)).sum() / weight.sum().clamp(min=1e-30)),
-            constant_share=float((weight * const_frac).sum() / weight.sum().clamp(min=1e-30)))
+            constant_share=float((weight * const_frac).sum() / weight.sum().clamp(min=1e-30)),
+        )
 
     # ------------------------------------------------------------------ rankings
 
@@ -308,16 +380,21 @@ class Graph:
         groups: dict[tuple[int, int], dict] = {}
         for i in order.tolist():
             layer, pos, feat = self.features[i].tolist()
-            g = groups.setdefault((layer, feat), {"layer": layer, "feature": feat, "score": 0.0,
-                                                  "positions": []})
+            g = groups.setdefault((layer, feat), {"layer": layer, "feature": feat, "score": 0.0, "positions": []})
             g["score"] += float(influence[i])
             g["positions"].append(pos)
         return sorted(groups.values(), key=lambda g: -g["score"])
 
     def _feature_record(self, i: int, score: float) -> dict:
         layer, pos, feat = self.features[i].tolist()
-        return {"layer": layer, "pos": pos, "feature": feat, "node": i,
-                "activation": float(self.activations[i]), "score": score}
+        return {
+            "layer": layer,
+            "pos": pos,
+            "feature": feat,
+            "node": i,
+            "activation": float(self.activations[i]),
+            "score": score,
+        }
 
     # ------------------------------------------------------------------ io
 
@@ -327,8 +404,13 @@ class Graph:
         stem.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
         save_file(tensors, f"{stem}.safetensors")
-        doc = {"format_version": FORMAT_VERSION, "token_strs": self.token_strs,
-               "targets": self.targets, "info": self.info, "meta": self.meta}
+        doc = {
+            "format_version": FORMAT_VERSION,
+            "token_strs": self.token_strs,
+            "targets": self.targets,
+            "info": self.info,
+            "meta": self.meta,
+        }
         Path(f"{stem}.json").write_text(json.dumps(doc, indent=1))
         return Path(f"{stem}.safetensors"), Path(f"{stem}.json")
 
@@ -339,11 +421,18 @@ class Graph:
         doc = json.loads(Path(f"{stem}.json").read_text())
         if doc.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{stem}.json has format {doc.get('format_version')}, expected {FORMAT_VERSION}")
-        return cls(**load_file(f"{stem}.safetensors"), token_strs=doc["token_strs"],
-                   targets=doc["targets"], info=doc["info"], meta=doc["meta"])
+        return cls(
+            **load_file(f"{stem}.safetensors"),
+            token_strs=doc["token_strs"],
+            targets=doc["targets"],
+            info=doc["info"],
+            meta=doc["meta"],
+        )
 
-    def to_circuit_tracer_json(self, slug: str = "mechdiff-graph", node_threshold: float = 0.8,
-                               edge_threshold: float = 0.98) -> dict:
+    def to_circuit_tracer_json(
+        self, slug: str = "mechdiff-graph", node_threshold: float = 0.8, edge_threshold: float = 0.98
+    ) -> dict:
         """The pruned graph in circuit-tracer's frontend JSON (see :mod:`attribution.export`)."""
         from attribution.export import to_circuit_tracer_json
+
         return to_circuit_tracer_json(self, slug, node_threshold, edge_threshold)

@@ -33,12 +33,22 @@ from mechdiff.adapters.edits import Edit, ablate, edit_hooks, keep_only, mean_ab
 from mechdiff.adapters.transcoder import AdaptedModel
 from mechdiff.generation import generate
 
-__all__ = ["Edit", "ablate", "steer", "keep_only", "mean_ablate", "patch", "edit_hooks", "intervene",
-           "generate_with_edits"]
+__all__ = [
+    "Edit",
+    "ablate",
+    "steer",
+    "keep_only",
+    "mean_ablate",
+    "patch",
+    "edit_hooks",
+    "intervene",
+    "generate_with_edits",
+]
 
 
-def intervene(adapted: AdaptedModel, tokens: Int[Tensor, " pos"], edits: Sequence[Edit], *,
-              linearized: bool = False) -> Float[Tensor, "pos vocab"]:
+def intervene(
+    adapted: AdaptedModel, tokens: Int[Tensor, " pos"], edits: Sequence[Edit], *, linearized: bool = False
+) -> Float[Tensor, "pos vocab"]:
     """Logits of one prompt with ``edits`` applied, on the true or the linearized model.
 
     Example:
@@ -56,9 +66,15 @@ def intervene(adapted: AdaptedModel, tokens: Int[Tensor, " pos"], edits: Sequenc
         return adapted.model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0]
 
 
-def generate_with_edits(adapted: AdaptedModel, prompts: Sequence[Sequence[int]],
-                        edits: Sequence[Edit], max_new_tokens: int, *,
-                        linearized: bool = False, **generate_kwargs) -> list[list[int]]:
+def generate_with_edits(
+    adapted: AdaptedModel,
+    prompts: Sequence[Sequence[int]],
+    edits: Sequence[Edit],
+    max_new_tokens: int,
+    *,
+    linearized: bool = False,
+    **generate_kwargs,
+) -> list[list[int]]:
     """Continue each prompt with ``edits`` active throughout (see :func:`mechdiff.generation.generate`).
 
     On the linearized model decoding is greedy and re-linearizes at every step around the clean
@@ -72,22 +88,22 @@ def generate_with_edits(adapted: AdaptedModel, prompts: Sequence[Sequence[int]],
         True
     """
     if linearized:
-        return [_generate_linearized(adapted, list(p), edits, max_new_tokens, **generate_kwargs)
-                for p in prompts]
-    return generate(adapted.model, prompts, max_new_tokens, fwd_hooks=edit_hooks(adapted, edits),
-                    **generate_kwargs)
+        return [_generate_linearized(adapted, list(p), edits, max_new_tokens, **generate_kwargs) for p in prompts]
+    return generate(adapted.model, prompts, max_new_tokens, fwd_hooks=edit_hooks(adapted, edits), **generate_kwargs)
 
 
-def _generate_linearized(adapted, prompt, edits, max_new_tokens, eos_token_id=None,
-                         temperature: float = 0.0, **ignored) -> list[int]:
+def _generate_linearized(
+    adapted, prompt, edits, max_new_tokens, eos_token_id=None, temperature: float = 0.0, **ignored
+) -> list[int]:
     if temperature != 0.0:
         raise ValueError("generation on the linearized model is greedy only (temperature=0)")
     eos = eos_token_id if eos_token_id is not None else getattr(adapted.model.tokenizer, "eos_token_id", None)
     seq, out = list(prompt), []
     for _ in range(max_new_tokens):
         tokens = _as_prompt(adapted, torch.tensor(seq))
-        logits = linearized_logits(adapted, tokens, record_frozen(adapted, tokens),
-                                   fwd_hooks=edit_hooks(adapted, edits))
+        logits = linearized_logits(
+            adapted, tokens, record_frozen(adapted, tokens), fwd_hooks=edit_hooks(adapted, edits)
+        )
         nxt = int(logits[-1].argmax())
         out.append(nxt)
         seq.append(nxt)

@@ -109,8 +109,9 @@ def check_supported(adapted: AdaptedModel) -> None:
             problems.append(f"block {i}: MLP {type(block.mlp).__name__} is not a SiLU GatedMLP")
             break
     if problems:
-        raise NotImplementedError("linearized attribution supports Qwen2/Llama-style models; "
-                                  "this model has " + "; ".join(problems))
+        raise NotImplementedError(
+            "linearized attribution supports Qwen2/Llama-style models; this model has " + "; ".join(problems)
+        )
 
 
 def record_frozen(adapted: AdaptedModel, tokens: Int[Tensor, " pos"]) -> FrozenState:
@@ -136,8 +137,9 @@ def record_frozen(adapted: AdaptedModel, tokens: Int[Tensor, " pos"]) -> FrozenS
 
 
 @contextlib.contextmanager
-def linearized(adapted: AdaptedModel, frozen: FrozenState | None = None,
-               leaves: Leaves | None = None, cut_layers: bool = False) -> Iterator[Leaves | None]:
+def linearized(
+    adapted: AdaptedModel, frozen: FrozenState | None = None, leaves: Leaves | None = None, cut_layers: bool = False
+) -> Iterator[Leaves | None]:
     """Run ``adapted.model`` linearized inside this context (see the module docstring).
 
     ``frozen``: hold values from that recorded forward (the prompt must have its length) instead
@@ -157,10 +159,10 @@ def linearized(adapted: AdaptedModel, frozen: FrozenState | None = None,
     for layer, block in enumerate(model.blocks):
         hooks += _mlp_hooks(layer, block.mlp, frozen)
         if leaves is not None:
-            hooks.append((f"blocks.{layer}.adapter.hook_in",
-                          _keep(partial(leaves.mlp_in.__setitem__, layer))))
-            hooks.append((f"blocks.{layer}.adapter.hook_out",
-                          _keep(partial(leaves.adapter_out.__setitem__, layer), leaf=True)))
+            hooks.append((f"blocks.{layer}.adapter.hook_in", _keep(partial(leaves.mlp_in.__setitem__, layer))))
+            hooks.append(
+                (f"blocks.{layer}.adapter.hook_out", _keep(partial(leaves.adapter_out.__setitem__, layer), leaf=True))
+            )
             if cut_layers:
                 hooks.append((f"blocks.{layer}.hook_resid_post", _cut(leaves, layer)))
     if leaves is not None:
@@ -177,9 +179,12 @@ def linearized(adapted: AdaptedModel, frozen: FrozenState | None = None,
             p.requires_grad_(flag)
 
 
-def linearized_logits(adapted: AdaptedModel, tokens: Int[Tensor, " pos"],
-                      frozen: FrozenState | None = None, fwd_hooks: list | None = None,
-                      ) -> Float[Tensor, "pos vocab"]:
+def linearized_logits(
+    adapted: AdaptedModel,
+    tokens: Int[Tensor, " pos"],
+    frozen: FrozenState | None = None,
+    fwd_hooks: list | None = None,
+) -> Float[Tensor, "pos vocab"]:
     """Logits of the linearized model on one prompt (``fwd_hooks`` run after the freezing).
 
     Example:
@@ -196,8 +201,9 @@ def linearized_logits(adapted: AdaptedModel, tokens: Int[Tensor, " pos"],
 
 
 def _is_frozen_name(name: str) -> bool:
-    return name.endswith(("hook_scale", "attn.hook_pattern", "mlp.hook_pre", "mlp.hook_pre_linear",
-                          "adapter.hook_acts"))
+    return name.endswith(
+        ("hook_scale", "attn.hook_pattern", "mlp.hook_pre", "mlp.hook_pre_linear", "adapter.hook_acts")
+    )
 
 
 def _frozen_value(frozen: FrozenState, name: str, like: Tensor) -> Tensor:
@@ -205,14 +211,17 @@ def _frozen_value(frozen: FrozenState, name: str, like: Tensor) -> Tensor:
     if value is None:
         raise KeyError(f"the frozen state has no value for {name}")
     if value.shape[1:] != like.shape[1:]:
-        raise ValueError(f"{name}: frozen value has shape {tuple(value.shape)}, the forward "
-                         f"{tuple(like.shape)}; record the frozen state on the same prompt")
+        raise ValueError(
+            f"{name}: frozen value has shape {tuple(value.shape)}, the forward "
+            f"{tuple(like.shape)}; record the frozen state on the same prompt"
+        )
     return value.to(like.dtype).expand_as(like)
 
 
 def _freeze_hook(frozen: FrozenState | None):
     def hook(t: Tensor, hook) -> Tensor:
         return t.detach() if frozen is None else _frozen_value(frozen, hook.name, t)
+
     return hook
 
 
@@ -239,21 +248,25 @@ def _mlp_hooks(layer: int, mlp: GatedMLP, frozen: FrozenState | None) -> list:
 
 def _keep(store, leaf: bool = False):
     """A hook passing its tensor on (as a fresh leaf if ``leaf``) after handing it to ``store``."""
+
     def hook(t: Tensor, hook) -> Tensor:
         if leaf:
             t = t.detach().requires_grad_(True)
         store(t)
         return t
+
     return hook
 
 
 def _cut(leaves: Leaves, layer: int):
     """Keep block ``layer``'s output and hand the next block a fresh leaf with its values."""
+
     def hook(t: Tensor, hook) -> Tensor:
         leaves.resid_out[layer] = t
         leaf = t.detach().requires_grad_(True)
         leaves.resid_in[layer + 1] = leaf
         return leaf
+
     return hook
 
 
@@ -262,8 +275,10 @@ def _as_prompt(adapted: AdaptedModel, tokens) -> Int[Tensor, " pos"]:
     if tokens.ndim == 2 and tokens.shape[0] == 1:
         tokens = tokens[0]
     if tokens.ndim != 1 or tokens.numel() == 0 or tokens.dtype not in (torch.long, torch.int32):
-        raise ValueError(f"expected one prompt as a 1-D integer tensor of token ids, got shape "
-                         f"{tuple(tokens.shape)} and dtype {tokens.dtype}")
+        raise ValueError(
+            f"expected one prompt as a 1-D integer tensor of token ids, got shape "
+            f"{tuple(tokens.shape)} and dtype {tokens.dtype}"
+        )
     cfg = adapted.model.cfg
     if tokens.shape[0] > cfg.n_ctx:
         raise ValueError(f"prompt has {tokens.shape[0]} tokens; the model's context is {cfg.n_ctx}")

@@ -100,8 +100,13 @@ def _feature_label(graph: Graph, i: int, top_tokens: dict | None) -> str:
     return f"{layer}/{feat}" + (f" {word}" if word else "")
 
 
-def graph_figure(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-                 title: str | None = None, top_tokens: dict | None = None) -> go.Figure:
+def graph_figure(
+    graph: Graph,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    title: str | None = None,
+    top_tokens: dict | None = None,
+) -> go.Figure:
     """Plotly figure of the graph pruned at the given thresholds. ``top_tokens`` (from
     :func:`feature_top_tokens`) adds each feature's promoted token to its hover text."""
     pruned = graph.prune(node_threshold, edge_threshold)
@@ -117,43 +122,85 @@ def graph_figure(graph: Graph, node_threshold: float = 0.8, edge_threshold: floa
     shown = set()
     for (positive, width), (xs, ys) in sorted(buckets.items()):
         name = "positive edge" if positive else "negative edge"
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", name=name, legendgroup=name,
-                                 showlegend=name not in shown, opacity=0.6,
-                                 line={"color": POSITIVE if positive else NEGATIVE, "width": 0.5 + 1.2 * width}))
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines",
+                hoverinfo="skip",
+                name=name,
+                legendgroup=name,
+                showlegend=name not in shown,
+                opacity=0.6,
+                line={"color": POSITIVE if positive else NEGATIVE, "width": 0.5 + 1.2 * width},
+            )
+        )
         shown.add(name)
     nodes = sorted(coords)
-    kinds = ["feature" if i < graph.n_features else "embedding" if i < graph.target_slice.start
-             else "target" for i in nodes]
+    kinds = [
+        "feature" if i < graph.n_features else "embedding" if i < graph.target_slice.start else "target" for i in nodes
+    ]
     act = {i: float(graph.activations[i]) for i in nodes if i < graph.n_features}
 
     def hover(i):
-        name = (f"feature {_feature_label(graph, i, top_tokens)} @ {graph.features[i, 1]}" if i in act
-                else graph.node_label(i))
+        name = (
+            f"feature {_feature_label(graph, i, top_tokens)} @ {graph.features[i, 1]}"
+            if i in act
+            else graph.node_label(i)
+        )
         extra = f"<br>activation {act[i]:.3g}" if i in act else ""
         return f"{name}{extra}<br>influence {float(pruned.node_influence[i]):.3g}"
 
-    fig.add_trace(go.Scatter(
-        x=[coords[i][0] for i in nodes], y=[coords[i][1] for i in nodes], mode="markers",
-        marker={"size": [9 if k == "feature" else 12 for k in kinds], "line": {"width": 1},
+    fig.add_trace(
+        go.Scatter(
+            x=[coords[i][0] for i in nodes],
+            y=[coords[i][1] for i in nodes],
+            mode="markers",
+            marker={
+                "size": [9 if k == "feature" else 12 for k in kinds],
+                "line": {"width": 1},
                 "color": [KIND_STYLE[k][1] for k in kinds],
-                "symbol": ["circle" if k == "feature" else "square" if k == "embedding" else "triangle-up"
-                           for k in kinds]},
-        text=[hover(i) for i in nodes], hoverinfo="text", showlegend=False))
+                "symbol": [
+                    "circle" if k == "feature" else "square" if k == "embedding" else "triangle-up" for k in kinds
+                ],
+            },
+            text=[hover(i) for i in nodes],
+            hoverinfo="text",
+            showlegend=False,
+        )
+    )
     n_layers = graph.info["n_layers"]
     fig.update_layout(
         title=title or f"attribution graph: {', '.join(t['label'] for t in graph.targets)}",
-        xaxis={"title": "prompt token (position)", "tickmode": "array", "tickvals": list(range(graph.n_pos)),
-               "ticktext": list(graph.token_strs), "tickangle": -90},
-        yaxis={"title": "", "tickmode": "array", "tickvals": list(range(n_layers + 2)),
-               "ticktext": layer_names(n_layers)},
+        xaxis={
+            "title": "prompt token (position)",
+            "tickmode": "array",
+            "tickvals": list(range(graph.n_pos)),
+            "ticktext": list(graph.token_strs),
+            "tickangle": -90,
+        },
+        yaxis={
+            "title": "",
+            "tickmode": "array",
+            "tickvals": list(range(n_layers + 2)),
+            "ticktext": layer_names(n_layers),
+        },
         legend={"orientation": "h", "y": 1.02, "x": 1, "xanchor": "right", "yanchor": "bottom"},
-        template="plotly_white", height=220 + 90 * n_layers, width=max(700, 45 * graph.n_pos))
+        template="plotly_white",
+        height=220 + 90 * n_layers,
+        width=max(700, 45 * graph.n_pos),
+    )
     return fig
 
 
-def save_graph_figure(graph: Graph, path: str | Path, node_threshold: float = 0.8,
-                      edge_threshold: float = 0.98, title: str | None = None,
-                      top_tokens: dict | None = None) -> tuple[Path, Path]:
+def save_graph_figure(
+    graph: Graph,
+    path: str | Path,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    title: str | None = None,
+    top_tokens: dict | None = None,
+) -> tuple[Path, Path]:
     """Write ``path.html`` (interactive; loads the tree's one shared plotly.js) and ``path.png``."""
     stem = Path(path).with_suffix("")
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -205,16 +252,31 @@ def static_figure(graph: Graph, pruned: PruneResult, title: str = "", top_tokens
     ax = fig.add_subplot()
     for s, d, w in edges:
         if s in coords and d in coords:
-            ax.plot([coords[s][0], coords[d][0]], [coords[s][1], coords[d][1]],
-                    color=POSITIVE if w > 0 else NEGATIVE, lw=0.3 + 3 * abs(w) / top, alpha=0.5, zorder=1)
+            ax.plot(
+                [coords[s][0], coords[d][0]],
+                [coords[s][1], coords[d][1]],
+                color=POSITIVE if w > 0 else NEGATIVE,
+                lw=0.3 + 3 * abs(w) / top,
+                alpha=0.5,
+                zorder=1,
+            )
     for i, (x, y) in coords.items():
         kind = "feature" if i < graph.n_features else "embedding" if i < graph.target_slice.start else "target"
         marker, color, size = KIND_STYLE[kind]
         ax.scatter([x], [y], s=size, marker=marker, zorder=2, color=color, edgecolor="k", linewidth=0.5)
         if kind != "embedding":  # embeddings are named by the position axis
             label = _feature_label(graph, i, top_tokens) if kind == "feature" else graph.node_label(i)
-            ax.annotate(label, (x, y), xytext=(0, 5), textcoords="offset points", rotation=90,
-                        ha="center", va="bottom", fontsize=6, zorder=3)
+            ax.annotate(
+                label,
+                (x, y),
+                xytext=(0, 5),
+                textcoords="offset points",
+                rotation=90,
+                ha="center",
+                va="bottom",
+                fontsize=6,
+                zorder=3,
+            )
     ax.set_xticks(centres, list(graph.token_strs), rotation=90, fontsize=7)
     ax.set_yticks([r * ROW for r in range(n_layers + 2)], layer_names(n_layers))
     ax.set_xlim(0, columns[-1])
@@ -222,31 +284,48 @@ def static_figure(graph: Graph, pruned: PruneResult, title: str = "", top_tokens
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("prompt token (position)")
     ax.spines[["top", "right"]].set_visible(False)
-    handles = [Line2D([], [], color=POSITIVE, lw=2, label="positive edge"),
-               Line2D([], [], color=NEGATIVE, lw=2, label="negative edge"),
-               *[Line2D([], [], ls="", marker=KIND_STYLE[k][0], color=KIND_STYLE[k][1], markeredgecolor="k",
-                        label=k if k != "feature" else "feature (layer/feature, top token)")
-                 for k in ("feature", "embedding", "target")]]
+    handles = [
+        Line2D([], [], color=POSITIVE, lw=2, label="positive edge"),
+        Line2D([], [], color=NEGATIVE, lw=2, label="negative edge"),
+        *[
+            Line2D(
+                [],
+                [],
+                ls="",
+                marker=KIND_STYLE[k][0],
+                color=KIND_STYLE[k][1],
+                markeredgecolor="k",
+                label=k if k != "feature" else "feature (layer/feature, top token)",
+            )
+            for k in ("feature", "embedding", "target")
+        ],
+    ]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
     fig.tight_layout()
     return fig
 
 
-def feature_activations(adapted: AdaptedModel, tokens: Int[Tensor, " pos"],
-                        features: Sequence[tuple[int, int]]) -> torch.Tensor:
+def feature_activations(
+    adapted: AdaptedModel, tokens: Int[Tensor, " pos"], features: Sequence[tuple[int, int]]
+) -> torch.Tensor:
     """Activations ``[pos, n_features]`` of ``(layer, feature)`` pairs on one prompt (true model)."""
     for layer, feat in features:
         if not 0 <= layer < adapted.config.n_layers or not 0 <= feat < adapted.config.d_sae:
             raise IndexError(f"feature ({layer}, {feat}) is out of range")
     names = {adapted.acts_name(layer) for layer, _ in features}
     with torch.no_grad():
-        _, cache = adapted.model.run_with_cache(torch.as_tensor(tokens).reshape(1, -1),
-                                                names_filter=lambda n: n in names)
+        _, cache = adapted.model.run_with_cache(
+            torch.as_tensor(tokens).reshape(1, -1), names_filter=lambda n: n in names
+        )
     return torch.stack([cache[adapted.acts_name(la)][0, :, f] for la, f in features], dim=1)
 
 
-def feature_token_views(adapted: AdaptedModel, prompts: Sequence[Int[Tensor, " pos"]],
-                        features: Sequence[tuple[int, int]], path: str | Path | None = None) -> list:
+def feature_token_views(
+    adapted: AdaptedModel,
+    prompts: Sequence[Int[Tensor, " pos"]],
+    features: Sequence[tuple[int, int]],
+    path: str | Path | None = None,
+) -> list:
     """One circuitsvis ``colored_tokens_multi`` view per prompt (a value per feature, labelled
     ``L{layer}F{feature}``); with ``path``, all views are written to one offline HTML file that
     loads the tree's one shared circuitsvis bundle.
@@ -272,7 +351,10 @@ def feature_token_views(adapted: AdaptedModel, prompts: Sequence[Int[Tensor, " p
         out.parent.mkdir(parents=True, exist_ok=True)
         bundle = circuitsvis_bundle()
         body = "\n".join(f"<h3>prompt {i}</h3>\n{without_bundle(v.local_src, bundle)}" for i, v in enumerate(views))
-        out.write_text(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>feature activations"
-                       f"</title><script src='{circuitsvis_src(out)}'></script></head><body>\n{body}\n"
-                       "</body></html>\n", encoding="utf-8")
+        out.write_text(
+            f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>feature activations"
+            f"</title><script src='{circuitsvis_src(out)}'></script></head><body>\n{body}\n"
+            "</body></html>\n",
+            encoding="utf-8",
+        )
     return views

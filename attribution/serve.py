@@ -84,10 +84,13 @@ JETPACK_LOADER = """// d3-jetpack (npm, {npm}) on the page's d3 7, as a classic 
 TC = "https://transformer-circuits.pub/2025/attribution-graphs/static_js/lib/"
 SCRIPTS = {
     "d3": Script("d3@7.9.0", "package/dist/d3.min.js", "d3.min.js"),
-    "d3-collection": Script("d3-collection@1.0.7", "package/dist/d3-collection.min.js",
-                            "d3-collection.min.js"),
-    "d3-jetpack": Script("d3-jetpack@2.3.0", "package/build/d3-jetpack.cjs", "d3-jetpack.js",
-                         JETPACK_LOADER.format(npm="d3-jetpack@2.3.0")),
+    "d3-collection": Script("d3-collection@1.0.7", "package/dist/d3-collection.min.js", "d3-collection.min.js"),
+    "d3-jetpack": Script(
+        "d3-jetpack@2.3.0",
+        "package/build/d3-jetpack.cjs",
+        "d3-jetpack.js",
+        JETPACK_LOADER.format(npm="d3-jetpack@2.3.0"),
+    ),
     "npyjs": Script("npyjs@1.2.0", "package/dist/index.js", "npyjs.mjs"),
     "dagre": Script("dagre@0.8.5", "package/dist/dagre.min.js", "dagre.min.js"),
     "pako": Script("pako@2.1.0", "package/dist/pako.min.js", "pako.min.js"),
@@ -106,8 +109,11 @@ DROPPED = (TC + "hotserver-client-ws.js",)  # the authors' dev-server reload cli
 # (file, published text, served text): each must be found, or the frontend is not the one we know
 PATCHES = (
     ("util.js", f"'{FEATURE_BUCKET}'", "'./features/'"),
-    ("feature_examples/init-feature-examples.js", "} else if (await indexFileExists(scan)){",
-     "} else if (!window.isLocalServing && await indexFileExists(scan)){"),
+    (
+        "feature_examples/init-feature-examples.js",
+        "} else if (await indexFileExists(scan)){",
+        "} else if (!window.isLocalServing && await indexFileExists(scan)){",
+    ),
 )
 
 
@@ -164,7 +170,7 @@ class Frontend:
             staged = Path(tmp) / "assets"
             with zipfile.ZipFile(wheels[0]) as wheel:
                 for name in wheel.namelist():
-                    rel = name[len(WHEEL_ASSETS):]
+                    rel = name[len(WHEEL_ASSETS) :]
                     if not name.startswith(WHEEL_ASSETS) or not rel or name.endswith("/"):
                         continue
                     if ".." in Path(rel).parts:
@@ -184,16 +190,14 @@ class Frontend:
             raise OSError("npm is not installed")
         self.vendor.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.root) as tmp:
-            subprocess.run([npm, "pack", "-q", script.npm], cwd=tmp, check=True, capture_output=True,
-                           text=True)
+            subprocess.run([npm, "pack", "-q", script.npm], cwd=tmp, check=True, capture_output=True, text=True)
             (tarball,) = Path(tmp).glob("*.tgz")
             with tarfile.open(tarball) as tar:
                 data = tar.extractfile(script.member)
                 if data is None:
                     raise KeyError(f"{script.member} is not a file in {tarball.name}")
                 staged = Path(tmp) / script.file
-                staged.write_text(script.wrap.replace("{source}", data.read().decode("utf-8")),
-                                  encoding="utf-8")
+                staged.write_text(script.wrap.replace("{source}", data.read().decode("utf-8")), encoding="utf-8")
             staged.replace(self.vendor / script.file)
 
     def page(self, name: str) -> bytes | None:
@@ -206,17 +210,22 @@ class Frontend:
                 files = [SCRIPTS[n].file for n in names]
                 if not all((self.vendor / f).is_file() for f in files):
                     continue  # stays on its CDN (serve() says so)
-                local = "".join(f"<script type='module'>import * as m from './vendor/{f}'; window.npyjs = m"
-                                "</script>" if f.endswith(".mjs") else f"<script src='./vendor/{f}'></script>"
-                                for f in files)
+                local = "".join(
+                    f"<script type='module'>import * as m from './vendor/{f}'; window.npyjs = m</script>"
+                    if f.endswith(".mjs")
+                    else f"<script src='./vendor/{f}'></script>"
+                    for f in files
+                )
                 html = html.replace(f"<script src='{url}'></script>", local)
             return html.encode()
         for file, published, served in PATCHES:
             if name == file:
                 text = (self.assets / file).read_text(encoding="utf-8")
                 if published not in text:
-                    raise FrontendMissing(f"{file} of the cached frontend is not circuit-tracer 0.5.0's "
-                                          f"(no {published!r}); delete {self.root} and run again")
+                    raise FrontendMissing(
+                        f"{file} of the cached frontend is not circuit-tracer 0.5.0's "
+                        f"(no {published!r}); delete {self.root} and run again"
+                    )
                 return text.replace(published, served).encode()
         return None
 
@@ -227,12 +236,20 @@ def _reason(err: BaseException) -> str:
 
 
 def _handler(data_dir: Path, frontend: Frontend, quiet: bool):
-    roots = {"/data/": data_dir, "/graph_data/": data_dir, "/features/": data_dir / "features",
-             "/vendor/": frontend.vendor}
+    roots = {
+        "/data/": data_dir,
+        "/graph_data/": data_dir,
+        "/features/": data_dir / "features",
+        "/vendor/": frontend.vendor,
+    }
 
     class Handler(http.server.SimpleHTTPRequestHandler):
-        extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map,
-                          ".js": "text/javascript", ".mjs": "text/javascript", ".json": "application/json"}
+        extensions_map = {
+            **http.server.SimpleHTTPRequestHandler.extensions_map,
+            ".js": "text/javascript",
+            ".mjs": "text/javascript",
+            ".json": "application/json",
+        }
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, directory=str(frontend.assets), **kwargs)
@@ -241,7 +258,7 @@ def _handler(data_dir: Path, frontend: Frontend, quiet: bool):
             clean = path.split("?", 1)[0].split("#", 1)[0]
             for prefix, root in roots.items():
                 if clean.startswith(prefix):
-                    rel = urllib.parse.unquote(clean[len(prefix):])
+                    rel = urllib.parse.unquote(clean[len(prefix) :])
                     parts = [p for p in rel.split("/") if p not in ("", ".", "..")]
                     return str(root.joinpath(*parts))
             return super().translate_path(path)
@@ -256,8 +273,10 @@ def _handler(data_dir: Path, frontend: Frontend, quiet: bool):
             if body is None:
                 return super().do_GET()
             self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8" if name.endswith(".html")
-                             else "text/javascript; charset=utf-8")
+            self.send_header(
+                "Content-Type",
+                "text/html; charset=utf-8" if name.endswith(".html") else "text/javascript; charset=utf-8",
+            )
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
@@ -311,8 +330,10 @@ def check_graph_dir(folder: str | Path) -> Path:
     folder = Path(folder)
     index = folder / "graph-metadata.json"
     if not index.is_file():
-        raise ValueError(f"{folder}: no graph-metadata.json (export graphs there with "
-                         f"python -m attribution --out DIR; they go to DIR/circuit-tracer)")
+        raise ValueError(
+            f"{folder}: no graph-metadata.json (export graphs there with "
+            f"python -m attribution --out DIR; they go to DIR/circuit-tracer)"
+        )
     try:
         graphs = json.loads(index.read_text())["graphs"]
     except (ValueError, KeyError, TypeError):

@@ -104,12 +104,12 @@ class TargetRow:
 
     def info(self) -> dict:
         """Everything but the vector, JSON-ready."""
-        return {k: getattr(self, k) for k in ("label", "kind", "site", "pos", "bias", "weight",
-                                              "prob", "token_id")}
+        return {k: getattr(self, k) for k in ("label", "kind", "site", "pos", "bias", "weight", "prob", "token_id")}
 
 
-def resolve_targets(adapted: AdaptedModel, tokens: Int[Tensor, " pos"], spec=None,
-                    logits: Float[Tensor, "pos vocab"] | None = None) -> list[TargetRow]:
+def resolve_targets(
+    adapted: AdaptedModel, tokens: Int[Tensor, " pos"], spec=None, logits: Float[Tensor, "pos vocab"] | None = None
+) -> list[TargetRow]:
     """Turn a target spec (see the module docstring) into target rows for this prompt.
 
     ``logits`` (the true model's, for probabilities) are computed when not given.
@@ -141,8 +141,7 @@ def token_id(adapted: AdaptedModel, token: str | int) -> int:
     vocab = tokenizer.get_vocab() if tokenizer is not None else {}
     if token not in vocab or vocab[token] >= d_vocab:
         near = sorted(t for t in vocab if token.strip().lower() in t.lower())[:10]
-        raise ValueError(f"token {token!r} is not in the vocabulary" +
-                         (f"; similar: {near}" if near else ""))
+        raise ValueError(f"token {token!r} is not in the vocabulary" + (f"; similar: {near}" if near else ""))
     return vocab[token]
 
 
@@ -164,8 +163,10 @@ def _normalise(spec):
         return Direction(spec)
     if isinstance(spec, (TopLogits, Token, LogitDiff, Direction, FeatureTarget)):
         return spec
-    raise TypeError(f"unknown target spec {spec!r}: use None, a token (str/int), a (token, other) "
-                    "pair, a d_model tensor, or a TopLogits/Token/LogitDiff/Direction/FeatureTarget")
+    raise TypeError(
+        f"unknown target spec {spec!r}: use None, a token (str/int), a (token, other) "
+        "pair, a d_model tensor, or a TopLogits/Token/LogitDiff/Direction/FeatureTarget"
+    )
 
 
 def _resolve_one(adapted: AdaptedModel, spec, n_pos: int, logits: Tensor) -> list[TargetRow]:
@@ -179,16 +180,18 @@ def _resolve_one(adapted: AdaptedModel, spec, n_pos: int, logits: Tensor) -> lis
         if demean:
             vec, bias = vec - W_U.mean(1), bias - float(b_U.mean())
         prob = float(probs[t])
-        return TargetRow(label, kind, n_layers, pos, vec.clone(), bias,
-                         prob if weight is None else weight, prob, t)
+        return TargetRow(label, kind, n_layers, pos, vec.clone(), bias, prob if weight is None else weight, prob, t)
 
     if isinstance(spec, TopLogits):
         if not 0 < spec.cumulative_prob <= 1 or spec.max_n < 1:
             raise ValueError("TopLogits needs 0 < cumulative_prob <= 1 and max_n >= 1")
         order = torch.argsort(probs, descending=True)
         cum = torch.cumsum(probs[order], 0)
-        n = min(int(torch.searchsorted(cum, torch.tensor(spec.cumulative_prob, dtype=cum.dtype))) + 1,
-                spec.max_n, len(order))
+        n = min(
+            int(torch.searchsorted(cum, torch.tensor(spec.cumulative_prob, dtype=cum.dtype))) + 1,
+            spec.max_n,
+            len(order),
+        )
         return [token_row(int(t), _token_str(model, int(t)), "top_logit", None) for t in order[:n]]
     if isinstance(spec, Token):
         t = token_id(adapted, spec.token)
@@ -198,17 +201,36 @@ def _resolve_one(adapted: AdaptedModel, spec, n_pos: int, logits: Tensor) -> lis
         if a == b:
             raise ValueError(f"a logit difference needs two different tokens, got {spec.token!r} twice")
         label = f"{_token_str(model, a)} - {_token_str(model, b)}"
-        return [TargetRow(label, "logit_diff", n_layers, pos, (W_U[:, a] - W_U[:, b]).clone(),
-                          float(b_U[a] - b_U[b]), 1.0, None, None)]
+        return [
+            TargetRow(
+                label,
+                "logit_diff",
+                n_layers,
+                pos,
+                (W_U[:, a] - W_U[:, b]).clone(),
+                float(b_U[a] - b_U[b]),
+                1.0,
+                None,
+                None,
+            )
+        ]
     if isinstance(spec, Direction):
         vec = torch.as_tensor(spec.vector).to(W_U.device, W_U.dtype)
         if vec.shape != (model.cfg.d_model,):
             raise ValueError(f"a direction needs shape ({model.cfg.d_model},), got {tuple(vec.shape)}")
         return [TargetRow(spec.label, "direction", n_layers, pos, vec.clone(), 0.0, spec.weight)]
     adapter = _adapter(adapted, spec.layer, spec.feature)
-    return [TargetRow(f"L{spec.layer}F{spec.feature}", "feature", spec.layer, pos,
-                      adapter.W_enc[:, spec.feature].detach().clone(),
-                      float(adapter.b_enc.detach()[spec.feature]), 1.0)]
+    return [
+        TargetRow(
+            f"L{spec.layer}F{spec.feature}",
+            "feature",
+            spec.layer,
+            pos,
+            adapter.W_enc[:, spec.feature].detach().clone(),
+            float(adapter.b_enc.detach()[spec.feature]),
+            1.0,
+        )
+    ]
 
 
 def _adapter(adapted: AdaptedModel, layer: int, feature: int):

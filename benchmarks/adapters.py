@@ -51,8 +51,12 @@ def load_bench_pair(args) -> tuple[object, str]:
         except FileNotFoundError:
             load = dict(dtype=args.dtype, device=args.device)
             base = smollm2.load_smollm2(**load)
-            pair = ModelPair(base, smollm2.load_smollm2(**load), base.tokenizer,
-                             {"workload": "chat", "base_name": "smollm2-base", "target_name": "smollm2-base"})
+            pair = ModelPair(
+                base,
+                smollm2.load_smollm2(**load),
+                base.tokenizer,
+                {"workload": "chat", "base_name": "smollm2-base", "target_name": "smollm2-base"},
+            )
             return pair, "no fine-tune cached: the base model on both sides (cost does not depend on training)"
     return load_pair_from_args(args), "the pair as loaded"
 
@@ -81,8 +85,14 @@ def measure(args, path: str) -> dict:
     adapted = AdaptedModel.from_pair(pair, args.d_sae, "topk", 8)
     loaded_gib = _rss_gib()
     fast = path == "fast"
-    objective = AdapterObjective(adapted, pair.target, LossWeights(), fast=fast,
-                                 autocast=args.autocast if fast else None, checkpoint=fast and args.checkpoint)
+    objective = AdapterObjective(
+        adapted,
+        pair.target,
+        LossWeights(),
+        fast=fast,
+        autocast=args.autocast if fast else None,
+        checkpoint=fast and args.checkpoint,
+    )
     opt = torch.optim.AdamW(adapted.adapters.parameters(), lr=1e-6)
     keep = next_token_keep(mask)
 
@@ -104,8 +114,16 @@ def measure(args, path: str) -> dict:
     for _ in range(args.repeats):
         step()
     step_s = (time.perf_counter() - t0) / args.repeats
-    out = {"path": path, "step_s": step_s, "peak_gib": _rss_gib(), "loaded_gib": loaded_gib, "note": note,
-           "tokens": int(mask.sum()), "positions": tokens.shape[1], "threads": torch.get_num_threads()}
+    out = {
+        "path": path,
+        "step_s": step_s,
+        "peak_gib": _rss_gib(),
+        "loaded_gib": loaded_gib,
+        "note": note,
+        "tokens": int(mask.sum()),
+        "positions": tokens.shape[1],
+        "threads": torch.get_num_threads(),
+    }
     if path == "fast":  # the floor, interleaved with more steps so both see the same machine load
         floor()
         steps, floors = [], []
@@ -133,30 +151,44 @@ def generation(args) -> dict:
         return lambda: generate(model, prompts, args.new, eos_token_id=-1, batch_size=args.n)
 
     t_with, t_without = mean_seconds(go(adapted.model), args.repeats), mean_seconds(go(pair.target), args.repeats)
-    return {"prompts": args.n, "new_tokens": args.new, "with_adapters_s": t_with, "without_s": t_without,
-            "ratio_with_over_without": t_with / t_without}
+    return {
+        "prompts": args.n,
+        "new_tokens": args.new,
+        "with_adapters_s": t_with,
+        "without_s": t_without,
+        "ratio_with_over_without": t_with / t_without,
+    }
 
 
 def _subprocess(argv: list[str], path: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.adapters", *argv, "--measure", path],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.adapters", *argv, "--measure", path], capture_output=True, text=True
+    )
     if done.returncode:
         raise RuntimeError(f"the {path} measurement failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.adapters", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.adapters", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_pair_options(parser)
     parser.set_defaults(threads=1)
     parser.add_argument("--batch", type=int, default=4, help="traces per training step (default 4)")
     parser.add_argument("--d-sae", type=int, default=512, help="adapter features per layer (default 512)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per path (default 3)")
-    parser.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
-                        help="mixed precision for the new path's forwards (default: none)")
-    parser.add_argument("--checkpoint", action="store_true",
-                        help="the new path also recomputes each block in backward (less memory, more time)")
+    parser.add_argument(
+        "--autocast",
+        default=None,
+        choices=["bfloat16", "float16"],
+        help="mixed precision for the new path's forwards (default: none)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="the new path also recomputes each block in backward (less memory, more time)",
+    )
     parser.add_argument("--generation", action="store_true", help="also time generation with adapters")
     parser.add_argument("--n", type=int, default=64, help="prompts generated at once (--generation)")
     parser.add_argument("--new", type=int, default=64, help="new tokens per prompt (--generation)")
@@ -171,13 +203,25 @@ def main(argv: list[str] | None = None) -> None:
     child = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--json", "--generation")]
     child = [a for i, a in enumerate(child) if a != "--out" and (i == 0 or child[i - 1] != "--out")]
     fast, plain = _subprocess(child, "fast"), _subprocess(child, "plain")
-    result = {"pair": args.pair, "note": fast["note"], "batch": args.batch, "positions": fast["positions"],
-              "tokens": fast["tokens"], "d_sae": args.d_sae, "threads": fast["threads"], "autocast": args.autocast,
-              "checkpoint": args.checkpoint,
-              "step_s": fast["step_interleaved_s"], "floor_s": fast["floor_s"],
-              "step_over_floor": fast["step_interleaved_s"] / fast["floor_s"], "peak_gib": fast["peak_gib"],
-              "loaded_gib": fast["loaded_gib"], "baseline_step_s": plain["step_s"],
-              "baseline_peak_gib": plain["peak_gib"], "speedup_vs_baseline": plain["step_s"] / fast["step_s"]}
+    result = {
+        "pair": args.pair,
+        "note": fast["note"],
+        "batch": args.batch,
+        "positions": fast["positions"],
+        "tokens": fast["tokens"],
+        "d_sae": args.d_sae,
+        "threads": fast["threads"],
+        "autocast": args.autocast,
+        "checkpoint": args.checkpoint,
+        "step_s": fast["step_interleaved_s"],
+        "floor_s": fast["floor_s"],
+        "step_over_floor": fast["step_interleaved_s"] / fast["floor_s"],
+        "peak_gib": fast["peak_gib"],
+        "loaded_gib": fast["loaded_gib"],
+        "baseline_step_s": plain["step_s"],
+        "baseline_peak_gib": plain["peak_gib"],
+        "speedup_vs_baseline": plain["step_s"] / fast["step_s"],
+    }
     if args.generation:
         result["generation"] = generation(args)
     if args.out:
@@ -186,8 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"{args.pair}: {result['note']}; batch {args.batch} x {result['positions']} positions, "
-          f"{result['threads']} thread(s)")
+    print(
+        f"{args.pair}: {result['note']}; batch {args.batch} x {result['positions']} positions, "
+        f"{result['threads']} thread(s)"
+    )
     print(f"{'':<34} {'s/step':>8} {'peak GiB':>9}")
     print(f"{'adapter step (chunked losses)':<34} {result['step_s']:>8.3f} {result['peak_gib']:>9.2f}")
     print(f"{'floor: adapted fwd+bwd':<34} {result['floor_s']:>8.3f} {'':>9}")

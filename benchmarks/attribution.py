@@ -87,9 +87,18 @@ def organism_prompt(tokenizer, length: int, seed: int = 0) -> torch.Tensor:
 
 def load_adapted_model(args) -> tuple[AdaptedModel, str]:
     if args.random_model:
-        adapted = tiny_adapted(seed=0, dtype=getattr(torch, args.dtype), n_layers=3, d_model=128,
-                               d_mlp=512, d_sae=args.d_sae, vocab=26, density=args.density,
-                               dec_norm=0.5, n_ctx=512)
+        adapted = tiny_adapted(
+            seed=0,
+            dtype=getattr(torch, args.dtype),
+            n_layers=3,
+            d_model=128,
+            d_mlp=512,
+            d_sae=args.d_sae,
+            vocab=26,
+            density=args.density,
+            dec_norm=0.5,
+            n_ctx=512,
+        )
         if args.device:
             # TransformerLens' .to updates cfg.device; the adapters, submodules of the blocks, move along
             adapted.model.to(args.device, print_details=False)
@@ -102,6 +111,7 @@ def load_adapted_model(args) -> tuple[AdaptedModel, str]:
     if args.adapters == "auto":
         try:
             from mechdiff.adapters.formats import load_adapted
+
             return load_adapted(pair), "shipped"
         except Exception as err:  # noqa: BLE001 - any reason means: fall back, and say why
             print(f"[shipped adapters unavailable: {type(err).__name__}: {str(err)[:120]}]")
@@ -118,6 +128,7 @@ def forward_backward(adapted: AdaptedModel, tokens: torch.Tensor):
         loss = adapted.model(tokens[None], return_type="loss")
         loss.backward()
         return float(loss.detach())
+
     return step
 
 
@@ -129,8 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-feature-nodes", type=int, default=None, help="default: every feature")
     parser.add_argument("--prefix-buckets", type=int, default=8)
     parser.add_argument("--expand", action="store_true", help="repeat the prompt along the batch (no vmap)")
-    parser.add_argument("--random-model", action="store_true",
-                        help="a random organism-shaped model with n_ctx 512, for longer prompts")
+    parser.add_argument(
+        "--random-model", action="store_true", help="a random organism-shaped model with n_ctx 512, for longer prompts"
+    )
     parser.add_argument("--adapters", choices=["auto", "random"], default="auto")
     parser.add_argument("--d-sae", type=int, default=1024)
     parser.add_argument("--density", type=float, default=0.01)
@@ -139,21 +151,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", default=None, help="custom pair: base HF folder (default: organism)")
     parser.add_argument("--target", default=None)
     parser.add_argument("--json", default=None, help="also write the rows here")
-    parser.add_argument("--device", default=None,
-                        help="torch device: cpu, cuda, cuda:1 ... (default: cuda when available, else "
-                             "cpu). Peak memory is the host's resident set: on a GPU it leaves out "
-                             "device memory")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the models and adapters (default float32; use bfloat16 on a GPU, as "
-                             "a real run would: half the memory, tensor-core speed)")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="torch device: cpu, cuda, cuda:1 ... (default: cuda when available, else "
+        "cpu). Peak memory is the host's resident set: on a GPU it leaves out "
+        "device memory",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the models and adapters (default float32; use bfloat16 on a GPU, as "
+        "a real run would: half the memory, tensor-core speed)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     adapted, kind = load_adapted_model(args)
     cfg = adapted.model.cfg
-    print(f"model: {cfg.model_name} ({cfg.n_layers} layers, d_model {cfg.d_model}, n_ctx {cfg.n_ctx}); "
-          f"adapters: {kind}; threads {torch.get_num_threads()}; batch {args.batch_size}; "
-          f"max_feature_nodes {args.max_feature_nodes}; prefix buckets {args.prefix_buckets}; "
-          f"{'expanded batch' if args.expand else 'vmapped backward'}")
+    print(
+        f"model: {cfg.model_name} ({cfg.n_layers} layers, d_model {cfg.d_model}, n_ctx {cfg.n_ctx}); "
+        f"adapters: {kind}; threads {torch.get_num_threads()}; batch {args.batch_size}; "
+        f"max_feature_nodes {args.max_feature_nodes}; prefix buckets {args.prefix_buckets}; "
+        f"{'expanded batch' if args.expand else 'vmapped backward'}"
+    )
     warm = organism_prompt(adapted.model.tokenizer, 16)
     attribute(adapted, warm, batch_size=8)
     rows = []
@@ -162,30 +183,62 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--lengths: {length} exceeds the model's n_ctx {cfg.n_ctx}")
         tokens = organism_prompt(adapted.model.tokenizer, length)
         fb_wall, fb_cpu, fb_mem, _ = measure(forward_backward(adapted, tokens), 5)
-        wall, cpu, mem, graph = measure(lambda tokens=tokens: attribute(
-            adapted, tokens, batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes,
-            prefix_buckets=args.prefix_buckets, vmap=not args.expand),
-            args.repeats)
+        wall, cpu, mem, graph = measure(
+            lambda tokens=tokens: attribute(
+                adapted,
+                tokens,
+                batch_size=args.batch_size,
+                max_feature_nodes=args.max_feature_nodes,
+                prefix_buckets=args.prefix_buckets,
+                vmap=not args.expand,
+            ),
+            args.repeats,
+        )
         meta = graph.meta
-        rows.append({
-            "tokens": length, "active_features": graph.info["n_active"], "feature_nodes": graph.n_features,
-            "targets": graph.n_targets, "rows": meta["n_rows"], "batch": meta["batch_size"],
-            "backward_passes": meta["n_backward"], "floor": math.ceil(meta["n_rows"] / meta["batch_size"]),
-            "graph_wall_s": round(wall, 3), "graph_cpu_s": round(cpu, 3),
-            "graph_peak_mb": round(mem / 2**20, 1), "fwd_bwd_wall_s": round(fb_wall, 4),
-            "fwd_bwd_cpu_s": round(fb_cpu, 4), "fwd_bwd_peak_mb": round(fb_mem / 2**20, 1),
-            "cpu_ratio": round(cpu / fb_cpu, 1), "cpu_ratio_per_backward": round(cpu / fb_cpu / meta["n_backward"], 2),
-            "cpu_ms_per_row": round(1e3 * cpu / meta["n_rows"], 2), "memory_ratio": round(mem / max(fb_mem, 1), 1)})
+        rows.append(
+            {
+                "tokens": length,
+                "active_features": graph.info["n_active"],
+                "feature_nodes": graph.n_features,
+                "targets": graph.n_targets,
+                "rows": meta["n_rows"],
+                "batch": meta["batch_size"],
+                "backward_passes": meta["n_backward"],
+                "floor": math.ceil(meta["n_rows"] / meta["batch_size"]),
+                "graph_wall_s": round(wall, 3),
+                "graph_cpu_s": round(cpu, 3),
+                "graph_peak_mb": round(mem / 2**20, 1),
+                "fwd_bwd_wall_s": round(fb_wall, 4),
+                "fwd_bwd_cpu_s": round(fb_cpu, 4),
+                "fwd_bwd_peak_mb": round(fb_mem / 2**20, 1),
+                "cpu_ratio": round(cpu / fb_cpu, 1),
+                "cpu_ratio_per_backward": round(cpu / fb_cpu / meta["n_backward"], 2),
+                "cpu_ms_per_row": round(1e3 * cpu / meta["n_rows"], 2),
+                "memory_ratio": round(mem / max(fb_mem, 1), 1),
+            }
+        )
         r = rows[-1]
-        print(f"{length:4d} tok: {r['active_features']:6d} active, {r['rows']:6d} rows, "
-              f"{r['backward_passes']:4d} backward passes (floor {r['floor']}); graph {r['graph_cpu_s']:.2f} s CPU "
-              f"({r['graph_wall_s']:.2f} s wall), {r['graph_peak_mb']:.0f} MB; fwd+bwd {r['fwd_bwd_cpu_s'] * 1e3:.1f} ms "
-              f"CPU, {r['fwd_bwd_peak_mb']:.1f} MB; graph / fwd+bwd: {r['cpu_ratio']}x CPU time "
-              f"({r['cpu_ratio_per_backward']}x per backward pass), {r['memory_ratio']}x memory", flush=True)
+        print(
+            f"{length:4d} tok: {r['active_features']:6d} active, {r['rows']:6d} rows, "
+            f"{r['backward_passes']:4d} backward passes (floor {r['floor']}); graph {r['graph_cpu_s']:.2f} s CPU "
+            f"({r['graph_wall_s']:.2f} s wall), {r['graph_peak_mb']:.0f} MB; fwd+bwd {r['fwd_bwd_cpu_s'] * 1e3:.1f} ms "
+            f"CPU, {r['fwd_bwd_peak_mb']:.1f} MB; graph / fwd+bwd: {r['cpu_ratio']}x CPU time "
+            f"({r['cpu_ratio_per_backward']}x per backward pass), {r['memory_ratio']}x memory",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"adapters": kind, "model": str(cfg.model_name), "organism_dir": str(ORGANISM_DIR),
-                       "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "adapters": kind,
+                    "model": str(cfg.model_name),
+                    "organism_dir": str(ORGANISM_DIR),
+                    "threads": torch.get_num_threads(),
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

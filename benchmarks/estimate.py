@@ -21,8 +21,15 @@ from mechdiff.estimate import Device, ModelShape, Workload, estimate
 from mechdiff.estimate_check import measure_time
 from mechdiff.models import ModelPair, hooked_from_hf
 
-ORGANISM = dict(vocab_size=26, hidden_size=128, intermediate_size=512, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+ORGANISM = dict(
+    vocab_size=26,
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=128,
+)
 BOUND = 10.0
 
 
@@ -38,12 +45,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         models.append(hooked_from_hf(Qwen2ForCausalLM(Qwen2Config(**ORGANISM)).eval(), device="cpu"))
     pair, shape, device = ModelPair(*models, None), ModelShape.from_config(Qwen2Config(**ORGANISM)), Device.cpu()
     rows = []
-    for w in (Workload("adapters", batch_size=16, seq_len=76, dtype="float32", d_sae=1024),
-              Workload("generation", batch_size=64, seq_len=76, dtype="float32", new_tokens=24)):
+    for w in (
+        Workload("adapters", batch_size=16, seq_len=76, dtype="float32", d_sae=1024),
+        Workload("generation", batch_size=64, seq_len=76, dtype="float32", new_tokens=24),
+    ):
         measured = min(measure_time(pair, w, units=1) for _ in range(args.repeats))
         predicted = estimate(shape, w).seconds(device)
-        rows.append({"task": w.task, "measured_s": measured, "predicted_s": predicted,
-                     "ratio": measured / predicted, "within_bound": 1 / BOUND < measured / predicted < BOUND})
+        rows.append(
+            {
+                "task": w.task,
+                "measured_s": measured,
+                "predicted_s": predicted,
+                "ratio": measured / predicted,
+                "within_bound": 1 / BOUND < measured / predicted < BOUND,
+            }
+        )
         print(json.dumps(rows[-1]))
     return rows
 

@@ -60,10 +60,17 @@ def _hf_generate(hf, prompts, new: int, pad_id: int):
 
     tokens, mask = pad(prompts, pad_id, side="left")
     device = next(hf.parameters()).device
-    out = hf.generate(tokens.to(device), attention_mask=mask.long().to(device), max_new_tokens=new,
-                      min_new_tokens=new, do_sample=False, pad_token_id=pad_id, eos_token_id=None)
+    out = hf.generate(
+        tokens.to(device),
+        attention_mask=mask.long().to(device),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=pad_id,
+        eos_token_id=None,
+    )
     with torch.no_grad():
-        return out[:, tokens.shape[1]:].tolist()
+        return out[:, tokens.shape[1] :].tolist()
 
 
 def measure(name: str, batches: list[int], new: int, repeats: int, device: str, dtype: str) -> dict:
@@ -77,11 +84,13 @@ def measure(name: str, batches: list[int], new: int, repeats: int, device: str, 
     for batch in batches:
         rows = [list(p) for p in prompts[:batch]]
         engines = {
-            "mechdiff": lambda: generate(hooked, rows, new, eos_token_id=-1, pad_token_id=pad_id,
-                                         batch_size=batch, fwd_hooks=hooks),
+            "mechdiff": lambda: generate(
+                hooked, rows, new, eos_token_id=-1, pad_token_id=pad_id, batch_size=batch, fwd_hooks=hooks
+            ),
             "transformers": lambda: _hf_generate(hf, rows, new, pad_id),
-            "transformer_lens": lambda: generate(hooked, rows, new, eos_token_id=-1, pad_token_id=pad_id,
-                                                 batch_size=batch, fwd_hooks=hooks, fast=False),
+            "transformer_lens": lambda: generate(
+                hooked, rows, new, eos_token_id=-1, pad_token_id=pad_id, batch_size=batch, fwd_hooks=hooks, fast=False
+            ),
         }
         outputs = {engine: fn() for engine, fn in engines.items()}  # warm-up, and the tokens compared
         best = dict.fromkeys(engines, float("inf"))
@@ -92,7 +101,8 @@ def measure(name: str, batches: list[int], new: int, repeats: int, device: str, 
                 best[engine] = min(best[engine], time.perf_counter() - t0)
         tps = {engine: batch * new / seconds for engine, seconds in best.items()}
         result[str(batch)] = {
-            "tokens_per_s": tps, "seconds": best,
+            "tokens_per_s": tps,
+            "seconds": best,
             "ratio_vs_hf": tps["mechdiff"] / tps["transformers"],
             "ratio_vs_tl": tps["mechdiff"] / tps["transformer_lens"],
             "equal_to_hf": outputs["mechdiff"] == outputs["transformers"],
@@ -103,16 +113,23 @@ def measure(name: str, batches: list[int], new: int, repeats: int, device: str, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.generation", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.generation",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--models", default="organism,smollm2", help="comma-separated: organism, smollm2")
     parser.add_argument("--batches", default="1,64", help="comma-separated batch sizes (default 1,64)")
     parser.add_argument("--new", type=int, default=64, help="new tokens per prompt (default 64)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per engine (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1 ...")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the weights, for all engines (default float32; bfloat16 on a GPU)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the weights, for all engines (default float32; bfloat16 on a GPU)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     args = parser.parse_args(argv)
     try:
@@ -122,22 +139,31 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    report = {"threads": torch.get_num_threads(), "new_tokens": args.new, "device": args.device,
-              "dtype": args.dtype, "models": {}}
+    report = {
+        "threads": torch.get_num_threads(),
+        "new_tokens": args.new,
+        "device": args.device,
+        "dtype": args.dtype,
+        "models": {},
+    }
     for name in args.models.split(","):
         report["models"][name] = measure(name, batches, args.new, args.repeats, args.device, args.dtype)
     if args.json:
         print(json.dumps(report, indent=1))
         return
     print(f"greedy, {args.new} new tokens, {report['threads']} thread(s), {args.device} {args.dtype}")
-    print(f"{'model':<9} {'batch':>5} {'mechdiff':>10} {'transformers':>13} {'TL cached':>10} "
-          f"{'vs HF':>6} {'vs TL':>6}  equal to HF / TL")
+    print(
+        f"{'model':<9} {'batch':>5} {'mechdiff':>10} {'transformers':>13} {'TL cached':>10} "
+        f"{'vs HF':>6} {'vs TL':>6}  equal to HF / TL"
+    )
     for name, rows in report["models"].items():
         for batch, r in rows.items():
             t = r["tokens_per_s"]
-            print(f"{name:<9} {batch:>5} {t['mechdiff']:>10.0f} {t['transformers']:>13.0f} "
-                  f"{t['transformer_lens']:>10.0f} {r['ratio_vs_hf']:>5.2f}x {r['ratio_vs_tl']:>5.2f}x  "
-                  f"{r['equal_to_hf']} / {r['equal_to_tl']}")
+            print(
+                f"{name:<9} {batch:>5} {t['mechdiff']:>10.0f} {t['transformers']:>13.0f} "
+                f"{t['transformer_lens']:>10.0f} {r['ratio_vs_hf']:>5.2f}x {r['ratio_vs_tl']:>5.2f}x  "
+                f"{r['equal_to_hf']} / {r['equal_to_tl']}"
+            )
 
 
 if __name__ == "__main__":

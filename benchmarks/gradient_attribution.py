@@ -48,26 +48,40 @@ def main(argv: list[str] | None = None) -> dict:
     pair = load_pair_from_args(args)
     adapted = load_adapted(pair, args.adapters or SHIPPED_DIR)
     spec = for_pair(pair)
-    hes, _ = H.hesitation_prompts(pair.target, spec.tokenizer, spec.problems(args.n_prompts, "validation", 0),
-                                  workload=spec)
-    prompts = hes.tokens[:args.n_prompts]
+    hes, _ = H.hesitation_prompts(
+        pair.target, spec.tokenizer, spec.problems(args.n_prompts, "validation", 0), workload=spec
+    )
+    prompts = hes.tokens[: args.n_prompts]
     if not prompts:
         raise SystemExit("the target wrote no hesitation: nothing to attribute")
     n, mean_len = len(prompts), sum(map(len, prompts)) / len(prompts)
     batched = mean_seconds(lambda: feature_attribution(adapted, prompts, spec.variants, batch_size=args.batch_size))
     single = mean_seconds(lambda: feature_attribution(adapted, prompts, spec.variants, batch_size=1))
     n_graphs = min(args.graphs, n)
-    graph = mean_seconds(lambda: [attribute(adapted, torch.tensor(t), target=spec.target,
-                                        max_feature_nodes=args.max_feature_nodes) for t in prompts[:n_graphs]])
-    row = {"pair": args.pair, "threads": args.threads, "n_prompts": n, "mean_prompt_tokens": round(mean_len, 1),
-           "gradient_batched_prompts_per_s": round(n / batched, 3), "batch_size": args.batch_size,
-           "gradient_one_at_a_time_prompts_per_s": round(n / single, 3),
-           "graph_prompts_per_s": round(n_graphs / graph, 4), "graph_max_feature_nodes": args.max_feature_nodes,
-           "n_graphs_timed": n_graphs}
-    print(f"{args.pair}: {n} prompts of {mean_len:.0f} tokens, {args.threads} thread(s)\n"
-          f"  activation x gradient, batch {args.batch_size}: {row['gradient_batched_prompts_per_s']:8.3f} prompts/s\n"
-          f"  activation x gradient, one at a time (baseline): {row['gradient_one_at_a_time_prompts_per_s']:8.3f} prompts/s\n"
-          f"  attribution graph ({args.max_feature_nodes} feature nodes): {row['graph_prompts_per_s']:8.4f} prompts/s")
+    graph = mean_seconds(
+        lambda: [
+            attribute(adapted, torch.tensor(t), target=spec.target, max_feature_nodes=args.max_feature_nodes)
+            for t in prompts[:n_graphs]
+        ]
+    )
+    row = {
+        "pair": args.pair,
+        "threads": args.threads,
+        "n_prompts": n,
+        "mean_prompt_tokens": round(mean_len, 1),
+        "gradient_batched_prompts_per_s": round(n / batched, 3),
+        "batch_size": args.batch_size,
+        "gradient_one_at_a_time_prompts_per_s": round(n / single, 3),
+        "graph_prompts_per_s": round(n_graphs / graph, 4),
+        "graph_max_feature_nodes": args.max_feature_nodes,
+        "n_graphs_timed": n_graphs,
+    }
+    print(
+        f"{args.pair}: {n} prompts of {mean_len:.0f} tokens, {args.threads} thread(s)\n"
+        f"  activation x gradient, batch {args.batch_size}: {row['gradient_batched_prompts_per_s']:8.3f} prompts/s\n"
+        f"  activation x gradient, one at a time (baseline): {row['gradient_one_at_a_time_prompts_per_s']:8.3f} prompts/s\n"
+        f"  attribution graph ({args.max_feature_nodes} feature nodes): {row['graph_prompts_per_s']:8.4f} prompts/s"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(row, f, indent=1)

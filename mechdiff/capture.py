@@ -12,16 +12,21 @@ from transformer_lens import HookedTransformer
 Mask = Bool[Tensor, "batch pos"]
 
 
-def final_hidden(model, tokens: Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"],
-                 **kwargs) -> Float[Tensor, "batch pos d_model"]:
+def final_hidden(
+    model, tokens: Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"], **kwargs
+) -> Float[Tensor, "batch pos d_model"]:
     """A ``HookedTransformer``'s residual after ``ln_final`` (what its unembedding reads); every hook
     point up to ``ln_final`` fires. ``kwargs`` go to the model (``attention_mask``, ``start_at_layer``)."""
     return model.ln_final(model(tokens, stop_at_layer=model.cfg.n_layers, **kwargs))
 
 
-def run_capture(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], mask: Mask,
-                extra: tuple[str, ...] = (), logits: bool = True,
-                ) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
+def run_capture(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    mask: Mask,
+    extra: tuple[str, ...] = (),
+    logits: bool = True,
+) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
     """Logits (or, with ``logits=False``, the residual after ``ln_final`` that the unembedding
     reads), the residual stream ``[resid_pre 0, resid_post 0, ..., resid_post n-1]`` and the
     activations at the hook points in ``extra`` (gradients flow through all of them)."""

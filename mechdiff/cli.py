@@ -29,8 +29,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-               "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 class UsageError(ValueError):
@@ -46,19 +50,30 @@ def offline_environment() -> None:
 def add_pair_options(parser: argparse.ArgumentParser, *, default_pair: str = "organism") -> None:
     """``--pair/--base/--target/--device/--dtype/--threads``, the same in every command."""
     g = parser.add_argument_group("model pair")
-    g.add_argument("--pair", default=default_pair,
-                   help="organism (the shipped pair, default), smollm2 or smollm2:RUN (SmolLM2-135M-"
-                        "Instruct and its fine-tune RUN: python -m mechdiff.real train), a preset "
-                        "name, or custom (with --base and --target)")
+    g.add_argument(
+        "--pair",
+        default=default_pair,
+        help="organism (the shipped pair, default), smollm2 or smollm2:RUN (SmolLM2-135M-"
+        "Instruct and its fine-tune RUN: python -m mechdiff.real train), a preset "
+        "name, or custom (with --base and --target)",
+    )
     g.add_argument("--base", help="with --pair custom: the base model's local HF folder (or hf:ORG/NAME)")
     g.add_argument("--target", help="with --pair custom: the fine-tune's local HF folder (or hf:ORG/NAME)")
-    g.add_argument("--device", default=None,
-                   help="cpu, cuda, cuda:N or mps (default: cuda when a GPU is visible, else cpu)")
-    g.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="dtype of the models and everything trained on them (default float32; "
-                        "bfloat16 halves memory on a GPU)")
-    g.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: torch's default; 1 is fastest on a busy 2-core machine)")
+    g.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when a GPU is visible, else cpu)"
+    )
+    g.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="dtype of the models and everything trained on them (default float32; bfloat16 halves memory on a GPU)",
+    )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default; 1 is fastest on a busy 2-core machine)",
+    )
 
 
 def check_device(name: str | None) -> str:

@@ -77,20 +77,26 @@ def init(backend: str | None = None, *, timeout_s: float = 1800) -> DistInfo:
         return info()
     missing = [k for k in _TORCHRUN_ENV if k not in env]
     if missing:
-        raise RuntimeError(f"WORLD_SIZE={env['WORLD_SIZE']} but {missing} are not set: launch with "
-                           f"`torchrun --nproc_per_node N ...` (or mechdiff.distributed.spawn)")
+        raise RuntimeError(
+            f"WORLD_SIZE={env['WORLD_SIZE']} but {missing} are not set: launch with "
+            f"`torchrun --nproc_per_node N ...` (or mechdiff.distributed.spawn)"
+        )
     if not dist.is_available():
         raise RuntimeError("this torch build has no torch.distributed support")
     local_rank = int(env.get("LOCAL_RANK", env["RANK"]))
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         if not dist.is_nccl_available() or not torch.cuda.is_available():
-            raise RuntimeError("backend 'nccl' needs a CUDA build of torch and visible GPUs; this "
-                               "torch has none (a CPU wheel?): use backend='gloo' on CPU")
+            raise RuntimeError(
+                "backend 'nccl' needs a CUDA build of torch and visible GPUs; this "
+                "torch has none (a CPU wheel?): use backend='gloo' on CPU"
+            )
         n_gpus, local_world = torch.cuda.device_count(), int(env.get("LOCAL_WORLD_SIZE", 1))
         if local_world > n_gpus:
-            raise RuntimeError(f"{local_world} processes on this node but only {n_gpus} GPUs: "
-                               f"use --nproc_per_node {n_gpus} (or set CUDA_VISIBLE_DEVICES)")
+            raise RuntimeError(
+                f"{local_world} processes on this node but only {n_gpus} GPUs: "
+                f"use --nproc_per_node {n_gpus} (or set CUDA_VISIBLE_DEVICES)"
+            )
         torch.cuda.set_device(local_rank)
     elif backend == "gloo":
         if not dist.is_gloo_available():
@@ -152,8 +158,9 @@ def shard_bounds(n: int, rank_: int | None = None, world: int | None = None) -> 
     rank_ = rank() if rank_ is None else rank_
     world = world_size() if world is None else world
     if n < world:
-        raise ValueError(f"a global batch of {n} rows cannot be split over {world} processes: "
-                         f"use a batch size >= the world size")
+        raise ValueError(
+            f"a global batch of {n} rows cannot be split over {world} processes: use a batch size >= the world size"
+        )
     return n * rank_ // world, n * (rank_ + 1) // world
 
 
@@ -235,7 +242,7 @@ def _reduce_bucket(params: list[torch.nn.Parameter]) -> None:
     offset = 0
     for p in params:
         n = p.grad.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
         offset += n
 
 
@@ -276,8 +283,10 @@ class LoopSync:
         if distributed is False or (distributed is None and world_size() == 1):
             return None
         if not is_distributed():
-            raise RuntimeError("train(distributed=True) needs a process group: launch with torchrun "
-                               "and call mechdiff.distributed.init() first")
+            raise RuntimeError(
+                "train(distributed=True) needs a process group: launch with torchrun "
+                "and call mechdiff.distributed.init() first"
+            )
         return cls()
 
     @property
@@ -306,8 +315,10 @@ class LoopSync:
             raise RuntimeError("resuming failed: " + "; ".join(errors))
         steps = [s for s, _, _ in states]
         if len(set(steps)) > 1:
-            raise RuntimeError(f"ranks resumed at different steps {steps}: out_dir must be on a "
-                               f"filesystem every rank shares (or move it away to start afresh)")
+            raise RuntimeError(
+                f"ranks resumed at different steps {steps}: out_dir must be on a "
+                f"filesystem every rank shares (or move it away to start afresh)"
+            )
         if any(sh != states[0][1] for _, sh, _ in states):
             raise RuntimeError("ranks train differently shaped parameters: same settings everywhere?")
         broadcast_module(module, trainable_only=True)
@@ -319,8 +330,7 @@ class LoopSync:
         """After ``on_step`` (which may use rank-local statistics, e.g. resampling dead
         features): if any rank's weights drifted from rank 0's, rank 0's win."""
         with torch.no_grad():
-            sums = torch.stack([p.detach().double().sum() for p in module.parameters()
-                                if p.requires_grad])
+            sums = torch.stack([p.detach().double().sum() for p in module.parameters() if p.requires_grad])
         sums = sums.to(_comm_device())
         ref = sums.clone()
         dist.broadcast(ref, 0)
@@ -334,8 +344,9 @@ class LoopSync:
         keys = gather(sorted(metrics))
         if any(k != keys[0] for k in keys):
             raise RuntimeError(f"loss_fn returned different metric names on different ranks: {keys}")
-        vals = torch.tensor([float(loss.detach())] + [float(metrics[k]) for k in keys[0]],
-                            dtype=torch.float64, device=_comm_device())
+        vals = torch.tensor(
+            [float(loss.detach())] + [float(metrics[k]) for k in keys[0]], dtype=torch.float64, device=_comm_device()
+        )
         dist.all_reduce(vals)
         vals = (vals / self.world).tolist()
         return vals[0], dict(zip(keys[0], vals[1:], strict=True))
@@ -354,8 +365,14 @@ def _free_port() -> int:
 
 
 def _entry(rank_: int, fn, world: int, port: int, backend: str, args: tuple, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank_),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank_), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank_),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank_),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     if "OMP_NUM_THREADS" not in os.environ:  # as torchrun: don't oversubscribe the cores
         torch.set_num_threads(1)
     init(backend)
@@ -379,8 +396,13 @@ def spawn(fn: Callable, world_size_: int, *args, backend: str = "gloo") -> list:
     import torch.multiprocessing as mp
 
     queue = mp.get_context("spawn").SimpleQueue()
-    procs = mp.start_processes(_entry, args=(fn, world_size_, _free_port(), backend, args, queue),
-                               nprocs=world_size_, start_method="spawn", join=False)
+    procs = mp.start_processes(
+        _entry,
+        args=(fn, world_size_, _free_port(), backend, args, queue),
+        nprocs=world_size_,
+        start_method="spawn",
+        join=False,
+    )
     results: dict[int, bytes] = {}
     done = False
     while not done:  # drain while waiting: a large result would block its sender otherwise

@@ -77,18 +77,28 @@ class ModelShape:
         get = cfg.get if isinstance(cfg, dict) else lambda k, default=None: getattr(cfg, k, default)
         qwen = "qwen2" in str(get("model_type") or (get("architectures") or [""])[0]).lower()
         n_heads = get("num_attention_heads")
-        return cls(n_layers=get("num_hidden_layers"), d_model=get("hidden_size"),
-                   d_mlp=get("intermediate_size"), n_heads=n_heads,
-                   n_kv_heads=get("num_key_value_heads") or n_heads, d_vocab=get("vocab_size"),
-                   d_head=get("head_dim") or 0, tied=bool(get("tie_word_embeddings", False)),
-                   qkv_bias=qwen)
+        return cls(
+            n_layers=get("num_hidden_layers"),
+            d_model=get("hidden_size"),
+            d_mlp=get("intermediate_size"),
+            n_heads=n_heads,
+            n_kv_heads=get("num_key_value_heads") or n_heads,
+            d_vocab=get("vocab_size"),
+            d_head=get("head_dim") or 0,
+            tied=bool(get("tie_word_embeddings", False)),
+            qkv_bias=qwen,
+        )
 
 
 # Public configs (config.json of the hub repositories); the pair presets of mechdiff.models.
 _QWEN_7B = ModelShape(n_layers=28, d_model=3584, d_mlp=18944, n_heads=28, n_kv_heads=4, d_vocab=152064)
 _QWEN_32B = ModelShape(n_layers=64, d_model=5120, d_mlp=27648, n_heads=40, n_kv_heads=8, d_vocab=152064)
-PRESET_SHAPES = {"qwen2.5-7b": _QWEN_7B, "qwen2.5-32b": _QWEN_32B,
-                 "r1-distill-qwen-7b": _QWEN_7B, "s1.1-32b": _QWEN_32B}
+PRESET_SHAPES = {
+    "qwen2.5-7b": _QWEN_7B,
+    "qwen2.5-32b": _QWEN_32B,
+    "r1-distill-qwen-7b": _QWEN_7B,
+    "s1.1-32b": _QWEN_32B,
+}
 
 
 @dataclass(frozen=True)
@@ -111,20 +121,37 @@ class Device:
         from mechdiff.models import hooked_from_hf
 
         a, big = torch.randn(1024, 1024), torch.zeros(2**23)
-        tiny = hooked_from_hf(Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=4,
-            num_attention_heads=2, num_key_value_heads=2)).eval(), device="cpu")
+        tiny = hooked_from_hf(
+            Qwen2ForCausalLM(
+                Qwen2Config(
+                    vocab_size=8,
+                    hidden_size=8,
+                    intermediate_size=8,
+                    num_hidden_layers=4,
+                    num_attention_heads=2,
+                    num_key_value_heads=2,
+                )
+            ).eval(),
+            device="cpu",
+        )
         with torch.no_grad():
             overhead = timed(lambda: tiny(torch.zeros(1, 1, dtype=torch.long)), 20) / 6
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return cls("this CPU (measured)", 2 * 1024**3 / timed(lambda: a @ a, 5),
-                   3 * big.nbytes / timed(lambda: big.add_(big), 5), memory, mfu=1.0,
-                   layer_overhead_s=overhead)
+        return cls(
+            "this CPU (measured)",
+            2 * 1024**3 / timed(lambda: a @ a, 5),
+            3 * big.nbytes / timed(lambda: big.add_(big), 5),
+            memory,
+            mfu=1.0,
+            layer_overhead_s=overhead,
+        )
 
 
-DEVICES = {"h100": Device("H100 80GB (bf16 dense)", 989e12, 3.35e12, 80e9),
-           "h200": Device("H200 141GB (bf16 dense)", 989e12, 4.8e12, 141e9),
-           "a100": Device("A100 80GB (bf16 dense)", 312e12, 2.0e12, 80e9)}
+DEVICES = {
+    "h100": Device("H100 80GB (bf16 dense)", 989e12, 3.35e12, 80e9),
+    "h200": Device("H200 141GB (bf16 dense)", 989e12, 4.8e12, 141e9),
+    "a100": Device("A100 80GB (bf16 dense)", 312e12, 2.0e12, 80e9),
+}
 
 
 @dataclass
@@ -180,15 +207,22 @@ class Estimate:
         return compute + self.traffic / device.bandwidth + self.layer_calls * device.layer_overhead_s
 
     def report(self, device: Device | None = None) -> str:
-        lines = [f"{self.task}: peak memory per rank {self.peak_bytes / GiB:.2f} GiB"
-                 + (f" (~{self.peak_bytes / self.n_devices / GiB:.2f} GiB on each of "
-                    f"{self.n_devices} devices)" if self.n_devices > 1 else "")]
+        lines = [
+            f"{self.task}: peak memory per rank {self.peak_bytes / GiB:.2f} GiB"
+            + (
+                f" (~{self.peak_bytes / self.n_devices / GiB:.2f} GiB on each of {self.n_devices} devices)"
+                if self.n_devices > 1
+                else ""
+            )
+        ]
         lines += [f"  {k:<22} {v / GiB:10.3f} GiB" for k, v in self.memory.items()]
         lines.append(f"  FLOPs per unit {self.flops:.3e}; layer calls {self.layer_calls}")
         if device is not None:
             fits = self.peak_bytes / self.n_devices <= device.memory
-            lines.append(f"  on {device.name}: ~{self.seconds(device):.3g} s per unit; "
-                         f"{'fits' if fits else 'DOES NOT FIT'} in {device.memory / GiB:.0f} GiB")
+            lines.append(
+                f"  on {device.name}: ~{self.seconds(device):.3g} s per unit; "
+                f"{'fits' if fits else 'DOES NOT FIT'} in {device.memory / GiB:.0f} GiB"
+            )
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -220,9 +254,14 @@ def estimate(m: ModelShape, w: Workload) -> Estimate:
         saved = tok * main
         if w.bridge:  # the worst cutoff k = 1: the two half passes run n - 1 layers each
             saved += tok * ((2 * n - 3) * full + (n - 1) * adapter + 2 * 2.5 * logits)
-        memory = {"weights": 3 * weights, "trained + adam": 12 * n_trained, "grads": 4 * n_trained,
-                  "saved activations": saved, "target cache": tok * ((n + 1) * d + m.d_vocab) * b,
-                  "transients": tok * (3 * logits + full)}
+        memory = {
+            "weights": 3 * weights,
+            "trained + adam": 12 * n_trained,
+            "grads": 4 * n_trained,
+            "saved activations": saved,
+            "target cache": tok * ((n + 1) * d + m.d_vocab) * b,
+            "transients": tok * (3 * logits + full),
+        }
         half = _forward_flops(m, tok, w.seq_len, n / 2) if w.bridge else 0
         flops = fwd + 2 * (fwd + 2 * half) + 3 * ad_flops * (1.5 if w.bridge else 1)
         calls = 4 * n if w.bridge else 2 * n + n // 2  # forwards, plus cheaper backwards
@@ -231,30 +270,64 @@ def estimate(m: ModelShape, w: Workload) -> Estimate:
         # r x (in + out) for q, k, v, o, gate, up, down
         n_trained = n * w.lora_rank * (7 * d + 2 * (m.n_heads + m.n_kv_heads) * hd + 3 * m.d_mlp)
         saved = tok * (n * (full + (3 * d + m.d_mlp) * b) + 2.5 * logits)
-        memory = {"weights": 3 * weights, "trained + adam": 12 * n_trained, "grads": 4 * n_trained,
-                  "saved activations": saved,
-                  "transients": tok * (3 * logits + (m.d_vocab * b if w.kl_weight else 0))}
+        memory = {
+            "weights": 3 * weights,
+            "trained + adam": 12 * n_trained,
+            "grads": 4 * n_trained,
+            "saved activations": saved,
+            "transients": tok * (3 * logits + (m.d_vocab * b if w.kl_weight else 0)),
+        }
         note = "3 model copies (base, target, the LoRA's copy of base); kl_weight 0 needs no target"
-        return Estimate(w.task, memory, 2 * fwd + (fwd if w.kl_weight else 0),
-                        3 * n + (n if w.kl_weight else 0), traffic=4 * saved, notes=[note], **kw)
+        return Estimate(
+            w.task,
+            memory,
+            2 * fwd + (fwd if w.kl_weight else 0),
+            3 * n + (n if w.kl_weight else 0),
+            traffic=4 * saved,
+            notes=[note],
+            **kw,
+        )
     if w.task == "attribution":
         nodes = w.feature_nodes + w.seq_len + w.n_targets
         passes = math.ceil((w.n_targets + w.feature_nodes) / w.batch_size)
-        memory = {"weights": 3 * weights, "adapters": 4 * n_trained,
-                  "saved activations": tok * main, "transients": tok * 2 * full,
-                  "graph (adjacency)": 4 * nodes * nodes}
-        return Estimate(w.task, memory, (fwd + ad_flops) * (1 + passes), n * (1 + passes),
-                        traffic=2 * (1 + passes) * tok * main, notes=[note], **kw)
+        memory = {
+            "weights": 3 * weights,
+            "adapters": 4 * n_trained,
+            "saved activations": tok * main,
+            "transients": tok * 2 * full,
+            "graph (adjacency)": 4 * nodes * nodes,
+        }
+        return Estimate(
+            w.task,
+            memory,
+            (fwd + ad_flops) * (1 + passes),
+            n * (1 + passes),
+            traffic=2 * (1 + passes) * tok * main,
+            notes=[note],
+            **kw,
+        )
     # generation: KV-cached decoding of batch_size prompts of seq_len tokens
     kv = 2 * n * w.batch_size * (w.seq_len + w.new_tokens) * m.n_kv_heads * hd * b
-    memory = {"weights": 2 * weights, "kv cache": kv * (1 + 1 / n),  # + one layer's torch.cat copy
-              "prefill logits": tok * m.d_vocab * b,
-              "transients": tok * (2 * m.n_heads * w.seq_len + 3 * m.d_mlp) * b}
+    memory = {
+        "weights": 2 * weights,
+        "kv cache": kv * (1 + 1 / n),  # + one layer's torch.cat copy
+        "prefill logits": tok * m.d_vocab * b,
+        "transients": tok * (2 * m.n_heads * w.seq_len + 3 * m.d_mlp) * b,
+    }
     flops = fwd + _forward_flops(m, w.batch_size * w.new_tokens, w.seq_len + w.new_tokens / 2, n)
-    note = ("load_pair holds base and target; TL returns prefill logits at every prompt position "
-            "(B x P x V): only the last is used")
-    return Estimate(w.task, memory, flops, (n + 3) * (1 + w.new_tokens),
-                    bytes_moved=w.new_tokens * (weights + kv / 2), notes=[note], **kw)
+    note = (
+        "load_pair holds base and target; TL returns prefill logits at every prompt position "
+        "(B x P x V): only the last is used"
+    )
+    return Estimate(
+        w.task,
+        memory,
+        flops,
+        (n + 3) * (1 + w.new_tokens),
+        bytes_moved=w.new_tokens * (weights + kv / 2),
+        notes=[note],
+        **kw,
+    )
 
 
 def shape_of(pair: str = "organism", base: str | None = None) -> ModelShape:
@@ -278,8 +351,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpu", choices=sorted(DEVICES), default="h100", help="GPU profile on cuda")
     p.add_argument("--dtype", choices=sorted(BYTES), help="default: bfloat16 on cuda, else float32")
     p.add_argument("--n-devices", type=int, default=1, help="devices one replica's layers are split over")
-    for name, default in (("batch-size", 8), ("seq-len", 2048), ("d-sae", 8192), ("lora-rank", 1),
-                          ("new-tokens", 1024), ("feature-nodes", 8192), ("n-targets", 10)):
+    for name, default in (
+        ("batch-size", 8),
+        ("seq-len", 2048),
+        ("d-sae", 8192),
+        ("lora-rank", 1),
+        ("new-tokens", 1024),
+        ("feature-nodes", 8192),
+        ("n-targets", 10),
+    ):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--kl-weight", type=float, default=0.0)
     p.add_argument("--no-bridge", action="store_true", help="adapter loss without bridging")
@@ -295,10 +375,20 @@ def main(argv: list[str] | None = None) -> None:
 
         kw = {"base": args.base, "target": args.base} if args.pair == "custom" else {}
         pair = load_pair(args.pair, dtype=dtype, device=args.device, n_devices=args.n_devices, **kw)
-    keys = ("batch_size", "seq_len", "d_sae", "lora_rank", "kl_weight", "new_tokens",
-            "feature_nodes", "n_targets", "n_devices")
-    loads = [Workload(t, dtype=dtype, bridge=not args.no_bridge, **{k: getattr(args, k) for k in keys})
-             for t in args.task]
+    keys = (
+        "batch_size",
+        "seq_len",
+        "d_sae",
+        "lora_rank",
+        "kl_weight",
+        "new_tokens",
+        "feature_nodes",
+        "n_targets",
+        "n_devices",
+    )
+    loads = [
+        Workload(t, dtype=dtype, bridge=not args.no_bridge, **{k: getattr(args, k) for k in keys}) for t in args.task
+    ]
     from mechdiff.estimate_check import measure_memory, measure_time
 
     got = [measure_memory(pair, w) for w in loads] if pair else []  # memory first: see its doc
@@ -308,10 +398,12 @@ def main(argv: list[str] | None = None) -> None:
         print(est.report(device))
         if got:
             m = got[i]
-            print(f"  measured: {m['seconds']:.3g} s per unit (predicted {est.seconds(device):.3g}"
-                  f"); memory above resident {m['memory_growth'] / GiB:.3f} GiB (predicted "
-                  f"{est.working_bytes / GiB:.3f}); autograd saved {m['saved_bytes'] / GiB:.3f} "
-                  f"GiB (predicted {est.memory.get('saved activations', 0) / GiB:.3f})")
+            print(
+                f"  measured: {m['seconds']:.3g} s per unit (predicted {est.seconds(device):.3g}"
+                f"); memory above resident {m['memory_growth'] / GiB:.3f} GiB (predicted "
+                f"{est.working_bytes / GiB:.3f}); autograd saved {m['saved_bytes'] / GiB:.3f} "
+                f"GiB (predicted {est.memory.get('saved activations', 0) / GiB:.3f})"
+            )
 
 
 if __name__ == "__main__":

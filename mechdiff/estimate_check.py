@@ -70,8 +70,10 @@ def _unit(pair, w: Workload):
         if w.task == "attribution":
             from attribution.build import attribute
 
-            return lambda: attribute(adapted, tokens[0], max_feature_nodes=w.feature_nodes,
-                                     batch_size=w.batch_size), [adapted, adapted.model]
+            return lambda: attribute(adapted, tokens[0], max_feature_nodes=w.feature_nodes, batch_size=w.batch_size), [
+                adapted,
+                adapted.model,
+            ]
         objective = AdapterObjective(adapted, pair.target, LossWeights(bridge=2.0 if w.bridge else 0.0))
         opt = torch.optim.AdamW(adapted.adapters.parameters())
         mask = torch.ones_like(tokens, dtype=torch.bool)
@@ -96,8 +98,9 @@ def _unit(pair, w: Workload):
     else:
         from mechdiff.generation import generate
 
-        return lambda: generate(pair.target, tokens.tolist(), w.new_tokens, eos_token_id=-1,
-                                batch_size=w.batch_size), []
+        return lambda: generate(
+            pair.target, tokens.tolist(), w.new_tokens, eos_token_id=-1, batch_size=w.batch_size
+        ), []
 
     def step():
         value = loss()
@@ -141,8 +144,7 @@ def measure_memory(pair, w: Workload) -> dict[str, float]:
     finally:
         if not cuda:
             _PeakRSS.libc("mallopt", -3, 32 * 2**20)  # glibc's usual ceiling (fast allocation)
-    params = {p.untyped_storage().data_ptr() for m in [pair.base, pair.target, *modules]
-              for p in m.parameters()}
+    params = {p.untyped_storage().data_ptr() for m in [pair.base, pair.target, *modules] for p in m.parameters()}
     return {"memory_growth": growth, "saved_bytes": sum(v for k, v in saved.items() if k not in params)}
 
 

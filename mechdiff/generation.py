@@ -54,7 +54,8 @@ def check_context(model: HookedTransformer, prompt_len: int, max_new_tokens: int
     if need > model.cfg.n_ctx:
         raise ValueError(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {need} exceeds the "
-            f"model's context n_ctx={model.cfg.n_ctx}; shorten the prompt or lower max_new_tokens")
+            f"model's context n_ctx={model.cfg.n_ctx}; shorten the prompt or lower max_new_tokens"
+        )
 
 
 @torch.no_grad()
@@ -72,6 +73,7 @@ def _generate_batch(model, prompts, max_new_tokens, eos, pad_id, temperature, pr
 
         def advance(nxt):
             return model(nxt[:, None], attention_mask=step_mask, past_kv_cache=cache)[:, -1]
+
     out = torch.full((len(prompts), max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
@@ -100,9 +102,14 @@ def _trim(row: list[int], eos: int | None) -> list[int]:
     return row
 
 
-def plan_batches(model: HookedTransformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 eos_token_id: int | None, pad_token_id: int | None, batch_size: int,
-                 ) -> tuple[int | None, int, list[list[int]]]:
+def plan_batches(
+    model: HookedTransformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    pad_token_id: int | None,
+    batch_size: int,
+) -> tuple[int | None, int, list[list[int]]]:
     """What every generation loop checks and decides first: refuse empty prompts and prompts that
     overrun the context, default eos and pad to the model's tokenizer's, and group the prompts by
     length into batches (indices into ``prompts``) so little is padded."""
@@ -113,7 +120,7 @@ def plan_batches(model: HookedTransformer, prompts: Sequence[Sequence[int]], max
     eos = eos_token_id if eos_token_id is not None else getattr(tok, "eos_token_id", None)
     pad_id = pad_token_id if pad_token_id is not None else (getattr(tok, "pad_token_id", None) or 0)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    return eos, pad_id, [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return eos, pad_id, [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def generate(
@@ -144,13 +151,25 @@ def generate(
     gen = torch.Generator().manual_seed(seed)
     results: list[list[int]] = [[] for _ in prompts]
     with model.hooks(fwd_hooks=list(fwd_hooks)):
-        fast = fast and fast_path_refusal(model) is None and all(
-            len(block.attn.rotary_cos) >= max(map(len, prompts)) + max_new_tokens for block in model.blocks)
+        fast = (
+            fast
+            and fast_path_refusal(model) is None
+            and all(len(block.attn.rotary_cos) >= max(map(len, prompts)) + max_new_tokens for block in model.blocks)
+        )
         with torch.no_grad():
             weights = DecoderWeights(model) if fast else None
         for chunk in tqdm(chunks, desc="generate", disable=not progress, leave=False):
-            outs = _generate_batch(model, [list(prompts[i]) for i in chunk], max_new_tokens, eos,
-                                   pad_id, temperature, list(logit_processors), gen, weights)
+            outs = _generate_batch(
+                model,
+                [list(prompts[i]) for i in chunk],
+                max_new_tokens,
+                eos,
+                pad_id,
+                temperature,
+                list(logit_processors),
+                gen,
+                weights,
+            )
             for i, row in zip(chunk, outs):
                 results[i] = row
     return results
@@ -158,11 +177,28 @@ def generate(
 
 # ----------------------------------------------------------------------------- the fast decoder
 
-_BLOCK_POINTS = ("hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k",
-                 "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores",
-                 "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "ln2.hook_scale",
-                 "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
-                 "hook_mlp_out", "hook_resid_post")
+_BLOCK_POINTS = (
+    "hook_resid_pre",
+    "ln1.hook_scale",
+    "ln1.hook_normalized",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_rot_q",
+    "attn.hook_rot_k",
+    "attn.hook_attn_scores",
+    "attn.hook_pattern",
+    "attn.hook_z",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "ln2.hook_scale",
+    "ln2.hook_normalized",
+    "mlp.hook_pre",
+    "mlp.hook_pre_linear",
+    "mlp.hook_post",
+    "hook_mlp_out",
+    "hook_resid_post",
+)
 _TOP_POINTS = ("hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out")
 
 
@@ -180,20 +216,33 @@ def fast_path_refusal(model: HookedTransformer) -> str | None:
     a hook point it does not call) makes :func:`generate` use TransformerLens' own cached forward.
     """
     cfg = model.cfg
-    flags = {"RMS normalization": cfg.normalization_type == "RMS",
-             "rotary positions": cfg.positional_embedding_type == "rotary",
-             "gated SiLU MLP": cfg.gated_mlp and cfg.act_fn == "silu",
-             "plain attention inputs": not (cfg.use_attn_result or cfg.use_split_qkv_input or cfg.use_attn_in
-                                            or cfg.use_hook_mlp_in or cfg.use_hook_tokens),
-             "pre-norm sequential blocks": not (cfg.parallel_attn_mlp or cfg.use_normalization_before_and_after
-                                                or cfg.original_architecture not in ("Qwen2ForCausalLM",
-                                                                                     "LlamaForCausalLM")),
-             "no soft caps, QK norm or dynamic rotary": not (cfg.attn_scores_soft_cap > 0
-                                                             or cfg.output_logits_soft_cap > 0 or cfg.use_qk_norm
-                                                             or cfg.use_dynamic_ntk_rope or cfg.use_logn_attn
-                                                             or cfg.rotary_adjacent_pairs),
-             "rotary over the whole head": cfg.rotary_dim == cfg.d_head,
-             "one device": cfg.n_devices == 1}
+    flags = {
+        "RMS normalization": cfg.normalization_type == "RMS",
+        "rotary positions": cfg.positional_embedding_type == "rotary",
+        "gated SiLU MLP": cfg.gated_mlp and cfg.act_fn == "silu",
+        "plain attention inputs": not (
+            cfg.use_attn_result
+            or cfg.use_split_qkv_input
+            or cfg.use_attn_in
+            or cfg.use_hook_mlp_in
+            or cfg.use_hook_tokens
+        ),
+        "pre-norm sequential blocks": not (
+            cfg.parallel_attn_mlp
+            or cfg.use_normalization_before_and_after
+            or cfg.original_architecture not in ("Qwen2ForCausalLM", "LlamaForCausalLM")
+        ),
+        "no soft caps, QK norm or dynamic rotary": not (
+            cfg.attn_scores_soft_cap > 0
+            or cfg.output_logits_soft_cap > 0
+            or cfg.use_qk_norm
+            or cfg.use_dynamic_ntk_rope
+            or cfg.use_logn_attn
+            or cfg.rotary_adjacent_pairs
+        ),
+        "rotary over the whole head": cfg.rotary_dim == cfg.d_head,
+        "one device": cfg.n_devices == 1,
+    }
     missing = [name for name, ok in flags.items() if not ok]
     if missing:
         return "needs " + ", ".join(missing)
@@ -208,8 +257,12 @@ def fast_path_refusal(model: HookedTransformer) -> str | None:
         is_mlp = name.endswith(".mlp") and name.count(".") == 2
         if module is model and _only_position_trackers(model):
             continue  # the decoder feeds them the positions of each step itself
-        if module._forward_pre_hooks or (module._forward_hooks and not is_mlp) or \
-                module._forward_hooks_with_kwargs or getattr(module, "_forward_hooks_always_called", None):
+        if (
+            module._forward_pre_hooks
+            or (module._forward_hooks and not is_mlp)
+            or module._forward_hooks_with_kwargs
+            or getattr(module, "_forward_hooks_always_called", None)
+        ):
             return f"a module hook on {name or 'the model'}"
     return None
 
@@ -244,8 +297,10 @@ class DecoderWeights:
     def __init__(self, model: HookedTransformer):
         self.layers = [self._layout(block) for block in model.blocks]
         first = model.blocks[0].attn
-        self.shared_rotary = all(torch.equal(b.attn.rotary_cos, first.rotary_cos)
-                                 and torch.equal(b.attn.rotary_sin, first.rotary_sin) for b in model.blocks)
+        self.shared_rotary = all(
+            torch.equal(b.attn.rotary_cos, first.rotary_cos) and torch.equal(b.attn.rotary_sin, first.rotary_sin)
+            for b in model.blocks
+        )
         self.W_U_t, self.b_U = model.W_U.T.contiguous(), _bias(model.b_U)
 
     @staticmethod
@@ -257,11 +312,17 @@ class DecoderWeights:
         b_K = attn._b_K if hasattr(attn, "_b_K") else attn.b_K
         b_V = attn._b_V if hasattr(attn, "_b_V") else attn.b_V
         w = torch.cat([W.permute(0, 2, 1).reshape(-1, W.shape[1]) for W in (attn.W_Q, W_K, W_V)])
-        return {"qkv": w.contiguous(), "b_qkv": _bias(torch.cat([attn.b_Q.flatten(), b_K.flatten(), b_V.flatten()])),
-                "W_O": attn.W_O.reshape(h * d_head, -1).T.contiguous(), "b_O": _bias(attn.b_O),
-                "W_gate_in": torch.cat([mlp.W_gate.T, mlp.W_in.T]).contiguous(),  # one matmul for both
-                "W_out": mlp.W_out.T.contiguous(), "b_in": _bias(mlp.b_in), "b_out": _bias(mlp.b_out),
-                "split": (h * d_head, W_K.shape[0] * d_head, W_V.shape[0] * d_head)}
+        return {
+            "qkv": w.contiguous(),
+            "b_qkv": _bias(torch.cat([attn.b_Q.flatten(), b_K.flatten(), b_V.flatten()])),
+            "W_O": attn.W_O.reshape(h * d_head, -1).T.contiguous(),
+            "b_O": _bias(attn.b_O),
+            "W_gate_in": torch.cat([mlp.W_gate.T, mlp.W_in.T]).contiguous(),  # one matmul for both
+            "W_out": mlp.W_out.T.contiguous(),
+            "b_in": _bias(mlp.b_in),
+            "b_out": _bias(mlp.b_out),
+            "split": (h * d_head, W_K.shape[0] * d_head, W_V.shape[0] * d_head),
+        }
 
 
 class StaticCacheDecoder:
@@ -284,8 +345,14 @@ class StaticCacheDecoder:
         >>> logits = decoder.step(logits.argmax(-1))  # doctest: +SKIP
     """
 
-    def __init__(self, model: HookedTransformer, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"],
-                 max_new_tokens: int, weights: DecoderWeights | None = None):
+    def __init__(
+        self,
+        model: HookedTransformer,
+        tokens: Int[Tensor, "batch pos"],
+        mask: Bool[Tensor, "batch pos"],
+        max_new_tokens: int,
+        weights: DecoderWeights | None = None,
+    ):
         cfg = self.cfg = model.cfg
         self.model, self.tokens = model, tokens
         batch, width = tokens.shape
@@ -344,8 +411,9 @@ class StaticCacheDecoder:
         resid = _fire(model.hook_embed, model.embed.W_E[tokens])
         allowed = self.mask[:, None, None, : t + q]  # padding; causal order within the new positions
         if q > 1:
-            allowed = allowed & (torch.arange(t + q, device=tokens.device) <= t + torch.arange(
-                q, device=tokens.device)[:, None])
+            allowed = allowed & (
+                torch.arange(t + q, device=tokens.device) <= t + torch.arange(q, device=tokens.device)[:, None]
+            )
         tables = None
         for block, w, keys, values in zip(model.blocks, self.weights.layers, self.keys, self.values, strict=True):
             if tables is None or not self.weights.shared_rotary:  # one lookup per call when the layers share tables
@@ -362,13 +430,13 @@ class StaticCacheDecoder:
         n_q = q_width // d_head
         qkv = F.linear(x, w["qkv"], w["b_qkv"])
         qk = qkv[..., : q_width + k_width].view(batch, q, -1, d_head)
-        v = _fire(attn.hook_v, qkv[..., q_width + k_width:].view(batch, q, -1, d_head))
+        v = _fire(attn.hook_v, qkv[..., q_width + k_width :].view(batch, q, -1, d_head))
         if attn.hook_q._forward_hooks or attn.hook_k._forward_hooks:
             qk = torch.cat([_fire(attn.hook_q, qk[:, :, :n_q]), _fire(attn.hook_k, qk[:, :, n_q:])], dim=2)
         qk = self._rotary(qk, *tables)  # queries and keys in one go
         queries, k = _fire(attn.hook_rot_q, qk[:, :, :n_q]), _fire(attn.hook_rot_k, qk[:, :, n_q:])
-        keys[:, :, t: t + q] = k.transpose(1, 2)
-        values[:, :, t: t + q] = v.transpose(1, 2)
+        keys[:, :, t : t + q] = k.transpose(1, 2)
+        values[:, :, t : t + q] = v.transpose(1, 2)
         end, n_kv, n_q = t + q, keys.shape[1], queries.shape[2]
         queries = queries.transpose(1, 2)  # batch head q d_head
         if attn.hook_attn_scores._forward_hooks or attn.hook_pattern._forward_hooks:
@@ -383,8 +451,14 @@ class StaticCacheDecoder:
             if q > 1:  # a padding query sees no key: let it see itself, then zero its output as TransformerLens does
                 own = torch.arange(end, device=allowed.device) == t + torch.arange(q, device=allowed.device)[:, None]
                 allowed = allowed | own
-            z = F.scaled_dot_product_attention(queries, keys[:, :, :end], values[:, :, :end], attn_mask=allowed,
-                                               scale=1 / attn.attn_scale, enable_gqa=n_kv != n_q)
+            z = F.scaled_dot_product_attention(
+                queries,
+                keys[:, :, :end],
+                values[:, :, :end],
+                attn_mask=allowed,
+                scale=1 / attn.attn_scale,
+                enable_gqa=n_kv != n_q,
+            )
             if q > 1:
                 z = z * self.mask[:, None, t:end, None]
         z = _fire(attn.hook_z, z.transpose(1, 2))

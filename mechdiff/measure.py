@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable
 
 
-def mean_seconds(fn: Callable[[], object], repeats: int = 1, *, warmup: bool = True,
-                 sync: Callable[[], object] | None = None) -> float:
+def mean_seconds(
+    fn: Callable[[], object], repeats: int = 1, *, warmup: bool = True, sync: Callable[[], object] | None = None
+) -> float:
     """Wall seconds per call of ``fn``, averaged over ``repeats`` calls after one warm-up call
     (lazy allocations and kernel selection are not the steady state). ``sync`` (e.g.
     ``torch.cuda.synchronize``) runs before each clock read, so queued GPU work is counted."""

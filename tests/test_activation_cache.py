@@ -101,8 +101,7 @@ _KILLER = textwrap.dedent("""
 @pytest.mark.parametrize("mode", ["before-manifest", "mid-buffer"])
 def test_resume_after_sigkill(tmp_path, mode):
     script = _KILLER.format(tests=os.path.dirname(__file__))
-    proc = subprocess.run([sys.executable, "-c", script, mode, str(tmp_path)], capture_output=True,
-                          cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", script, mode, str(tmp_path)], capture_output=True, cwd=ROOT)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     shard_files = list((tmp_path / "rank-00000").glob("shard-*.safetensors"))
     listed = json.loads((tmp_path / "rank-00000" / "manifest.json").read_text())["shards"]
@@ -185,8 +184,7 @@ def test_streaming_memory_is_bounded(tmp_path):
     for i in range(24):  # 96 MB on disk
         writer.append({"x": torch.full((rows, 1024), float(i))})
     writer.close()
-    out = subprocess.run([sys.executable, "-c", _READER, str(tmp_path)], capture_output=True,
-                         text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", _READER, str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     peak_growth_mb = float(out.stdout.strip() or "nan")
     # a few shards in memory at most, not the 96 MB cache (measured 11 MB idle, 27 MB on a loaded
     # machine, where the allocator returns freed shards later)
@@ -199,9 +197,20 @@ def test_cache_activations_from_a_model_and_resume(tmp_path):
     from mechdiff.models import hooked_from_hf
 
     torch.manual_seed(0)
-    model = hooked_from_hf(Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval(), device="cpu")
+    model = hooked_from_hf(
+        Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=32,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+            )
+        ).eval(),
+        device="cpu",
+    )
     gen = torch.Generator().manual_seed(0)
     seqs = [torch.randint(1, 32, (int(k),), generator=gen).tolist() for k in torch.randint(3, 12, (21,))]
     names = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]

@@ -32,8 +32,9 @@ PAD = 1  # conftest's tiny tokenizer: <unk>=0 <pad>=1 <bos>=2 <eos>=3
 
 @pytest.fixture
 def pair(tiny_model_dir):
-    pair = load_pair("custom", base=str(tiny_model_dir("base", seed=0)),
-                     target=str(tiny_model_dir("target", seed=1)), device="cpu")
+    pair = load_pair(
+        "custom", base=str(tiny_model_dir("base", seed=0)), target=str(tiny_model_dir("target", seed=1)), device="cpu"
+    )
     with torch.no_grad():  # random tiny models are near uniform: make the MLPs and outputs matter
         pair.target.unembed.W_U.mul_(8)
         for block in pair.base.blocks:
@@ -68,14 +69,14 @@ def test_adapter_reads_true_mlp_input_and_adds_to_base_mlp(pair):
         x = resid_mid / rms * block.ln2.w  # the norm weight is part of the MLP's input
         assert block.ln2.w.std() > 0.05  # conftest gives non-trivial norm gains
         torch.testing.assert_close(cache[f"blocks.{layer}.adapter.hook_in"], x, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(cache[f"blocks.{layer}.ln2.hook_normalized"] * block.ln2.w, x,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache[f"blocks.{layer}.ln2.hook_normalized"] * block.ln2.w, x, atol=1e-5, rtol=1e-5)
         a = adapted.adapters[layer]
         acts = torch.relu(x @ a.W_enc + a.b_enc)
         torch.testing.assert_close(cache[adapted.acts_name(layer)], acts, atol=1e-5, rtol=1e-5)
         base_mlp = pair.base.blocks[layer].mlp(x)  # the base model's MLP on the same input
-        torch.testing.assert_close(cache[f"blocks.{layer}.hook_mlp_out"],
-                                   base_mlp + acts @ a.W_dec + a.b_dec, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            cache[f"blocks.{layer}.hook_mlp_out"], base_mlp + acts @ a.W_dec + a.b_dec, atol=1e-4, rtol=1e-4
+        )
 
 
 def test_starts_as_hybrid_and_bypass_hooks_give_hybrid(pair):
@@ -99,9 +100,12 @@ def test_objective_parts_match_independent_computations(pair):
         a_logits, a_cache = adapted.model.run_with_cache(tokens, attention_mask=mask.long())
 
         def kl(logits):
-            return F.kl_div(logits.flatten(0, 1)[keep].log_softmax(-1),
-                            t_logits.flatten(0, 1)[keep].log_softmax(-1), log_target=True,
-                            reduction="batchmean")
+            return F.kl_div(
+                logits.flatten(0, 1)[keep].log_softmax(-1),
+                t_logits.flatten(0, 1)[keep].log_softmax(-1),
+                log_target=True,
+                reduction="batchmean",
+            )
 
         assert parts["kl"] == pytest.approx(kl(a_logits).item(), rel=1e-4)
         nmse = []
@@ -113,17 +117,25 @@ def test_objective_parts_match_independent_computations(pair):
         # bridging via patching: replace the target's residual at layer 1 by the adapted one
         a_resid = a_cache["blocks.1.hook_resid_pre"]
         t_resid = t_cache["blocks.1.hook_resid_pre"]
-        a2t = pair.target.run_with_hooks(tokens, attention_mask=mask.long(),
-                                         fwd_hooks=[("blocks.1.hook_resid_pre", lambda x, hook: a_resid)])
-        t2a = adapted.model.run_with_hooks(tokens, attention_mask=mask.long(),
-                                           fwd_hooks=[("blocks.1.hook_resid_pre", lambda x, hook: t_resid)])
+        a2t = pair.target.run_with_hooks(
+            tokens, attention_mask=mask.long(), fwd_hooks=[("blocks.1.hook_resid_pre", lambda x, hook: a_resid)]
+        )
+        t2a = adapted.model.run_with_hooks(
+            tokens, attention_mask=mask.long(), fwd_hooks=[("blocks.1.hook_resid_pre", lambda x, hook: t_resid)]
+        )
         assert parts["bridge_a2t"] == pytest.approx(kl(a2t).item(), rel=1e-4)
         assert parts["bridge_t2a"] == pytest.approx(kl(t2a).item(), rel=1e-4)
-        l1 = sum((a_cache[adapted.acts_name(i)].flatten(0, 1)[keep]
-                  * adapted.adapters[i].W_dec.norm(dim=1)).sum(-1).mean() for i in range(pair.n_layers))
+        l1 = sum(
+            (a_cache[adapted.acts_name(i)].flatten(0, 1)[keep] * adapted.adapters[i].W_dec.norm(dim=1)).sum(-1).mean()
+            for i in range(pair.n_layers)
+        )
         assert parts["l1"] == pytest.approx(float(l1), rel=1e-4)
-        l0 = torch.stack([(a_cache[adapted.acts_name(i)].flatten(0, 1)[keep] > 0).sum(-1).float().mean()
-                          for i in range(pair.n_layers)]).mean()
+        l0 = torch.stack(
+            [
+                (a_cache[adapted.acts_name(i)].flatten(0, 1)[keep] > 0).sum(-1).float().mean()
+                for i in range(pair.n_layers)
+            ]
+        ).mean()
         assert parts["l0"] == pytest.approx(l0.item(), rel=1e-5)
     total = parts["kl"] + parts["nmse"] + 2 * (parts["bridge_a2t"] + parts["bridge_t2a"]) + 0.01 * parts["l1"]
     assert loss.item() == pytest.approx(total, rel=1e-4)
@@ -145,12 +157,22 @@ def test_padding_does_not_change_the_loss(pair):
 
 def test_training_lowers_loss_and_repeats_by_seed(pair):
     traces, val = random_traces(64), random_traces(8, seed=1)
-    recipe = AdapterRecipe(d_sae=32, steps=30, batch_size=8, lr=3e-3, progress=False, log_every=1,
-                           resample_every=10, dense_threshold=0.9, weights=LossWeights(l1=1e-3))
+    recipe = AdapterRecipe(
+        d_sae=32,
+        steps=30,
+        batch_size=8,
+        lr=3e-3,
+        progress=False,
+        log_every=1,
+        resample_every=10,
+        dense_threshold=0.9,
+        weights=LossWeights(l1=1e-3),
+    )
     tokens, mask = pad(val["input_ids"], PAD, side="right")
     with torch.no_grad():
-        before = AdapterObjective(AdaptedModel.from_pair(pair, 32), pair.target, LossWeights())(
-            tokens, mask, cutoff=1)[1]
+        before = AdapterObjective(AdaptedModel.from_pair(pair, 32), pair.target, LossWeights())(tokens, mask, cutoff=1)[
+            1
+        ]
     a1, h1 = train_adapters(pair, recipe, traces=traces, val_traces=val)
 
     def total(parts, prefix=""):
@@ -178,15 +200,24 @@ class KilledAfter:
         return self.ds[idx]
 
 
-@pytest.mark.parametrize("levers", [
-    dict(activation="relu", resample_every=2, resample_until=1.0, dense_threshold=0.5,
-         weights=LossWeights(l1=1e-3, aux=0.0)),  # ReLU + L1 + resampling dead / dense
-    dict(activation="topk", k=2, dead_window=1, weights=LossWeights(aux=0.5)),  # TopK + AuxK
-])
+@pytest.mark.parametrize(
+    "levers",
+    [
+        dict(
+            activation="relu",
+            resample_every=2,
+            resample_until=1.0,
+            dense_threshold=0.5,
+            weights=LossWeights(l1=1e-3, aux=0.0),
+        ),  # ReLU + L1 + resampling dead / dense
+        dict(activation="topk", k=2, dead_window=1, weights=LossWeights(aux=0.5)),  # TopK + AuxK
+    ],
+)
 def test_resume_after_a_kill_matches_an_uninterrupted_run(pair, tmp_path, levers):
     traces, val = random_traces(64), random_traces(8, seed=1)
-    recipe = AdapterRecipe(d_sae=16, steps=6, batch_size=8, lr=3e-3, progress=False, log_every=1,
-                           checkpoint_every=3, **levers)
+    recipe = AdapterRecipe(
+        d_sae=16, steps=6, batch_size=8, lr=3e-3, progress=False, log_every=1, checkpoint_every=3, **levers
+    )
     full, full_hist = train_adapters(pair, recipe, traces=traces, val_traces=val)
     with pytest.raises(TrainingInterrupted, match="after step 4: checkpoint saved"):  # Ctrl-C at step 5
         train_adapters(pair, recipe, out_dir=tmp_path, traces=KilledAfter(traces, 4), val_traces=val)
@@ -247,14 +278,18 @@ def test_save_load_round_trip_and_sae_lens(pair, tmp_path, activation):
 
 def test_loading_against_the_wrong_pair_is_a_clear_error(pair, tiny_model_dir, tmp_path):
     _, folder = save_load(pair, tmp_path)
-    wide = load_pair("custom", base=str(tiny_model_dir("b2", hidden_size=32, num_attention_heads=2,
-                                                       num_key_value_heads=1)),
-                     target=str(tiny_model_dir("t2", seed=1, hidden_size=32, num_attention_heads=2,
-                                               num_key_value_heads=1)))
+    wide = load_pair(
+        "custom",
+        base=str(tiny_model_dir("b2", hidden_size=32, num_attention_heads=2, num_key_value_heads=1)),
+        target=str(tiny_model_dir("t2", seed=1, hidden_size=32, num_attention_heads=2, num_key_value_heads=1)),
+    )
     with pytest.raises(AdapterFormatError, match="d_model=64"):
         load_adapted(wide, folder)
-    deep = load_pair("custom", base=str(tiny_model_dir("b3", num_hidden_layers=3)),
-                     target=str(tiny_model_dir("t3", seed=1, num_hidden_layers=3)))
+    deep = load_pair(
+        "custom",
+        base=str(tiny_model_dir("b3", num_hidden_layers=3)),
+        target=str(tiny_model_dir("t3", seed=1, num_hidden_layers=3)),
+    )
     with pytest.raises(AdapterFormatError, match="n_layers=2"):
         load_adapted(deep, folder)
     other = load_pair("custom", base=str(tiny_model_dir("b4", seed=5)), target=str(tiny_model_dir("t4", seed=6)))
@@ -347,8 +382,7 @@ def test_two_processes_saving_to_one_folder_both_succeed(pair, tmp_path):
     ctx = multiprocessing.get_context("fork")
     folder, errors = tmp_path / "out" / "shared", ctx.Queue()
     models = [randomize(AdaptedModel.from_pair(pair, d_sae=8), seed=s) for s in (1, 2)]
-    procs = [ctx.Process(target=_save_many, args=(m, folder, 15, s, errors))
-             for s, m in zip((1, 2), models)]
+    procs = [ctx.Process(target=_save_many, args=(m, folder, 15, s, errors)) for s, m in zip((1, 2), models)]
     for p in procs:
         p.start()
     for p in procs:
@@ -371,8 +405,11 @@ def test_shipped_topk_adapters_load_in_plain_sae_lens_with_the_readme_import():
     from mechdiff.adapters.formats import SHIPPED_DIR
 
     folder = SHIPPED_DIR / "layer_0"
-    plain = subprocess.run([sys.executable, "-c", f"from sae_lens import SAE; SAE.load_from_disk({str(folder)!r})"],
-                           capture_output=True, text=True)
+    plain = subprocess.run(
+        [sys.executable, "-c", f"from sae_lens import SAE; SAE.load_from_disk({str(folder)!r})"],
+        capture_output=True,
+        text=True,
+    )
     assert plain.returncode != 0 and "topk_transcoder" in plain.stderr
     code = f"""
 import sys
@@ -381,7 +418,7 @@ import torch
 from safetensors.torch import load_file
 from sae_lens import SAE
 sae = SAE.load_from_disk({str(folder)!r})
-w = load_file({str(folder / 'sae_weights.safetensors')!r})
+w = load_file({str(folder / "sae_weights.safetensors")!r})
 x = torch.randn(64, w["W_enc"].shape[0], generator=torch.Generator().manual_seed(0))
 pre = x @ w["W_enc"] + w["b_enc"]
 top = pre.topk(sae.cfg.k, dim=-1)

@@ -33,9 +33,17 @@ def test_faithfulness_metrics_match_independent_computations(organism_like):
     with torch.no_grad():
         adapted.adapters[1].b_enc[:4] = -1e4  # four features of layer 1 can never fire
     traces = corpus.reasoning_traces(6, split="validation")
-    out = faithfulness({"target": pair.target, "adapted": adapted.model,
-                        "hybrid": (adapted.model, adapted.bypass_hooks()), "plain_hybrid": hybrid(pair)},
-                       pair.target, traces, batch_size=4)
+    out = faithfulness(
+        {
+            "target": pair.target,
+            "adapted": adapted.model,
+            "hybrid": (adapted.model, adapted.bypass_hooks()),
+            "plain_hybrid": hybrid(pair),
+        },
+        pair.target,
+        traces,
+        batch_size=4,
+    )
     t = out["target"]
     assert t["fve_per_layer"] == pytest.approx([1.0] * pair.n_layers)
     assert t["kl_to_target"] == pytest.approx(0.0, abs=1e-6) and t["top1_agreement"] == 1.0
@@ -53,8 +61,9 @@ def test_faithfulness_metrics_match_independent_computations(organism_like):
             ce += adapted.model(tokens, return_type="loss").item() * (len(row) - 1)
             logits, cache = adapted.model.run_with_cache(tokens)
             t_logits, t_cache = pair.target.run_with_cache(tokens)
-        kl += torch.nn.functional.kl_div(logits[0].log_softmax(-1), t_logits[0].log_softmax(-1),
-                                         log_target=True, reduction="sum").item()
+        kl += torch.nn.functional.kl_div(
+            logits[0].log_softmax(-1), t_logits[0].log_softmax(-1), log_target=True, reduction="sum"
+        ).item()
         for i in range(2):
             h, ht = cache[f"blocks.{i}.hook_resid_post"], t_cache[f"blocks.{i}.hook_resid_post"]
             err[i] += ((h - ht) ** 2).sum()
@@ -84,15 +93,42 @@ def test_cli_train_eval_sweep(organism_like, tmp_path, capsys):
     main(["eval", *pair_args, "--adapters", str(out), "--n-eval-traces", "8", "--n-problems", "6", "--json"])
     report = json.loads(capsys.readouterr().out)
     for name in ("base", "hybrid", "adapted", "target"):
-        assert {"fve_per_layer", "kl_to_target", "top1_agreement", "ce", "bridging_kl", "accuracy",
-                "mean_response_tokens", "hesitations_per_response"} <= set(report[name])
+        assert {
+            "fve_per_layer",
+            "kl_to_target",
+            "top1_agreement",
+            "ce",
+            "bridging_kl",
+            "accuracy",
+            "mean_response_tokens",
+            "hesitations_per_response",
+        } <= set(report[name])
     assert {"l0_per_layer", "dead_fraction"} <= set(report["adapted"])
     assert report["length_ratio"] == pytest.approx(
-        report["adapted"]["mean_response_tokens"] / report["target"]["mean_response_tokens"])
+        report["adapted"]["mean_response_tokens"] / report["target"]["mean_response_tokens"]
+    )
     assert set(report["targets"]) >= {"mean_l0", "gain_recovered", "kl_ratio_vs_hybrid"}
     fig = tmp_path / "fig"
-    main(["sweep", *pair_args, *small, "--l1", "0", "0.5", "--n-eval-traces", "8", "--n-problems", "2",
-          "--out", str(fig), "--runs", str(tmp_path / "runs"), "--work", str(tmp_path / "sweep-ck")])
+    main(
+        [
+            "sweep",
+            *pair_args,
+            *small,
+            "--l1",
+            "0",
+            "0.5",
+            "--n-eval-traces",
+            "8",
+            "--n-problems",
+            "2",
+            "--out",
+            str(fig),
+            "--runs",
+            str(tmp_path / "runs"),
+            "--work",
+            str(tmp_path / "sweep-ck"),
+        ]
+    )
     sweep = json.loads((fig / "sweep.json").read_text())
     assert [r["l1"] for r in sweep["rows"]] == [0.0, 0.5]
     assert {"mean_l0", "mean_fve", "kl_to_target", "accuracy"} <= set(sweep["rows"][0])
@@ -116,8 +152,10 @@ def test_report_at_init_is_the_hybrid(organism_like):
     assert report["adapted"]["accuracy"] == report["hybrid"]["accuracy"]
 
 
-shipped = pytest.mark.skipif(not (SHIPPED_DIR / "adapters.json").exists() or not (ORGANISM_DIR / "target").exists(),
-                             reason="no shipped organism / adapters")
+shipped = pytest.mark.skipif(
+    not (SHIPPED_DIR / "adapters.json").exists() or not (ORGANISM_DIR / "target").exists(),
+    reason="no shipped organism / adapters",
+)
 
 
 @shipped
@@ -125,13 +163,18 @@ def test_shipped_adapters_load_and_are_sparse_and_faithful():
     pair = load_pair("organism")
     adapted = load_adapted(pair)
     traces = Dataset.from_dict({"input_ids": corpus.reasoning_traces(48, split="test", seed=1)["input_ids"]})
-    out = faithfulness({"adapted": adapted.model, "hybrid": (adapted.model, adapted.bypass_hooks())},
-                       pair.target, traces, bridging=False)
+    out = faithfulness(
+        {"adapted": adapted.model, "hybrid": (adapted.model, adapted.bypass_hooks())},
+        pair.target,
+        traces,
+        bridging=False,
+    )
     assert out["adapted"]["kl_to_target"] < 0.2 * out["hybrid"]["kl_to_target"]
     assert out["adapted"]["mean_l0"] <= 12 and min(out["adapted"]["fve_per_layer"]) > 0.8
     # measured afresh (not the flags stored at shipping): 256 held-out traces, 32 test problems
-    report = adapter_report(pair, adapted, corpus.reasoning_traces(256, "test", seed=2),
-                            corpus.problems(32, "test"), bridging=False)
+    report = adapter_report(
+        pair, adapted, corpus.reasoning_traces(256, "test", seed=2), corpus.problems(32, "test"), bridging=False
+    )
     acc = {k: report[k]["accuracy"] for k in ("base", "adapted", "target")}
     assert acc["target"] - acc["base"] > 0.5  # a real gap, so the gain is a ratio, not NaN
     assert report["gain_recovered"] == pytest.approx((acc["adapted"] - acc["base"]) / (acc["target"] - acc["base"]))

@@ -44,11 +44,28 @@ def _rows(tmp):
     ]
 
 
-ROW_IDS = ["empty prompt", "blank prompt", "unknown words", "auto adapters off the organism",
-           "missing adapters", "out is a file", "out under a file", "zero feature nodes",
-           "negative batch", "negative examples", "zero node threshold", "edge threshold > 1",
-           "blank target", "tpu", "custom without folders", "graphs is a file", "negative trace",
-           "trace with prompt", "serve an empty folder", "serve a bad port"]
+ROW_IDS = [
+    "empty prompt",
+    "blank prompt",
+    "unknown words",
+    "auto adapters off the organism",
+    "missing adapters",
+    "out is a file",
+    "out under a file",
+    "zero feature nodes",
+    "negative batch",
+    "negative examples",
+    "zero node threshold",
+    "edge threshold > 1",
+    "blank target",
+    "tpu",
+    "custom without folders",
+    "graphs is a file",
+    "negative trace",
+    "trace with prompt",
+    "serve an empty folder",
+    "serve a bad port",
+]
 
 
 @pytest.mark.parametrize("row", range(len(ROW_IDS)), ids=ROW_IDS)
@@ -88,8 +105,21 @@ def test_two_traces_export_two_graphs_into_one_shared_folder(tmp_path):
 
     shared = tmp_path / "graphs"
     for n in (0, 1):
-        run(cli.main, ["--trace", str(n), "--max-feature-nodes", "24", "--examples", "8", "--out",
-                       str(tmp_path / f"out{n}"), "--graphs", str(shared)])
+        run(
+            cli.main,
+            [
+                "--trace",
+                str(n),
+                "--max-feature-nodes",
+                "24",
+                "--examples",
+                "8",
+                "--out",
+                str(tmp_path / f"out{n}"),
+                "--graphs",
+                str(shared),
+            ],
+        )
     index = json.loads((shared / "graph-metadata.json").read_text())["graphs"]
     assert len(index) == 2 and index[0]["slug"] != index[1]["slug"]
     prompts = [json.loads((tmp_path / f"out{n}" / "summary.json").read_text())["prompt"] for n in (0, 1)]

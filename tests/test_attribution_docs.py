@@ -6,8 +6,18 @@ import importlib
 import pytest
 import torch
 
-MODULES = ["__init__", "linearize", "targets", "build", "gradient", "graph", "export", "interventions", "synthetic",
-           "plot"]
+MODULES = [
+    "__init__",
+    "linearize",
+    "targets",
+    "build",
+    "gradient",
+    "graph",
+    "export",
+    "interventions",
+    "synthetic",
+    "plot",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

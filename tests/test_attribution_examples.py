@@ -101,10 +101,17 @@ def test_feature_examples_match_an_independent_forward(adapted, graph, store, tm
             centre = e["train_token_ind"]
             assert len(e["tokens"]) == len(e["tokens_acts_list"]) and 0 <= centre < len(e["tokens"])
             words = [w.strip() for w in e["tokens"]]
-            matches = [(r, start) for r, row in enumerate(corpus) for start in range(len(row["input_ids"]))
-                       if [tok.decode([t]) for t in row["input_ids"][start:start + len(words)]] == words
-                       and torch.allclose(acts[r, layer][start:start + len(words), feat],
-                                          torch.tensor(e["tokens_acts_list"]).to(acts[r, layer].dtype), atol=1e-4)]
+            matches = [
+                (r, start)
+                for r, row in enumerate(corpus)
+                for start in range(len(row["input_ids"]))
+                if [tok.decode([t]) for t in row["input_ids"][start : start + len(words)]] == words
+                and torch.allclose(
+                    acts[r, layer][start : start + len(words), feat],
+                    torch.tensor(e["tokens_acts_list"]).to(acts[r, layer].dtype),
+                    atol=1e-4,
+                )
+            ]
             assert matches, e
             r, start = matches[0]
             assert e["label"] == LABELS[corpus[r]["label_ids"][start + centre]]

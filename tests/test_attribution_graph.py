@@ -15,7 +15,6 @@ from attribution.targets import Direction, FeatureTarget, LogitDiff, Token, TopL
 TOKENS = torch.tensor([2, 5, 9, 11, 7, 20, 30, 4, 8, 9, 13, 6])
 
 
-
 @pytest.fixture(scope="module")
 def adapted():
     return tiny_adapted(seed=0)
@@ -42,6 +41,7 @@ def measured_by_intervention(adapted, tokens, graph):
             acts[rows_b[m], feats[m, 1], feats[m, 2]] = 0
             acts[-1, feats[m, 1], feats[m, 2]] = 0
             return acts
+
         return hook
 
     def zero_embed(emb, hook):
@@ -141,6 +141,7 @@ def test_linearized_gradients_differ_from_true_ones_and_context_restores(adapted
                 t = t.detach().requires_grad_(True)
                 emb["e"] = t
                 return t
+
             with adapted.model.hooks(fwd_hooks=[] if lin else [("hook_embed", keep)]):
                 logits = adapted.model(TOKENS[None])
             e = leaves.embed if lin else emb["e"]
@@ -203,8 +204,9 @@ def test_linearized_mlp_is_the_specified_linear_map(adapted):
     frozen = record_frozen(adapted, TOKENS)
     g0 = frozen.values[f"blocks.{layer}.mlp.hook_pre"][0]
     b0 = frozen.values[f"blocks.{layer}.mlp.hook_pre_linear"][0]
-    d = torch.randn(TOKENS.shape[0], adapted.model.cfg.d_model, generator=torch.Generator().manual_seed(0),
-                    dtype=torch.float64)
+    d = torch.randn(
+        TOKENS.shape[0], adapted.model.cfg.d_model, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
     w = adapted.model.blocks[layer].ln2.w
 
     def perturb(x, hook):
@@ -213,21 +215,34 @@ def test_linearized_mlp_is_the_specified_linear_map(adapted):
         return x
 
     out = {}
-    with torch.no_grad(), linearized(adapted, frozen), adapted.model.hooks(fwd_hooks=[
-            (f"blocks.{layer}.ln2.hook_normalized", perturb),
-            (f"blocks.{layer}.hook_mlp_out", lambda t, hook: out.setdefault("o", t))]):
+    with (
+        torch.no_grad(),
+        linearized(adapted, frozen),
+        adapted.model.hooks(
+            fwd_hooks=[
+                (f"blocks.{layer}.ln2.hook_normalized", perturb),
+                (f"blocks.{layer}.hook_mlp_out", lambda t, hook: out.setdefault("o", t)),
+            ]
+        ),
+    ):
         adapted.model(TOKENS[None].expand(2, -1))
     change = out["o"][1] - out["o"][0]
-    expected = (0.5 * (d @ mlp.W_gate) * torch.sigmoid(g0) * b0
-                + 0.5 * torch.nn.functional.silu(g0) * (d @ mlp.W_in)) @ mlp.W_out
+    expected = (
+        0.5 * (d @ mlp.W_gate) * torch.sigmoid(g0) * b0 + 0.5 * torch.nn.functional.silu(g0) * (d @ mlp.W_in)
+    ) @ mlp.W_out
     torch.testing.assert_close(change, expected, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("dtype,kw", [
-    (torch.float64, dict(target=[Token("w8"), FeatureTarget(2, 5, pos=7)], max_feature_nodes=25,
-                         refresh_every=7, batch_size=5)),
-    (torch.float32, dict(target=None, batch_size=16)),
-])
+@pytest.mark.parametrize(
+    "dtype,kw",
+    [
+        (
+            torch.float64,
+            dict(target=[Token("w8"), FeatureTarget(2, 5, pos=7)], max_feature_nodes=25, refresh_every=7, batch_size=5),
+        ),
+        (torch.float32, dict(target=None, batch_size=16)),
+    ],
+)
 def test_layerwise_backward_gives_the_reference_graph(dtype, kw):
     """The layerwise pass (rows join at their own block, every prefix in one pass) against the
     reference path (one autograd call through the whole model per batch and prefix)."""

@@ -42,7 +42,7 @@ def test_ablation_at_p_leaves_earlier_positions_unchanged(adapted, acts, lineari
     edited = intervene(adapted, TOKENS, ablate(feats, positions=[p]), linearized=linearized)
     assert torch.equal(clean[:p], edited[:p])
     assert (clean[p] - edited[p]).abs().max() > 1e-3
-    assert (clean[p + 1:] - edited[p + 1:]).abs().max() > 1e-6  # later positions attend to p
+    assert (clean[p + 1 :] - edited[p + 1 :]).abs().max() > 1e-6  # later positions attend to p
 
 
 def test_edits_that_change_nothing(adapted, acts):
@@ -50,8 +50,9 @@ def test_edits_that_change_nothing(adapted, acts):
     inactive = (acts[1, 5] == 0).nonzero()[:5, 0].tolist()
     assert torch.equal(intervene(adapted, TOKENS, ablate([(1, f) for f in inactive], positions=[5])), clean)
     active = active_at(acts, 0, 4)
-    torch.testing.assert_close(intervene(adapted, TOKENS, steer([(0, f) for f in active], 1.0, "scale")), clean,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        intervene(adapted, TOKENS, steer([(0, f) for f in active], 1.0, "scale")), clean, rtol=0, atol=0
+    )
     assert torch.equal(intervene(adapted, TOKENS, steer([(0, 4, active[0])], 0.0, "add")), clean)
 
 
@@ -61,12 +62,16 @@ def test_steering_modes_act_on_the_feature(adapted, acts):
 
     def keep(t, hook):
         seen["a"] = t[0, 4, f].item()
-    for edits, expected in ((steer([(0, 4, f)], 2.5, "set"), 2.5),
-                            (steer([(0, 4, f)], 3.0, "scale"), 3.0 * acts[0, 4, f].item()),
-                            (steer([(0, f)], 1.0, "add", positions=[4]), acts[0, 4, f].item() + 1.0)):
+
+    for edits, expected in (
+        (steer([(0, 4, f)], 2.5, "set"), 2.5),
+        (steer([(0, 4, f)], 3.0, "scale"), 3.0 * acts[0, 4, f].item()),
+        (steer([(0, f)], 1.0, "add", positions=[4]), acts[0, 4, f].item() + 1.0),
+    ):
         with torch.no_grad():
-            adapted.model.run_with_hooks(TOKENS[None], fwd_hooks=edit_hooks(adapted, edits) + [
-                (adapted.acts_name(0), keep)])
+            adapted.model.run_with_hooks(
+                TOKENS[None], fwd_hooks=edit_hooks(adapted, edits) + [(adapted.acts_name(0), keep)]
+            )
         assert seen["a"] == pytest.approx(expected)
 
 
@@ -93,11 +98,14 @@ def test_positioned_edits_during_cached_generation_match_full_recomputation(adap
         seq = list(p)
         for _ in range(5):  # a full forward each step, with the edits at positions seen so far
             n = len(seq)
-            upto = [Edit(e.layer, e.features, e.op, e.value, tuple(q for q in e.positions if q < n))
-                    for e in edits if min(e.positions) < n]
+            upto = [
+                Edit(e.layer, e.features, e.op, e.value, tuple(q for q in e.positions if q < n))
+                for e in edits
+                if min(e.positions) < n
+            ]
             logits = intervene(adapted, torch.tensor(seq), upto)
             seq.append(int(logits[-1].argmax()))
-        assert out == seq[len(p):]
+        assert out == seq[len(p) :]
     clean = generate(adapted.model, [prompt], 5, eos_token_id=None)
     assert got[0] != clean[0]  # the edit matters
 

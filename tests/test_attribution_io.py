@@ -15,7 +15,6 @@ from attribution.targets import LogitDiff
 TOKENS = torch.tensor([2, 5, 9, 11, 7, 20, 30, 4, 8, 9, 13, 6])
 
 
-
 @pytest.fixture(scope="module")
 def adapted():
     return tiny_adapted(seed=2)
@@ -45,8 +44,9 @@ def test_partial_influence_over_all_rows_is_the_full_influence(graph):
     rows = graph.adjacency[row_node[perm], :n_cols]
     weights = graph.target_weights[graph.target_slice]
     expected = compute_influence(normalize_rows(graph.adjacency), graph.target_weights)[:n_cols]
-    torch.testing.assert_close(partial_influence(rows, row_node[perm], weights, n_cols), expected,
-                               rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        partial_influence(rows, row_node[perm], weights, n_cols), expected, rtol=1e-10, atol=1e-14
+    )
 
 
 @pytest.mark.parametrize("node_threshold,edge_threshold", [(0.8, 0.98), (0.5, 0.9), (0.95, 0.99)])
@@ -98,8 +98,18 @@ def test_save_load_round_trip(graph, tmp_path):
     paths = graph.save(tmp_path / "g")
     assert [p.suffix for p in paths] == [".safetensors", ".json"]
     back = Graph.load(tmp_path / "g")
-    for name in ("tokens", "features", "activations", "adjacency", "values", "constants", "dropped",
-                 "dropped_abs", "selected", "target_vectors"):
+    for name in (
+        "tokens",
+        "features",
+        "activations",
+        "adjacency",
+        "values",
+        "constants",
+        "dropped",
+        "dropped_abs",
+        "selected",
+        "target_vectors",
+    ):
         assert torch.equal(getattr(back, name), getattr(graph, name)), name
     assert back.targets == graph.targets and back.token_strs == graph.token_strs
     assert back.info == graph.info and back.meta == graph.meta
@@ -107,9 +117,19 @@ def test_save_load_round_trip(graph, tmp_path):
     assert back.prune().node_mask.equal(graph.prune().node_mask)
 
 
-NODE_FIELDS = {"node_id": str, "feature": int, "layer": str, "ctx_idx": int, "feature_type": str,
-               "token_prob": float, "is_target_logit": bool, "run_idx": int, "reverse_ctx_idx": int,
-               "jsNodeId": str, "clerp": str}
+NODE_FIELDS = {
+    "node_id": str,
+    "feature": int,
+    "layer": str,
+    "ctx_idx": int,
+    "feature_type": str,
+    "token_prob": float,
+    "is_target_logit": bool,
+    "run_idx": int,
+    "reverse_ctx_idx": int,
+    "jsNodeId": str,
+    "clerp": str,
+}
 
 
 def test_circuit_tracer_json_structure_and_types(graph, adapted, tmp_path):
@@ -119,8 +139,7 @@ def test_circuit_tracer_json_structure_and_types(graph, adapted, tmp_path):
     assert meta["slug"] == "t" and isinstance(meta["scan"], str) and meta["transcoder_list"] == []
     assert meta["prompt_tokens"] == graph.token_strs and isinstance(meta["prompt"], str)
     assert isinstance(meta["node_threshold"], float) and meta["schema_version"] == 1
-    assert data["qParams"] == {"pinnedIds": [], "supernodes": [], "linkType": "both",
-                               "clickedId": "", "sg_pos": ""}
+    assert data["qParams"] == {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     ids = set()
     for node in data["nodes"]:
         for key, kind in NODE_FIELDS.items():
@@ -143,8 +162,9 @@ def test_circuit_tracer_json_structure_and_types(graph, adapted, tmp_path):
         assert n["layer"] == str(graph.info["n_layers"] + 1)
         assert float(n["clerp"].split("(p=")[1].split(")")[0]) == pytest.approx(n["token_prob"], abs=1e-3)
     assert data["links"] and all(set(link) == {"source", "target", "weight"} for link in data["links"])
-    assert all(link["source"] in ids and link["target"] in ids and isinstance(link["weight"], float)
-               for link in data["links"])
+    assert all(
+        link["source"] in ids and link["target"] in ids and isinstance(link["weight"], float) for link in data["links"]
+    )
     diff = attribute(adapted, TOKENS, LogitDiff("w3", "w4"))  # a target that is not one token
     node = [n for n in to_circuit_tracer_json(diff)["nodes"] if n["feature_type"] == "logit"][0]
     assert node["feature"] >= graph.info["d_vocab"]

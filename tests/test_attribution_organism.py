@@ -10,8 +10,9 @@ from attribution.build import attribute
 from attribution.interventions import ablate, intervene
 from mechdiff.models import ORGANISM_DIR
 
-pytestmark = pytest.mark.skipif(not (ORGANISM_DIR / "target" / "config.json").exists(),
-                                reason="the organism is not shipped yet")
+pytestmark = pytest.mark.skipif(
+    not (ORGANISM_DIR / "target" / "config.json").exists(), reason="the organism is not shipped yet"
+)
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,8 @@ def test_top_tokens_are_the_decoders_logit_lens(built):
     layer, _, feat = graph.features[0].tolist()
     w_u = adapted.model.W_U.detach().double()
     logits = (adapted.adapters[layer].W_dec[feat].detach().double() * adapted.model.ln_final.w.double()) @ (
-        w_u - w_u.mean(1, keepdim=True))
+        w_u - w_u.mean(1, keepdim=True)
+    )
     assert words[layer, feat] == adapted.model.tokenizer.convert_ids_to_tokens(int(logits.argmax()))
 
 

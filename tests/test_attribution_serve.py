@@ -44,8 +44,10 @@ def _missing(message: str):
 def frontend():
     frontend = Frontend()
     if not frontend.ready or frontend.missing_scripts():
-        _missing(f"circuit-tracer's frontend or its scripts are not in {frontend.root}; "
-                 "run .ci/install-frontend (python -m attribution serve --fetch-only)")
+        _missing(
+            f"circuit-tracer's frontend or its scripts are not in {frontend.root}; "
+            "run .ci/install-frontend (python -m attribution serve --fetch-only)"
+        )
     return frontend
 
 
@@ -71,8 +73,14 @@ def site(tmp_path_factory):
         graph = attribute(adapted, tokens, "wait", max_feature_nodes=40, batch_size=16)
         examples = feature_examples(graph, store, adapted, scan)
         write_feature_examples(graph, store, adapted, folder, scan, examples=examples)
-        write_circuit_tracer_files(graph, folder, graph_slug(graph, "organism"), scan=scan,
-                                   title="organism, shipped adapters, → wait:", clerps=clerps(examples))
+        write_circuit_tracer_files(
+            graph,
+            folder,
+            graph_slug(graph, "organism"),
+            scan=scan,
+            title="organism, shipped adapters, → wait:",
+            clerps=clerps(examples),
+        )
     return folder
 
 
@@ -204,8 +212,10 @@ def test_graphs_render_and_a_feature_shows_its_examples(server, site, browser):
     assert options == [g["slug"] for g in index]  # the list shows every exported graph
     graph = json.loads((site / f"{index[1]['slug']}.json").read_text())
     page.select_option("select.graph-prompt-select", index[1]["slug"])
-    page.wait_for_function("slug => document.title.includes(slug) || new URL(location).searchParams.get('slug') == slug",
-                           arg=index[1]["slug"])
+    page.wait_for_function(
+        "slug => document.title.includes(slug) || new URL(location).searchParams.get('slug') == slug",
+        arg=index[1]["slug"],
+    )
     page.wait_for_function("n => d3.selectAll('.link-graph .node').size() > 0", arg=0)
     drawn = page.evaluate("() => d3.selectAll('.link-graph .node').data().map(d => [d.nodeId, d.feature_type])")
     exported = {n["node_id"] for n in graph["nodes"]}
@@ -220,7 +230,9 @@ def test_graphs_render_and_a_feature_shows_its_examples(server, site, browser):
     contexts = page.locator(".feature-example-list .ctx-container")
     clicked = page.evaluate("() => new URL(location).searchParams.get('clickedId')")
     layer, feat, _ = map(int, clicked.split("_"))
-    examples = json.loads(next((site / "features").glob(f"*/{(layer + feat) * (layer + feat + 1) // 2 + feat}.json")).read_text())
+    examples = json.loads(
+        next((site / "features").glob(f"*/{(layer + feat) * (layer + feat + 1) // 2 + feat}.json")).read_text()
+    )
     n_examples = sum(len(q["examples"]) for q in examples["examples_quantiles"])
     assert contexts.count() == n_examples > 0 and links > 0
     shown = page.locator(".feature-example-logits .ctx-container").first.locator(".token").all_inner_texts()

@@ -55,13 +55,17 @@ ROWS = [  # (module, argv, the error line's expected start)
     ("analyses.real", ["--out", "OUT", "--pair", "organism"], "error: --pair organism: this study is SmolLM2's"),
 ]  # fmt: skip
 if not GPU:  # on a GPU machine these are valid devices
-    ROWS += [(m, a, "error: --device cuda: no CUDA GPU is visible") for m, a in (
-        ("mechdiff.adapters.__main__", ["train", "--out", "OUT", "--device", "cuda"]),
-        ("mechdiff.lora.__main__", ["--device", "cuda", "train", "--out", "OUT"]),
-        ("mechdiff.real.__main__", ["check", "--device", "cuda"]),
-        ("analyses.features", ["--out", "OUT", "--device", "cuda"]),
-        ("analyses.lora", ["--out", "OUT", "--device", "cuda"]),
-        ("analyses.real", ["--out", "OUT", "--device", "cuda"]))]
+    ROWS += [
+        (m, a, "error: --device cuda: no CUDA GPU is visible")
+        for m, a in (
+            ("mechdiff.adapters.__main__", ["train", "--out", "OUT", "--device", "cuda"]),
+            ("mechdiff.lora.__main__", ["--device", "cuda", "train", "--out", "OUT"]),
+            ("mechdiff.real.__main__", ["check", "--device", "cuda"]),
+            ("analyses.features", ["--out", "OUT", "--device", "cuda"]),
+            ("analyses.lora", ["--out", "OUT", "--device", "cuda"]),
+            ("analyses.real", ["--out", "OUT", "--device", "cuda"]),
+        )
+    ]
 ARGPARSE_ROWS = [  # argparse's own refusals: usage line, then the error line, exit 2
     ("mechdiff.adapters.__main__", ["train", "--out", "OUT", "--dtype", "float8"], "--dtype: invalid choice"),
     ("mechdiff.lora.__main__", ["--dtype", "float8", "train", "--out", "OUT"], "--dtype: invalid choice"),

@@ -20,9 +20,20 @@ from mechdiff.features.store import StoreConfig, build_store
 
 CHROMIUM = Path("/usr/bin/chromium")
 INSTALLER = Path(__file__).resolve().parents[1] / ".ci" / "install-chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000", "--window-size=1200,900"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-logging=stderr",
+    "--v=0",
+    "--virtual-time-budget=10000",
+    "--window-size=1200,900",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +53,14 @@ def site(tmp_path_factory):
     gen = torch.Generator().manual_seed(0)
     rows = [[2, *torch.randint(4, 32, (14,), generator=gen).tolist()] for _ in range(12)]
     names = [adapted.acts_name(layer) for layer in range(2)]
-    store = build_store(adapted.model, rows, names, config=StoreConfig(top_k=5, n_random=3),
-                        decoder=decoder_directions(adapted), pad_id=1)
+    store = build_store(
+        adapted.model,
+        rows,
+        names,
+        config=StoreConfig(top_k=5, n_random=3),
+        decoder=decoder_directions(adapted),
+        pad_id=1,
+    )
     features = store.alive.nonzero()[:4, 0].tolist()
     cats = ["format" if i % 2 else "hesitation" for i in range(store.n_features)]
     folder = tmp_path_factory.mktemp("dash")

@@ -48,8 +48,7 @@ def _generic(init_seed=0, out_dir=None, stop_at=None, steps=12, on_step=None):
         loss = (err * m).sum() / m.sum()
         return distributed.as_global_mean(loss, m.sum()), {"mse": loss.item()}
 
-    cfg = LoopConfig(steps=steps, lr=1e-2, log_every=4, checkpoint_every=4, out_dir=out_dir,
-                     progress=False)
+    cfg = LoopConfig(steps=steps, lr=1e-2, log_every=4, checkpoint_every=4, out_dir=out_dir, progress=False)
     hook = (lambda step: on_step(module, step)) if on_step else None
     history = train(module, loss_fn, cfg, on_step=hook)
     return {k: v.clone() for k, v in module.state_dict().items()}, history
@@ -64,9 +63,17 @@ def _rank_local_edit(module, step):
 
 def _tiny_hooked(seed):
     torch.manual_seed(seed)
-    hf = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    hf = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     return hooked_from_hf(hf.eval(), device="cpu")
 
 
@@ -118,8 +125,17 @@ def _adapters(steps=6):
     pair = ModelPair(_tiny_hooked(0), _tiny_hooked(1), None)
     # Every part weighted: KL, bridges and L1 are token means, NMSE and AuxK ratios of sums; all
     # are exact under sharding. dead_window=2 gives AuxK dead features within the few steps.
-    recipe = AdapterRecipe(d_sae=64, k=4, steps=steps, batch_size=GLOBAL_BATCH, lr=1e-2, dead_window=2,
-                           weights=LossWeights(l1=1e-2), log_every=3, progress=False)
+    recipe = AdapterRecipe(
+        d_sae=64,
+        k=4,
+        steps=steps,
+        batch_size=GLOBAL_BATCH,
+        lr=1e-2,
+        dead_window=2,
+        weights=LossWeights(l1=1e-2),
+        log_every=3,
+        progress=False,
+    )
     traces = _Recorded(_traces())
     adapted, history = train_adapters(pair, recipe, traces=traces, val_traces=_traces(8, seed=4), pad_id=0)
     return {k: v.clone() for k, v in adapted.adapters.state_dict().items()}, history, traces.seen
@@ -127,8 +143,7 @@ def _adapters(steps=6):
 
 def _prompts():
     gen = torch.Generator().manual_seed(5)
-    return [torch.randint(4, 32, (int(k),), generator=gen).tolist()
-            for k in torch.randint(1, 9, (13,), generator=gen)]
+    return [torch.randint(4, 32, (int(k),), generator=gen).tolist() for k in torch.randint(1, 9, (13,), generator=gen)]
 
 
 def _generations(model, temperature=0.0):
@@ -223,8 +238,20 @@ def test_ddp_lora_objective(ranks):
 def test_ddp_adapter_objective(ranks):
     single = _adapters()
     assert all("aux" in record for record in single[1])  # AuxK was on (dead features existed)
-    keys = ("loss", "grad_norm", "kl", "nmse", "l1", "aux", "bridge_a2t", "bridge_t2a", "l0", "dead",
-            "val_kl", "val_nmse")
+    keys = (
+        "loss",
+        "grad_norm",
+        "kl",
+        "nmse",
+        "l1",
+        "aux",
+        "bridge_a2t",
+        "bridge_t2a",
+        "l0",
+        "dead",
+        "val_kl",
+        "val_nmse",
+    )
     _check_sharded_run([r["adapters"] for r in ranks[0]], single, keys)
 
 
@@ -254,5 +281,4 @@ def test_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="cannot be split over 2"):
         distributed.shard_bounds(1, 0, 2)
     with pytest.raises(RuntimeError, match="needs a process group"):
-        train(torch.nn.Linear(1, 1), lambda s: (torch.zeros(()), {}), LoopConfig(steps=1, lr=1.0),
-              distributed=True)
+        train(torch.nn.Linear(1, 1), lambda s: (torch.zeros(()), {}), LoopConfig(steps=1, lr=1.0), distributed=True)

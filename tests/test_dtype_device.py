@@ -146,10 +146,15 @@ def test_parameters_are_created_on_the_model_device():
 # ----------------------------------------------------------------------------- command lines
 
 CLIS = [  # (module, arguments that are valid but for --dtype)
-    ("mechdiff.lora.__main__", []), ("mechdiff.adapters.__main__", ["train", "--out", "OUT"]),
-    ("mechdiff.adapters.__main__", ["eval"]), ("mechdiff.adapters.__main__", ["sweep", "--l1", "0.1"]),
-    ("attribution.__main__", []), ("benchmarks.attribution", []), ("benchmarks.adapters", []),
-    ("benchmarks.lora", []), ("benchmarks.generation", []),
+    ("mechdiff.lora.__main__", []),
+    ("mechdiff.adapters.__main__", ["train", "--out", "OUT"]),
+    ("mechdiff.adapters.__main__", ["eval"]),
+    ("mechdiff.adapters.__main__", ["sweep", "--l1", "0.1"]),
+    ("attribution.__main__", []),
+    ("benchmarks.attribution", []),
+    ("benchmarks.adapters", []),
+    ("benchmarks.lora", []),
+    ("benchmarks.generation", []),
 ]  # fmt: skip  (mechdiff.organism eval still takes --dtype as free text: the lead's file)
 
 
@@ -175,8 +180,7 @@ def test_adapters_cli_evaluates_in_bf16(monkeypatch, capsys):
         return loaded[-1]
 
     monkeypatch.setattr(models, "load_pair", recording_load_pair)
-    main(["eval", "--device", "cpu", "--dtype", "bfloat16", "--n-eval-traces", "8", "--n-problems", "0",
-          "--json"])
+    main(["eval", "--device", "cpu", "--dtype", "bfloat16", "--n-eval-traces", "8", "--n-problems", "0", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert [p.meta["dtype"] for p in loaded] == ["bfloat16"]
     assert report["adapted"]["kl_to_target"] < 0.05 and report["adapted"]["mean_fve"] > 0.9

@@ -35,12 +35,13 @@ def greedy_without_cache(adapted, prompt, n, hooks):
             seq.append(int(adapted.model(torch.tensor([seq]))[0, -1].argmax()))
             if seq[-1] == eos:
                 break
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def spy_on(adapted, layer, feature, seen):
     def spy(acts, hook):
         seen.append(acts[:, :, feature].clone())
+
     return (adapted.acts_name(layer), spy)
 
 
@@ -96,13 +97,15 @@ def test_a_deep_copy_runs_its_own_adapters(adapted):
     # and edits built for the copy follow the copy's positions
     hooks = edit_hooks(twin, steer([(0, 1)], 3.0, positions=[0]))
     assert generate(twin.model, [PROMPT], 3, eos_token_id=None, fwd_hooks=hooks) == [
-        greedy_without_cache(twin, PROMPT, 3, hooks)]
+        greedy_without_cache(twin, PROMPT, 3, hooks)
+    ]
 
 
 def test_keep_only_equals_ablating_everything_else(adapted):
     kept = [(0, 3), (0, 9), (1, 4)]
-    others = [(la, f) for la in range(adapted.config.n_layers) for f in range(adapted.config.d_sae)
-              if (la, f) not in kept]
+    others = [
+        (la, f) for la in range(adapted.config.n_layers) for f in range(adapted.config.d_sae) if (la, f) not in kept
+    ]
     tokens = torch.tensor([PROMPT])
     with torch.no_grad():
         a = adapted.model.run_with_hooks(tokens, fwd_hooks=edit_hooks(adapted, keep_only(kept)))
@@ -118,15 +121,19 @@ def test_mean_ablation_sets_the_mean_and_patching_copies_the_other_run(adapted):
     torch.testing.assert_close(means[1], want)  # every position of both rows
     seen = []
     with torch.no_grad():
-        adapted.model.run_with_hooks(tokens, fwd_hooks=edit_hooks(adapted, mean_ablate([(1, 6)], means, positions=[2]))
-                                     + [spy_on(adapted, 1, 6, seen)])
+        adapted.model.run_with_hooks(
+            tokens,
+            fwd_hooks=edit_hooks(adapted, mean_ablate([(1, 6)], means, positions=[2])) + [spy_on(adapted, 1, 6, seen)],
+        )
     clean = record(adapted, tokens)[1][0, :, 6]
     assert seen[0][0, 2] == means[1, 6] and torch.equal(seen[0][0, :2], clean[:2])
     source = record(adapted, other)
     seen = []
     with torch.no_grad():
-        adapted.model.run_with_hooks(tokens, fwd_hooks=edit_hooks(adapted, patch([(0, f) for f in range(16)], source))
-                                     + [spy_on(adapted, 0, 5, seen)])
+        adapted.model.run_with_hooks(
+            tokens,
+            fwd_hooks=edit_hooks(adapted, patch([(0, f) for f in range(16)], source)) + [spy_on(adapted, 0, 5, seen)],
+        )
     torch.testing.assert_close(seen[0][0], source[0][0, :, 5], rtol=0, atol=0)
 
 

@@ -16,15 +16,27 @@ from mechdiff.estimate_check import measure_memory
 from mechdiff.models import ModelPair, hooked_from_hf
 
 # The organism's architecture (mechdiff/organism recipe): 3 layers, d_model 128, d_mlp 512.
-ORGANISM = dict(vocab_size=26, hidden_size=128, intermediate_size=512, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+ORGANISM = dict(
+    vocab_size=26,
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=128,
+)
 
 
 def _hf_config(shape: ModelShape) -> Qwen2Config:
-    return Qwen2Config(vocab_size=shape.d_vocab, hidden_size=shape.d_model,
-                       intermediate_size=shape.d_mlp, num_hidden_layers=shape.n_layers,
-                       num_attention_heads=shape.n_heads, num_key_value_heads=shape.n_kv_heads,
-                       tie_word_embeddings=False)
+    return Qwen2Config(
+        vocab_size=shape.d_vocab,
+        hidden_size=shape.d_model,
+        intermediate_size=shape.d_mlp,
+        num_hidden_layers=shape.n_layers,
+        num_attention_heads=shape.n_heads,
+        num_key_value_heads=shape.n_kv_heads,
+        tie_word_embeddings=False,
+    )
 
 
 @pytest.mark.parametrize("name, billions", [("r1-distill-qwen-7b", 7.62), ("s1.1-32b", 32.76)])
@@ -39,8 +51,14 @@ def test_presets_match_transformers(name, billions):
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_param_counts_of_transformers_and_hooked_models(arch):
-    kw = dict(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-              num_attention_heads=4, num_key_value_heads=2)
+    kw = dict(
+        vocab_size=50,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     cfg = Qwen2Config(**kw) if arch == "qwen2" else LlamaConfig(**kw, tie_word_embeddings=True)
     hf = (Qwen2ForCausalLM if arch == "qwen2" else LlamaForCausalLM)(cfg)
     shape = ModelShape.from_config(cfg)
@@ -67,16 +85,22 @@ def _pair(config: dict, dtype="float32") -> ModelPair:
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        models.append(hooked_from_hf(Qwen2ForCausalLM(Qwen2Config(**config)).eval(), device="cpu",
-                                     dtype=dtype))
+        models.append(hooked_from_hf(Qwen2ForCausalLM(Qwen2Config(**config)).eval(), device="cpu", dtype=dtype))
     return ModelPair(*models, None)
 
 
 @pytest.mark.parametrize("task, bridge", [("adapters", False), ("adapters", True), ("lora", False)])
 def test_saved_activations_within_25_percent(task, bridge):
     """Exact autograd accounting (saved_tensors_hooks) against the formula, on a GQA shape."""
-    config = dict(vocab_size=70, hidden_size=96, intermediate_size=240, num_hidden_layers=4,
-                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)
+    config = dict(
+        vocab_size=70,
+        hidden_size=96,
+        intermediate_size=240,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     shape = ModelShape.from_config(Qwen2Config(**config))
     w = Workload(task, batch_size=4, seq_len=48, dtype="float32", d_sae=200, bridge=bridge)
     predicted = estimate(shape, w).memory["saved activations"]
@@ -89,8 +113,10 @@ def test_organism_memory_within_stated_factor():
     The time is a wall-clock measurement: ``python -m benchmarks.estimate`` compares it."""
     shape = ModelShape.from_config(Qwen2Config(**ORGANISM))
     pair = _pair(ORGANISM)
-    loads = [Workload("adapters", batch_size=16, seq_len=76, dtype="float32", d_sae=1024),
-             Workload("generation", batch_size=64, seq_len=76, dtype="float32", new_tokens=24)]
+    loads = [
+        Workload("adapters", batch_size=16, seq_len=76, dtype="float32", d_sae=1024),
+        Workload("generation", batch_size=64, seq_len=76, dtype="float32", new_tokens=24),
+    ]
     for w in loads:
         got = measure_memory(pair, w)["memory_growth"]
         est = estimate(shape, w)
@@ -98,7 +124,22 @@ def test_organism_memory_within_stated_factor():
 
 
 def test_cli_prints_a_report(capsys):
-    main(["--pair", "r1-distill-qwen-7b", "--task", "lora", "generation", "--device", "cuda",
-          "--gpu", "h200", "--batch-size", "1", "--seq-len", "1024"])
+    main(
+        [
+            "--pair",
+            "r1-distill-qwen-7b",
+            "--task",
+            "lora",
+            "generation",
+            "--device",
+            "cuda",
+            "--gpu",
+            "h200",
+            "--batch-size",
+            "1",
+            "--seq-len",
+            "1024",
+        ]
+    )
     out = capsys.readouterr().out
     assert "lora: peak memory per rank" in out and "H200" in out and "fits" in out

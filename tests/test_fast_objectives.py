@@ -23,8 +23,9 @@ def organism():
 
 
 def _tiny_pair(tiny_model_dir):
-    pair = load_pair("custom", base=str(tiny_model_dir("base", seed=0)),
-                     target=str(tiny_model_dir("target", seed=1)), device="cpu")
+    pair = load_pair(
+        "custom", base=str(tiny_model_dir("base", seed=0)), target=str(tiny_model_dir("target", seed=1)), device="cpu"
+    )
     with torch.no_grad():  # random tiny models are near uniform: make the outputs matter
         pair.target.unembed.W_U.mul_(8)
     return pair

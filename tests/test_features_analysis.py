@@ -10,9 +10,26 @@ from analyses import features as analysis
 @pytest.mark.slow
 def test_analysis_writes_dashboards_figures_and_summary(tmp_path):
     out, store = tmp_path / "features", tmp_path / "store"
-    summary = analysis.main(["--adapters", "random:64", "--n-traces", "24", "--batch-size", "16",
-                             "--out", str(out), "--store", str(store), "--pages-per-category", "2",
-                             "--max-reasoning-pages", "3", "--top-k", "8"])
+    summary = analysis.main(
+        [
+            "--adapters",
+            "random:64",
+            "--n-traces",
+            "24",
+            "--batch-size",
+            "16",
+            "--out",
+            str(out),
+            "--store",
+            str(store),
+            "--pages-per-category",
+            "2",
+            "--max-reasoning-pages",
+            "3",
+            "--top-k",
+            "8",
+        ]
+    )
     written = json.loads((out / "summary.json").read_text())
     for key in ("n_features", "n_alive", "category_counts", "reasoning_fraction"):
         assert written[key] == summary[key]

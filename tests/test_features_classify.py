@@ -49,8 +49,18 @@ def test_label_rule_on_synthetic_distributions():
     ]
     alive = torch.tensor([True] * 9 + [False])
     got = classify(rows, alive, min_examples=3)
-    assert got == ["hesitation", "recheck", "error_detection", "arithmetic", "arithmetic",
-                   "correction", "format", "mixed", "rare", "dead"]
+    assert got == [
+        "hesitation",
+        "recheck",
+        "error_detection",
+        "arithmetic",
+        "arithmetic",
+        "correction",
+        "format",
+        "mixed",
+        "rare",
+        "dead",
+    ]
     assert C.summarize(got)["reasoning_fraction"] == pytest.approx(4 / 9)
 
 
@@ -79,8 +89,9 @@ def test_reasoning_roles_and_summary():
     class FakeStore:  # the attributes reasoning_roles reads
         config = type("cfg", (), {"before": 1})()
         lens_top_ids = torch.tensor([[WAIT_ID, 1, 2], [3, 4, 5], [3, 4, 5], [0, 0, 0]])
-        top_tokens = torch.tensor([[[0, 9, 0]] * 4, [[0, WAIT_ID, 0]] * 4,
-                                   [[0, 5, 0], [0, 6, 0], [0, 7, 0], [0, 8, 0]], [[0, 1, 0]] * 4])
+        top_tokens = torch.tensor(
+            [[[0, 9, 0]] * 4, [[0, WAIT_ID, 0]] * 4, [[0, 5, 0], [0, 6, 0], [0, 7, 0], [0, 8, 0]], [[0, 1, 0]] * 4]
+        )
 
     cats = ["hesitation", "hesitation", "correction", "format"]
     roles = C.reasoning_roles(FakeStore(), cats, hesitation_ids=[WAIT_ID])
@@ -99,8 +110,9 @@ def test_prompt_building_and_answer_parsing():
     user = msgs[1]["content"]
     assert "L1/F7" in user and "1.200%" in user and "[[wait]](2.5)" in user and "'wait'" in user
     assert all(c in msgs[0]["content"] for c in C.JUDGE_CATEGORIES)
-    j = C.parse_judgement('Sure!\n```json\n{"category": "Reasoning", "role": "Output", '
-                          '"explanation": "promotes wait"}\n```')
+    j = C.parse_judgement(
+        'Sure!\n```json\n{"category": "Reasoning", "role": "Output", "explanation": "promotes wait"}\n```'
+    )
     assert (j.category, j.role, j.explanation, j.ok) == ("reasoning", "output", "promotes wait", True)
     j = C.parse_judgement('{"category": "domain", "role": "output", "explanation": "digits"}')
     assert (j.category, j.role) == ("domain", None)  # roles only for reasoning features
@@ -117,9 +129,20 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 (http.server naming)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).seen.append((self.path, self.headers.get("Authorization"), body))
-        reply = {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {
-            "role": "assistant", "content": '{"category": "reasoning", "role": "input-simple", '
-                                            '"explanation": "fires on wait"}'}, "finish_reason": "stop"}]}
+        reply = {
+            "id": "x",
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": '{"category": "reasoning", "role": "input-simple", "explanation": "fires on wait"}',
+                    },
+                    "finish_reason": "stop",
+                }
+            ],
+        }
         data = json.dumps(reply if self.status == 200 else {"error": "overloaded"}).encode()
         self.send_response(self.status)
         self.send_header("Content-Type", "application/json")

@@ -69,8 +69,7 @@ def test_banning_wait(pair):
     wait = tok.convert_tokens_to_ids("wait")
     prompts = corpus.problems(32, "test")["input_ids"]
     free = generate(pair.target, prompts, 90, eos_token_id=tok.eos_token_id)
-    banned = generate(pair.target, prompts, 90, eos_token_id=tok.eos_token_id,
-                      logit_processors=[ban_tokens([wait])])
+    banned = generate(pair.target, prompts, 90, eos_token_id=tok.eos_token_id, logit_processors=[ban_tokens([wait])])
     assert any(wait in row for row in free)
     assert not any(wait in row for row in banned)
 

@@ -15,7 +15,6 @@ from mechdiff.padding import pad
 PAD = 1
 
 
-
 @pytest.fixture(params=["qwen2", "llama"])
 def models(request, tmp_path):
     """(HookedTransformer, transformers model) with the same weights; outputs sharpened so greedy
@@ -36,9 +35,16 @@ def _prompts():
 
 def _hf_greedy(hf, prompts, new):
     tokens, mask = pad(prompts, PAD, side="left")
-    out = hf.generate(tokens, attention_mask=mask.long(), max_new_tokens=new, min_new_tokens=new,
-                      do_sample=False, pad_token_id=PAD, eos_token_id=None)
-    return out[:, tokens.shape[1]:].tolist()
+    out = hf.generate(
+        tokens,
+        attention_mask=mask.long(),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=PAD,
+        eos_token_id=None,
+    )
+    return out[:, tokens.shape[1] :].tolist()
 
 
 def _both(model, prompts, new, hooks=()):
@@ -72,9 +78,14 @@ def test_hooks_fire_and_edit_on_the_fast_path(models):
     def steer_keys(k, hook):
         return k + 0.3
 
-    hooks = [("blocks.0.hook_mlp_out", halve), ("blocks.1.attn.hook_pattern", flat_pattern),
-             ("blocks.0.attn.hook_rot_k", steer_keys), ("blocks.1.attn.hook_q", halve),
-             ("ln_final.hook_normalized", halve), ("blocks.1.hook_resid_mid", halve)]
+    hooks = [
+        ("blocks.0.hook_mlp_out", halve),
+        ("blocks.1.attn.hook_pattern", flat_pattern),
+        ("blocks.0.attn.hook_rot_k", steer_keys),
+        ("blocks.1.attn.hook_q", halve),
+        ("ln_final.hook_normalized", halve),
+        ("blocks.1.hook_resid_mid", halve),
+    ]
     fast = generate(model, prompts, 16, eos_token_id=-1, pad_token_id=PAD, fwd_hooks=hooks)
     fast_seen, seen[:] = list(seen), []
     slow = generate(model, prompts, 16, eos_token_id=-1, pad_token_id=PAD, fwd_hooks=hooks, fast=False)
@@ -112,5 +123,7 @@ def test_prefill_fills_the_cache_with_rotated_keys(models):
         logits = decoder.prefill()
         _, cache = model.run_with_cache(tokens, attention_mask=mask.long(), names_filter="blocks.1.attn.hook_rot_k")
         full = model(tokens, attention_mask=mask.long())[:, -1]
-    torch.testing.assert_close(decoder.keys[1][:, :, : tokens.shape[1]], cache["blocks.1.attn.hook_rot_k"].transpose(1, 2))
+    torch.testing.assert_close(
+        decoder.keys[1][:, :, : tokens.shape[1]], cache["blocks.1.attn.hook_rot_k"].transpose(1, 2)
+    )
     torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)

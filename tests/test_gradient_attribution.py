@@ -33,6 +33,7 @@ def _scale(adapted, layer, feature, factor):
         acts = acts.clone()
         acts[:, 1:, feature] *= factor  # every position but the first, as the score counts them
         return acts
+
     return [(adapted.acts_name(layer), hook)]
 
 
@@ -76,9 +77,12 @@ def test_top_ranked_features_cut_wait_more_than_random_ones(setup):
     full = H.next_token_probability(adapted.model, hes.tokens, wait).mean()
     ranked = H.next_token_probability(adapted.model, hes.tokens, wait, fwd_hooks=adapted.ablation_hooks(top)).mean()
     rng = random.Random(0)
-    randoms = [H.next_token_probability(adapted.model, hes.tokens, wait,
-                                        fwd_hooks=adapted.ablation_hooks(rng.sample(alive, 10))).mean()
-               for _ in range(3)]
+    randoms = [
+        H.next_token_probability(
+            adapted.model, hes.tokens, wait, fwd_hooks=adapted.ablation_hooks(rng.sample(alive, 10))
+        ).mean()
+        for _ in range(3)
+    ]
     assert ranked < 0.5 * full
     assert all(ranked < r for r in randoms)
 
@@ -98,7 +102,7 @@ def test_bad_targets_are_refused(setup):
 def test_normalized_positive_counts_each_prompt_once():
     scores = torch.zeros(2, 2, 3)
     scores[0, 0, 0], scores[0, 1, 2], scores[0, 1, 1] = 3.0, 1.0, -5.0  # prompt 0: 0.75 / 0.25
-    scores[1, 1, 2] = 100.0                                              # prompt 1: 1.0
+    scores[1, 1, 2] = 100.0  # prompt 1: 1.0
     agg = feature_sets.normalized_positive(scores)
     assert list(agg) == [(1, 2), (0, 0)]  # negative and silent features left out
     assert agg == pytest.approx({(1, 2): 1.25, (0, 0): 0.75})
@@ -110,8 +114,13 @@ def test_smallest_ablating_prefix_is_the_first_k_that_meets_the_goal(setup):
     ranked = list(feature_sets.normalized_positive(feature_attribution(adapted, prompts, wait)))[:64]
     k, curve = feature_sets.smallest_ablating_prefix(adapted, ranked, prompts, wait, share=0.8)
     assert 0 < k < len(ranked) and len(curve) < 17  # found by a search, not a scan
-    p = lambda n: float(H.next_token_probability(  # noqa: E731
-        adapted.model, prompts, wait, fwd_hooks=adapted.ablation_hooks(ranked[:n]) if n else []).mean())
+    p = (
+        lambda n: float(
+            H.next_token_probability(  # noqa: E731
+                adapted.model, prompts, wait, fwd_hooks=adapted.ablation_hooks(ranked[:n]) if n else []
+            ).mean()
+        )
+    )
     floor = p(len(ranked))  # what ablating every ranked feature leaves
     assert curve[len(ranked)] == pytest.approx(floor, abs=1e-6)
     goal = floor + 0.2 * (p(0) - floor)

@@ -19,8 +19,9 @@ def run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        summary = hesitation.main(["--out", str(out), "--n-prompts", "12", "--n-problems", "40",
-                                   "--n-traces", "16", "--random-draws", "2"])
+        summary = hesitation.main(
+            ["--out", str(out), "--n-prompts", "12", "--n-problems", "40", "--n-traces", "16", "--random-draws", "2"]
+        )
     finally:
         torch.set_num_threads(threads)
     return out, summary
@@ -31,8 +32,15 @@ def test_summary_holds_every_number_the_issue_names(run):
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
     for key in ("n_adapter_features", "n_hesitation_features", "hesitation_fraction", "roles"):
         assert key in summary
-    for key in ("hesitations_per_response_before", "hesitations_per_response_after", "random_control_after",
-                "length_before", "length_after", "accuracy_before", "accuracy_after"):
+    for key in (
+        "hesitations_per_response_before",
+        "hesitations_per_response_after",
+        "random_control_after",
+        "length_before",
+        "length_after",
+        "accuracy_before",
+        "accuracy_after",
+    ):
         assert isinstance(summary["necessity"][key], float)
     assert {"hesitation_retained"} <= set(summary["sufficiency"])
     assert {"wait_prob_before", "wait_prob_after"} <= set(summary["steering"])
@@ -88,9 +96,24 @@ def test_gradient_ranking_finds_a_set_that_is_necessary_and_agrees_with_the_grap
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        s = hesitation.main(["--out", str(tmp_path), "--ranking", "gradient", "--n-prompts", "12",
-                             "--n-problems", "40", "--n-traces", "16", "--random-draws", "2",
-                             "--n-dose-problems", "20"])
+        s = hesitation.main(
+            [
+                "--out",
+                str(tmp_path),
+                "--ranking",
+                "gradient",
+                "--n-prompts",
+                "12",
+                "--n-problems",
+                "40",
+                "--n-traces",
+                "16",
+                "--random-draws",
+                "2",
+                "--n-dose-problems",
+                "20",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert s["ranking"] == "gradient" and s["n_graphs"] == 1

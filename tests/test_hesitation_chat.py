@@ -39,16 +39,23 @@ STEP_END = re.compile(r"carry \d\.$")  # a step's last words, right before the d
 def _tiny_bpe() -> PreTrainedTokenizerFast:
     """A byte-level BPE (as SmolLM2's) learnt from chat traces: " Wait" and the newline are tokens."""
     rng = random.Random(0)
-    texts = [chat.SYSTEM] + [chat.question(p) + "\n" + chat.reasoning_response(p, rng, recheck_prob=0.3)
-                             for p in task.DEFAULT.sample_problems(200, "train", 0)]
+    texts = [chat.SYSTEM] + [
+        chat.question(p) + "\n" + chat.reasoning_response(p, rng, recheck_prob=0.3)
+        for p in task.DEFAULT.sample_problems(200, "train", 0)
+    ]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<bos>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
-                                  pad_token="<pad>")
+    backend.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<pad>", "<bos>", "<eos>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
     tok.chat_template = TEMPLATE
     return tok
 
@@ -91,12 +98,13 @@ def _trace_reply(tokenizer, operands) -> list[int]:
     problem = task.Problem(tuple(operands))
     text = chat.reasoning_response(problem, random.Random(str(operands)), slip_prob=1.0, recheck_prob=0.3)
     row = chat.encode(tokenizer, problem, text)
-    return row["input_ids"][row["prompt_len"]:]
+    return row["input_ids"][row["prompt_len"] :]
 
 
 @pytest.fixture
 def writes_traces(monkeypatch):
     """The target's greedy replies (for the hesitation prompts only) are its fine-tuning traces."""
+
     def responses(self, model, problems, **kwargs):
         return [_trace_reply(self.tokenizer, ops) for ops in problems["operands"]]
 
@@ -118,17 +126,28 @@ def test_hesitation_tokens_are_read_off_a_chat_trace(tokenizer):
 
 def test_chat_labels_follow_the_grader():
     p = task.Problem((1234, 5678))
-    slip, fixed, right = ("Tens: 3 + 7 = 10, write 0, carry 1.", "Tens: 3 + 7 + 1 = 11, write 1, carry 1.",
-                          "Units: 4 + 8 = 12, write 2, carry 1.")
+    slip, fixed, right = (
+        "Tens: 3 + 7 = 10, write 0, carry 1.",
+        "Tens: 3 + 7 + 1 = 11, write 1, carry 1.",
+        "Units: 4 + 8 = 12, write 2, carry 1.",
+    )
     text = f"{right} Wait, let me check. {right}\n{slip} Wait, I forgot. {fixed}\nHundreds: 2 + 6 = 8, write 8, carry 0.\nAnswer: 6912"
     labels, words = chat_char_labels(p, text)
     assert [w[2] for w in words] == chat.grade(p, text).hesitation_after_error == [False, True]
     at = lambda s, k=0: labels[[m.start() for m in re.finditer(re.escape(s), text)][k]]  # noqa: E731
-    assert [at(right), at("Wait"), at(right, 1), at(slip), at("Wait", 1), at(fixed), at("Hundreds"),
-            at("Answer"), at("let")] == ["step", "recheck", "recheck_step", "slip", "hesitation",
-                                         "correction", "error", "answer", "text"]
+    assert [
+        at(right),
+        at("Wait"),
+        at(right, 1),
+        at(slip),
+        at("Wait", 1),
+        at(fixed),
+        at("Hundreds"),
+        at("Answer"),
+        at("let"),
+    ] == ["step", "recheck", "recheck_step", "slip", "hesitation", "correction", "error", "answer", "text"]
     slipped_end = text.index(slip) + len(slip)  # its "." and the space before the judging " Wait"
-    assert labels[slipped_end - 1: slipped_end + 1] == ["slip", "slip"] and text[slipped_end + 1] == "W"
+    assert labels[slipped_end - 1 : slipped_end + 1] == ["slip", "slip"] and text[slipped_end + 1] == "W"
     assert labels[text.index(right) + len(right) - 1] == "step" and labels[len(text) - len("6912") - 1] == "answer"
 
 
@@ -140,7 +159,7 @@ def test_the_token_before_a_judged_wait_is_a_slip_token(pair):
     text = "Units: 4 + 8 = 12, write 2, carry 1.\nTens: 3 + 7 = 10, write 0, carry 1. Wait, I forgot."
     ids = pair.tokenizer(text, add_special_tokens=False)["input_ids"]
     labels, hesitations, _ = spec.cut(p, ids)
-    (j, after), = hesitations
+    ((j, after),) = hesitations
     assert after and labels[j] == "hesitation" and labels[j - 1] == "slip"
 
 
@@ -157,9 +176,9 @@ def test_prompts_end_right_before_wait_and_controls_before_the_newline(pair, wri
     assert any(hes.after_error) and not all(hes.after_error)  # slips and re-checks both cut
     seen = {i: 0 for i in range(len(problems))}
     for kind, prompts, next_token in (("hesitation", hes, spec.target), ("control", ctl, spec.go_on)):
-        for tokens, idx, pos, after_error, labels in zip(prompts.tokens, prompts.problem_index,
-                                                         prompts.response_position, prompts.after_error,
-                                                         prompts.labels):
+        for tokens, idx, pos, after_error, labels in zip(
+            prompts.tokens, prompts.problem_index, prompts.response_position, prompts.after_error, prompts.labels
+        ):
             prompt = problems[idx]["input_ids"]
             assert tokens == prompt + replies[idx][:pos] and replies[idx][pos] == next_token, kind
             assert len(labels) == pos and STEP_END.search(spec.text(replies[idx][:pos])), kind
@@ -192,10 +211,30 @@ def test_chat_generation_paths_agree_with_the_workload(pair, adapters):
 
 def test_study_runs_end_to_end_on_the_chat_pair(pair, adapters, writes_traces, tmp_path):
     out = tmp_path / "hesitation"
-    summary = study.main(["--pair", "smollm2", "--adapters", str(adapters), "--out", str(out),
-                          "--n-prompts", "3", "--n-problems", "3", "--n-traces", "2",
-                          "--n-dose-problems", "2", "--max-new-tokens", "8", "--random-draws", "1",
-                          "--max-feature-nodes", "8"])
+    summary = study.main(
+        [
+            "--pair",
+            "smollm2",
+            "--adapters",
+            str(adapters),
+            "--out",
+            str(out),
+            "--n-prompts",
+            "3",
+            "--n-problems",
+            "3",
+            "--n-traces",
+            "2",
+            "--n-dose-problems",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--random-draws",
+            "1",
+            "--max-feature-nodes",
+            "8",
+        ]
+    )
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
     tokens = summary["hesitation_tokens"]
     assert tokens["workload"] == "chat" and tokens["word"] == "Wait" and tokens["max_new_tokens"] == 8
@@ -203,8 +242,15 @@ def test_study_runs_end_to_end_on_the_chat_pair(pair, adapters, writes_traces, t
     assert summary["n_hesitation_prompts"] == 3 and summary["n_control_prompts"] > 0
     for key in ("n_adapter_features", "n_hesitation_features", "hesitation_fraction", "roles"):
         assert key in summary
-    for key in ("hesitations_per_response_before", "hesitations_per_response_after", "random_control_after",
-                "length_before", "length_after", "accuracy_before", "accuracy_after"):
+    for key in (
+        "hesitations_per_response_before",
+        "hesitations_per_response_after",
+        "random_control_after",
+        "length_before",
+        "length_after",
+        "accuracy_before",
+        "accuracy_after",
+    ):
         assert isinstance(summary["necessity"][key], float)
     assert {"hesitation_retained", "set_decides_in_generation", "at_hesitation_prompts"} <= set(summary["sufficiency"])
     assert {"wait_prob_before", "wait_prob_after"} <= set(summary["steering"])
@@ -224,8 +270,20 @@ def test_study_needs_adapters_for_a_real_pair(tmp_path):
 
 def test_attribution_cli_defaults_to_the_workload_hesitation(pair, adapters, tmp_path):
     out = tmp_path / "graph"
-    attribution_cli.main(["--pair", "smollm2", "--adapters", str(adapters), "--max-feature-nodes", "4",
-                          "--device", "cpu", "--out", str(out)])
+    attribution_cli.main(
+        [
+            "--pair",
+            "smollm2",
+            "--adapters",
+            str(adapters),
+            "--max-feature-nodes",
+            "4",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     summary = json.loads((out / "summary.json").read_text())
     spec = for_pair(pair)
     assert [t["token_id"] for t in summary["targets"]] == [spec.target]

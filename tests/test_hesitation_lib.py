@@ -22,8 +22,10 @@ def adapted(pair):
 
 
 def test_covering_set_and_aggregation():
-    rankings = [[{"layer": 0, "feature": 1, "score": 3.0}, {"layer": 1, "feature": 2, "score": 1.0}],
-                [{"layer": 1, "feature": 2, "score": 5.0}, {"layer": 2, "feature": 0, "score": -4.0}]]
+    rankings = [
+        [{"layer": 0, "feature": 1, "score": 3.0}, {"layer": 1, "feature": 2, "score": 1.0}],
+        [{"layer": 1, "feature": 2, "score": 5.0}, {"layer": 2, "feature": 0, "score": -4.0}],
+    ]
     agg = feature_sets.aggregate_influence(rankings)  # each prompt normalised to 1; negatives ignored
     assert agg == pytest.approx({(0, 1): 0.75, (1, 2): 1.25, (2, 0): 0.0})
     assert feature_sets.covering_set(agg, share=0.6) == [(1, 2)]
@@ -72,6 +74,7 @@ def test_activation_mass_by_label_is_a_distribution(adapted):
     rows = corpus.reasoning_traces(4, "test")
     acts = feature_roles.feature_activations(adapted, rows["input_ids"])
     from mechdiff.organism import task
+
     labels = [[task.LABELS[i] for i in r] for r in rows["label_ids"]]
     alive = (torch.stack([a.amax(0) for a in acts]).amax(0) > 0).nonzero().tolist()[:5]
     mass = feature_roles.activation_mass_by_label(acts, labels, [tuple(f) for f in alive])
@@ -101,9 +104,11 @@ def test_set_decides_generation_takes_only_the_decisions_from_the_kept_copy(pair
         ids = list(prompt) + tok.convert_tokens_to_ids(response)
         x = torch.tensor([ids])
         with torch.no_grad():
-            full = adapted.model(x)[0, len(prompt) - 1:-1]
-            only = adapted.model.run_with_hooks(x, fwd_hooks=sufficiency.keep_only_hooks(adapted, kept))[0, len(prompt) - 1:-1]
-        for t, token in enumerate(ids[len(prompt):]):
+            full = adapted.model(x)[0, len(prompt) - 1 : -1]
+            only = adapted.model.run_with_hooks(x, fwd_hooks=sufficiency.keep_only_hooks(adapted, kept))[
+                0, len(prompt) - 1 : -1
+            ]
+        for t, token in enumerate(ids[len(prompt) :]):
             greedy = int(full[t].argmax())
             if greedy in decisions:  # a decision: the kept-only copy's preference between the two
                 other = (decisions - {token}).pop()

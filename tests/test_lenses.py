@@ -11,9 +11,29 @@ from mechdiff.cli import UsageError
 from mechdiff.generation import generate
 from mechdiff.lenses.paired import paired_generate
 
-SMALL = ["--n-label-problems", "24", "--n-prompts", "4", "--n-problems", "24", "--random-draws", "2",
-         "--crosscoder-steps", "60", "--crosscoder-d-sae", "128", "--crosscoder-traces", "48",
-         "--max-feature-nodes", "32", "--retrain-lora-sae", "--lora-sae-traces", "48", "--lora-sae-samples", "20000"]
+SMALL = [
+    "--n-label-problems",
+    "24",
+    "--n-prompts",
+    "4",
+    "--n-problems",
+    "24",
+    "--random-draws",
+    "2",
+    "--crosscoder-steps",
+    "60",
+    "--crosscoder-d-sae",
+    "128",
+    "--crosscoder-traces",
+    "48",
+    "--max-feature-nodes",
+    "32",
+    "--retrain-lora-sae",
+    "--lora-sae-traces",
+    "48",
+    "--lora-sae-samples",
+    "20000",
+]
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +133,15 @@ def test_paired_generation_without_edits_is_the_models_own(run):
 
     pair = load_pair("organism")
     prompts = corpus.problems(6, "test")["input_ids"]
-    rows = paired_generate(pair.target, pair.base, prompts, 40, lambda acts: [],
-                           reader_names=["blocks.0.hook_resid_post"], eos_token_id=pair.tokenizer.eos_token_id)
+    rows = paired_generate(
+        pair.target,
+        pair.base,
+        prompts,
+        40,
+        lambda acts: [],
+        reader_names=["blocks.0.hook_resid_post"],
+        eos_token_id=pair.tokenizer.eos_token_id,
+    )
     assert rows == generate(pair.target, prompts, 40, eos_token_id=pair.tokenizer.eos_token_id)
 
 
@@ -134,8 +161,21 @@ def test_retrain_measures_the_reused_adapters_and_lora_in_the_run(run, tmp_path)
     from mechdiff.lenses import cost
 
     small = [a for a in SMALL if a != "--retrain-lora-sae"]
-    args = ["--out", str(tmp_path), *small, "--lenses", "transcoder_gradient", "lora_sae",
-            "--retrain", "adapters,lora", "--retrain-lora-sae", "--retrain-steps", "2", "--retrain-traces", "64"]
+    args = [
+        "--out",
+        str(tmp_path),
+        *small,
+        "--lenses",
+        "transcoder_gradient",
+        "lora_sae",
+        "--retrain",
+        "adapters,lora",
+        "--retrain-lora-sae",
+        "--retrain-steps",
+        "2",
+        "--retrain-traces",
+        "64",
+    ]
     threads = torch.get_num_threads()
     try:
         s = lenses.main(args)
@@ -156,8 +196,11 @@ def test_retrain_measures_the_reused_adapters_and_lora_in_the_run(run, tmp_path)
     assert part["closeness"]["metrics"]["val_fve_0"]["given"] > 0.9 and -1 <= part["closeness"]["weight_cosine"] < 1
     sae = lens["lora_sae"]
     lora, sae_part = sae["train_parts"]["lora"], sae["train_parts"]["sae"]
-    assert lora["kind"] == "cpu" and lora["recorded"]["kind"] == "wall" and lora["closeness"]["metrics"]["step"] == {
-        "given": 1000, "retrained": 2}
+    assert (
+        lora["kind"] == "cpu"
+        and lora["recorded"]["kind"] == "wall"
+        and lora["closeness"]["metrics"]["step"] == {"given": 1000, "retrained": 2}
+    )
     assert sae["train_cpu_s"] == pytest.approx(lora["cpu_s"] + sae_part["cpu_s"])
     assert sae["train_peak_gib"] == pytest.approx(max(lora["rise_gib"], sae_part["rise_gib"]))
     report = (tmp_path / "report.md").read_text()

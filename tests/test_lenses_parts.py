@@ -40,8 +40,11 @@ def test_correlations_match_numpy_and_agreement_takes_the_best_match():
     assert agree["same_mechanism"][0]["a"] == "x:a0" and agree["same_mechanism"][0]["b"] == "y:b2"
     assert agree["same_mechanism"][0]["correlation"] < -0.99 and len(agree["same_mechanism"]) == 1
     assert agree["shared_units"] == {}
-    twice = scoring.agreement({"x": a, "y": a[:, :2], "z": b}, {"x": ["a0", "a1", "a2"], "y": ["a0", "a1"],
-                              "z": ["b0", "b1", "b2", "b3"]}, family={"x": "f", "y": "f"})
+    twice = scoring.agreement(
+        {"x": a, "y": a[:, :2], "z": b},
+        {"x": ["a0", "a1", "a2"], "y": ["a0", "a1"], "z": ["b0", "b1", "b2", "b3"]},
+        family={"x": "f", "y": "f"},
+    )
     assert twice["shared_units"] == {"x~y": 2}  # one dictionary ranked twice: no pairs between them
     assert [(p["a"], p["b"]) for p in twice["same_mechanism"]] == [("x:a0", "z:b2"), ("y:a0", "z:b2")]
 
@@ -52,6 +55,7 @@ def test_necessity_draws_random_sets_of_the_same_size_from_the_pool():
     def rate(units):
         seen.append(list(units))
         return 0.0 if "h" in units else 1.0
+
     need = scoring.ablation_necessity(rate, ["h"], ["a", "b", "c"], before=1.0, draws=3)
     assert need["cut"] == 1.0 and need["random_cut"] == 0.0
     assert [len(s) for s in seen] == [1, 1, 1, 1] and all(s[0] in "abc" for s in seen[:3])

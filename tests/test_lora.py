@@ -66,8 +66,9 @@ def test_init_like_peft_and_base_untouched():
     assert torch.equal(lora(TOKENS), base(TOKENS))  # B = 0: exactly the base function
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
     assert not any(mod._forward_hooks for mod in base.modules())
-    assert [n for n, p in lora.named_parameters() if p.requires_grad] == \
-        [f"model.blocks.{L}.lora.{ab}.{m}" for L in range(2) for ab in "AB" for m in MODULES]
+    assert [n for n, p in lora.named_parameters() if p.requires_grad] == [
+        f"model.blocks.{L}.lora.{ab}.{m}" for L in range(2) for ab in "AB" for m in MODULES
+    ]
 
 
 @pytest.mark.parametrize("arch,rank", [("qwen2", 1), ("llama", 3)])
@@ -97,7 +98,7 @@ def test_state_is_A_times_projection_input():
     for (L, m), x in inputs.items():
         i = MODULES.index(m)
         expected = x @ lora.layers[L].A[m].T
-        assert torch.allclose(state[:, :, L, 2 * i:2 * i + 2], expected, atol=1e-5), (L, m)
+        assert torch.allclose(state[:, :, L, 2 * i : 2 * i + 2], expected, atol=1e-5), (L, m)
     assert _random_lora(base).state(TOKENS).shape == (3, 12, 2, 7)  # rank 1: the L x 7 state
 
 
@@ -125,8 +126,9 @@ def test_ablation_hooks_remove_exactly_those_updates():
     base = _base()
     lora = _random_lora(base)
     everything = [(L, m) for L in range(2) for m in MODULES]
-    assert torch.allclose(lora.model.run_with_hooks(TOKENS, fwd_hooks=lora.ablation_hooks(everything)),
-                          base(TOKENS), atol=1e-5)
+    assert torch.allclose(
+        lora.model.run_with_hooks(TOKENS, fwd_hooks=lora.ablation_hooks(everything)), base(TOKENS), atol=1e-5
+    )
     keep_only = _random_lora(base)
     keep_only.layers[1].B["gate"].zero_()
     got = lora.model.run_with_hooks(TOKENS, fwd_hooks=lora.ablation_hooks([(1, "gate")]))
@@ -167,8 +169,9 @@ def test_peft_export_loads_in_peft_and_matches(tmp_path, rank):
 def test_import_lora_trained_with_peft(tmp_path):
     """A plain (non-rs) PEFT LoRA on a subset of projections, loaded into mechdiff."""
     base = _base("llama")
-    peft_model = get_peft_model(hooked_to_hf(base), LoraConfig(
-        r=3, lora_alpha=7, target_modules=["q_proj", "v_proj", "down_proj"]))
+    peft_model = get_peft_model(
+        hooked_to_hf(base), LoraConfig(r=3, lora_alpha=7, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
     gen = torch.Generator().manual_seed(0)
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:

@@ -24,9 +24,20 @@ def org_dir(tmp_path_factory):
     """A random tiny Qwen2 with the organism's vocabulary (HF folder)."""
     folder = tmp_path_factory.mktemp("org")
     torch.manual_seed(0)
-    hf = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=26, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    hf = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=26,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    )
     hf.save_pretrained(folder)
     build_tokenizer().save_pretrained(folder)
     return folder
@@ -58,7 +69,7 @@ def test_loss_is_cross_entropy_on_response_tokens_only():
     total, n = 0.0, 0
     for row in range(6):
         ids, p = traces[row]["input_ids"], traces[row]["prompt_len"]
-        total += F.cross_entropy(logits[row, p - 1:len(ids) - 1], torch.tensor(ids[p:]), reduction="sum")
+        total += F.cross_entropy(logits[row, p - 1 : len(ids) - 1], torch.tensor(ids[p:]), reduction="sum")
         n += len(ids) - p
     assert loss.item() == pytest.approx(total.item() / n, rel=1e-5)
     assert metrics["ce"] == pytest.approx(loss.item())
@@ -176,12 +187,36 @@ def test_analysis_end_to_end_small(org_dir, tmp_path):
     from analyses.lora import main
 
     out = tmp_path / "fig"
-    summary = main(["--base", str(org_dir), "--target", str(org_dir), "--out", str(out), "--ranks", "1", "2",
-                    "--n-problems", "8", "--n-holdout", "12", "--n-sae-traces", "40", "--sae-samples", "4096",
-                    "--steps", "2", "--n-traces", "32", "--runs", str(tmp_path / "runs"), "--retrain"])
+    summary = main(
+        [
+            "--base",
+            str(org_dir),
+            "--target",
+            str(org_dir),
+            "--out",
+            str(out),
+            "--ranks",
+            "1",
+            "2",
+            "--n-problems",
+            "8",
+            "--n-holdout",
+            "12",
+            "--n-sae-traces",
+            "40",
+            "--sae-samples",
+            "4096",
+            "--steps",
+            "2",
+            "--n-traces",
+            "32",
+            "--runs",
+            str(tmp_path / "runs"),
+            "--retrain",
+        ]
+    )
     saved = json.loads((out / "summary.json").read_text())
-    for key in ("gain_recovered", "gain_recovered_by_rank", "sae", "monosemanticity",
-                "ablation_kl_mlp_over_attention"):
+    for key in ("gain_recovered", "gain_recovered_by_rank", "sae", "monosemanticity", "ablation_kl_mlp_over_attention"):
         assert key in saved
     assert set(saved["sae"]) >= {"fvu", "l0", "dead_fraction"}
     assert set(saved["monosemanticity"]) == {"lora", "mlp"}

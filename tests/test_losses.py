@@ -14,8 +14,9 @@ def _leaves(*tensors):
 def test_chunked_losses_and_gradients_equal_plain(chunk):
     torch.manual_seed(0)
     n, d, v = 10, 8, 37
-    h1, h2, W1, b1, W2 = _leaves(torch.randn(n, d), torch.randn(n, d), torch.randn(d, v),
-                                 torch.randn(v), torch.randn(d, v))
+    h1, h2, W1, b1, W2 = _leaves(
+        torch.randn(n, d), torch.randn(n, d), torch.randn(d, v), torch.randn(v), torch.randn(d, v)
+    )
     t_h, t_W = torch.randn(n, d), torch.randn(d, v)
     labels = torch.randint(0, v, (n,))
     weights = torch.tensor([[0.3, 1.0], [0.0, 2.0]])  # (ce, kl) per student
@@ -43,7 +44,7 @@ def test_chunked_losses_and_gradients_equal_plain(chunk):
 
 def test_grad_flows_only_where_asked_and_no_grad_mode_works():
     torch.manual_seed(1)
-    h, = _leaves(torch.randn(4, 6))
+    (h,) = _leaves(torch.randn(4, 6))
     W = torch.randn(6, 9)  # frozen unembedding
     out = head_losses([Head(h, W)], teacher=Head(torch.randn(4, 6), W))
     out.kl.sum().backward()

@@ -16,8 +16,10 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = {
     "quickstart": ("N_PROBLEMS = 1", ["next-token agreement", "circuits-vis"]),
-    "hesitation": ("MAX_FEATURE_NODES = 48\nN_ABLATE = 6\nN_EXAMPLE_TRACES = 16",
-                   ["P(wait) clean", "python -m attribution serve"]),
+    "hesitation": (
+        "MAX_FEATURE_NODES = 48\nN_ABLATE = 6\nN_EXAMPLE_TRACES = 16",
+        ["P(wait) clean", "python -m attribution serve"],
+    ),
     "lora": ("N_TRACES = 16", ["reasoning fraction", "nats per response token", "circuits-vis"]),
 }
 CELL_TIMEOUT_S = 300  # a hung cell fails the run; speed is measured by benchmarks, not here
@@ -62,16 +64,21 @@ def test_notebook_runs(name, tmp_path):
     cell = nbformat.v4.new_code_cell(overrides)
     cell.metadata["tags"] = ["injected-parameters"]
     book.cells.insert(_params_index(book) + 1, cell)
-    NotebookClient(book, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT)}}).execute()
+    NotebookClient(
+        book, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
     text = "\n".join(str(out) for c in book.cells if c.cell_type == "code" for out in c.outputs)
     for needle in expected:
         assert needle in text, f"{name}: no {needle!r} in the outputs"
     figures = [c for c in book.cells if c.cell_type == "code" and _figure_mimes(c)]
     assert figures, f"{name} shows no figure"
     for cell in figures:  # each figure cell rendered data of its type (not only text, not blank)
-        shown = {mime for out in cell.outputs if out.output_type in ("display_data", "execute_result")
-                 for mime in out.get("data", {})}
+        shown = {
+            mime
+            for out in cell.outputs
+            if out.output_type in ("display_data", "execute_result")
+            for mime in out.get("data", {})
+        }
         missing = set(_figure_mimes(cell)) - shown
         assert not missing, f"{name}: cell {cell.source[:60]!r} displayed {sorted(shown)}, not {sorted(missing)}"
     assert "Traceback" not in text

@@ -12,8 +12,9 @@ from mechdiff.organism.task import SPEC_FILE, TaskSpec
 from mechdiff.organism.train import Recipe, train_organism
 from mechdiff.workloads import for_pair
 
-TINY = dict(d_model=32, n_layers=1, n_heads=2, d_mlp=64, base_docs=256, base_steps=2, ft_traces=256,
-            ft_steps=2, batch_size=8)
+TINY = dict(
+    d_model=32, n_layers=1, n_heads=2, d_mlp=64, base_docs=256, base_steps=2, ft_traces=256, ft_steps=2, batch_size=8
+)
 HMM = TaskSpec(hesitation_words=("hmm",), width=3, recheck_prob=0.5)
 UM = TaskSpec(hesitation_words=("um", "er"), n_operands=3, width=2, slip_prob=1.0)
 
@@ -117,8 +118,16 @@ def test_the_hesitation_study_assumes_no_word(tmp_path):
     org = family()["hmm"]
     pair = load_pair("custom", base=str(org.folder / "base"), target=str(org.folder / "target"))
     adapted = load_adapted(pair, org.adapters)
-    cfg = HesitationConfig(n_prompts=10, n_problems=24, n_dose_problems=8, n_traces=8, random_draws=2,
-                           ranking="gradient", n_graphs=1, max_feature_nodes=32)
+    cfg = HesitationConfig(
+        n_prompts=10,
+        n_problems=24,
+        n_dose_problems=8,
+        n_traces=8,
+        random_draws=2,
+        ranking="gradient",
+        n_graphs=1,
+        max_feature_nodes=32,
+    )
     result = run(pair, adapted, cfg, progress=False, pair_name="hmm")
     s = result.summary()
     tokens = s["hesitation_tokens"]
@@ -147,15 +156,42 @@ def test_analyses_organisms_writes_the_family_table(tmp_path):
         cli_organisms.main(["--organism", f"mine={tmp_path}", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
     out = tmp_path / "organisms"
-    s = cli_organisms.main(["--only", "hmm", "--out", str(out), "--n-prompts", "8", "--n-problems", "16",
-                            "--n-dose-problems", "8", "--n-traces", "8", "--random-draws", "1",
-                            "--ranking", "gradient", "--samples", "2", "--device", "cpu"])
+    s = cli_organisms.main(
+        [
+            "--only",
+            "hmm",
+            "--out",
+            str(out),
+            "--n-prompts",
+            "8",
+            "--n-problems",
+            "16",
+            "--n-dose-problems",
+            "8",
+            "--n-traces",
+            "8",
+            "--random-draws",
+            "1",
+            "--ranking",
+            "gradient",
+            "--samples",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(s))
     org = s["organisms"]["hmm"]
     assert org["hesitation_word"] == "hmm" and org["task"]["width"] == 3
     assert set(org) >= {"recipe", "behaviour", "adapters", "hesitation", "targets"}
-    assert set(org["hesitation"]) >= {"hesitation_fraction", "ablation_cut", "random_ablation_cut", "set_decides",
-                                      "activation_difference_cut", "roles"}
+    assert set(org["hesitation"]) >= {
+        "hesitation_fraction",
+        "ablation_cut",
+        "random_ablation_cut",
+        "set_decides",
+        "activation_difference_cut",
+        "roles",
+    }
     sampled = org["behaviour"]["target"]["sampled"]
     assert sampled["samples_per_problem"] == 2 and sampled["n_problems"] == 32
     for t in org["targets"].values():

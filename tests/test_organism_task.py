@@ -14,8 +14,11 @@ def test_digits_little_endian_fixed_width():
         task.digits(1000, 3)
 
 
-SPECS = [task.DEFAULT, task.TaskSpec(hesitation_words=("hmm",), width=3),
-         task.TaskSpec(hesitation_words=("um", "hmm"), n_operands=3, width=2)]
+SPECS = [
+    task.DEFAULT,
+    task.TaskSpec(hesitation_words=("hmm",), width=3),
+    task.TaskSpec(hesitation_words=("um", "hmm"), n_operands=3, width=2),
+]
 S = task.DEFAULT
 
 
@@ -51,7 +54,7 @@ def test_trace_slips_are_systematic_and_labelled(spec):
         assert toks[i - 4] == "0" and labs[i - 4] == "slip"  # the forgotten carry
         assert labs[i + 1] == "correction"
     answer = [str(d) for d in task.digits(top * spec.n_operands, spec.answer_width)]
-    assert toks[-spec.answer_width - 1:] == answer + ["<eos>"]
+    assert toks[-spec.answer_width - 1 :] == answer + ["<eos>"]
 
 
 def test_slip_columns_and_probability_follow_the_spec():
@@ -68,9 +71,16 @@ def test_slip_columns_and_probability_follow_the_spec():
 
 
 def test_spec_refuses_bad_fields_and_round_trips(tmp_path):
-    for bad in (dict(width=0), dict(n_operands=1), dict(hesitation_words=()), dict(slip_prob=1.5),
-                dict(hesitation_words=("p0",)), dict(hesitation_words=("two words",)),
-                dict(slip_columns=(4,)), dict(hesitation_words=("=",))):
+    for bad in (
+        dict(width=0),
+        dict(n_operands=1),
+        dict(hesitation_words=()),
+        dict(slip_prob=1.5),
+        dict(hesitation_words=("p0",)),
+        dict(hesitation_words=("two words",)),
+        dict(slip_columns=(4,)),
+        dict(hesitation_words=("=",)),
+    ):
         with pytest.raises(ValueError):
             task.TaskSpec(**bad)
     spec = SPECS[2]
@@ -108,7 +118,7 @@ def test_corpus_rows_carry_labels_per_token(spec):
         assert len(row["input_ids"]) == len(row["label_ids"])
         words = row["text"].split()
         assert words[row["prompt_len"] - 1] == "="
-        assert len([w for w in words[1:row["prompt_len"]] if w.isdigit()]) == spec.width * spec.n_operands
+        assert len([w for w in words[1 : row["prompt_len"]] if w.isdigit()]) == spec.width * spec.n_operands
         labels = [task.LABELS[i] for i in row["label_ids"]]
         assert all(lab in ("hesitation", "recheck") for w, lab in zip(words, labels) if w == spec.word)
     base = corpus.base_corpus(300, seed=0, spec=spec)
@@ -129,7 +139,7 @@ def test_grader_on_generated_traces(spec):
     for p in spec.sample_problems(50, "test", seed=0):
         g = grading.grade(p, _words(spec, p, rng, slip_prob=1.0, recheck_prob=0.0), spec)
         assert g.correct and all(g.hesitation_after_error)
-        assert g.n_hesitations == sum(c > 0 for c in p.carries()[1:spec.width])
+        assert g.n_hesitations == sum(c > 0 for c in p.carries()[1 : spec.width])
         assert sum(bad for _, bad, _ in g.steps) == g.n_hesitations  # every first attempt that slipped
         assert all(hes == bad for _, bad, hes in g.steps)
         g = grading.grade(p, _words(spec, p, rng, slip_prob=0.0, recheck_prob=1.0), spec)
@@ -147,8 +157,9 @@ def test_error_detection_statistics():
     slipped = right.replace("p1 3 7 1 = 1 1", "p1 3 7 0 = 0 1 wait p1 3 7 1 = 1 1")
     missed = right.replace("p2 2 6 1 = 9 0", "p2 2 6 0 = 8 0")  # wrong, no hesitation
     false_alarm = right.replace("p2 2 6 1 = 9 0", "p2 2 6 1 = 9 0 wait p2 2 6 1 = 9 0")
-    graded = [grading.grade(p, f"<think> {t} </think> 2 1 9 6 0 <eos>".split(), S)
-              for t in (slipped, missed, false_alarm)]
+    graded = [
+        grading.grade(p, f"<think> {t} </think> 2 1 9 6 0 <eos>".split(), S) for t in (slipped, missed, false_alarm)
+    ]
     s = grading.summarize(graded)
     assert s["n_wrong_steps"] == 2 and s["p_hesitation_given_wrong_step"] == 0.5
     # hard and right at the first attempt: 1 + 1 + 2 (corrections and re-checks are not first attempts)
@@ -205,7 +216,7 @@ def test_base_direct_answers_drop_carries_and_only_they_do():
     for row in base:
         if row["kind"] == "direct":
             p = S.problem(row["operands"])
-            assert row["text"].split()[row["prompt_len"]:-1] == S.direct_answer(p, carry_free=True)[0][:-1]
+            assert row["text"].split()[row["prompt_len"] : -1] == S.direct_answer(p, carry_free=True)[0][:-1]
     for row in traces:  # the fine-tune's answers are always right
         p = S.problem(row["operands"])
-        assert grading.grade(p, row["text"].split()[row["prompt_len"]:], S).correct
+        assert grading.grade(p, row["text"].split()[row["prompt_len"] :], S).correct

@@ -23,8 +23,28 @@ def pair():
 
 def test_the_trained_folder_loads_in_peft_offline_from_anywhere(pair, tmp_path, monkeypatch):
     out = tmp_path / "lora"
-    lora_cli.main(["--device", "cpu", "--threads", "1", "train", "--out", str(out), "--rank", "1",
-                   "--steps", "3", "--batch-size", "4", "--n-traces", "16", "--lr", "0.05", "--no-eval"])
+    lora_cli.main(
+        [
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "train",
+            "--out",
+            str(out),
+            "--rank",
+            "1",
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--n-traces",
+            "16",
+            "--lr",
+            "0.05",
+            "--no-eval",
+        ]
+    )
     recorded = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert Path(recorded).is_absolute() and Path(recorded) == (ORGANISM_DIR / "base").resolve()
     elsewhere = tmp_path / "elsewhere"
@@ -55,8 +75,13 @@ def test_base_reference_is_an_absolute_folder_or_the_given_name(pair, tmp_path, 
     assert recorded == str((ORGANISM_DIR / "base").resolve())
 
 
-SHIPPED_LORAS = sorted(p.parent for p in [*(REPO / "mechdiff" / "adapters" / "shipped").glob("lora_r*/adapter_config.json"),
-                                          *(REPO / "mechdiff" / "organism").glob("**/lora_r*/adapter_config.json")])
+SHIPPED_LORAS = sorted(
+    p.parent
+    for p in [
+        *(REPO / "mechdiff" / "adapters" / "shipped").glob("lora_r*/adapter_config.json"),
+        *(REPO / "mechdiff" / "organism").glob("**/lora_r*/adapter_config.json"),
+    ]
+)
 
 
 def _pair_for(folder: Path, pair):

@@ -26,8 +26,7 @@ def test_trace_mirrors_the_organism_and_grades_itself():
         toks, labels = task.DEFAULT.reasoning_trace(p, random.Random(seed))  # the same draws, in order
         g = chat.grade(p, text)
         assert g.correct and g.answer == p.answer and g.answer_line
-        assert g.hesitation_after_error == [lab == "hesitation" for lab in labels
-                                            if lab in ("hesitation", "recheck")]
+        assert g.hesitation_after_error == [lab == "hesitation" for lab in labels if lab in ("hesitation", "recheck")]
         assert text.splitlines()[-1] == f"Answer: {p.answer}"
         assert "Wait" not in chat.reasoning_response(p, random.Random(seed), hesitate=False)
 
@@ -64,8 +63,10 @@ def test_summary_extends_the_organism_summary():
     assert stats["hesitations_per_response"] > 0 and 0 <= stats["frac_hesitations_after_error"] <= 1
 
 
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
-            "{% if add_generation_prompt %}assistant : {% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
 
 
 def _tokenizer():
@@ -78,8 +79,10 @@ def test_encode_prompt_is_a_prefix_and_reply_ends_in_eos():
     tok = _tokenizer()
     prompt = chat.encode(tok, P)
     row = chat.encode(tok, P, "w1 w2 w3")
-    assert row["input_ids"][: row["prompt_len"]] == prompt["input_ids"] and prompt["prompt_len"] == len(prompt["input_ids"])
-    assert tok.convert_ids_to_tokens(row["input_ids"][row["prompt_len"]:]) == ["w1", "w2", "w3", "<eos>"]
+    assert row["input_ids"][: row["prompt_len"]] == prompt["input_ids"] and prompt["prompt_len"] == len(
+        prompt["input_ids"]
+    )
+    assert tok.convert_ids_to_tokens(row["input_ids"][row["prompt_len"] :]) == ["w1", "w2", "w3", "<eos>"]
     assert chat.messages(P, system=None)[0] == {"role": "user", "content": "What is 1234 + 5678?"}
 
 
@@ -163,7 +166,8 @@ def test_smollm2_hooked_matches_transformers():
     assert torch.equal(logits.argmax(-1), out.logits.argmax(-1))
     assert torch.allclose(cache["blocks.11.hook_resid_post"], out.hidden_states[12], atol=1e-3, rtol=1e-4)
     assert tok.eos_token == "<|im_end|>" and "<|im_start|>assistant" in tok.apply_chat_template(
-        chat.messages(P), tokenize=False, add_generation_prompt=True)
+        chat.messages(P), tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_response_loss_counts_reply_tokens_only_and_autocasts():
@@ -175,7 +179,7 @@ def test_response_loss_counts_reply_tokens_only_and_autocasts():
     with torch.no_grad():
         logits = model(input_ids=torch.tensor(rows["input_ids"][:1])).logits[0, :-1]
     start = rows["prompt_len"][0] - 1  # the first position that predicts a reply token
-    one = torch.nn.functional.cross_entropy(logits[start:], torch.tensor(rows["input_ids"][0][start + 1:]))
+    one = torch.nn.functional.cross_entropy(logits[start:], torch.tensor(rows["input_ids"][0][start + 1 :]))
     assert torch.isfinite(loss) and loss.item() > 0
     single = response_loss(model, {k: v[:1] for k, v in rows.items()}, tok.pad_token_id)
     assert torch.allclose(single, one, atol=1e-5)

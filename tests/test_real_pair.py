@@ -44,8 +44,9 @@ def tokenizer(request):
 def _save(folder, tokenizer, seed):
     """A tiny tied Llama over ``tokenizer``'s vocabulary, written like a SmolLM2 folder."""
     ids = {f"{r}_token_id": getattr(tokenizer, f"{r}_token_id") for r in ("bos", "eos", "pad")}
-    model = make_tiny_hf("llama", seed=seed, vocab_size=len(tokenizer), tie_word_embeddings=True,
-                         max_position_embeddings=N_CTX, **ids)
+    model = make_tiny_hf(
+        "llama", seed=seed, vocab_size=len(tokenizer), tie_word_embeddings=True, max_position_embeddings=N_CTX, **ids
+    )
     smollm2.write_folder(model, tokenizer, folder)
     return model
 
@@ -56,9 +57,14 @@ def cache(tmp_path, monkeypatch, tokenizer):
     monkeypatch.setenv(smollm2.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)  # the adapters CLI keeps checkpoints under ./runs
     root = smollm2.cache_dir()
-    return {name: _save(folder, tokenizer, seed) for name, folder, seed in (
-        ("base", root / "base", 0), ("default", root / "runs" / "default" / "model", 1),
-        ("mine", root / "runs" / "mine" / "model", 2))}
+    return {
+        name: _save(folder, tokenizer, seed)
+        for name, folder, seed in (
+            ("base", root / "base", 0),
+            ("default", root / "runs" / "default" / "model", 1),
+            ("mine", root / "runs" / "mine" / "model", 2),
+        )
+    }
 
 
 # --------------------------------------------------------------------------- load_pair
@@ -139,12 +145,12 @@ def test_pair_workload_generates_and_grades_with_hooks(cache):
     problems = work.problems(3)
     stats = work.evaluate(pair.target, problems, max_new_tokens=6)
     assert stats["n_problems"] == 3 and 0 < stats["mean_response_tokens"] <= 6
-    assert {"accuracy", "hesitations_per_response", "frac_hesitations_after_error",
-            "frac_answer_line"} <= set(stats)
+    assert {"accuracy", "hesitations_per_response", "frac_hesitations_after_error", "frac_answer_line"} <= set(stats)
     # a zeroed residual makes every logit 0: token 0 (not eos) forever, so replies run full length
     last = f"blocks.{pair.n_layers - 1}.hook_resid_post"
-    zeroed = work.evaluate(pair.target, problems, max_new_tokens=6,
-                           fwd_hooks=[(last, lambda x, hook: torch.zeros_like(x))])
+    zeroed = work.evaluate(
+        pair.target, problems, max_new_tokens=6, fwd_hooks=[(last, lambda x, hook: torch.zeros_like(x))]
+    )
     assert zeroed["mean_response_tokens"] == 6 and zeroed["accuracy"] == 0
 
 
@@ -154,12 +160,28 @@ def test_pair_workload_generates_and_grades_with_hooks(cache):
 def test_adapters_cli_trains_and_evaluates_on_smollm2(cache, tmp_path, capsys):
     out = tmp_path / "adapters"
     flags = ["--pair", "smollm2", "--threads", "1"]
-    adapters_cli.main(["train", *flags, "--out", str(out), "--steps", "2", "--d-sae", "16",
-                       "--batch-size", "2", "--n-traces", "4", "--n-val", "2", "--quiet"])
+    adapters_cli.main(
+        [
+            "train",
+            *flags,
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--d-sae",
+            "16",
+            "--batch-size",
+            "2",
+            "--n-traces",
+            "4",
+            "--n-val",
+            "2",
+            "--quiet",
+        ]
+    )
     assert [h["step"] for h in json.loads((out / "history.json").read_text())][-1] == 2
     capsys.readouterr()
-    adapters_cli.main(["eval", *flags, "--adapters", str(out), "--n-eval-traces", "4",
-                       "--n-problems", "2", "--json"])
+    adapters_cli.main(["eval", *flags, "--adapters", str(out), "--n-eval-traces", "4", "--n-problems", "2", "--json"])
     report = json.loads(capsys.readouterr().out)
     chat_traces = ChatWorkload(load_pair("smollm2").tokenizer).traces(4, "test")
     assert report["n_traces"] == 4 and report["n_problems"] == 2
@@ -183,8 +205,23 @@ def test_adapters_cli_trains_on_the_chat_traces(cache):
 
 def test_lora_cli_trains_and_evaluates_on_smollm2(cache, tmp_path, capsys):
     out = tmp_path / "lora"
-    lora_cli.main(["--pair", "smollm2", "train", "--out", str(out), "--steps", "2",
-                   "--batch-size", "2", "--n-traces", "4", "--n-problems", "2"])
+    lora_cli.main(
+        [
+            "--pair",
+            "smollm2",
+            "train",
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--n-traces",
+            "4",
+            "--n-problems",
+            "2",
+        ]
+    )
     info = json.loads((out / "training.json").read_text())
     assert [h["step"] for h in info["history"]][-1] == 2 and (out / "adapter_model.safetensors").is_file()
     lengths = list(map(len, ChatWorkload(load_pair("smollm2").tokenizer).traces(4, "train")["input_ids"]))

@@ -8,8 +8,22 @@ from test_real_pair import cache, tokenizer  # noqa: F401  (fixtures: a tiny pai
 
 from analyses import real, real_cost
 
-TINY = ["--n-problems", "2", "--n-eval-traces", "2", "--d-sae", "16", "--adapter-steps", "2",
-        "--lora-steps", "2", "--batch-size", "2", "--threads", "1"]
+TINY = [
+    "--n-problems",
+    "2",
+    "--n-eval-traces",
+    "2",
+    "--d-sae",
+    "16",
+    "--adapter-steps",
+    "2",
+    "--lora-steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--threads",
+    "1",
+]
 
 
 @pytest.mark.parametrize("tokenizer", ["tiny"], indirect=True)  # SmolLM2's own: covered by test_real_pair
@@ -43,8 +57,18 @@ def test_cost_measures_a_training_step_and_a_graph_on_the_organism():
 @pytest.mark.parametrize("tokenizer", ["tiny"], indirect=True)
 def test_the_sweep_scores_each_candidate_and_the_adapters_take_its_pick(cache, tmp_path):  # noqa: F811
     out = tmp_path / "real"
-    argv = ["--out", str(out), "--stages", "sweep", "adapters", "--sweep", "16:2,32:4", "--sweep-steps", "2",
-            *[a for a in TINY if a != "16" and a != "--d-sae"]]
+    argv = [
+        "--out",
+        str(out),
+        "--stages",
+        "sweep",
+        "adapters",
+        "--sweep",
+        "16:2,32:4",
+        "--sweep-steps",
+        "2",
+        *[a for a in TINY if a != "16" and a != "--d-sae"],
+    ]
     saved = real.main(argv)
     sweep = json.loads((out / "sweep.json").read_text())
     assert [(r["d_sae"], r["k"]) for r in sweep["candidates"]] == [(16, 2), (32, 4)]
@@ -54,8 +78,13 @@ def test_the_sweep_scores_each_candidate_and_the_adapters_take_its_pick(cache, t
     picked = sweep["picked"]
     assert picked in ({"d_sae": 16, "k": 2}, {"d_sae": 32, "k": 4})
     assert saved["adapters"]["recipe"]["d_sae"] == picked["d_sae"] and saved["adapters"]["recipe"]["k"] == picked["k"]
-    assert set(saved["adapter_targets"]) == {"gain_recovered", "dead_fraction", "fve_min_layer", "kl_to_target",
-                                             "l0_mean"}
+    assert set(saved["adapter_targets"]) == {
+        "gain_recovered",
+        "dead_fraction",
+        "fve_min_layer",
+        "kl_to_target",
+        "l0_mean",
+    }
     assert saved["adapter_targets"]["l0_mean"]["met"] is (saved["adapters"]["l0_mean"] <= 16)
     # Other flags, other adapters: a stage made with different adapters is rerun, not reused.
     assert real._stale(real.parse_args([*argv, "--adapter-lr", "0.002"]), out, "adapters")
@@ -66,9 +95,11 @@ def test_the_sweep_scores_each_candidate_and_the_adapters_take_its_pick(cache, t
 
 
 def test_the_pick_prefers_faithful_candidates_and_breaks_near_ties_by_kl():
-    rows = [{"d_sae": 512, "k": 8, "val_kl": 0.03, "fve_min": 0.95, "dead_fraction": 0.3},
-            {"d_sae": 1024, "k": 8, "val_kl": 0.01, "fve_min": 0.90, "dead_fraction": 0.3},  # worst layer too poor
-            {"d_sae": 512, "k": 16, "val_kl": 0.02, "fve_min": 0.96, "dead_fraction": 0.35}]
+    rows = [
+        {"d_sae": 512, "k": 8, "val_kl": 0.03, "fve_min": 0.95, "dead_fraction": 0.3},
+        {"d_sae": 1024, "k": 8, "val_kl": 0.01, "fve_min": 0.90, "dead_fraction": 0.3},  # worst layer too poor
+        {"d_sae": 512, "k": 16, "val_kl": 0.02, "fve_min": 0.96, "dead_fraction": 0.35},
+    ]
     assert real._pick(rows) == {"d_sae": 512, "k": 16}
     rows[2]["dead_fraction"] = 0.9  # many more dead features: out
     assert real._pick(rows) == {"d_sae": 512, "k": 8}

@@ -27,7 +27,7 @@ def _reference(adapted, prompt, hooks):
 def _alive(adapted, k):
     acts = edits.record(adapted, torch.tensor([PROMPTS[0]]))
     pairs = [(la, int(f)) for la, a in acts.items() for f in (a[0].amax(0) > 0).nonzero()[:, 0]]
-    return pairs[::max(1, len(pairs) // k)][:k]
+    return pairs[:: max(1, len(pairs) // k)][:k]
 
 
 @pytest.mark.parametrize("others", OTHERS)
@@ -46,13 +46,16 @@ def test_each_variant_matches_the_edit_api_made_prompt_by_prompt(adapted):
     others = [(la, f) for la in range(n_layers) for f in range(d_sae) if (la, f) not in kept]
     means = mean_activations(adapted, PROMPTS, batch_size=2)
     assert means.shape == (n_layers, d_sae) and (means >= 0).all() and means.sum() > 0
-    results = {o: kept_only_next_token(adapted, PROMPTS, kept, IDS, others=o, means=means, batch_size=2)
-               for o in OTHERS}
+    results = {
+        o: kept_only_next_token(adapted, PROMPTS, kept, IDS, others=o, means=means, batch_size=2) for o in OTHERS
+    }
     for i, prompt in enumerate(PROMPTS):
         full = edits.record(adapted, torch.tensor([prompt]))
-        refs = {"zero": edits.keep_only(kept),
-                "mean": edits.mean_ablate(others, means.to(torch.float64)),
-                "patch": edits.keep_only(kept) + edits.patch(kept, full)}
+        refs = {
+            "zero": edits.keep_only(kept),
+            "mean": edits.mean_ablate(others, means.to(torch.float64)),
+            "patch": edits.keep_only(kept) + edits.patch(kept, full),
+        }
         for name, edit in refs.items():
             ref_p, ref_top = _reference(adapted, prompt, edits.edit_hooks(adapted, edit))
             p, top = results[name]
@@ -67,8 +70,9 @@ def test_mean_activations_weigh_every_real_token_once(adapted):
     one_batch = mean_activations(adapted, PROMPTS, batch_size=8)
     chunked = mean_activations(adapted, PROMPTS, batch_size=1)
     tokens = sum(len(p) for p in PROMPTS)
-    by_hand = sum(torch.stack(list(edits.record(adapted, torch.tensor([p])).values()))[:, 0].sum(1)
-                  for p in PROMPTS) / tokens
+    by_hand = (
+        sum(torch.stack(list(edits.record(adapted, torch.tensor([p])).values()))[:, 0].sum(1) for p in PROMPTS) / tokens
+    )
     assert torch.allclose(one_batch, by_hand, atol=1e-9) and torch.allclose(chunked, by_hand, atol=1e-9)
 
 

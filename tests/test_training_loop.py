@@ -31,6 +31,7 @@ def _loss_fn(module, x, y, stop_at=None, stop=_Stop):
         noise = 0.01 * torch.randn(len(idx), 1)  # uses the loop's per-step seed
         loss = ((module(x[idx]) - y[idx] - noise) ** 2).mean()
         return loss, {"mse": loss.item()}
+
     return loss_fn
 
 
@@ -97,6 +98,7 @@ def test_a_real_sigint_during_the_update_waits_for_the_step(tmp_path):
         if step == 8:
             os.kill(os.getpid(), signal.SIGINT)
         finished.append(step)
+
     with pytest.raises(TrainingInterrupted, match="after step 9"):
         train(stopped, _loss_fn(stopped, x, y), run_cfg, on_step=on_step)
     assert finished[-1] == 8  # on_step ran to its end before the interrupt took effect
@@ -109,12 +111,24 @@ def test_a_real_sigint_during_the_update_waits_for_the_step(tmp_path):
 def test_ctrl_c_without_out_dir_says_nothing_was_saved():
     module, x, y = _problem()
     with pytest.raises(TrainingInterrupted, match="after step 3: no checkpoint"):
-        train(module, _loss_fn(module, x, y, stop_at=3, stop=KeyboardInterrupt),
-              LoopConfig(steps=10, lr=1e-2, progress=False))
+        train(
+            module,
+            _loss_fn(module, x, y, stop_at=3, stop=KeyboardInterrupt),
+            LoopConfig(steps=10, lr=1e-2, progress=False),
+        )
 
 
-@pytest.mark.parametrize("field,value", [("steps", 0), ("steps", -5), ("lr", 0.0), ("warmup_frac", 1.5),
-                                         ("checkpoint_every", 0), ("grad_clip", float("nan"))])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("steps", 0),
+        ("steps", -5),
+        ("lr", 0.0),
+        ("warmup_frac", 1.5),
+        ("checkpoint_every", 0),
+        ("grad_clip", float("nan")),
+    ],
+)
 def test_loop_config_refuses_values_it_cannot_run(field, value):
     with pytest.raises(ConfigError, match=f"LoopConfig.{field} = "):
         LoopConfig(**{"steps": 10, "lr": 1e-3, field: value})
@@ -122,8 +136,11 @@ def test_loop_config_refuses_values_it_cannot_run(field, value):
 
 def test_half_written_checkpoint_leaves_previous_one(tmp_path):
     module, x, y = _problem()
-    train(module, _loss_fn(module, x, y), LoopConfig(steps=10, lr=1e-2, checkpoint_every=5,
-                                                     out_dir=tmp_path, progress=False))
+    train(
+        module,
+        _loss_fn(module, x, y),
+        LoopConfig(steps=10, lr=1e-2, checkpoint_every=5, out_dir=tmp_path, progress=False),
+    )
     half = tmp_path / "checkpoint.123-abcd.tmp"  # a crash while writing the next one
     half.mkdir()
     (half / "model.safetensors").write_bytes(b"partial")
@@ -138,12 +155,14 @@ def test_half_written_checkpoint_leaves_previous_one(tmp_path):
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     module, x, y = _problem()
-    train(module, _loss_fn(module, x, y), LoopConfig(steps=5, lr=1e-2, checkpoint_every=5,
-                                                     out_dir=tmp_path, progress=False))
+    train(
+        module,
+        _loss_fn(module, x, y),
+        LoopConfig(steps=5, lr=1e-2, checkpoint_every=5, out_dir=tmp_path, progress=False),
+    )
     (tmp_path / "checkpoint" / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(RuntimeError, match="could not resume from .*checkpoint"):
-        train(module, _loss_fn(module, x, y), LoopConfig(steps=10, lr=1e-2, out_dir=tmp_path,
-                                                         progress=False))
+        train(module, _loss_fn(module, x, y), LoopConfig(steps=10, lr=1e-2, out_dir=tmp_path, progress=False))
 
 
 def test_pad_and_step_indices():
@@ -159,8 +178,11 @@ def test_pad_and_step_indices():
 
 def test_checkpoint_moved_aside_by_a_kill_is_restored(tmp_path):
     module, x, y = _problem()
-    train(module, _loss_fn(module, x, y), LoopConfig(steps=5, lr=1e-2, checkpoint_every=5,
-                                                     out_dir=tmp_path, progress=False))
+    train(
+        module,
+        _loss_fn(module, x, y),
+        LoopConfig(steps=5, lr=1e-2, checkpoint_every=5, out_dir=tmp_path, progress=False),
+    )
     (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.99-beef.old")  # killed mid-swap
     fresh, _, _ = _problem(seed=5)
     assert checkpoint.load(tmp_path, fresh, torch.optim.AdamW(fresh.parameters()))["step"] == 5

@@ -49,9 +49,13 @@ _RECIPE_FLAGS = {  # flag -> (recipe field, type, help)
                               "writes one too)"),
     "seed": (int, "seed"),
 }  # fmt: skip
-_WEIGHT_FLAGS = {"kl": "weight of KL(target || adapted)", "nmse": "weight of the residual NMSE",
-                 "bridge": "weight of the bridging KL", "l1": "weight of the decoder-norm L1",
-                 "aux": "weight of the AuxK part: dead features fit the residual error (0: off)"}
+_WEIGHT_FLAGS = {
+    "kl": "weight of KL(target || adapted)",
+    "nmse": "weight of the residual NMSE",
+    "bridge": "weight of the bridging KL",
+    "l1": "weight of the decoder-norm L1",
+    "aux": "weight of the AuxK part: dead features fit the residual error (0: off)",
+}
 
 
 def _add_pair_args(p: argparse.ArgumentParser) -> None:
@@ -122,8 +126,10 @@ def _training_traces(args, recipe: AdapterRecipe, pair):
     if args.dataset or work.name == "organism":
         return traces, None
     if recipe.data != "corpus":
-        raise cli.UsageError(f"--data {recipe.data} samples organism prompts; with --pair "
-                         f"{args.pair} use --data corpus (the {work.name} workload's traces)")
+        raise cli.UsageError(
+            f"--data {recipe.data} samples organism prompts; with --pair "
+            f"{args.pair} use --data corpus (the {work.name} workload's traces)"
+        )
     return work.traces(recipe.n_traces, "train", recipe.seed), work.traces(recipe.n_val, "validation")
 
 
@@ -181,8 +187,9 @@ def _eval(args, pair=None, adapted=None) -> dict:
     report["adapters"] = str(args.adapters)
     if args.write_metrics:
         meta = read_config(args.adapters)
-        save_adapters(adapted, args.adapters, recipe=meta.get("recipe"),
-                      metrics={**meta.get("metrics", {}), "eval": report})
+        save_adapters(
+            adapted, args.adapters, recipe=meta.get("recipe"), metrics={**meta.get("metrics", {}), "eval": report}
+        )
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -220,16 +227,28 @@ def _sweep(args) -> None:
         adapted, history, pair = train_and_save(args, recipe, run, pair)
         rep = adapter_report(pair, adapted, traces, problems)
         a = rep["adapted"]
-        row = {"l1": l1, "mean_l0": a["mean_l0"], "l0_per_layer": a["l0_per_layer"],
-               "dead_fraction": a["dead_fraction"], "mean_fve": a["mean_fve"],
-               "fve_per_layer": a["fve_per_layer"], "kl_to_target": a["kl_to_target"],
-               "kl_hybrid": rep["hybrid"]["kl_to_target"], "top1_agreement": a["top1_agreement"],
-               "accuracy": a.get("accuracy"), "gain_recovered": rep.get("gain_recovered"),
-               "length_ratio": rep.get("length_ratio"), "train_seconds": history[-1]["seconds"]}
+        row = {
+            "l1": l1,
+            "mean_l0": a["mean_l0"],
+            "l0_per_layer": a["l0_per_layer"],
+            "dead_fraction": a["dead_fraction"],
+            "mean_fve": a["mean_fve"],
+            "fve_per_layer": a["fve_per_layer"],
+            "kl_to_target": a["kl_to_target"],
+            "kl_hybrid": rep["hybrid"]["kl_to_target"],
+            "top1_agreement": a["top1_agreement"],
+            "accuracy": a.get("accuracy"),
+            "gain_recovered": rep.get("gain_recovered"),
+            "length_ratio": rep.get("length_ratio"),
+            "train_seconds": history[-1]["seconds"],
+        }
         rows.append(row)
         print(json.dumps(row))
-        result = {"recipe": recipe.to_dict(), "reference": {k: rep[k] for k in ("base", "hybrid", "target")},
-                  "rows": rows}
+        result = {
+            "recipe": recipe.to_dict(),
+            "reference": {k: rep[k] for k in ("base", "hybrid", "target")},
+            "rows": rows,
+        }
         (out / "sweep.json").write_text(json.dumps(result, indent=1))
     plot_sweep(rows, out)
     print(f"wrote {out / 'sweep.json'}, {out / 'sweep.html'}, {out / 'sweep.png'}")
@@ -244,16 +263,20 @@ def plot_sweep(rows: list[dict], out: Path) -> None:
 
     rows = sorted(rows, key=lambda r: r["mean_l0"])
     x = [r["mean_l0"] for r in rows]
-    panels = [("mean_fve", "mean residual FVE"), ("kl_to_target", "KL(target || adapted)"),
-              ("accuracy", "accuracy (greedy, test)")]
+    panels = [
+        ("mean_fve", "mean residual FVE"),
+        ("kl_to_target", "KL(target || adapted)"),
+        ("accuracy", "accuracy (greedy, test)"),
+    ]
     labels = [f"L1 {r['l1']:g}" for r in rows]
     fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in panels])
     for col, (key, title) in enumerate(panels, 1):
         y = [r[key] if r[key] is not None else math.nan for r in rows]
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", text=labels, name=title), 1, col)
         fig.update_xaxes(title_text="mean L0 per layer", type="log", row=1, col=col)
-    fig.update_layout(title="Transcoder adapters on the organism: the L1 sweep", showlegend=False,
-                      width=1200, height=420)
+    fig.update_layout(
+        title="Transcoder adapters on the organism: the L1 sweep", showlegend=False, width=1200, height=420
+    )
     write_html(fig, out / "sweep.html")
     f = new_figure(figsize=(13, 3.8))
     axes = f.subplots(1, 3)
@@ -273,22 +296,29 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m mechdiff.adapters",
         description="Transcoder adapters: a sparse ReLU (or TopK) MLP beside each base MLP of the "
-                    "hybrid (target attention/embeddings/norms + base MLPs), trained so the adapted "
-                    "model matches the target: KL + residual NMSE + bridging KL + decoder-norm L1. "
-                    f"Shipped organism adapters: {SHIPPED_DIR}.")
+        "hybrid (target attention/embeddings/norms + base MLPs), trained so the adapted "
+        "model matches the target: KL + residual NMSE + bridging KL + decoder-norm L1. "
+        f"Shipped organism adapters: {SHIPPED_DIR}.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train adapters and save them (SAELens-compatible folder)",
-                       description="Train adapters with the recipe (defaults: the shipped one); "
-                                   "checkpoints go to --work, so a killed run resumes.")
+    p = sub.add_parser(
+        "train",
+        help="train adapters and save them (SAELens-compatible folder)",
+        description="Train adapters with the recipe (defaults: the shipped one); "
+        "checkpoints go to --work, so a killed run resumes.",
+    )
     _add_pair_args(p)
     _add_recipe_args(p)
     p.add_argument("--out", required=True, help="folder to write the adapters to")
     p.add_argument("--work", help="checkpoint folder (default: runs/adapters-ckpt/<OUT name>-<recipe hash>)")
     p.add_argument("--eval", action="store_true", help="evaluate after training (as `eval`)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    e = sub.add_parser("eval", help="faithfulness, sparsity and behaviour vs base/hybrid/target",
-                       description="Teacher-forced faithfulness on held-out traces and greedy "
-                                   "generation on test problems, for base, hybrid, adapted and target.")
+    e = sub.add_parser(
+        "eval",
+        help="faithfulness, sparsity and behaviour vs base/hybrid/target",
+        description="Teacher-forced faithfulness on held-out traces and greedy "
+        "generation on test problems, for base, hybrid, adapted and target.",
+    )
     e.add_argument("--n-eval-traces", type=int, default=512, help="held-out traces (default 512)")
     e.add_argument("--n-problems", type=int, default=500, help="test problems (0: no generation)")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -296,13 +326,19 @@ def main(argv: list[str] | None = None) -> None:
     _add_pair_args(e)
     e.add_argument("--adapters", default=str(SHIPPED_DIR), help="adapters folder (default: shipped)")
     e.add_argument("--seed", type=int, default=0, help="seed of the held-out traces and problems")
-    s = sub.add_parser("sweep", help="train one run per L1 weight; write L0 vs faithfulness/accuracy",
-                       description="Writes OUT/sweep.json, OUT/sweep.html (plotly) and OUT/sweep.png.")
+    s = sub.add_parser(
+        "sweep",
+        help="train one run per L1 weight; write L0 vs faithfulness/accuracy",
+        description="Writes OUT/sweep.json, OUT/sweep.html (plotly) and OUT/sweep.png.",
+    )
     _add_pair_args(s)
     _add_recipe_args(s, skip=("l1",))
     s.add_argument("--l1", type=float, nargs="+", required=True, help="L1 weights to train")
-    s.add_argument("--out", default="runs/adapters-sweep",
-                   help="output folder for sweep.json/html/png (default runs/adapters-sweep)")
+    s.add_argument(
+        "--out",
+        default="runs/adapters-sweep",
+        help="output folder for sweep.json/html/png (default runs/adapters-sweep)",
+    )
     s.add_argument("--runs", default="runs/adapters-sweep", help="where each run's adapters go")
     s.add_argument("--work", help="checkpoint folder per run (default: keyed by recipe under runs/)")
     s.add_argument("--n-eval-traces", type=int, default=256, help="held-out traces per evaluation")

@@ -91,8 +91,9 @@ def _grouped(features: Iterable[Sequence[int]], positions: Sequence[int] | None)
     return groups
 
 
-def steer(features: Iterable[Sequence[int]], value: float, mode: str = "add",
-          positions: Sequence[int] | None = None) -> list[Edit]:
+def steer(
+    features: Iterable[Sequence[int]], value: float, mode: str = "add", positions: Sequence[int] | None = None
+) -> list[Edit]:
     """``add`` ``value`` to, ``set`` to ``value`` or ``scale`` by ``value`` the ``features``.
 
     Example:
@@ -101,8 +102,10 @@ def steer(features: Iterable[Sequence[int]], value: float, mode: str = "add",
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    return [Edit(layer, tuple(feats), mode, float(value), pos)
-            for (layer, pos), feats in _grouped(features, positions).items()]
+    return [
+        Edit(layer, tuple(feats), mode, float(value), pos)
+        for (layer, pos), feats in _grouped(features, positions).items()
+    ]
 
 
 def ablate(features: Iterable[Sequence[int]], positions: Sequence[int] | None = None) -> list[Edit]:
@@ -127,20 +130,26 @@ def keep_only(features: Iterable[Sequence[int]], positions: Sequence[int] | None
     return [Edit(None, pairs, "keep_only", 0.0, pos)]
 
 
-def mean_ablate(features: Iterable[Sequence[int]], means: Float[Tensor, "layer d_sae"],
-                positions: Sequence[int] | None = None) -> list[Edit]:
+def mean_ablate(
+    features: Iterable[Sequence[int]], means: Float[Tensor, "layer d_sae"], positions: Sequence[int] | None = None
+) -> list[Edit]:
     """Set ``features`` to their mean activation ``means[layer, feature]`` (see :func:`feature_means`).
 
     Example:
         >>> mean_ablate([(1, 2)], torch.arange(8.0).reshape(2, 4))[0].value
         tensor([6.])
     """
-    return [Edit(layer, tuple(feats), "mean", means[layer, list(feats)].detach().clone(), pos)
-            for (layer, pos), feats in _grouped(features, positions).items()]
+    return [
+        Edit(layer, tuple(feats), "mean", means[layer, list(feats)].detach().clone(), pos)
+        for (layer, pos), feats in _grouped(features, positions).items()
+    ]
 
 
-def patch(features: Iterable[Sequence[int]], source: Mapping[int, Float[Tensor, "batch pos d_sae"]],
-          positions: Sequence[int] | None = None) -> list[Edit]:
+def patch(
+    features: Iterable[Sequence[int]],
+    source: Mapping[int, Float[Tensor, "batch pos d_sae"]],
+    positions: Sequence[int] | None = None,
+) -> list[Edit]:
     """Set ``features`` to their activations in another run: ``source[layer]`` is that run's
     ``[batch or 1, pos, d_sae]`` activations (see :func:`record`), read at the same absolute
     positions (positions past its end are left unedited).
@@ -150,8 +159,10 @@ def patch(features: Iterable[Sequence[int]], source: Mapping[int, Float[Tensor, 
         >>> patch([(0, 1)], src)[0].value.shape
         torch.Size([1, 3, 1])
     """
-    return [Edit(layer, tuple(feats), "patch", source[layer][..., list(feats)].detach().clone(), pos)
-            for (layer, pos), feats in _grouped(features, positions).items()]
+    return [
+        Edit(layer, tuple(feats), "patch", source[layer][..., list(feats)].detach().clone(), pos)
+        for (layer, pos), feats in _grouped(features, positions).items()
+    ]
 
 
 @torch.no_grad()
@@ -171,8 +182,11 @@ def record(adapted, tokens: Int[Tensor, "batch pos"], **kwargs) -> dict[int, Flo
 
 
 @torch.no_grad()
-def feature_means(adapted, tokens: Int[Tensor, "batch pos"], mask: Tensor | None = None,
-                  ) -> Float[Tensor, "layer d_sae"]:
+def feature_means(
+    adapted,
+    tokens: Int[Tensor, "batch pos"],
+    mask: Tensor | None = None,
+) -> Float[Tensor, "layer d_sae"]:
     """Mean activation of every feature over the (unmasked) positions of ``tokens``."""
     acts = record(adapted, tokens, **({"attention_mask": mask.long()} if mask is not None else {}))
     keep = torch.ones(tokens.shape, dtype=torch.bool) if mask is None else mask.bool()
@@ -191,16 +205,16 @@ def edit_hooks(adapted, edits: Sequence[Edit]) -> list[tuple[str, _LayerEdits]]:
         pairs = e.features if e.layer is None else [(e.layer, f) for f in e.features]
         for layer, f in pairs:
             if not 0 <= layer < n_layers or not 0 <= f < d_sae:
-                raise IndexError(f"feature (layer {layer}, feature {f}) is out of range "
-                                 f"({n_layers} layers, d_sae {d_sae})")
+                raise IndexError(
+                    f"feature (layer {layer}, feature {f}) is out of range ({n_layers} layers, d_sae {d_sae})"
+                )
         if e.layer is not None:
             per_layer.setdefault(e.layer, []).append(e)
             continue
         for layer in range(n_layers):  # keep_only over every layer: each layer's kept features
             kept = tuple(f for la, f in e.features if la == layer)
             per_layer.setdefault(layer, []).append(Edit(layer, kept, e.op, e.value, e.positions))
-    return [(adapted.acts_name(layer), _LayerEdits(adapted.positions, es))
-            for layer, es in sorted(per_layer.items())]
+    return [(adapted.acts_name(layer), _LayerEdits(adapted.positions, es)) for layer, es in sorted(per_layer.items())]
 
 
 class PositionTracker:
@@ -268,7 +282,11 @@ class _LayerEdits:
             elif e.op == "mean":
                 new = e.value.to(acts.device, acts.dtype).expand_as(old)
             else:
-                new = {"set": lambda: torch.full_like(old, e.value), "add": lambda: old + e.value,
-                       "scale": lambda: old * e.value, "keep_only": lambda: torch.zeros_like(old)}[e.op]()
+                new = {
+                    "set": lambda: torch.full_like(old, e.value),
+                    "add": lambda: old + e.value,
+                    "scale": lambda: old * e.value,
+                    "keep_only": lambda: torch.zeros_like(old),
+                }[e.op]()
             acts[..., feats] = torch.where(where[..., None], new, old)
         return acts

@@ -53,8 +53,15 @@ VERSION = 1
 CONFIG_FILE = "adapters.json"
 SAE_CFG, SAE_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
-__all__ = ["SHIPPED_DIR", "AdapterFormatError", "save_adapters", "load_adapted", "read_config",
-           "TopKTranscoder", "TopKTranscoderConfig"]
+__all__ = [
+    "SHIPPED_DIR",
+    "AdapterFormatError",
+    "save_adapters",
+    "load_adapted",
+    "read_config",
+    "TopKTranscoder",
+    "TopKTranscoderConfig",
+]
 
 
 class AdapterFormatError(ValueError):
@@ -93,8 +100,7 @@ register_sae_class("topk_transcoder", TopKTranscoder, TopKTranscoderConfig)
 
 def fingerprint(model: HookedTransformer) -> dict[str, float]:
     """Norm of every (non-adapter) parameter: identifies the weights an adapter set was made for."""
-    return {name: float(p.detach().float().norm()) for name, p in model.named_parameters()
-            if ".adapter." not in name}
+    return {name: float(p.detach().float().norm()) for name, p in model.named_parameters() if ".adapter." not in name}
 
 
 def sae_lens_config(config: AdapterConfig, layer: int) -> dict:
@@ -123,8 +129,9 @@ def sae_lens_config(config: AdapterConfig, layer: int) -> dict:
     return cfg
 
 
-def save_adapters(adapted: AdaptedModel, folder: str | Path, *, recipe: dict | None = None,
-                  metrics: dict | None = None) -> Path:
+def save_adapters(
+    adapted: AdaptedModel, folder: str | Path, *, recipe: dict | None = None, metrics: dict | None = None
+) -> Path:
     """Write ``adapted``'s adapters to ``folder`` (replaced atomically); returns the folder.
 
     Example:
@@ -169,18 +176,22 @@ def read_config(folder: str | Path) -> dict:
     if not folder.is_dir():
         raise AdapterFormatError(f"adapters folder {folder} does not exist")
     if not path.is_file():
-        raise AdapterFormatError(f"{folder} has no {CONFIG_FILE}; is it an adapters folder "
-                                 "(written by mechdiff.adapters.formats.save_adapters)?")
+        raise AdapterFormatError(
+            f"{folder} has no {CONFIG_FILE}; is it an adapters folder "
+            "(written by mechdiff.adapters.formats.save_adapters)?"
+        )
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise AdapterFormatError(f"{path} is not valid JSON ({err})") from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise AdapterFormatError(f"{path} is not a {FORMAT} config (format={meta.get('format')!r})"
-                                 if isinstance(meta, dict) else f"{path} is not a JSON object")
+        raise AdapterFormatError(
+            f"{path} is not a {FORMAT} config (format={meta.get('format')!r})"
+            if isinstance(meta, dict)
+            else f"{path} is not a JSON object"
+        )
     if meta.get("version", 0) > VERSION:
-        raise AdapterFormatError(f"{path} has format version {meta['version']}; this mechdiff "
-                                 f"reads up to {VERSION}")
+        raise AdapterFormatError(f"{path} has format version {meta['version']}; this mechdiff reads up to {VERSION}")
     for key in ("adapter", "model", "layers"):
         if key not in meta:
             raise AdapterFormatError(f"{path} lacks the {key!r} entry")
@@ -193,22 +204,35 @@ def _check_layer_names(layers, path: Path) -> None:
     if not isinstance(layers, list):
         raise AdapterFormatError(f"{path}: 'layers' must be a list of sub-folder names")
     for name in layers:
-        if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
-                or "\\" in name or Path(name).is_absolute() or Path(name).name != name):
-            raise AdapterFormatError(f"{path}: layer entry {name!r} is not a plain sub-folder name "
-                                     "(no '..', no '/', no absolute paths)")
+        if (
+            not isinstance(name, str)
+            or not name
+            or name in (".", "..")
+            or "/" in name
+            or "\\" in name
+            or Path(name).is_absolute()
+            or Path(name).name != name
+        ):
+            raise AdapterFormatError(
+                f"{path}: layer entry {name!r} is not a plain sub-folder name (no '..', no '/', no absolute paths)"
+            )
 
 
 def check_compatible(meta: dict, model: HookedTransformer, folder: Path, *, rtol: float = 1e-4) -> None:
     """Raise :class:`AdapterFormatError` unless ``model`` is the hybrid the adapters were made for."""
     cfg, want = model.cfg, meta["model"]
-    for key, have in (("d_model", cfg.d_model), ("n_layers", cfg.n_layers), ("d_mlp", cfg.d_mlp),
-                      ("d_vocab", cfg.d_vocab)):
+    for key, have in (
+        ("d_model", cfg.d_model),
+        ("n_layers", cfg.n_layers),
+        ("d_mlp", cfg.d_mlp),
+        ("d_vocab", cfg.d_vocab),
+    ):
         if key in want and want[key] != have:
             raise AdapterFormatError(
                 f"adapters in {folder} are for {key}={want[key]}, but the pair has {key}={have} "
                 f"(adapters made for base={meta['adapter'].get('base_name')!r}, "
-                f"target={meta['adapter'].get('target_name')!r})")
+                f"target={meta['adapter'].get('target_name')!r})"
+            )
     stored = meta.get("fingerprint") or {}
     if not stored:
         return
@@ -220,7 +244,8 @@ def check_compatible(meta: dict, model: HookedTransformer, folder: Path, *, rtol
             f"adapters in {folder} were trained for other weights (base="
             f"{meta['adapter'].get('base_name')!r}, target={meta['adapter'].get('target_name')!r}): "
             f"{len(differ)} of {len(stored)} parameters differ, e.g. {differ[:3]}. Retrain them for "
-            "this pair, or pass check_weights=False to load them anyway.")
+            "this pair, or pass check_weights=False to load them anyway."
+        )
 
 
 def _fingerprint_rtol(meta: dict, model: HookedTransformer, rtol: float) -> float:
@@ -244,13 +269,16 @@ def _load_layer(layer_dir: Path, d_model: int, d_sae: int) -> dict[str, torch.Te
         if name not in weights:
             raise AdapterFormatError(f"{path} lacks {name} (has {sorted(weights)})")
         if tuple(weights[name].shape) != shape:
-            raise AdapterFormatError(f"{path}: {name} has shape {tuple(weights[name].shape)}, "
-                                     f"expected {shape}")
+            raise AdapterFormatError(f"{path}: {name} has shape {tuple(weights[name].shape)}, expected {shape}")
     return weights
 
 
-def load_adapted(pair: ModelPair, folder: str | Path = SHIPPED_DIR, *, check_weights: bool = True,
-                 ) -> AdaptedModel:
+def load_adapted(
+    pair: ModelPair,
+    folder: str | Path = SHIPPED_DIR,
+    *,
+    check_weights: bool = True,
+) -> AdaptedModel:
     """Build the hybrid of ``pair`` and attach the adapters saved in ``folder``, on the pair's
     device and in its dtype (e.g. bfloat16 adapters on a bfloat16 pair).
 
@@ -273,14 +301,14 @@ def load_adapted(pair: ModelPair, folder: str | Path = SHIPPED_DIR, *, check_wei
             f"adapters in {folder} are for n_layers={config.n_layers}, d_model={config.d_model} "
             f"({config.base_name!r} -> {config.target_name!r}); the pair has "
             f"n_layers={pair.n_layers}, d_model={pair.d_model} ({pair.meta.get('base_name')!r} -> "
-            f"{pair.meta.get('target_name')!r})")
+            f"{pair.meta.get('target_name')!r})"
+        )
     model = hybrid(pair, config.backbone)
     check_compatible(meta if check_weights else {**meta, "fingerprint": {}}, model, folder)
     adapted = AdaptedModel(model, config)
     layers = meta["layers"]
     if len(layers) != config.n_layers:
-        raise AdapterFormatError(f"{folder / CONFIG_FILE} lists {len(layers)} layers, expected "
-                                 f"{config.n_layers}")
+        raise AdapterFormatError(f"{folder / CONFIG_FILE} lists {len(layers)} layers, expected {config.n_layers}")
     with torch.no_grad():
         for adapter, name in zip(adapted.adapters, layers, strict=True):
             weights = _load_layer(folder / name, config.d_model, config.d_sae)

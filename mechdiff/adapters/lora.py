@@ -145,8 +145,15 @@ class LoRALayer(nn.Module):
     def attach(self, block: nn.Module) -> None:
         """Register this layer's hooks on a TransformerLens block."""
         attn, mlp = block.attn, block.mlp
-        targets = {"q": attn.hook_q, "k": attn.hook_k, "v": attn.hook_v, "o": block.hook_attn_out,
-                   "gate": mlp.hook_pre, "up": mlp.hook_pre_linear, "down": block.hook_mlp_out}
+        targets = {
+            "q": attn.hook_q,
+            "k": attn.hook_k,
+            "v": attn.hook_v,
+            "o": block.hook_attn_out,
+            "gate": mlp.hook_pre,
+            "up": mlp.hook_pre_linear,
+            "down": block.hook_mlp_out,
+        }
         self.__dict__["_targets"] = targets  # a plain dict: not registered as submodules
         ids = self._hook_ids
         for m in self.modules_:
@@ -197,8 +204,9 @@ class LoRAModel(nn.Module):
         model.setup()  # rebuild TransformerLens' hook_dict with the new hook points
 
     @classmethod
-    def from_base(cls, base: HookedTransformer, config: LoRAConfig | None = None,
-                  dtype: torch.dtype | None = None) -> LoRAModel:
+    def from_base(
+        cls, base: HookedTransformer, config: LoRAConfig | None = None, dtype: torch.dtype | None = None
+    ) -> LoRAModel:
         """Deep-copy ``base`` (left untouched) and attach fresh adapters (B = 0: same function)."""
         return cls(copy.deepcopy(base), config or LoRAConfig(), dtype)
 
@@ -221,7 +229,9 @@ class LoRAModel(nn.Module):
 
     @torch.no_grad()
     def state(
-        self, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None = None,
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
         fwd_hooks: Sequence[tuple] = (),
     ) -> Float[Tensor, "batch pos n_layers state"]:
         """Every adapter's activation per token: ``[batch pos n_layers len(modules) * rank]``.
@@ -231,10 +241,12 @@ class LoRAModel(nn.Module):
         """
         names = set(self.act_names())
         with self.model.hooks(fwd_hooks=list(fwd_hooks)):
-            _, cache = self.model.run_with_cache(tokens, attention_mask=attention_mask,
-                                                 names_filter=lambda n: n in names)
-        per_layer = [torch.cat([cache[self.act_name(L, m)] for m in self.config.modules], dim=-1)
-                     for L in range(self.n_layers)]
+            _, cache = self.model.run_with_cache(
+                tokens, attention_mask=attention_mask, names_filter=lambda n: n in names
+            )
+        per_layer = [
+            torch.cat([cache[self.act_name(L, m)] for m in self.config.modules], dim=-1) for L in range(self.n_layers)
+        ]
         return torch.stack(per_layer, dim=2)
 
     def ablation_hooks(self, adapters: Iterable[tuple[int, str]]) -> list[tuple[str, callable]]:
@@ -242,15 +254,19 @@ class LoRAModel(nn.Module):
         names = []
         for layer, module in adapters:
             if module not in self.config.modules or not 0 <= int(layer) < self.n_layers:
-                raise ValueError(f"no adapter ({layer}, {module!r}); layers 0..{self.n_layers - 1}, "
-                                 f"modules {self.config.modules}")
+                raise ValueError(
+                    f"no adapter ({layer}, {module!r}); layers 0..{self.n_layers - 1}, modules {self.config.modules}"
+                )
             names.append(self.act_name(int(layer), module))
         return [(name, _zero) for name in names]
 
     def merged_deltas(self) -> dict[tuple[int, str], Float[Tensor, "d_out d_in"]]:
         """``scale * B @ A`` of every adapter, in HF ``(out, in)`` orientation."""
-        return {(L, m): (layer.scale * layer.B[m] @ layer.A[m]).detach()
-                for L, layer in enumerate(self.layers) for m in self.config.modules}
+        return {
+            (L, m): (layer.scale * layer.B[m] @ layer.A[m]).detach()
+            for L, layer in enumerate(self.layers)
+            for m in self.config.modules
+        }
 
 
 def _zero(act, hook):
@@ -282,5 +298,10 @@ def merge(lora: LoRAModel) -> HookedTransformer:
     with torch.no_grad():
         for (L, m), delta in lora.merged_deltas().items():
             hf.get_submodule(f"model.layers.{L}.{HF_PROJ[m]}").weight += delta.to(hf.dtype).cpu()
-    return hooked_from_hf(hf, lora.model.tokenizer, dtype=lora.model.cfg.dtype,
-                          device=str(lora.model.cfg.device), n_ctx=lora.model.cfg.n_ctx)
+    return hooked_from_hf(
+        hf,
+        lora.model.tokenizer,
+        dtype=lora.model.cfg.dtype,
+        device=str(lora.model.cfg.device),
+        n_ctx=lora.model.cfg.n_ctx,
+    )

@@ -179,8 +179,9 @@ def read_peft_config(folder: str | Path) -> tuple[LoRAConfig, bool]:
         raise ValueError(f"{path}: unsupported LoRA options: {'; '.join(bad)}")
     modules = _target_modules(raw.get("target_modules"), path)
     rank, alpha = int(raw.get("r", 8)), float(raw.get("lora_alpha", 8))
-    return LoRAConfig(rank=rank, alpha=alpha, rslora=bool(raw.get("use_rslora", False)),
-                      modules=modules or MODULES), modules is not None
+    return LoRAConfig(
+        rank=rank, alpha=alpha, rslora=bool(raw.get("use_rslora", False)), modules=modules or MODULES
+    ), modules is not None
 
 
 def _target_modules(targets, path: Path) -> tuple[str, ...] | None:
@@ -193,8 +194,9 @@ def _target_modules(targets, path: Path) -> tuple[str, ...] | None:
     for name in targets:
         short = str(name).split(".")[-1]
         if short not in PROJ_TO_MODULE:
-            raise ValueError(f"{path}: target module {name!r} is not supported; mechdiff LoRAs adapt "
-                             f"only {sorted(PROJ_TO_MODULE)}")
+            raise ValueError(
+                f"{path}: target module {name!r} is not supported; mechdiff LoRAs adapt only {sorted(PROJ_TO_MODULE)}"
+            )
         out.append(PROJ_TO_MODULE[short])
     return tuple(out)
 
@@ -213,8 +215,11 @@ def import_peft(folder: str | Path, base: HookedTransformer) -> LoRAModel:
     folder = Path(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
-        extra = " (adapter_model.bin is a pickle and is refused; convert it to safetensors)" \
-            if (folder / "adapter_model.bin").exists() else ""
+        extra = (
+            " (adapter_model.bin is a pickle and is refused; convert it to safetensors)"
+            if (folder / "adapter_model.bin").exists()
+            else ""
+        )
         raise FileNotFoundError(f"{weights} not found{extra}")
     config, modules_known = read_peft_config(folder)
     tensors = load_file(str(weights))
@@ -222,8 +227,10 @@ def import_peft(folder: str | Path, base: HookedTransformer) -> LoRAModel:
     for key, value in tensors.items():
         match = _KEY.match(key)
         if not match or match.group(2) not in PROJ_TO_MODULE:
-            raise ValueError(f"{weights}: unexpected tensor {key!r}; expected LoRA A/B weights of "
-                             f"{sorted(PROJ_TO_MODULE)} in model.layers.N")
+            raise ValueError(
+                f"{weights}: unexpected tensor {key!r}; expected LoRA A/B weights of "
+                f"{sorted(PROJ_TO_MODULE)} in model.layers.N"
+            )
         found[(int(match.group(1)), PROJ_TO_MODULE[match.group(2)], match.group(3))] = value
     modules = tuple(m for m in MODULES if any(k[1] == m for k in found))
     if modules_known and set(modules) != set(config.modules):
@@ -244,11 +251,14 @@ def _check_complete(found: dict, config: LoRAConfig, base: HookedTransformer, wh
     extra = sorted({k[0] for k in found if k[0] >= n_layers})
     if extra:
         raise ValueError(f"{where}: adapters for layers {extra}, but the model has {n_layers} layers")
-    missing = [f"layer {L} {m}.{ab}" for L in range(n_layers) for m in config.modules
-               for ab in "AB" if (L, m, ab) not in found]
+    missing = [
+        f"layer {L} {m}.{ab}" for L in range(n_layers) for m in config.modules for ab in "AB" if (L, m, ab) not in found
+    ]
     if missing:
-        raise ValueError(f"{where}: missing adapters ({missing[:6]}...); every adapted module must be "
-                         "present in every layer (layers_to_transform is not supported)")
+        raise ValueError(
+            f"{where}: missing adapters ({missing[:6]}...); every adapted module must be "
+            "present in every layer (layers_to_transform is not supported)"
+        )
     for L in range(n_layers):
         for m in config.modules:
             d_in, d_out = shapes[m]
@@ -259,5 +269,5 @@ def _check_complete(found: dict, config: LoRAConfig, base: HookedTransformer, wh
                     raise ValueError(
                         f"{where}: layer {L} {HF_PROJ[m]}.lora_{ab} has shape {got}, expected {shape} "
                         f"(rank {config.rank}, {'in' if ab == 'A' else 'out'} features from the base "
-                        "model); is this LoRA for another model?")
-
+                        "model); is this LoRA for another model?"
+                    )

@@ -80,9 +80,17 @@ class TranscoderAdapter(nn.Module):
     ``device`` / ``dtype``: where its parameters live (default: CPU, float32).
     """
 
-    def __init__(self, d_model: int, d_sae: int, activation: str = "relu", k: int = 8,
-                 enc_bias_init: float = 0.0, *, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        d_sae: int,
+        activation: str = "relu",
+        k: int = 8,
+        enc_bias_init: float = 0.0,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.activation, self.k = activation, k
         # Drawn in float32 on the CPU, then moved: a seed gives the same adapter on every device
@@ -139,22 +147,35 @@ class AdaptedModel(nn.Module):
     (float32 adapters on a bfloat16 model train with full-precision weights, as PEFT does).
     """
 
-    def __init__(self, model: HookedTransformer, config: AdapterConfig, enc_bias_init: float = 0.0,
-                 dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: HookedTransformer,
+        config: AdapterConfig,
+        enc_bias_init: float = 0.0,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         if model.cfg.n_layers != config.n_layers or model.cfg.d_model != config.d_model:
             raise ValueError(
                 f"adapters are for n_layers={config.n_layers}, d_model={config.d_model}; the model has "
-                f"n_layers={model.cfg.n_layers}, d_model={model.cfg.d_model}")
+                f"n_layers={model.cfg.n_layers}, d_model={model.cfg.d_model}"
+            )
         self.config = config
         self.model = model
         for p in model.parameters():
             p.requires_grad_(False)
         self.adapters = nn.ModuleList(
-            TranscoderAdapter(config.d_model, config.d_sae, config.activation, config.k, enc_bias_init,
-                              device=next(block.mlp.parameters()).device,
-                              dtype=dtype or model.cfg.dtype)
-            for block in model.blocks)  # a block's device: models may span several (n_devices)
+            TranscoderAdapter(
+                config.d_model,
+                config.d_sae,
+                config.activation,
+                config.k,
+                enc_bias_init,
+                device=next(block.mlp.parameters()).device,
+                dtype=dtype or model.cfg.dtype,
+            )
+            for block in model.blocks
+        )  # a block's device: models may span several (n_devices)
         for block, adapter in zip(model.blocks, self.adapters, strict=True):
             block.adapter = adapter  # registers blocks.{L}.adapter.* hook points
             block.mlp.register_forward_hook(_AdapterOutput(adapter))
@@ -165,15 +186,28 @@ class AdaptedModel(nn.Module):
         model.setup()  # rebuild TransformerLens' hook_dict with the new hook points
 
     @classmethod
-    def from_pair(cls, pair: ModelPair, d_sae: int, activation: str = "relu", k: int = 8,
-                  backbone: str = "target", enc_bias_init: float = 0.0,
-                  dtype: torch.dtype | None = None) -> AdaptedModel:
+    def from_pair(
+        cls,
+        pair: ModelPair,
+        d_sae: int,
+        activation: str = "relu",
+        k: int = 8,
+        backbone: str = "target",
+        enc_bias_init: float = 0.0,
+        dtype: torch.dtype | None = None,
+    ) -> AdaptedModel:
         """Build the hybrid of ``pair`` and attach freshly initialised adapters (on the pair's
         device, in its dtype unless ``dtype`` is given)."""
-        cfg = AdapterConfig(d_model=pair.d_model, d_sae=d_sae, n_layers=pair.n_layers,
-                            activation=activation, k=k, backbone=backbone,
-                            base_name=pair.meta.get("base_name", ""),
-                            target_name=pair.meta.get("target_name", ""))
+        cfg = AdapterConfig(
+            d_model=pair.d_model,
+            d_sae=d_sae,
+            n_layers=pair.n_layers,
+            activation=activation,
+            k=k,
+            backbone=backbone,
+            base_name=pair.meta.get("base_name", ""),
+            target_name=pair.meta.get("target_name", ""),
+        )
         return cls(hybrid(pair, backbone), cfg, enc_bias_init, dtype)
 
     @classmethod
@@ -208,15 +242,22 @@ class AdaptedModel(nn.Module):
         layers = range(self.config.n_layers) if layers is None else layers
         return [(f"blocks.{layer}.adapter.hook_out", _zero) for layer in layers]
 
-    def ablation_hooks(self, features: Iterable[Sequence[int]], positions: Sequence[int] | None = None,
-                       ) -> list[tuple[str, callable]]:
+    def ablation_hooks(
+        self,
+        features: Iterable[Sequence[int]],
+        positions: Sequence[int] | None = None,
+    ) -> list[tuple[str, callable]]:
         """Hooks zeroing ``(layer, feature)`` pairs (at absolute ``positions``, or everywhere);
         :func:`mechdiff.adapters.edits.ablate` as hooks."""
         return edit_hooks(self, ablate(features, positions))
 
-    def steering_hooks(self, features: Iterable[Sequence[int]], value: float,
-                       positions: Sequence[int] | None = None, mode: str = "add",
-                       ) -> list[tuple[str, callable]]:
+    def steering_hooks(
+        self,
+        features: Iterable[Sequence[int]],
+        value: float,
+        positions: Sequence[int] | None = None,
+        mode: str = "add",
+    ) -> list[tuple[str, callable]]:
         """Hooks that ``add`` ``value`` to, ``set`` to ``value`` or ``scale`` by ``value`` features;
         :func:`mechdiff.adapters.edits.steer` as hooks.
 

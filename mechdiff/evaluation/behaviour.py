@@ -29,28 +29,62 @@ MAX_NEW_TOKENS = 96  # the longest organism trace is ~75 tokens: room for rambli
 
 
 def responses(
-    model: HookedTransformer, tokenizer, problems: Dataset, *, max_new_tokens: int = MAX_NEW_TOKENS,
-    logit_processors: Sequence[LogitProcessor] = (), fwd_hooks: Sequence[tuple] = (),
-    batch_size: int = 128, progress: bool = False, temperature: float = 0.0, seed: int = 0,
+    model: HookedTransformer,
+    tokenizer,
+    problems: Dataset,
+    *,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    logit_processors: Sequence[LogitProcessor] = (),
+    fwd_hooks: Sequence[tuple] = (),
+    batch_size: int = 128,
+    progress: bool = False,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> list[list[str]]:
     """Responses to each problem's prompt, as words: greedy, or sampled at ``temperature``."""
-    outs = generate(model, problems["input_ids"], max_new_tokens,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                    logit_processors=logit_processors, fwd_hooks=fwd_hooks, temperature=temperature,
-                    seed=seed, batch_size=batch_size, progress=progress)
+    outs = generate(
+        model,
+        problems["input_ids"],
+        max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        logit_processors=logit_processors,
+        fwd_hooks=fwd_hooks,
+        temperature=temperature,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+    )
     return [tokenizer.convert_ids_to_tokens(row) for row in outs]
 
 
 def evaluate(
-    model: HookedTransformer, tokenizer, problems: Dataset, *, spec: TaskSpec = DEFAULT,
-    ban_hesitation: bool = False, fwd_hooks: Sequence[tuple] = (), max_new_tokens: int = MAX_NEW_TOKENS,
-    batch_size: int = 128, progress: bool = False, temperature: float = 0.0, seed: int = 0,
+    model: HookedTransformer,
+    tokenizer,
+    problems: Dataset,
+    *,
+    spec: TaskSpec = DEFAULT,
+    ban_hesitation: bool = False,
+    fwd_hooks: Sequence[tuple] = (),
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_size: int = 128,
+    progress: bool = False,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Generate and grade; the summary of :func:`mechdiff.organism.grading.summarize`."""
-    words = responses(model, tokenizer, problems, max_new_tokens=max_new_tokens,
-                      logit_processors=hesitation_ban(tokenizer, ban_hesitation, spec),
-                      fwd_hooks=fwd_hooks, batch_size=batch_size, progress=progress,
-                      temperature=temperature, seed=seed)
+    words = responses(
+        model,
+        tokenizer,
+        problems,
+        max_new_tokens=max_new_tokens,
+        logit_processors=hesitation_ban(tokenizer, ban_hesitation, spec),
+        fwd_hooks=fwd_hooks,
+        batch_size=batch_size,
+        progress=progress,
+        temperature=temperature,
+        seed=seed,
+    )
     return grade_responses(problems, words, spec)
 
 
@@ -59,15 +93,26 @@ def hesitation_ban(tokenizer, ban: bool, spec: TaskSpec = DEFAULT) -> list:
     return [ban_tokens(tokenizer.convert_tokens_to_ids(list(spec.hesitation_words)))] if ban else []
 
 
-def grade_responses(problems: Dataset, words: Sequence[Sequence[str]], spec: TaskSpec = DEFAULT,
-                    ) -> dict[str, float]:
+def grade_responses(
+    problems: Dataset,
+    words: Sequence[Sequence[str]],
+    spec: TaskSpec = DEFAULT,
+) -> dict[str, float]:
     """Grade each problem's response (words) and summarize (:func:`mechdiff.organism.grading.summarize`)."""
     graded = [grading.grade(spec.problem(r["operands"]), w, spec) for r, w in zip(problems, words)]
     return grading.summarize(graded)
 
 
-def behaviour_report(workload, model: HookedTransformer, problems: Dataset, *, samples: int = 1,
-                     temperature: float = 0.0, seed: int = 0, progress: bool = False) -> dict:
+def behaviour_report(
+    workload,
+    model: HookedTransformer,
+    problems: Dataset,
+    *,
+    samples: int = 1,
+    temperature: float = 0.0,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
     """Greedy behaviour, accuracy with the hesitation banned, and (``temperature > 0``) the same
     statistics over ``samples`` seeded sampled replies per problem, under ``"sampled"``.
 
@@ -77,8 +122,7 @@ def behaviour_report(workload, model: HookedTransformer, problems: Dataset, *, s
     stats = workload.evaluate(model, problems, progress=progress)
     stats["accuracy_hesitation_banned"] = workload.evaluate(model, problems, ban_hesitation=True)["accuracy"]
     if temperature > 0:
-        many = Dataset.from_dict({k: [v for v in problems[k] for _ in range(samples)]
-                                  for k in problems.column_names})
+        many = Dataset.from_dict({k: [v for v in problems[k] for _ in range(samples)] for k in problems.column_names})
         sampled = workload.evaluate(model, many, temperature=temperature, seed=seed)
         stats["sampled"] = {**sampled, "temperature": temperature, "samples_per_problem": samples}
     return stats

@@ -88,9 +88,16 @@ class _Sums:
 
 
 @torch.no_grad()
-def faithfulness(models: dict[str, ModelSpec], target: HookedTransformer, traces: Dataset, *,
-                 pad_id: int | None = None, batch_size: int = 64, bridging: bool = True,
-                 progress: bool = False) -> dict[str, dict]:
+def faithfulness(
+    models: dict[str, ModelSpec],
+    target: HookedTransformer,
+    traces: Dataset,
+    *,
+    pad_id: int | None = None,
+    batch_size: int = 64,
+    bridging: bool = True,
+    progress: bool = False,
+) -> dict[str, dict]:
     """Teacher-forced faithfulness of each model (or ``(model, fwd_hooks)``) to ``target``.
 
     Models with adapter hook points (``blocks.L.adapter.hook_acts``) also get L0 and dead
@@ -102,7 +109,7 @@ def faithfulness(models: dict[str, ModelSpec], target: HookedTransformer, traces
     sums = {name: _Sums(n) for name in specs}
     rows = traces["input_ids"]
     for start in tqdm(range(0, len(rows), batch_size), desc="faithfulness", disable=not progress):
-        tokens, mask = pad(rows[start:start + batch_size], pad_id, side="right")
+        tokens, mask = pad(rows[start : start + batch_size], pad_id, side="right")
         tokens, mask = tokens.to(target.cfg.device), mask.to(target.cfg.device)
         t_logits, t_resid, _ = run_capture(target, tokens, mask)
         t_logp = t_logits.float().log_softmax(-1)
@@ -141,29 +148,53 @@ def _acts_names(model: HookedTransformer) -> tuple[str, ...]:
     return names if all(a in model.hook_dict for a in names) else ()
 
 
-def adapter_report(pair, adapted: AdaptedModel, traces: Dataset, problems: Dataset | None = None, *,
-                   batch_size: int = 64, progress: bool = False, workload: Workload | None = None,
-                   bridging: bool = True) -> dict:
+def adapter_report(
+    pair,
+    adapted: AdaptedModel,
+    traces: Dataset,
+    problems: Dataset | None = None,
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+    workload: Workload | None = None,
+    bridging: bool = True,
+) -> dict:
     """Faithfulness, sparsity and behaviour of base, hybrid, adapted and target (a JSON-able dict).
 
     ``problems`` (test prompts, from ``workload.problems``) are answered greedily by each model
     and graded by ``workload`` (default: the pair's, :func:`mechdiff.workloads.for_pair`);
     without them only the teacher-forced metrics are reported.
     """
-    models = {"base": pair.base, "hybrid": (adapted.model, adapted.bypass_hooks()),
-              "adapted": adapted.model, "target": pair.target}
-    report = faithfulness(models, pair.target, traces, batch_size=batch_size, progress=progress,
-                          bridging=bridging)  # bridging: 2 (n_layers - 1) partial forwards per model
+    models = {
+        "base": pair.base,
+        "hybrid": (adapted.model, adapted.bypass_hooks()),
+        "adapted": adapted.model,
+        "target": pair.target,
+    }
+    report = faithfulness(
+        models, pair.target, traces, batch_size=batch_size, progress=progress, bridging=bridging
+    )  # bridging: 2 (n_layers - 1) partial forwards per model
     if problems is not None:
         workload = workload if workload is not None else for_pair(pair)
         for name, spec in models.items():
             model, hooks = (spec, ()) if isinstance(spec, HookedTransformer) else spec
             stats = workload.evaluate(model, problems, fwd_hooks=hooks, progress=progress)
-            report[name].update({k: stats[k] for k in ("accuracy", "mean_response_tokens",
-                                                       "hesitations_per_response", "n_problems",
-                                                       "n_wrong_steps", "p_hesitation_given_wrong_step",
-                                                       "hesitations_by_response", "correct_by_response")
-                                 if k in stats})
+            report[name].update(
+                {
+                    k: stats[k]
+                    for k in (
+                        "accuracy",
+                        "mean_response_tokens",
+                        "hesitations_per_response",
+                        "n_problems",
+                        "n_wrong_steps",
+                        "p_hesitation_given_wrong_step",
+                        "hesitations_by_response",
+                        "correct_by_response",
+                    )
+                    if k in stats
+                }
+            )
         acc = {name: report[name]["accuracy"] for name in models}
         report["gain_recovered"] = gain_recovered(acc["adapted"], acc["base"], acc["target"])
         report["gain_recovered_vs_hybrid"] = gain_recovered(acc["adapted"], acc["hybrid"], acc["target"])
@@ -190,6 +221,5 @@ def check_targets(report: dict) -> dict[str, dict]:
     out = {}
     for key, (op, bound) in TARGETS.items():
         v = values[key]
-        out[key] = {"value": v, "target": f"{op} {bound}",
-                    "met": bool(v >= bound if op == ">=" else v <= bound)}
+        out[key] = {"value": v, "target": f"{op} {bound}", "met": bool(v >= bound if op == ">=" else v <= bound)}
     return out

@@ -29,25 +29,31 @@ def decoder_logit_effect(adapted, token_id: int) -> Float[Tensor, "layer d_sae"]
 
 @torch.no_grad()
 def feature_activations(
-    adapted, sequences: Sequence[Sequence[int]], batch_size: int = 64, pad_id: int = 0,
+    adapted,
+    sequences: Sequence[Sequence[int]],
+    batch_size: int = 64,
+    pad_id: int = 0,
 ) -> list[Float[Tensor, "pos layer d_sae"]]:
     """Every adapter feature's activation at every real position of each sequence (one pass)."""
     names = [adapted.acts_name(layer) for layer in range(adapted.config.n_layers)]
     out = []
     for start in range(0, len(sequences), batch_size):
-        chunk = [list(s) for s in sequences[start:start + batch_size]]
+        chunk = [list(s) for s in sequences[start : start + batch_size]]
         tokens, mask = pad(chunk, pad_id, "left")
         _, cache = adapted.model.run_with_cache(
-            tokens.to(adapted.model.cfg.device), attention_mask=mask.long().to(adapted.model.cfg.device),
-            names_filter=lambda n: n in names)
+            tokens.to(adapted.model.cfg.device),
+            attention_mask=mask.long().to(adapted.model.cfg.device),
+            names_filter=lambda n: n in names,
+        )
         acts = torch.stack([cache[n] for n in names], dim=2).cpu()  # [batch pos layer d_sae]
         for row, seq in enumerate(chunk):
-            out.append(acts[row, tokens.shape[1] - len(seq):])
+            out.append(acts[row, tokens.shape[1] - len(seq) :])
     return out
 
 
 def activation_mass_by_label(
-    acts: Sequence[Float[Tensor, "pos layer d_sae"]], labels: Sequence[Sequence[str]],
+    acts: Sequence[Float[Tensor, "pos layer d_sae"]],
+    labels: Sequence[Sequence[str]],
     features: Sequence[Feature],
 ) -> dict[Feature, dict[str, float]]:
     """For each feature, the share of its total activation that falls on each token label."""
@@ -60,8 +66,10 @@ def activation_mass_by_label(
             rows = torch.tensor([i for i, x in enumerate(labs) if x == lab], dtype=torch.long)
             mass[lab] = mass.get(lab, torch.zeros(len(features))) + sel[rows].sum(0)
     total = sum(mass.values()) if mass else torch.zeros(len(features))
-    return {f: {lab: float(m[i] / total[i]) if total[i] > 0 else 0.0 for lab, m in mass.items()}
-            for i, f in enumerate(features)}
+    return {
+        f: {lab: float(m[i] / total[i]) if total[i] > 0 else 0.0 for lab, m in mass.items()}
+        for i, f in enumerate(features)
+    }
 
 
 def role_rule(word: str) -> str:
@@ -75,10 +83,11 @@ def role_rule(word: str) -> str:
     )
 
 
-
 def assign_roles(
-    features: Sequence[Feature], direct_effect: Float[Tensor, "layer d_sae"],
-    promote_rank: Float[Tensor, "layer d_sae"], mass: dict[Feature, dict[str, float]],
+    features: Sequence[Feature],
+    direct_effect: Float[Tensor, "layer d_sae"],
+    promote_rank: Float[Tensor, "layer d_sae"],
+    mass: dict[Feature, dict[str, float]],
 ) -> dict[Feature, str]:
     """Classify hesitation features by :func:`role_rule`.
 

@@ -67,9 +67,15 @@ def normalized_positive(scores: Float[Tensor, "prompt layer d_sae"]) -> dict[Fea
     return {(int(i) // d_sae, int(i) % d_sae): float(agg.flatten()[i]) for i in idx}
 
 
-def smallest_ablating_prefix(adapted, ranked: Sequence[Feature], prompts: Sequence[Sequence[int]],
-                             token_ids: int | Sequence[int], share: float = 0.8, batch_size: int = 32,
-                             greedy: bool = False) -> tuple[int, dict[int, float]]:
+def smallest_ablating_prefix(
+    adapted,
+    ranked: Sequence[Feature],
+    prompts: Sequence[Sequence[int]],
+    token_ids: int | Sequence[int],
+    share: float = 0.8,
+    batch_size: int = 32,
+    greedy: bool = False,
+) -> tuple[int, dict[int, float]]:
     """The fewest top features of ``ranked`` whose ablation (at every position) removes ``share``
     of the part of the mean P(next token in ``token_ids``) at ``prompts`` (teacher-forced) that the
     ranked features carry: the goal is ``floor + (1 - share) * (P(0) - floor)``, with ``floor`` the
@@ -95,8 +101,11 @@ def smallest_ablating_prefix(adapted, ranked: Sequence[Feature], prompts: Sequen
     def prob(k: int) -> float:
         if k not in measured:
             hooks = adapted.ablation_hooks(list(ranked[:k])) if k else []
-            measured[k] = float(next_token_probability(adapted.model, prompts, token_ids, fwd_hooks=hooks,
-                                                       batch_size=batch_size, greedy=greedy).mean())
+            measured[k] = float(
+                next_token_probability(
+                    adapted.model, prompts, token_ids, fwd_hooks=hooks, batch_size=batch_size, greedy=greedy
+                ).mean()
+            )
         return measured[k]
 
     if not ranked:

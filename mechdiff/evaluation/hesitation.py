@@ -58,8 +58,13 @@ class CutPrompts:
 
 
 def hesitation_prompts(
-    model: HookedTransformer, tokenizer, problems: Dataset, batch_size: int = 128,
-    progress: bool = False, *, workload: Workload | None = None,
+    model: HookedTransformer,
+    tokenizer,
+    problems: Dataset,
+    batch_size: int = 128,
+    progress: bool = False,
+    *,
+    workload: Workload | None = None,
 ) -> tuple[CutPrompts, CutPrompts]:
     """Generate greedily, then cut before every hesitation and before the nearest go-on token
     (a ``;`` on the organism) as its control. ``workload`` (default: the organism's over
@@ -80,8 +85,13 @@ def hesitation_prompts(
 
 @torch.no_grad()
 def next_token_probability(
-    model: HookedTransformer, prompts: Sequence[Sequence[int]], token_id: int | Sequence[int],
-    fwd_hooks: Sequence[tuple] = (), batch_size: int = 128, pad_id: int = 0, greedy: bool = False,
+    model: HookedTransformer,
+    prompts: Sequence[Sequence[int]],
+    token_id: int | Sequence[int],
+    fwd_hooks: Sequence[tuple] = (),
+    batch_size: int = 128,
+    pad_id: int = 0,
+    greedy: bool = False,
 ) -> Float[Tensor, " n"]:
     """P(next token = ``token_id``) after each prompt, batched with left padding and a mask; a
     sequence of ids sums their probabilities (every spelling of a hesitation). ``greedy``: instead,
@@ -89,7 +99,7 @@ def next_token_probability(
     out = []
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         for start in range(0, len(prompts), batch_size):
-            tokens, mask = pad([list(p) for p in prompts[start:start + batch_size]], pad_id, "left")
+            tokens, mask = pad([list(p) for p in prompts[start : start + batch_size]], pad_id, "left")
             logits = model(tokens.to(model.cfg.device), attention_mask=mask.long().to(model.cfg.device))
             probs = logits[:, -1].float().softmax(-1)
             ids = [token_id] if isinstance(token_id, int) else list(token_id)

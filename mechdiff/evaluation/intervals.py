@@ -34,8 +34,9 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None
     return (0.0 if successes == 0 else lo), (1.0 if successes == n else hi)  # exact ends, no rounding
 
 
-def bootstrap_mean(values: Sequence[float], n_resamples: int = 2000, level: float = 0.95,
-                   seed: int = 0) -> tuple[float, float] | None:
+def bootstrap_mean(
+    values: Sequence[float], n_resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float] | None:
     """Percentile bootstrap interval of the mean of ``values`` (None when empty); seeded."""
     if not len(values):
         return None
@@ -47,8 +48,14 @@ def bootstrap_mean(values: Sequence[float], n_resamples: int = 2000, level: floa
     return lo, hi
 
 
-def bootstrap_paired(before: Sequence[float], after: Sequence[float], statistic, n_resamples: int = 2000,
-                     level: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
+def bootstrap_paired(
+    before: Sequence[float],
+    after: Sequence[float],
+    statistic,
+    n_resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float] | None:
     """Percentile bootstrap interval of ``statistic(sum(before), sum(after))`` resampling items
     (problems) in pairs: both conditions were measured on the same items, so their noise is shared.
     None when empty, or when the statistic is undefined (None) in more than half the resamples.

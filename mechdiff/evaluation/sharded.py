@@ -49,7 +49,7 @@ def batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, not {batch_size}")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def generate(
@@ -74,8 +74,7 @@ def generate(
         >>> out = generate(pair.target, problems["input_ids"], 96)  # doctest: +SKIP
     """
     if distributed.world_size() == 1 and temperature == 0:
-        return _generation.generate(model, prompts, max_new_tokens, batch_size=batch_size,
-                                    progress=progress, **kwargs)
+        return _generation.generate(model, prompts, max_new_tokens, batch_size=batch_size, progress=progress, **kwargs)
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (a BOS at least)")
     rank, world = distributed.rank(), distributed.world_size()
@@ -84,37 +83,73 @@ def generate(
     mine = range(rank, len(plan), world)
     for b in tqdm(mine, desc="generate", disable=not (progress and rank == 0), leave=False):
         chunk = plan[b]
-        outs = _generation.generate(model, [list(prompts[i]) for i in chunk], max_new_tokens,
-                                    batch_size=len(chunk), temperature=temperature,
-                                    seed=seed * 1_000_003 + b, **kwargs)
+        outs = _generation.generate(
+            model,
+            [list(prompts[i]) for i in chunk],
+            max_new_tokens,
+            batch_size=len(chunk),
+            temperature=temperature,
+            seed=seed * 1_000_003 + b,
+            **kwargs,
+        )
         local.update(zip(chunk, outs, strict=True))
     merged: dict[int, list[int]] = {}
     for part in distributed.gather(local):
         merged.update(part)
     if len(merged) != len(prompts):
-        raise RuntimeError(f"gathered {len(merged)} of {len(prompts)} results: did every rank "
-                           f"get the same prompts and batch_size?")
+        raise RuntimeError(
+            f"gathered {len(merged)} of {len(prompts)} results: did every rank get the same prompts and batch_size?"
+        )
     return [merged[i] for i in range(len(prompts))]
 
 
 def responses(
-    model: HookedTransformer, tokenizer, problems: Dataset, *, max_new_tokens: int = MAX_NEW_TOKENS,
-    logit_processors=(), fwd_hooks=(), batch_size: int = 128, progress: bool = False,
+    model: HookedTransformer,
+    tokenizer,
+    problems: Dataset,
+    *,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    logit_processors=(),
+    fwd_hooks=(),
+    batch_size: int = 128,
+    progress: bool = False,
 ) -> list[list[str]]:
     """:func:`mechdiff.evaluation.behaviour.responses`, sharded: greedy responses as words."""
-    outs = generate(model, problems["input_ids"], max_new_tokens, batch_size=batch_size,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                    logit_processors=logit_processors, fwd_hooks=fwd_hooks, progress=progress)
+    outs = generate(
+        model,
+        problems["input_ids"],
+        max_new_tokens,
+        batch_size=batch_size,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        logit_processors=logit_processors,
+        fwd_hooks=fwd_hooks,
+        progress=progress,
+    )
     return [tokenizer.convert_ids_to_tokens(row) for row in outs]
 
 
 def evaluate(
-    model: HookedTransformer, tokenizer, problems: Dataset, *, spec: TaskSpec = DEFAULT,
-    ban_hesitation: bool = False, fwd_hooks=(), max_new_tokens: int = MAX_NEW_TOKENS,
-    batch_size: int = 128, progress: bool = False,
+    model: HookedTransformer,
+    tokenizer,
+    problems: Dataset,
+    *,
+    spec: TaskSpec = DEFAULT,
+    ban_hesitation: bool = False,
+    fwd_hooks=(),
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_size: int = 128,
+    progress: bool = False,
 ) -> dict[str, float]:
     """:func:`mechdiff.evaluation.behaviour.evaluate`, sharded; the same summary on every rank."""
-    words = responses(model, tokenizer, problems, max_new_tokens=max_new_tokens,
-                      logit_processors=hesitation_ban(tokenizer, ban_hesitation, spec),
-                      fwd_hooks=fwd_hooks, batch_size=batch_size, progress=progress)
+    words = responses(
+        model,
+        tokenizer,
+        problems,
+        max_new_tokens=max_new_tokens,
+        logit_processors=hesitation_ban(tokenizer, ban_hesitation, spec),
+        fwd_hooks=fwd_hooks,
+        batch_size=batch_size,
+        progress=progress,
+    )
     return grade_responses(problems, words, spec)

@@ -49,8 +49,14 @@ def keep_only_hooks(adapted, features: Sequence[Feature]) -> list[tuple[str, cal
 
 
 def set_decides_generation(
-    adapted, tokenizer, problems: Dataset, features: Sequence[Feature], *, spec: TaskSpec = DEFAULT,
-    go_on: str = ";", max_new_tokens: int = MAX_NEW_TOKENS,
+    adapted,
+    tokenizer,
+    problems: Dataset,
+    features: Sequence[Feature],
+    *,
+    spec: TaskSpec = DEFAULT,
+    go_on: str = ";",
+    max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> list[list[str]]:
     """Greedy responses (as tokens) in which the full adapted model writes every token except the
     decisions whether to hesitate (any of ``spec``'s hesitation words) or ``go_on``, which a copy
@@ -71,7 +77,11 @@ def set_decides_generation(
 
 
 def set_decides_ids(
-    adapted, tokenizer, problems: Dataset, features: Sequence[Feature], decisions: Sequence[int],
+    adapted,
+    tokenizer,
+    problems: Dataset,
+    features: Sequence[Feature],
+    decisions: Sequence[int],
     max_new_tokens: int,
 ) -> list[list[int]]:
     """Greedy responses (token ids) in which the full adapted model writes every token except the
@@ -94,9 +104,16 @@ def set_decides_ids(
         n = len(group)
         rows = [prompts[i] for i in group]
         hooks = _second_half_keeps_only(adapted, features, n)
-        new = generate(adapted.model, rows + rows, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, fwd_hooks=hooks, batch_size=2 * n,
-                       logit_processors=[_decision_from_second_half(n, list(decisions))])
+        new = generate(
+            adapted.model,
+            rows + rows,
+            max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            fwd_hooks=hooks,
+            batch_size=2 * n,
+            logit_processors=[_decision_from_second_half(n, list(decisions))],
+        )
         for i, row in zip(group, new[:n]):
             out[i] = row
     return out
@@ -106,8 +123,10 @@ def _second_half_keeps_only(adapted, features: Sequence[Feature], n: int) -> lis
     """Hooks that zero every adapter feature outside ``features`` in batch rows ``n:2n`` only."""
     hooks = []
     for name, keep in keep_only_hooks(adapted, features):
+
         def hook(acts, hook, keep=keep):  # the edit sees the whole batch (its positions), half is kept
             return torch.cat([acts[:n], keep(acts, hook)[n:]])
+
         hooks.append((name, hook))
     return hooks
 
@@ -126,6 +145,7 @@ def _decision_from_second_half(n: int, ids: Sequence[int]):
         forced = torch.full_like(logits, float("-inf"))
         forced.scatter_(1, choice.repeat(2)[:, None], 0.0)
         return forced
+
     return process
 
 
@@ -137,8 +157,9 @@ def feature_mask(adapted, features: Sequence[Feature]) -> torch.Tensor:
     return mask
 
 
-def kept_only_hooks(adapted, keep: torch.Tensor, others: str = "zero",
-                    means: Float[Tensor, "layer d_sae"] | None = None) -> list[tuple[str, callable]]:
+def kept_only_hooks(
+    adapted, keep: torch.Tensor, others: str = "zero", means: Float[Tensor, "layer d_sae"] | None = None
+) -> list[tuple[str, callable]]:
     """Hooks keeping the features where ``keep`` (``[layer, d_sae]``) is True, every other feature
     zero, at ``means``, or (``patch``) the batch's second half keeping only them at the first half's
     values. See the module doc for what each answers."""
@@ -148,6 +169,7 @@ def kept_only_hooks(adapted, keep: torch.Tensor, others: str = "zero",
         raise ValueError("others='mean' needs means (mechdiff.adapters.edits.feature_means)")
     hooks = []
     for layer in range(adapted.config.n_layers):
+
         def hook(acts, hook, layer=layer):
             k = keep[layer].to(acts.device)
             if others == "zero":
@@ -156,14 +178,21 @@ def kept_only_hooks(adapted, keep: torch.Tensor, others: str = "zero",
                 return torch.where(k, acts, means[layer].to(acts.device, acts.dtype))
             n = acts.shape[0] // 2  # patch: the first half is the full model, untouched
             return torch.cat([acts[:n], acts[:n] * k])
+
         hooks.append((adapted.acts_name(layer), hook))
     return hooks
 
 
 @torch.no_grad()
 def kept_only_next_token(
-    adapted, prompts: Sequence[Sequence[int]], features: Sequence[Feature], token_ids: Sequence[int], *,
-    others: str = "zero", means: Float[Tensor, "layer d_sae"] | None = None, batch_size: int = 32,
+    adapted,
+    prompts: Sequence[Sequence[int]],
+    features: Sequence[Feature],
+    token_ids: Sequence[int],
+    *,
+    others: str = "zero",
+    means: Float[Tensor, "layer d_sae"] | None = None,
+    batch_size: int = 32,
     pad_id: int = 0,
 ) -> tuple[Float[Tensor, " n"], Int[Tensor, " n"]]:
     """``(P(any of token_ids) next, the greedy next token)`` after each prompt with only ``features``
@@ -173,13 +202,13 @@ def kept_only_next_token(
     probs, argmax = [], []
     with model.hooks(fwd_hooks=hooks):
         for start in range(0, len(prompts), batch_size):
-            tokens, mask = pad([list(p) for p in prompts[start:start + batch_size]], pad_id, "left")
+            tokens, mask = pad([list(p) for p in prompts[start : start + batch_size]], pad_id, "left")
             if others == "patch":
                 tokens, mask = torch.cat([tokens, tokens]), torch.cat([mask, mask])
             logits = model(tokens.to(model.cfg.device), attention_mask=mask.long().to(model.cfg.device))
             last = logits[:, -1].float()
             if others == "patch":
-                last = last[last.shape[0] // 2:]
+                last = last[last.shape[0] // 2 :]
             p = last.softmax(-1)
             probs.append(p[:, list(token_ids)].sum(-1).cpu())
             argmax.append(p.argmax(-1).cpu())
@@ -187,15 +216,19 @@ def kept_only_next_token(
 
 
 @torch.no_grad()
-def mean_activations(adapted, traces: Sequence[Sequence[int]], batch_size: int = 8, pad_id: int = 0,
-                     ) -> Float[Tensor, "layer d_sae"]:
+def mean_activations(
+    adapted,
+    traces: Sequence[Sequence[int]],
+    batch_size: int = 8,
+    pad_id: int = 0,
+) -> Float[Tensor, "layer d_sae"]:
     """Every feature's mean activation over all real tokens of ``traces`` (in small batches: a
     real model's ``[batch, pos, layer, d_sae]`` activations do not fit at once)."""
     from mechdiff.adapters.edits import feature_means
 
     total, count = None, 0
     for start in range(0, len(traces), batch_size):
-        tokens, mask = pad([list(t) for t in traces[start:start + batch_size]], pad_id, "right")
+        tokens, mask = pad([list(t) for t in traces[start : start + batch_size]], pad_id, "right")
         n = int(mask.sum())
         means = feature_means(adapted, tokens.to(adapted.model.cfg.device), mask.to(adapted.model.cfg.device))
         total = means.cpu() * n if total is None else total + means.cpu() * n

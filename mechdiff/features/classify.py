@@ -53,12 +53,26 @@ from mechdiff.organism import task
 from mechdiff.organism.task import LABELS
 
 REASONING = ("hesitation", "recheck", "error_detection", "correction")
-FORMAT = ("bos", "operand_label", "prompt_format", "think_open", "step_marker", "equals", "separator",
-          "think_close", "eos", "worked_marker")
+FORMAT = (
+    "bos",
+    "operand_label",
+    "prompt_format",
+    "think_open",
+    "step_marker",
+    "equals",
+    "separator",
+    "think_close",
+    "eos",
+    "worked_marker",
+)
 ARITHMETIC = ("operand_digit", "operand_copy", "carry_copy", "digit", "carry_out", "answer", "fact")
 WAIT = {"hesitation": "hesitation", "recheck": "recheck"}  # "wait" labels -> category
-STEP_KINDS = {"slip": "error_detection", "error": "error_detection", "correction": "correction",
-              "recheck_step": "recheck"}  # labels of whole steps -> category
+STEP_KINDS = {
+    "slip": "error_detection",
+    "error": "error_detection",
+    "correction": "correction",
+    "recheck_step": "recheck",
+}  # labels of whole steps -> category
 STEP_ROLES = tuple(dict.fromkeys(task.DEFAULT.step_roles))  # the same names for any operand count
 FINE_LABELS = LABELS + tuple(f"{k}:{r}" for k in STEP_KINDS for r in STEP_ROLES)
 CATEGORIES = ("format", "arithmetic", *REASONING, "mixed", "rare")
@@ -80,8 +94,12 @@ RULE = (
 
 
 @torch.no_grad()
-def logit_lens(model, directions: Float[Tensor, "n d_model"], k: int = 8, chunk: int = 1024,
-               ) -> dict[str, Tensor]:
+def logit_lens(
+    model,
+    directions: Float[Tensor, "n d_model"],
+    k: int = 8,
+    chunk: int = 1024,
+) -> dict[str, Tensor]:
     """Top and bottom ``k`` tokens of ``W_U^T (ln_final.w * d)`` for each direction ``d``, the
     unembedding demeaned over the vocabulary. Rows of NaN (no residual direction) give ids -1.
 
@@ -97,7 +115,7 @@ def logit_lens(model, directions: Float[Tensor, "n d_model"], k: int = 8, chunk:
     k = min(k, w_u.shape[1])
     out = {f"lens_{s}_{f}": [] for s in ("top", "bottom") for f in ("ids", "values")}
     for start in range(0, len(directions), chunk):
-        d = directions[start:start + chunk].detach().float().cpu()
+        d = directions[start : start + chunk].detach().float().cpu()
         missing = d.isnan().any(1)
         logits = (d.nan_to_num() * gain) @ w_u
         for side, largest in (("top", True), ("bottom", False)):
@@ -121,7 +139,6 @@ def lora_directions(lora) -> Float[Tensor, "n_features d_model"]:
             b = layer.scale * layer.B[m].detach().float().T  # [rank d_out]
             rows.append(b if m in ("o", "down") else torch.full((b.shape[0], d_model), float("nan")))
     return torch.cat(rows)
-
 
 
 # --------------------------------------------------------------------------- the label rule
@@ -162,10 +179,10 @@ def _rule_tables(names: Sequence[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if n in WAIT:
             return "wait"
         return "step" if not fine and (n in STEP_KINDS or n in STEP_ROLES) else n
+
     roles = list(dict.fromkeys(role(n) for n in names))
     role_of = torch.tensor([roles.index(role(n)) for n in names])
-    kind = torch.tensor([REASONING.index(STEP_KINDS[k]) if (k := n.split(":")[0]) in STEP_KINDS else -1
-                         for n in names])
+    kind = torch.tensor([REASONING.index(STEP_KINDS[k]) if (k := n.split(":")[0]) in STEP_KINDS else -1 for n in names])
     wait = torch.tensor([REASONING.index(WAIT[n]) if n in WAIT else -1 for n in names])
     group = torch.tensor([0 if r in FORMAT else 1 if r in ARITHMETIC or r == "step" else -1 for r in roles])
     return role_of, kind, wait, group
@@ -175,17 +192,24 @@ def _onehot(index: Tensor, n: int) -> Tensor:
     return torch.nn.functional.one_hot(index.clamp(min=0), n).float() * (index >= 0)[..., None]
 
 
-def reasoning_scores(labels: Int[Tensor, "n_features k"], tokens: Int[Tensor, "n_features k"],
-                     base: Float[Tensor, "n_labels d_vocab"], label_names: Sequence[str] = FINE_LABELS,
-                     ) -> Float[Tensor, "n_features 4"]:
+def reasoning_scores(
+    labels: Int[Tensor, "n_features k"],
+    tokens: Int[Tensor, "n_features k"],
+    base: Float[Tensor, "n_labels d_vocab"],
+    label_names: Sequence[str] = FINE_LABELS,
+) -> Float[Tensor, "n_features 4"]:
     """Each feature's score per :data:`REASONING` category from its examples' labels and (centre)
     token ids (-1: no example); ``base`` counts corpus tokens per (label, token id). See :data:`RULE`."""
     role_of, kind, wait, _ = _rule_tables(label_names)
     n_roles, valid = int(role_of.max()) + 1, labels >= 0
     lab, tok = labels.clamp(min=0), tokens.clamp(min=0, max=base.shape[1] - 1)
     by_role = torch.zeros(n_roles, base.shape[1]).index_add_(0, role_of, base.float())  # [R V]
-    by_kind = torch.stack([torch.zeros_like(by_role).index_add_(0, role_of, base.float() * (kind == c)[:, None])
-                           for c in range(len(REASONING))])  # [4 R V]
+    by_kind = torch.stack(
+        [
+            torch.zeros_like(by_role).index_add_(0, role_of, base.float() * (kind == c)[:, None])
+            for c in range(len(REASONING))
+        ]
+    )  # [4 R V]
     expected = (by_kind / by_role.clamp(min=1e-12))[:, role_of[lab], tok].permute(1, 2, 0)  # [F k 4]
     observed = _onehot(kind[lab], len(REASONING))
     n = valid.sum(1, keepdim=True).clamp(min=1)
@@ -194,15 +218,22 @@ def reasoning_scores(labels: Int[Tensor, "n_features k"], tokens: Int[Tensor, "n
 
 
 def classify_examples(
-    labels: Int[Tensor, "n_features k"], tokens: Int[Tensor, "n_features k"],
-    alive: Bool[Tensor, " n_features"], base: Float[Tensor, "n_labels d_vocab"], *,
-    label_names: Sequence[str] = FINE_LABELS, majority: float = 0.5, min_examples: int = 1,
+    labels: Int[Tensor, "n_features k"],
+    tokens: Int[Tensor, "n_features k"],
+    alive: Bool[Tensor, " n_features"],
+    base: Float[Tensor, "n_labels d_vocab"],
+    *,
+    label_names: Sequence[str] = FINE_LABELS,
+    majority: float = 0.5,
+    min_examples: int = 1,
 ) -> list[str]:
     """The category of each feature by :data:`RULE` (``"dead"`` when not alive)."""
     if labels.shape != tokens.shape or labels.shape[0] != alive.shape[0] or base.shape[0] != len(label_names):
-        raise ValueError(f"labels {tuple(labels.shape)} and tokens {tuple(tokens.shape)} must be "
-                         f"[n_features, k] matching alive {tuple(alive.shape)}; base "
-                         f"{tuple(base.shape)} must be [{len(label_names)}, d_vocab]")
+        raise ValueError(
+            f"labels {tuple(labels.shape)} and tokens {tuple(tokens.shape)} must be "
+            f"[n_features, k] matching alive {tuple(alive.shape)}; base "
+            f"{tuple(base.shape)} must be [{len(label_names)}, d_vocab]"
+        )
     role_of, _, _, group = _rule_tables(label_names)
     valid = labels >= 0
     n = valid.sum(1)
@@ -223,8 +254,7 @@ def classify_examples(
     return out
 
 
-def classify_store(store, *, majority: float = 0.5, min_examples: int = 3,
-                   hesitation_ids: Sequence[int] = ()) -> dict:
+def classify_store(store, *, majority: float = 0.5, min_examples: int = 3, hesitation_ids: Sequence[int] = ()) -> dict:
     """Categories (and reasoning roles) of every feature of an organism store, from its top
     examples (:data:`RULE`).
 
@@ -236,15 +266,27 @@ def classify_store(store, *, majority: float = 0.5, min_examples: int = 3,
         raise ValueError("the store has no ground-truth labels (config.label_names); use the judge")
     centre = store.top_tokens[:, :, store.config.before]
     tokens = centre.masked_fill(store.top_label < 0, -1)
-    cats = classify_examples(store.top_label, tokens, store.alive, store.label_token_count,
-                             label_names=names, majority=majority, min_examples=min_examples)
+    cats = classify_examples(
+        store.top_label,
+        tokens,
+        store.alive,
+        store.label_token_count,
+        label_names=names,
+        majority=majority,
+        min_examples=min_examples,
+    )
     roles = reasoning_roles(store, cats, hesitation_ids)
-    return {"categories": cats, "roles": roles, "summary": summarize(cats, roles),
-            "scores": reasoning_scores(store.top_label, tokens, store.label_token_count, names)}
+    return {
+        "categories": cats,
+        "roles": roles,
+        "summary": summarize(cats, roles),
+        "scores": reasoning_scores(store.top_label, tokens, store.label_token_count, names),
+    }
 
 
-def reasoning_roles(store, categories: Sequence[str], hesitation_ids: Sequence[int] = (),
-                    simple_share: float = 0.8) -> dict[int, str]:
+def reasoning_roles(
+    store, categories: Sequence[str], hesitation_ids: Sequence[int] = (), simple_share: float = 0.8
+) -> dict[int, str]:
     """The role (:data:`ROLES`) of every reasoning feature."""
     centre = store.config.before
     roles = {}
@@ -268,11 +310,14 @@ def summarize(categories: Sequence[str], roles: dict[int, str] | None = None) ->
     counts = Counter(categories)
     n_alive = len(categories) - counts.get("dead", 0)
     n_reasoning = sum(counts.get(c, 0) for c in REASONING)
-    return {"n_features": len(categories), "n_alive": n_alive,
-            "category_counts": {c: counts.get(c, 0) for c in (*CATEGORIES, "dead")},
-            "n_reasoning": n_reasoning,
-            "reasoning_fraction": n_reasoning / n_alive if n_alive else 0.0,
-            "role_counts": {r: sum(v == r for v in (roles or {}).values()) for r in ROLES}}
+    return {
+        "n_features": len(categories),
+        "n_alive": n_alive,
+        "category_counts": {c: counts.get(c, 0) for c in (*CATEGORIES, "dead")},
+        "n_reasoning": n_reasoning,
+        "reasoning_fraction": n_reasoning / n_alive if n_alive else 0.0,
+        "role_counts": {r: sum(v == r for v in (roles or {}).values()) for r in ROLES},
+    }
 
 
 # --------------------------------------------------------------------------- the LM judge
@@ -316,21 +361,31 @@ def mark_example(words: Sequence[str], acts: Sequence[float], centre: int) -> st
     return " ".join(out)
 
 
-def build_messages(name: str, top: Sequence[str], random: Sequence[str], lens_top: Sequence[str],
-                   lens_bottom: Sequence[str], density: float) -> list[dict]:
+def build_messages(
+    name: str,
+    top: Sequence[str],
+    random: Sequence[str],
+    lens_top: Sequence[str],
+    lens_bottom: Sequence[str],
+    density: float,
+) -> list[dict]:
     """Chat messages asking the judge to classify one feature.
 
     >>> msgs = build_messages("L0/F3", ["x [[wait]](3)"], [], ["wait"], ["7"], 0.01)
     >>> msgs[0]["role"], "[[wait]]" in msgs[1]["content"]
     ('system', True)
     """
-    lines = [f"Feature {name}; fires on {density:.3%} of tokens.",
-             "Top activating examples (maximum token in [[ ]], activations in parentheses):"]
+    lines = [
+        f"Feature {name}; fires on {density:.3%} of tokens.",
+        "Top activating examples (maximum token in [[ ]], activations in parentheses):",
+    ]
     lines += [f"{j + 1}. {e}" for j, e in enumerate(top)] or ["(none)"]
     if random:
         lines += ["Random activating examples:", *[f"- {e}" for e in random]]
-    lines += [f"Logit lens, promoted tokens: {' '.join(map(repr, lens_top)) or '(n/a)'}",
-              f"Logit lens, suppressed tokens: {' '.join(map(repr, lens_bottom)) or '(n/a)'}"]
+    lines += [
+        f"Logit lens, promoted tokens: {' '.join(map(repr, lens_top)) or '(n/a)'}",
+        f"Logit lens, suppressed tokens: {' '.join(map(repr, lens_bottom)) or '(n/a)'}",
+    ]
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n".join(lines)}]
 
 
@@ -345,7 +400,7 @@ def parse_judgement(text: str) -> Judgement:
     decoder = json.JSONDecoder()
     for m in re.finditer(r"\{", text):
         try:
-            obj, _ = decoder.raw_decode(text[m.start():])
+            obj, _ = decoder.raw_decode(text[m.start() :])
         except json.JSONDecodeError:
             continue
         if isinstance(obj, dict) and "category" in obj:
@@ -353,8 +408,13 @@ def parse_judgement(text: str) -> Judgement:
             role = obj.get("role")
             role = str(role).strip().lower() if role else None
             if cat in JUDGE_CATEGORIES:
-                return Judgement(cat, role if cat == "reasoning" and role in ROLES else None,
-                                 str(obj.get("explanation", "")), True, text)
+                return Judgement(
+                    cat,
+                    role if cat == "reasoning" and role in ROLES else None,
+                    str(obj.get("explanation", "")),
+                    True,
+                    text,
+                )
     m = re.search(r"category\W+(" + "|".join(JUDGE_CATEGORIES) + ")", text, re.IGNORECASE)
     if m:
         cat = m[1].lower()
@@ -409,13 +469,21 @@ class JudgeClient:
 
 def feature_messages(store, i: int, tokenizer, n_top: int = 8, n_random: int = 4) -> list[dict]:
     """:func:`build_messages` for feature ``i`` of a store (examples decoded with ``tokenizer``)."""
+
     def show(examples):
-        return [mark_example(tokenizer.convert_ids_to_tokens(e["tokens"]), e["acts"], e["centre"])
-                for e in examples]
-    lens = lambda side: ([tokenizer.convert_ids_to_tokens(int(t)) for t in getattr(store, f"lens_{side}_ids")[i] if t >= 0])
-    return build_messages(store.name(i), show(store.examples(i, "top")[:n_top]),
-                          show(store.examples(i, "rand")[:n_random]), lens("top"), lens("bottom"),
-                          float(store.density[i]))
+        return [mark_example(tokenizer.convert_ids_to_tokens(e["tokens"]), e["acts"], e["centre"]) for e in examples]
+
+    lens = lambda side: (
+        [tokenizer.convert_ids_to_tokens(int(t)) for t in getattr(store, f"lens_{side}_ids")[i] if t >= 0]
+    )
+    return build_messages(
+        store.name(i),
+        show(store.examples(i, "top")[:n_top]),
+        show(store.examples(i, "rand")[:n_random]),
+        lens("top"),
+        lens("bottom"),
+        float(store.density[i]),
+    )
 
 
 def judge_store(store, tokenizer, client: JudgeClient, features: Sequence[int]) -> dict[int, Judgement]:

@@ -62,8 +62,9 @@ def write_assets(folder: str | Path) -> str:
 
 def token_view(words: Sequence[str], acts: Sequence[float], max_value: float, bundle: str) -> str:
     """The circuitsvis ``colored_tokens`` HTML of one example, without its inlined bundle."""
-    view = colored_tokens(list(words), [float(f"{a:.4g}") for a in acts], min_value=0.0,
-                          max_value=max(float(max_value), 1e-6))
+    view = colored_tokens(
+        list(words), [float(f"{a:.4g}") for a in acts], min_value=0.0, max_value=max(float(max_value), 1e-6)
+    )
     return without_bundle(view.local_src, bundle)  # the page loads the bundle once, from assets/
 
 
@@ -90,18 +91,36 @@ def _hist_html(store: ActivationStore, i: int) -> str:
     centres = ((edges[1:] + edges[:-1]) / 2).tolist()
     ticks = list(range(int(lo), int(hi) + 1))
     act = go.Figure(go.Bar(x=centres, y=store.act_hist[i].tolist(), marker_color="#4C72B0"))
-    act.update_layout(template="none", title="activation (firing tokens)", bargap=0.05,
-                      xaxis={"title": "activation (log scale; end bins include the tails)",
-                             "tickvals": ticks, "ticktext": [f"{10.0 ** t:g}" for t in ticks]},
-                      yaxis_title="tokens", width=540, height=300, margin={"l": 50, "r": 10, "t": 40, "b": 40})
+    act.update_layout(
+        template="none",
+        title="activation (firing tokens)",
+        bargap=0.05,
+        xaxis={
+            "title": "activation (log scale; end bins include the tails)",
+            "tickvals": ticks,
+            "ticktext": [f"{10.0**t:g}" for t in ticks],
+        },
+        yaxis_title="tokens",
+        width=540,
+        height=300,
+        margin={"l": 50, "r": 10, "t": 40, "b": 40},
+    )
     pos_x = [(j + 0.5) / cfg.pos_bins for j in range(cfg.pos_bins)]
     pos = go.Figure(go.Bar(x=pos_x, y=store.pos_hist[i].tolist(), marker_color="#DD8452"))
-    pos.update_layout(template="none", title="relative position in the thinking span", xaxis={"title": "0 = <think>, 1 = </think>",
-                      "range": [0, 1]}, yaxis_title="firing tokens", width=540, height=300,
-                      margin={"l": 50, "r": 10, "t": 40, "b": 40})
+    pos.update_layout(
+        template="none",
+        title="relative position in the thinking span",
+        xaxis={"title": "0 = <think>, 1 = </think>", "range": [0, 1]},
+        yaxis_title="firing tokens",
+        width=540,
+        height=300,
+        margin={"l": 50, "r": 10, "t": 40, "b": 40},
+    )
     opts = {"full_html": False, "include_plotlyjs": False, "config": {"displayModeBar": False}}
-    return (f'<div class="row"><div>{act.to_html(div_id=f"act-hist-{i}", **opts)}</div>'
-            f'<div>{pos.to_html(div_id=f"pos-hist-{i}", **opts)}</div></div>')
+    return (
+        f'<div class="row"><div>{act.to_html(div_id=f"act-hist-{i}", **opts)}</div>'
+        f"<div>{pos.to_html(div_id=f'pos-hist-{i}', **opts)}</div></div>"
+    )
 
 
 def _examples_html(store, i, tokenizer, kind, n, bundle, label_names) -> str:
@@ -113,47 +132,76 @@ def _examples_html(store, i, tokenizer, kind, n, bundle, label_names) -> str:
     for e in exs:
         words = token_strings(tokenizer, e["tokens"])
         label = label_names[e["label"]] if 0 <= e["label"] < len(label_names) else ""
-        parts.append(f'<div class=ex><span class=meta>activation {e["value"]:.3g} &middot; row {e["row"]}'
-                     f' pos {e["pos"]} &middot; token {_esc(words[e["centre"]].strip())}'
-                     f'{" &middot; label " + _esc(label) if label else ""}</span>'
-                     f'{token_view(words, e["acts"], peak, bundle)}</div>')
+        parts.append(
+            f"<div class=ex><span class=meta>activation {e['value']:.3g} &middot; row {e['row']}"
+            f" pos {e['pos']} &middot; token {_esc(words[e['centre']].strip())}"
+            f"{' &middot; label ' + _esc(label) if label else ''}</span>"
+            f"{token_view(words, e['acts'], peak, bundle)}</div>"
+        )
     return "\n".join(parts)
 
 
-def feature_page(store: ActivationStore, i: int, tokenizer, *, category: str = "", role: str = "",
-                 n_top: int = 12, n_random: int = 6, bundle: str | None = None,
-                 assets: str = "../assets") -> str:
+def feature_page(
+    store: ActivationStore,
+    i: int,
+    tokenizer,
+    *,
+    category: str = "",
+    role: str = "",
+    n_top: int = 12,
+    n_random: int = 6,
+    bundle: str | None = None,
+    assets: str = "../assets",
+) -> str:
     """The HTML of feature ``i``'s page (the JavaScript loaded from ``assets``)."""
     bundle = circuitsvis_bundle() if bundle is None else bundle
     names = store.config.label_names
     n_fire = int(store.n_fire[i])
     mean = float(store.act_sum[i]) / max(1, n_fire)
-    stats = _table(["density", "firing tokens", "max activation", "mean when firing", "role"],
-                   [[f"{float(store.density[i]):.4%}", n_fire, f"{float(store.act_max[i]):.3g}",
-                     f"{mean:.3g}", role or "-"]])
+    stats = _table(
+        ["density", "firing tokens", "max activation", "mean when firing", "role"],
+        [[f"{float(store.density[i]):.4%}", n_fire, f"{float(store.act_max[i]):.3g}", f"{mean:.3g}", role or "-"]],
+    )
     base = store.tokens_by_region / store.tokens_by_region.sum().clamp(min=1)
     reg = store.region_count[i] / max(1, n_fire)
-    where = _table(["region", "share of firings", "share of tokens", "activation mass"],
-                   [[r, f"{float(reg[j]):.1%}", f"{float(base[j]):.1%}", f"{float(store.region_mass[i, j]):.3g}"]
-                    for j, r in enumerate(REGIONS)])
+    where = _table(
+        ["region", "share of firings", "share of tokens", "activation mass"],
+        [
+            [r, f"{float(reg[j]):.1%}", f"{float(base[j]):.1%}", f"{float(store.region_mass[i, j]):.3g}"]
+            for j, r in enumerate(REGIONS)
+        ],
+    )
     labels = ""
     if names:
         order = store.label_count[i].argsort(descending=True)[:6].tolist()
         labels = "<h3>Ground-truth labels of the top examples (what the category rule reads)</h3>" + _table(
-            ["label", "top examples"], [[names[j], n] for j, n in _top_example_labels(store, i)])
+            ["label", "top examples"], [[names[j], n] for j, n in _top_example_labels(store, i)]
+        )
         labels += "<h3>Ground-truth labels of all firing tokens</h3>" + _table(
             ["label", "share of firings", "activation mass"],
-            [[names[j], f"{float(store.label_count[i, j]) / max(1, n_fire):.1%}",
-              f"{float(store.label_mass[i, j]):.3g}"] for j in order if store.label_count[i, j] > 0])
+            [
+                [
+                    names[j],
+                    f"{float(store.label_count[i, j]) / max(1, n_fire):.1%}",
+                    f"{float(store.label_mass[i, j]):.3g}",
+                ]
+                for j in order
+                if store.label_count[i, j] > 0
+            ],
+        )
     lens = "<p class=meta>no decoder directions given</p>"
     if store.meta.get("has_lens") and int(store.lens_top_ids[i, 0]) >= 0:
         top = tokenizer.convert_ids_to_tokens(store.lens_top_ids[i].tolist())
         bot = tokenizer.convert_ids_to_tokens(store.lens_bottom_ids[i].tolist())
-        lens = _table(["promoted", "logit", "suppressed", "logit"],
-                      [[t, f"{float(v):+.3g}", b, f"{float(w):+.3g}"] for t, v, b, w in
-                       zip(top, store.lens_top_values[i], bot, store.lens_bottom_values[i])])
+        lens = _table(
+            ["promoted", "logit", "suppressed", "logit"],
+            [
+                [t, f"{float(v):+.3g}", b, f"{float(w):+.3g}"]
+                for t, v, b, w in zip(top, store.lens_top_values[i], bot, store.lens_bottom_values[i])
+            ],
+        )
     name = store.name(i)
-    cat = f' <span class=cat>{_esc(category)}</span>' if category else ""
+    cat = f" <span class=cat>{_esc(category)}</span>" if category else ""
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{_esc(name)}</title><style>{STYLE}</style>
 <script src="{assets}/plotly.min.js"></script><script src="{assets}/circuitsvis.js"></script>
@@ -182,10 +230,19 @@ def page_name(i: int) -> str:
     return f"features/{i}.html"
 
 
-def write_dashboards(store: ActivationStore, folder: str | Path, tokenizer, *,
-                     categories: Sequence[str] | None = None, roles: dict[int, str] | None = None,
-                     features: Sequence[int] | None = None, title: str = "Feature dashboards",
-                     summary_html: str = "", n_top: int = 12, n_random: int = 6) -> Path:
+def write_dashboards(
+    store: ActivationStore,
+    folder: str | Path,
+    tokenizer,
+    *,
+    categories: Sequence[str] | None = None,
+    roles: dict[int, str] | None = None,
+    features: Sequence[int] | None = None,
+    title: str = "Feature dashboards",
+    summary_html: str = "",
+    n_top: int = 12,
+    n_random: int = 6,
+) -> Path:
     """Write a page per feature (``features``, default: every alive one), the shared assets and
     the index; returns the index path."""
     folder = Path(folder)
@@ -195,11 +252,21 @@ def write_dashboards(store: ActivationStore, folder: str | Path, tokenizer, *,
     roles, bundle = roles or {}, circuitsvis_bundle()
     cat_of = (lambda i: categories[i]) if categories is not None else (lambda i: "")
     for i in features:
-        text = feature_page(store, i, tokenizer, category=cat_of(i), role=roles.get(i, ""),
-                            n_top=n_top, n_random=n_random, bundle=bundle, assets=assets)
+        text = feature_page(
+            store,
+            i,
+            tokenizer,
+            category=cat_of(i),
+            role=roles.get(i, ""),
+            n_top=n_top,
+            n_random=n_random,
+            bundle=bundle,
+            assets=assets,
+        )
         (folder / page_name(i)).write_text(text, encoding="utf-8")
-    (folder / "index.html").write_text(index_page(store, features, tokenizer, cat_of, roles, title,
-                                                  summary_html), encoding="utf-8")
+    (folder / "index.html").write_text(
+        index_page(store, features, tokenizer, cat_of, roles, title, summary_html), encoding="utf-8"
+    )
     return folder / "index.html"
 
 
@@ -218,14 +285,19 @@ def index_page(store, features, tokenizer, cat_of, roles, title, summary_html=""
         for i in sorted(groups[cat], key=lambda i: -float(store.density[i])):
             lens = " ".join(tokenizer.convert_ids_to_tokens([t for t in store.lens_top_ids[i, :3].tolist() if t >= 0]))
             labs = ", ".join(f"{names[j]} {n}" for j, n in _top_example_labels(store, i)[:2])
-            rows.append(f'<tr><td><a href="{page_name(i)}">{_esc(store.name(i))}</a></td>'
-                        f'<td>{_esc(roles.get(i, ""))}</td><td>{float(store.density[i]):.3%}</td>'
-                        f'<td>{float(store.act_max[i]):.3g}</td><td>{_esc(labs)}</td><td>{_esc(lens)}</td></tr>')
-        sections.append(f'<h2 id="{_esc(cat)}">{_esc(cat)} ({len(groups[cat])})</h2><table><tr><th>feature</th>'
-                        f'<th>role</th><th>density</th><th>max</th><th>labels of top examples</th><th>logit lens</th>'
-                        f'</tr>{"".join(rows)}</table>')
-    toc = " &middot; ".join(f'<a href="#{_esc(c)}">{_esc(c)}</a>' for c in
-                            sorted(groups, key=lambda c: (rank.get(c, len(rank)), c)))
+            rows.append(
+                f'<tr><td><a href="{page_name(i)}">{_esc(store.name(i))}</a></td>'
+                f"<td>{_esc(roles.get(i, ''))}</td><td>{float(store.density[i]):.3%}</td>"
+                f"<td>{float(store.act_max[i]):.3g}</td><td>{_esc(labs)}</td><td>{_esc(lens)}</td></tr>"
+            )
+        sections.append(
+            f'<h2 id="{_esc(cat)}">{_esc(cat)} ({len(groups[cat])})</h2><table><tr><th>feature</th>'
+            f"<th>role</th><th>density</th><th>max</th><th>labels of top examples</th><th>logit lens</th>"
+            f"</tr>{''.join(rows)}</table>"
+        )
+    toc = " &middot; ".join(
+        f'<a href="#{_esc(c)}">{_esc(c)}</a>' for c in sorted(groups, key=lambda c: (rank.get(c, len(rank)), c))
+    )
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{_esc(title)}</title><style>{STYLE}</style></head><body>
 <h1>{_esc(title)}</h1>{summary_html}

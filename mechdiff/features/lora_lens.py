@@ -54,7 +54,11 @@ class TokenActivations:
 
 @torch.no_grad()
 def collect(
-    lora: LoRAModel, data: Dataset, *, batch_size: int = 128, with_mlp: bool = True,
+    lora: LoRAModel,
+    data: Dataset,
+    *,
+    batch_size: int = 128,
+    with_mlp: bool = True,
     progress: bool = False,
 ) -> TokenActivations:
     """Run ``data`` (rows with ``input_ids`` and ``label_ids``) and gather per-token activations."""
@@ -71,10 +75,10 @@ def collect(
         rows = torch.arange(start, min(start + batch_size, len(data)))
         tokens, _ = batches.rows(rows)
         real = torch.arange(tokens.shape[1])[None] < batches.lengths[rows][:, None]
-        _, cache = lora.model.run_with_cache(tokens.to(lora.model.cfg.device),
-                                             names_filter=lambda n: n in names)
-        state = torch.stack([torch.cat([cache[lora.act_name(i, m)] for m in lora.config.modules], -1)
-                             for i in range(L)], dim=2)
+        _, cache = lora.model.run_with_cache(tokens.to(lora.model.cfg.device), names_filter=lambda n: n in names)
+        state = torch.stack(
+            [torch.cat([cache[lora.act_name(i, m)] for m in lora.config.modules], -1) for i in range(L)], dim=2
+        )
         out["lora"].append(state[real].cpu())
         if with_mlp:
             out["mlp"].append(torch.stack([cache[f"blocks.{i}.mlp.hook_post"] for i in range(L)], 2)[real].cpu())
@@ -83,14 +87,25 @@ def collect(
         out["pos"].append(p)
     row, pos = torch.cat(out["row"]), torch.cat(out["pos"])
     return TokenActivations(
-        lora=torch.cat(out["lora"]), mlp=torch.cat(out["mlp"]) if with_mlp else None,
-        labels=labels_pad[row, pos], token_ids=batches.tokens[row, pos], row=row, pos=pos,
-        traces=traces)
+        lora=torch.cat(out["lora"]),
+        mlp=torch.cat(out["mlp"]) if with_mlp else None,
+        labels=labels_pad[row, pos],
+        token_ids=batches.tokens[row, pos],
+        row=row,
+        pos=pos,
+        traces=traces,
+    )
 
 
 def monosemanticity(
-    acts: Float[Tensor, "n_tokens units"], labels: Int[Tensor, " n_tokens"], *, k: int = 100,
-    n_labels: int = len(LABELS), mono: float = 0.8, broad: float = 0.8, polarities: str = "+-",
+    acts: Float[Tensor, "n_tokens units"],
+    labels: Int[Tensor, " n_tokens"],
+    *,
+    k: int = 100,
+    n_labels: int = len(LABELS),
+    mono: float = 0.8,
+    broad: float = 0.8,
+    polarities: str = "+-",
     chunk: int = 256,
 ) -> dict[str, Tensor]:
     """Label precision/recall of each unit's top activations; units are ``polarity x column``.
@@ -106,8 +121,9 @@ def monosemanticity(
         ([0, 2], [1.0, 1.0])
     """
     if acts.ndim != 2 or acts.shape[0] != labels.shape[0]:
-        raise ValueError(f"acts must be [n_tokens, units] matching labels; got {tuple(acts.shape)} "
-                         f"and {tuple(labels.shape)}")
+        raise ValueError(
+            f"acts must be [n_tokens, units] matching labels; got {tuple(acts.shape)} and {tuple(labels.shape)}"
+        )
     if not set(polarities) <= {"+", "-"} or not polarities:
         raise ValueError(f"polarities must be '+', '-' or '+-', not {polarities!r}")
     k = min(k, acts.shape[0])
@@ -116,7 +132,7 @@ def monosemanticity(
     for sign in polarities:
         signed = acts if sign == "+" else -acts
         for start in range(0, acts.shape[1], chunk):
-            parts.append(_score_chunk(signed[:, start:start + chunk].float(), labels, label_count, k, n_labels))
+            parts.append(_score_chunk(signed[:, start : start + chunk].float(), labels, label_count, k, n_labels))
     res = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
     klass = torch.full_like(res["best_label"], 2)
     klass[res["top3_cover"] >= broad] = 1
@@ -135,8 +151,12 @@ def _score_chunk(acts, labels, label_count, k, n_labels) -> dict[str, Tensor]:
     ranked_is_best = labels[order] == best[None]  # [N, U]
     within = torch.arange(acts.shape[0])[:, None] < n_best[None]
     recall = (ranked_is_best & within).sum(0).float() / n_best
-    return {"best_label": best, "precision": share.max(0).values, "recall": recall,
-            "top3_cover": share.topk(min(3, n_labels), dim=0).values.sum(0)}
+    return {
+        "best_label": best,
+        "precision": share.max(0).values,
+        "recall": recall,
+        "top3_cover": share.topk(min(3, n_labels), dim=0).values.sum(0),
+    }
 
 
 def class_fractions(scores: dict[str, Tensor]) -> dict[str, float]:
@@ -152,13 +172,22 @@ def class_fractions(scores: dict[str, Tensor]) -> dict[str, float]:
 def unit_names(lora: LoRAModel, polarities: str = "+-") -> list[str]:
     """Names matching :func:`monosemanticity`'s order for ``acts.lora.flatten(1)``."""
     r = lora.config.rank
-    cols = [f"L{L}.{m}" + (f"[{j}]" if r > 1 else "") for L in range(lora.n_layers)
-            for m in lora.config.modules for j in range(r)]
+    cols = [
+        f"L{L}.{m}" + (f"[{j}]" if r > 1 else "")
+        for L in range(lora.n_layers)
+        for m in lora.config.modules
+        for j in range(r)
+    ]
     return [c + s for s in polarities for c in cols]
 
 
 def top_contexts(
-    values: Float[Tensor, " n_tokens"], acts: TokenActivations, tokenizer, *, k: int = 5, window: int = 8,
+    values: Float[Tensor, " n_tokens"],
+    acts: TokenActivations,
+    tokenizer,
+    *,
+    k: int = 5,
+    window: int = 8,
     polarity: str = "+",
 ) -> list[str]:
     """The ``k`` most extreme tokens of one polarity in context: ``value  ... [[token]] ...``.
@@ -172,7 +201,7 @@ def top_contexts(
     out = []
     for v, i in zip((sign * top.values).tolist(), top.indices.tolist(), strict=True):
         ids, p = acts.traces[int(acts.row[i])], int(acts.pos[i])
-        words = tokenizer.convert_ids_to_tokens(ids[max(0, p - window): p + 3])
+        words = tokenizer.convert_ids_to_tokens(ids[max(0, p - window) : p + 3])
         mid = min(p, window)
         words[mid] = f"[[{words[mid]}]]"
         out.append(f"{v:+.2f}  {' '.join(words)}")
@@ -185,15 +214,22 @@ def adapter_sets(lora: LoRAModel) -> dict[str, dict[str, list[tuple[int, str]]]]
     return {
         "layer": {f"L{i}": [(i, m) for m in mods] for i in L},
         "adapter": {f"L{i}.{m}": [(i, m)] for i in L for m in mods},
-        "group": {"attention": [(i, m) for i in L for m in mods if m in ATTENTION_MODULES],
-                  "mlp": [(i, m) for i in L for m in mods if m in MLP_MODULES]},
+        "group": {
+            "attention": [(i, m) for i in L for m in mods if m in ATTENTION_MODULES],
+            "mlp": [(i, m) for i in L for m in mods if m in MLP_MODULES],
+        },
     }
 
 
 @torch.no_grad()
 def ablation_kl(
-    lora: LoRAModel, tokens: Int[Tensor, "batch pos"], keep: Bool[Tensor, "batch pos_minus_1"],
-    sets: dict[str, list[tuple[int, str]]], *, batch_size: int = 128, progress: bool = False,
+    lora: LoRAModel,
+    tokens: Int[Tensor, "batch pos"],
+    keep: Bool[Tensor, "batch pos_minus_1"],
+    sets: dict[str, list[tuple[int, str]]],
+    *,
+    batch_size: int = 128,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Mean ``KL(full || ablated)`` (nats per response token) for each set of zeroed adapters.
 
@@ -210,7 +246,7 @@ def ablation_kl(
         raise ValueError("no response tokens to measure the KL on")
     device = lora.model.cfg.device
     for start in tqdm(range(0, len(tokens), batch_size), desc="ablations", disable=not progress, leave=False):
-        tok, kp = tokens[start:start + batch_size].to(device), keep[start:start + batch_size].to(device)
+        tok, kp = tokens[start : start + batch_size].to(device), keep[start : start + batch_size].to(device)
         full = lora(tok)[:, :-1][kp].log_softmax(-1)
         for name, adapters in sets.items():
             if not adapters:
@@ -229,8 +265,10 @@ def kl_matrix(kl: dict[str, float], lora: LoRAModel) -> Float[Tensor, "module la
 
 def mlp_over_attention(kl: dict[str, float], lora: LoRAModel) -> float:
     """Mean per-adapter ablation KL of MLP adapters over that of attention adapters."""
+
     def mean(group):
         vals = [kl[f"L{i}.{m}"] for i in range(lora.n_layers) for m in lora.config.modules if m in group]
         return sum(vals) / len(vals) if vals else float("nan")
+
     att = mean(ATTENTION_MODULES)
     return mean(MLP_MODULES) / att if att > 0 else float("nan")

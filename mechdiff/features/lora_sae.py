@@ -40,15 +40,15 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "computation": ("equals", "digit", "carry_out"),
     "reasoning flow control": ("slip", "hesitation", "correction", "recheck", "recheck_step", "error"),
     "result formulation": ("think_close", "answer", "eos"),
-    "symbolic structure": ("bos", "operand_label", "prompt_format", "think_open", "step_marker",
-                           "separator"),
+    "symbolic structure": ("bos", "operand_label", "prompt_format", "think_open", "step_marker", "separator"),
     "base-corpus patterns": ("worked_marker", "fact"),
 }
 _UNLISTED = tuple(name for name in LABELS if name not in {lab for labs in CATEGORIES.values() for lab in labs})
 if _UNLISTED:  # labels the task gained after this table was written
     CATEGORIES["other"] = _UNLISTED
-LABEL_CATEGORY = torch.tensor([next(i for i, labs in enumerate(CATEGORIES.values()) if name in labs)
-                               for name in LABELS])
+LABEL_CATEGORY = torch.tensor(
+    [next(i for i, labs in enumerate(CATEGORIES.values()) if name in labs) for name in LABELS]
+)
 
 
 @dataclass
@@ -70,11 +70,13 @@ def _stream(states: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
     while True:
         perm = torch.randperm(len(states), generator=gen)
         for start in range(0, len(perm) - batch_size + 1, batch_size):
-            yield states[perm[start:start + batch_size]]
+            yield states[perm[start : start + batch_size]]
 
 
 def train_sae(
-    states: Float[Tensor, "n_tokens d_in"], cfg: SAEConfig | None = None, out_dir: str | Path | None = None,
+    states: Float[Tensor, "n_tokens d_in"],
+    cfg: SAEConfig | None = None,
+    out_dir: str | Path | None = None,
 ) -> SAE:
     """Train a BatchTopK SAE on ``states``; save it in SAELens format; return the inference SAE.
 
@@ -84,8 +86,7 @@ def train_sae(
     """
     cfg = cfg or SAEConfig()
     if states.ndim != 2 or len(states) < cfg.batch_size:
-        raise ValueError(f"states must be [n_tokens >= batch_size={cfg.batch_size}, d_in]; "
-                         f"got {tuple(states.shape)}")
+        raise ValueError(f"states must be [n_tokens >= batch_size={cfg.batch_size}, d_in]; got {tuple(states.shape)}")
     states = states.detach().float().cpu()
     torch.manual_seed(cfg.seed)
     d_in = states.shape[1]
@@ -111,7 +112,7 @@ def train_sae(
 @torch.no_grad()
 def encode(sae: SAE, states: Float[Tensor, "n_tokens d_in"], batch_size: int = 8192) -> Float[Tensor, "n_tokens d_sae"]:
     """Latent activations of ``states`` (batched)."""
-    return torch.cat([sae.encode(states[i:i + batch_size].float()) for i in range(0, len(states), batch_size)])
+    return torch.cat([sae.encode(states[i : i + batch_size].float()) for i in range(0, len(states), batch_size)])
 
 
 @torch.no_grad()
@@ -119,14 +120,19 @@ def sae_metrics(sae: SAE, states: Float[Tensor, "n_tokens d_in"]) -> dict[str, f
     """FVU (unexplained share of the variance), mean L0, and the share of never-active latents."""
     states = states.float()
     acts = encode(sae, states)
-    recon = torch.cat([sae.decode(acts[i:i + 8192]) for i in range(0, len(acts), 8192)])
+    recon = torch.cat([sae.decode(acts[i : i + 8192]) for i in range(0, len(acts), 8192)])
     fvu = ((states - recon) ** 2).sum() / ((states - states.mean(0)) ** 2).sum()
-    return {"fvu": float(fvu), "l0": float((acts > 0).sum(1).float().mean()),
-            "dead_fraction": float(((acts > 0).sum(0) == 0).float().mean())}
+    return {
+        "fvu": float(fvu),
+        "l0": float((acts > 0).sum(1).float().mean()),
+        "dead_fraction": float(((acts > 0).sum(0) == 0).float().mean()),
+    }
 
 
 def label_distribution(
-    acts: Float[Tensor, "n_tokens d_sae"], labels: Int[Tensor, " n_tokens"], n_labels: int = len(LABELS),
+    acts: Float[Tensor, "n_tokens d_sae"],
+    labels: Int[Tensor, " n_tokens"],
+    n_labels: int = len(LABELS),
 ) -> Float[Tensor, "d_sae n_labels"]:
     """Each latent's activation mass per label (rows sum to the latent's total mass)."""
     onehot = torch.nn.functional.one_hot(labels, n_labels).float()

@@ -44,12 +44,14 @@ def mean_differences(pair, prompts) -> Float[Tensor, "layer d_model"]:
 
 def shift_hooks(layer: int, vec: Tensor, last_only: bool = False) -> list[tuple]:
     """Add ``vec`` to the residual after ``layer`` (every position, or the last only)."""
+
     def hook(x, hook):
         if not last_only:
             return x + vec.to(x.dtype)
         x = x.clone()
         x[:, -1] += vec.to(x.dtype)
         return x
+
     return [(site(layer), hook)]
 
 
@@ -59,15 +61,22 @@ def activation_difference_lens(ctx: LensContext) -> scoring.LensResult:
     with measure() as train:
         deltas = mean_differences(pair, ctx.hes.tokens)
     with measure() as score:
-        p_val = [float(H.next_token_probability(pair.target, ctx.hes.tokens, spec.variants,
-                                                fwd_hooks=shift_hooks(la, -deltas[la])).mean())
-                 for la in range(pair.n_layers)]
+        p_val = [
+            float(
+                H.next_token_probability(
+                    pair.target, ctx.hes.tokens, spec.variants, fwd_hooks=shift_hooks(la, -deltas[la])
+                ).mean()
+            )
+            for la in range(pair.n_layers)
+        ]
         layer = min(range(pair.n_layers), key=p_val.__getitem__)
         delta = deltas[layer]
         lens = logit_lens(pair.target, delta[None], k=5)
         rank = _rank_of(pair.target, delta, spec.target)
     name = site(layer)
-    diff = cached(pair.target, ctx.tokens.sequences, [name])[name] - cached(pair.base, ctx.tokens.sequences, [name])[name]
+    diff = (
+        cached(pair.target, ctx.tokens.sequences, [name])[name] - cached(pair.base, ctx.tokens.sequences, [name])[name]
+    )
     acts = (diff @ (delta / delta.norm()))[:, None]
 
     gen = torch.Generator().manual_seed(s.seed)
@@ -76,25 +85,43 @@ def activation_difference_lens(ctx: LensContext) -> scoring.LensResult:
 
     def rate(units):
         return spec.evaluate(pair.target, ctx.problems, fwd_hooks=shift_hooks(layer, -pool[units[0]]))[
-            "hesitations_per_response"]
+            "hesitations_per_response"
+        ]
 
     before = spec.evaluate(pair.target, ctx.problems)["hesitations_per_response"]
     need = scoring.necessity(before, rate([0]), [rate([i]) for i in range(1, len(pool))])
     ids, prompts = spec.variants, ctx.hes_test.tokens
-    p = {k: float(H.next_token_probability(m, prompts, ids, fwd_hooks=h).mean())
-         for k, m, h in (("before", pair.base, []), ("after", pair.base, shift_hooks(layer, delta, last_only=True)),
-                         ("reference", pair.target, []))}
-    steering = {**p, "gain": scoring.steering_gain(p["before"], p["after"], p["reference"]),
-                "how": "base + delta at the last position; reference: target"}
+    p = {
+        k: float(H.next_token_probability(m, prompts, ids, fwd_hooks=h).mean())
+        for k, m, h in (
+            ("before", pair.base, []),
+            ("after", pair.base, shift_hooks(layer, delta, last_only=True)),
+            ("reference", pair.target, []),
+        )
+    }
+    steering = {
+        **p,
+        "gain": scoring.steering_gain(p["before"], p["after"], p["reference"]),
+        "how": "base + delta at the last position; reference: target",
+    }
     tokens = spec.tokenizer.convert_ids_to_tokens
     return scoring.LensResult(
-        "activation_difference", [f"delta@L{layer}"], acts, necessity=need, steering=steering,
-        train=train, score=score,
-        extra={"layer": layer, "p_hesitation_validation_by_layer_when_subtracted": p_val,
-               "delta_norm_by_layer": deltas.norm(dim=-1).tolist(),
-               "logit_lens_top": tokens(lens["lens_top_ids"][0].tolist()),
-               "logit_lens_bottom": tokens(lens["lens_bottom_ids"][0].tolist()),
-               "hesitation_rank_in_logit_lens": rank})
+        "activation_difference",
+        [f"delta@L{layer}"],
+        acts,
+        necessity=need,
+        steering=steering,
+        train=train,
+        score=score,
+        extra={
+            "layer": layer,
+            "p_hesitation_validation_by_layer_when_subtracted": p_val,
+            "delta_norm_by_layer": deltas.norm(dim=-1).tolist(),
+            "logit_lens_top": tokens(lens["lens_top_ids"][0].tolist()),
+            "logit_lens_bottom": tokens(lens["lens_bottom_ids"][0].tolist()),
+            "hesitation_rank_in_logit_lens": rank,
+        },
+    )
 
 
 def _rank_of(model, direction: Tensor, token_id: int) -> int:

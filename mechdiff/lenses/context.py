@@ -77,8 +77,9 @@ class LensContext:
     problems: Dataset
 
 
-def lens_context(pair: ModelPair, settings: LensSettings | None = None, *,
-                 max_new_tokens: int | None = None) -> LensContext:
+def lens_context(
+    pair: ModelPair, settings: LensSettings | None = None, *, max_new_tokens: int | None = None
+) -> LensContext:
     """Generate the target's replies (greedy) and cut everything the lenses need."""
     s = settings or LensSettings()
     spec = for_pair(pair, max_new_tokens)
@@ -87,10 +88,20 @@ def lens_context(pair: ModelPair, settings: LensSettings | None = None, *,
     hes, ctl = H.hesitation_prompts(pair.target, spec.tokenizer, val, workload=spec)
     hes_test, _ = H.hesitation_prompts(pair.target, spec.tokenizer, test, workload=spec)
     if not len(hes):
-        raise ValueError(f"the target wrote no {spec.word!r} in its replies to {len(val)} validation "
-                         "problems: nothing to rank hesitation units with (raise n_label_problems)")
-    return LensContext(pair, spec, s, labelled_replies(pair.target, spec, val), _first(hes, s.n_prompts),
-                       _first(ctl, s.n_prompts), _first(hes_test, s.n_prompts), test)
+        raise ValueError(
+            f"the target wrote no {spec.word!r} in its replies to {len(val)} validation "
+            "problems: nothing to rank hesitation units with (raise n_label_problems)"
+        )
+    return LensContext(
+        pair,
+        spec,
+        s,
+        labelled_replies(pair.target, spec, val),
+        _first(hes, s.n_prompts),
+        _first(ctl, s.n_prompts),
+        _first(hes_test, s.n_prompts),
+        test,
+    )
 
 
 def labelled_replies(model, spec: Workload, problems: Dataset) -> LabelledTokens:
@@ -108,13 +119,20 @@ def _first(prompts: H.CutPrompts, n: int) -> H.CutPrompts:
 
 
 @torch.no_grad()
-def cached(model, sequences: Sequence[Sequence[int]], names: Sequence[str], *, batch_size: int = 64,
-           fwd_hooks: Sequence[tuple] = (), pad_id: int = 0) -> dict[str, Float[Tensor, "n_tokens ..."]]:
+def cached(
+    model,
+    sequences: Sequence[Sequence[int]],
+    names: Sequence[str],
+    *,
+    batch_size: int = 64,
+    fwd_hooks: Sequence[tuple] = (),
+    pad_id: int = 0,
+) -> dict[str, Float[Tensor, "n_tokens ..."]]:
     """Activations at ``names`` on every token of ``sequences`` but each one's first, flattened in
     order (right padding: causal attention never reads the pads after a real token)."""
     wanted, out = set(names), {n: [] for n in names}
     for start in range(0, len(sequences), batch_size):
-        chunk = [list(s) for s in sequences[start:start + batch_size]]
+        chunk = [list(s) for s in sequences[start : start + batch_size]]
         tokens, mask = pad(chunk, pad_id, "right")
         mask[:, 0] = False
         with model.hooks(fwd_hooks=list(fwd_hooks)):
@@ -124,8 +142,12 @@ def cached(model, sequences: Sequence[Sequence[int]], names: Sequence[str], *, b
     return {n: torch.cat(v) for n, v in out.items()}
 
 
-def last_position(model, prompts: Sequence[Sequence[int]], names: Sequence[str], **kwargs,
-                  ) -> dict[str, Float[Tensor, "n_prompts ..."]]:
+def last_position(
+    model,
+    prompts: Sequence[Sequence[int]],
+    names: Sequence[str],
+    **kwargs,
+) -> dict[str, Float[Tensor, "n_prompts ..."]]:
     """Activations at ``names`` on the last token of each prompt."""
     lengths = torch.tensor([len(p) for p in prompts]) - 1
     ends = torch.cumsum(lengths, 0) - 1

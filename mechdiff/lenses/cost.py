@@ -36,10 +36,12 @@ from pathlib import Path
 
 GIB = 2**30
 MEASURED = "measured in this run: CPU seconds (time.process_time)"
-MEMORY_RULE = ("memory of a phase measured in this run, Linux RSS: gc + malloc_trim before it, the kernel's peak "
-               "counter (VmHWM) reset by /proc/self/clear_refs, then read after it; *_peak_gib = the phase's "
-               "increment over the RSS live at its start (the lens's own memory), *_rss_peak_gib = the process's "
-               "peak RSS during the phase (everything loaded included)")
+MEMORY_RULE = (
+    "memory of a phase measured in this run, Linux RSS: gc + malloc_trim before it, the kernel's peak "
+    "counter (VmHWM) reset by /proc/self/clear_refs, then read after it; *_peak_gib = the phase's "
+    "increment over the RSS live at its start (the lens's own memory), *_rss_peak_gib = the process's "
+    "peak RSS during the phase (everything loaded included)"
+)
 
 
 @dataclass
@@ -151,9 +153,12 @@ def adapters_record(folder: str | Path, shown: str | None = None) -> Recorded | 
     if "seconds" not in last:
         return None
     steps = f", {last['step']} steps" if "step" in last else ""
-    return Recorded(float(last["seconds"]), "wall",
-                    f"recorded when trained: wall seconds (time.perf_counter) in {shown or folder}/{path.name} "
-                    f"{key}{steps}; not CPU seconds")
+    return Recorded(
+        float(last["seconds"]),
+        "wall",
+        f"recorded when trained: wall seconds (time.perf_counter) in {shown or folder}/{path.name} "
+        f"{key}{steps}; not CPU seconds",
+    )
 
 
 def lora_record(folder: str | Path, shown: str | None = None) -> Recorded | None:
@@ -171,6 +176,9 @@ def lora_record(folder: str | Path, shown: str | None = None) -> Recorded | None
     if "seconds" not in info:
         return None
     steps = (info.get("config") or {}).get("steps")
-    return Recorded(float(info["seconds"]), "wall",
-                    f"recorded when trained: wall seconds (time.perf_counter) in {shown or folder}/training.json "
-                    f"seconds{f', {steps} steps' if steps else ''}; not CPU seconds")
+    return Recorded(
+        float(info["seconds"]),
+        "wall",
+        f"recorded when trained: wall seconds (time.perf_counter) in {shown or folder}/training.json "
+        f"seconds{f', {steps} steps' if steps else ''}; not CPU seconds",
+    )

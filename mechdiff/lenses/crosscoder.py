@@ -118,13 +118,13 @@ def _scales(acts: Tensor) -> Tensor:
     return (acts.shape[-1] / acts.pow(2).sum(-1).mean(0)).sqrt()
 
 
-def train_crosscoder(acts: Float[Tensor, "n_tokens 2 d_model"], cfg: CrosscoderConfig | None = None, *,
-                     progress: bool = False) -> Crosscoder:
+def train_crosscoder(
+    acts: Float[Tensor, "n_tokens 2 d_model"], cfg: CrosscoderConfig | None = None, *, progress: bool = False
+) -> Crosscoder:
     """Train on ``acts[:, 0]`` (base) and ``acts[:, 1]`` (target) at the same tokens."""
     cfg = cfg or CrosscoderConfig()
     if acts.ndim != 3 or acts.shape[1] != 2 or len(acts) < cfg.batch_size:
-        raise ValueError(f"acts must be [n_tokens >= batch_size={cfg.batch_size}, 2, d_model]; "
-                         f"got {tuple(acts.shape)}")
+        raise ValueError(f"acts must be [n_tokens >= batch_size={cfg.batch_size}, 2, d_model]; got {tuple(acts.shape)}")
     acts = acts.detach().float()
     torch.manual_seed(cfg.seed)
     cc = Crosscoder(acts.shape[-1], cfg.d_sae, cfg.k, _scales(acts))
@@ -158,13 +158,19 @@ def train_crosscoder(acts: Float[Tensor, "n_tokens 2 d_model"], cfg: CrosscoderC
             aux_recon = torch.einsum("bn,nmd->bmd", f_aux, cc.W_dec)
             aux = (err.detach() - aux_recon).pow(2).sum((-1, -2)).mean() / err.detach().pow(2).sum((-1, -2)).mean()
         fvu = mse.detach() / (xs - xs.mean(0)).pow(2).sum((-1, -2)).mean()
-        return mse + cfg.aux_coefficient * aux, {"fvu": float(fvu), "l0": float((f > 0).sum(-1).float().mean()),
-                                                 "dead": float(dead.float().mean())}
+        return mse + cfg.aux_coefficient * aux, {
+            "fvu": float(fvu),
+            "l0": float((f > 0).sum(-1).float().mean()),
+            "dead": float(dead.float().mean()),
+        }
 
-    train(cc, loss_fn, LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup_frac=0.02, seed=cfg.seed,
-                                  progress=progress, desc="crosscoder"))
+    train(
+        cc,
+        loss_fn,
+        LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup_frac=0.02, seed=cfg.seed, progress=progress, desc="crosscoder"),
+    )
     with torch.no_grad():  # the inference threshold: mean of the per-batch smallest kept value (last half)
-        cc.threshold.fill_(sum(thresholds[len(thresholds) // 2:]) / max(1, len(thresholds) - len(thresholds) // 2))
+        cc.threshold.fill_(sum(thresholds[len(thresholds) // 2 :]) / max(1, len(thresholds) - len(thresholds) // 2))
     cc.config = cfg
     return cc
 
@@ -177,13 +183,18 @@ def relative_norm(cc: Crosscoder) -> Float[Tensor, " d_sae"]:
 
 def latent_kinds(rel: Float[Tensor, " d_sae"]) -> list[str]:
     """``base-only`` (< 0.1), ``shared`` (0.4-0.6), ``target-only`` (> 0.9), else ``other``."""
-    return ["base-only" if r < 0.1 else "target-only" if r > 0.9 else "shared" if 0.4 <= r <= 0.6 else "other"
-            for r in rel.tolist()]
+    return [
+        "base-only" if r < 0.1 else "target-only" if r > 0.9 else "shared" if 0.4 <= r <= 0.6 else "other"
+        for r in rel.tolist()
+    ]
 
 
 @torch.no_grad()
-def latent_scaling(cc: Crosscoder, acts: Float[Tensor, "n_tokens 2 d_model"], chunk: int = 4096,
-                   ) -> dict[str, Float[Tensor, " d_sae"]]:
+def latent_scaling(
+    cc: Crosscoder,
+    acts: Float[Tensor, "n_tokens 2 d_model"],
+    chunk: int = 4096,
+) -> dict[str, Float[Tensor, " d_sae"]]:
     """Latent Scaling: per latent ``j`` and model ``m``, ``beta_m`` minimising
     ``sum_t |y_m(t) - beta f_j(t) d_j|^2`` with ``d_j`` the latent's *target* decoder direction and
     ``y_m = x_m - (reconstruction_m - f_j W_dec[j, m])`` (what the other latents leave of model m,
@@ -194,7 +205,7 @@ def latent_scaling(cc: Crosscoder, acts: Float[Tensor, "n_tokens 2 d_model"], ch
     own = torch.stack([(cc.W_dec[:, m] * d).sum(-1) for m in range(2)])  # [2 n]
     num, den = torch.zeros(2, cc.d_sae), torch.zeros(cc.d_sae)
     for start in range(0, len(acts), chunk):
-        x = acts[start:start + chunk].float()
+        x = acts[start : start + chunk].float()
         f = cc.encode(x)
         err = x * cc.scale[:, None] - (torch.einsum("bn,nmd->bmd", f, cc.W_dec) + cc.b_dec)
         f2 = f.pow(2).sum(0)
@@ -210,12 +221,22 @@ def save_crosscoder(cc: Crosscoder, folder: str | Path, hook_name: str) -> Path:
     """``folder/cfg.json`` + ``folder/sae_weights.safetensors``, each written atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = {"architecture": ARCHITECTURE, "d_in": cc.d_model, "d_sae": cc.d_sae, "k": cc.k,
-           "models": list(MODELS), "dtype": "float32", "device": "cpu", "normalize_activations": "expected_average",
-           "metadata": {"hook_name": hook_name, "training": asdict(getattr(cc, "config", CrosscoderConfig()))}}
+    cfg = {
+        "architecture": ARCHITECTURE,
+        "d_in": cc.d_model,
+        "d_sae": cc.d_sae,
+        "k": cc.k,
+        "models": list(MODELS),
+        "dtype": "float32",
+        "device": "cpu",
+        "normalize_activations": "expected_average",
+        "metadata": {"hook_name": hook_name, "training": asdict(getattr(cc, "config", CrosscoderConfig()))},
+    }
     tensors = {name: t.detach().contiguous().cpu() for name, t in cc.state_dict().items()}
-    for name, write in ((WEIGHTS_FILE, lambda p: save_file(tensors, p)),
-                        (CFG_FILE, lambda p: Path(p).write_text(json.dumps(cfg, indent=1)))):
+    for name, write in (
+        (WEIGHTS_FILE, lambda p: save_file(tensors, p)),
+        (CFG_FILE, lambda p: Path(p).write_text(json.dumps(cfg, indent=1))),
+    ):
         tmp = folder / f".{name}.tmp"
         write(str(tmp))
         os.replace(tmp, folder / name)
@@ -247,9 +268,15 @@ def pair_acts(pair, sequences, layer: int, **kwargs) -> Float[Tensor, "n_tokens 
     return torch.stack([cached(m, sequences, [site], **kwargs)[site] for m in (pair.base, pair.target)], 1)
 
 
-def crosscoder_lens(ctx: LensContext, cfg: CrosscoderConfig, *, n_traces: int = 1500,
-                    folder: str | Path | None = None, progress: bool = False, max_nu: float = 0.5,
-                    ) -> scoring.LensResult:
+def crosscoder_lens(
+    ctx: LensContext,
+    cfg: CrosscoderConfig,
+    *,
+    n_traces: int = 1500,
+    folder: str | Path | None = None,
+    progress: bool = False,
+    max_nu: float = 0.5,
+) -> scoring.LensResult:
     """Train on the pair's *train* traces, then name hesitation latents: target-specific by Latent
     Scaling (``nu`` on the validation replies below ``max_nu``; the decoder-norm reading is reported
     beside, and with BatchTopK it calls few latents target-only), ranked by how much
@@ -268,31 +295,49 @@ def crosscoder_lens(ctx: LensContext, cfg: CrosscoderConfig, *, n_traces: int = 
             latents = cc.encode(acts)
             rel, scaling = relative_norm(cc), latent_scaling(cc, acts)
             kinds = latent_kinds(rel)
-            excess = (cc.encode(_last(pair, ctx.hes.tokens, cfg.layer)).mean(0)
-                      - cc.encode(_last(pair, ctx.ctl.tokens, cfg.layer)).mean(0)) * cc.decoder_norms()[:, 1]
+            excess = (
+                cc.encode(_last(pair, ctx.hes.tokens, cfg.layer)).mean(0)
+                - cc.encode(_last(pair, ctx.ctl.tokens, cfg.layer)).mean(0)
+            ) * cc.decoder_norms()[:, 1]
         candidate = scaling["nu"] < max_nu  # NaN (never fires) is not a candidate
         scores = {j: float(excess[j]) for j in candidate.nonzero().flatten().tolist() if excess[j] > 0}
         named = feature_sets.covering_set(scores, s.share) if scores else []
     alive = (latents > 0).any(0).nonzero().flatten().tolist()
     before = spec.evaluate(pair.target, ctx.problems)["hesitations_per_response"]
-    need = scoring.ablation_necessity(lambda units: _ablated_rate(ctx, cc, units), named, alive, before,
-                                      s.random_draws, s.seed)
+    need = scoring.ablation_necessity(
+        lambda units: _ablated_rate(ctx, cc, units), named, alive, before, s.random_draws, s.seed
+    )
     counts = {k: kinds.count(k) for k in ("base-only", "shared", "target-only", "other")}
     nu_target_only = scaling["nu"][torch.tensor([k == "target-only" for k in kinds]) & ~scaling["nu"].isnan()]
     with torch.no_grad():
         fvu = float((acts - cc.decode(latents)).pow(2).sum() / (acts - acts.mean(0)).pow(2).sum())
     return scoring.LensResult(
-        "crosscoder", [f"X{j}" for j in named], latents[:, named], necessity=need,
-        steering=_steer(ctx, cc, named), train=train, score=score,
-        extra={"site": site_name(cfg.layer), "d_sae": cc.d_sae, "k": cc.k, "fvu": fvu,
-               "l0": float((latents > 0).sum(1).float().mean()), "n_alive": len(alive),
-               "latent_kinds": counts, "n_target_specific_by_scaling": int(candidate.sum()),
-               "target_only_nu_median": float(nu_target_only.median()) if len(nu_target_only) else None,
-               "alive_nu_median": float(scaling["nu"][alive].nanmedian()) if alive else None,
-               "named": [{"latent": j, "relative_norm": float(rel[j]), "nu": float(scaling["nu"][j]),
-                          "excess": scores[j]} for j in named],
-               "selection": f"target-specific by Latent Scaling (nu < {max_nu}), "
-                            f"covering {s.share:.0%} of the hesitation-minus-control excess"})
+        "crosscoder",
+        [f"X{j}" for j in named],
+        latents[:, named],
+        necessity=need,
+        steering=_steer(ctx, cc, named),
+        train=train,
+        score=score,
+        extra={
+            "site": site_name(cfg.layer),
+            "d_sae": cc.d_sae,
+            "k": cc.k,
+            "fvu": fvu,
+            "l0": float((latents > 0).sum(1).float().mean()),
+            "n_alive": len(alive),
+            "latent_kinds": counts,
+            "n_target_specific_by_scaling": int(candidate.sum()),
+            "target_only_nu_median": float(nu_target_only.median()) if len(nu_target_only) else None,
+            "alive_nu_median": float(scaling["nu"][alive].nanmedian()) if alive else None,
+            "named": [
+                {"latent": j, "relative_norm": float(rel[j]), "nu": float(scaling["nu"][j]), "excess": scores[j]}
+                for j in named
+            ],
+            "selection": f"target-specific by Latent Scaling (nu < {max_nu}), "
+            f"covering {s.share:.0%} of the hesitation-minus-control excess",
+        },
+    )
 
 
 def _last(pair, prompts, layer):
@@ -311,14 +356,23 @@ def _ablated_rate(ctx: LensContext, cc: Crosscoder, units) -> float:
         def edit(x, hook):
             f = cc.encode(torch.stack([reader[site], x], -2))
             return x - cc.contribution(f * mask, 1).to(x.dtype)
+
         return [(site, edit)]
 
     tok = spec.tokenizer
-    rows = paired_generate(ctx.pair.target, ctx.pair.base, ctx.problems["input_ids"], spec.max_new_tokens,
-                           hooks, reader_names=[site], eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id or 0)
-    return spec.summarize([spec.grade(task.Problem(tuple(r["operands"])), ids)
-                           for r, ids in zip(ctx.problems, rows)])["hesitations_per_response"]
+    rows = paired_generate(
+        ctx.pair.target,
+        ctx.pair.base,
+        ctx.problems["input_ids"],
+        spec.max_new_tokens,
+        hooks,
+        reader_names=[site],
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id or 0,
+    )
+    return spec.summarize([spec.grade(task.Problem(tuple(r["operands"])), ids) for r, ids in zip(ctx.problems, rows)])[
+        "hesitations_per_response"
+    ]
 
 
 def _steer(ctx: LensContext, cc: Crosscoder, units) -> dict:
@@ -335,8 +389,17 @@ def _steer(ctx: LensContext, cc: Crosscoder, units) -> dict:
         x = x.clone()
         x[:, -1] += vec.to(x.dtype)
         return x
-    p = {name: float(H.next_token_probability(m, prompts, ids, fwd_hooks=h).mean())
-         for name, m, h in (("before", ctx.pair.base, []), ("after", ctx.pair.base, [(site, add)]),
-                            ("reference", ctx.pair.target, []))}
-    return {**p, "gain": scoring.steering_gain(p["before"], p["after"], p["reference"]),
-            "how": "base + mean f (d_target - d_base) of the named latents at the last position; reference: target"}
+
+    p = {
+        name: float(H.next_token_probability(m, prompts, ids, fwd_hooks=h).mean())
+        for name, m, h in (
+            ("before", ctx.pair.base, []),
+            ("after", ctx.pair.base, [(site, add)]),
+            ("reference", ctx.pair.target, []),
+        )
+    }
+    return {
+        **p,
+        "gain": scoring.steering_gain(p["before"], p["after"], p["reference"]),
+        "how": "base + mean f (d_target - d_base) of the named latents at the last position; reference: target",
+    }

@@ -27,12 +27,13 @@ from mechdiff.padding import pad
 
 
 @torch.no_grad()
-def token_kl(target, base, sequences: Sequence[Sequence[int]], batch_size: int = 64,
-             pad_id: int = 0) -> Float[Tensor, " n_tokens"]:
+def token_kl(
+    target, base, sequences: Sequence[Sequence[int]], batch_size: int = 64, pad_id: int = 0
+) -> Float[Tensor, " n_tokens"]:
     """``KL(p_target || p_base)`` (nats) at every token but each sequence's first, flattened in order."""
     out = []
     for start in range(0, len(sequences), batch_size):
-        tokens, mask = pad([list(s) for s in sequences[start:start + batch_size]], pad_id, "right")
+        tokens, mask = pad([list(s) for s in sequences[start : start + batch_size]], pad_id, "right")
         mask[:, 0] = False
         logp = target(tokens.to(target.cfg.device)).float().log_softmax(-1)
         logq = base(tokens.to(base.cfg.device)).float().log_softmax(-1)
@@ -52,6 +53,14 @@ def kl_lens(ctx: LensContext) -> scoring.LensResult:
         by_label[lab] = {"mean_kl": float(kl[sel].mean()), "n_tokens": int(sel.sum())}
     rule = scoring.label_scores(kl[:, None], ctx.tokens.truth())
     return scoring.LensResult(
-        "kl", None, kl[:, None], score=score,
-        extra={"by_label": dict(sorted(by_label.items(), key=lambda kv: -kv[1]["mean_kl"])),
-               "mean_kl": float(kl.mean()), "token_precision": rule["precision"], "token_recall": rule["recall"]})
+        "kl",
+        None,
+        kl[:, None],
+        score=score,
+        extra={
+            "by_label": dict(sorted(by_label.items(), key=lambda kv: -kv[1]["mean_kl"])),
+            "mean_kl": float(kl.mean()),
+            "token_precision": rule["precision"],
+            "token_recall": rule["recall"],
+        },
+    )

@@ -62,14 +62,17 @@ def _edit_hooks(lora, sae, mask: torch.Tensor, fixed: torch.Tensor | None = None
             delta = delta.view(*state.shape)
         hooks = []
         for i, name in enumerate(names):
+
             def edit(act, hook, i=i):
                 if fixed is not None:
                     out = torch.zeros_like(act)
-                    out[:, -1] = fixed[i * r:(i + 1) * r].to(act.dtype)
+                    out[:, -1] = fixed[i * r : (i + 1) * r].to(act.dtype)
                     return out
-                return act - delta[..., i * r:(i + 1) * r].to(act.dtype)
+                return act - delta[..., i * r : (i + 1) * r].to(act.dtype)
+
             hooks.append((name, edit))
         return hooks
+
     return make
 
 
@@ -80,8 +83,10 @@ def lora_sae_lens(ctx: LensContext, lora_folder: str | Path, sae_folder: str | P
     with measure() as score:
         with torch.no_grad():
             norms = sae.W_dec.detach().norm(dim=-1)
-            excess = (encode(sae, states(lora, ctx.hes.tokens, last=True)).mean(0)
-                      - encode(sae, states(lora, ctx.ctl.tokens, last=True)).mean(0)) * norms
+            excess = (
+                encode(sae, states(lora, ctx.hes.tokens, last=True)).mean(0)
+                - encode(sae, states(lora, ctx.ctl.tokens, last=True)).mean(0)
+            ) * norms
         scores = {j: float(excess[j]) for j in range(len(excess)) if excess[j] > 0}
         named = feature_sets.covering_set(scores, s.share) if scores else []
     latents = encode(sae, states(lora, ctx.tokens.sequences))
@@ -91,11 +96,19 @@ def lora_sae_lens(ctx: LensContext, lora_folder: str | Path, sae_folder: str | P
     def rate(units):
         mask = torch.zeros(sae.cfg.d_sae)
         mask[list(units)] = 1.0
-        rows = paired_generate(lora.model, lora.model, ctx.problems["input_ids"], spec.max_new_tokens,
-                               _edit_hooks(lora, sae, mask), reader_names=lora.act_names(),
-                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id or 0)
-        return spec.summarize([spec.grade(task.Problem(tuple(r["operands"])), ids)
-                               for r, ids in zip(ctx.problems, rows)])["hesitations_per_response"]
+        rows = paired_generate(
+            lora.model,
+            lora.model,
+            ctx.problems["input_ids"],
+            spec.max_new_tokens,
+            _edit_hooks(lora, sae, mask),
+            reader_names=lora.act_names(),
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id or 0,
+        )
+        return spec.summarize(
+            [spec.grade(task.Problem(tuple(r["operands"])), ids) for r, ids in zip(ctx.problems, rows)]
+        )["hesitations_per_response"]
 
     before = spec.evaluate(lora.model, ctx.problems)["hesitations_per_response"]
     need = scoring.ablation_necessity(rate, named, alive, before, s.random_draws, s.seed)
@@ -105,20 +118,36 @@ def lora_sae_lens(ctx: LensContext, lora_folder: str | Path, sae_folder: str | P
     with torch.no_grad():
         fixed = f @ sae.W_dec.detach()
     zero = _edit_hooks(lora, sae, None, torch.zeros_like(fixed))({})
-    p = {k: float(H.next_token_probability(lora.model, ctx.hes_test.tokens, spec.variants, fwd_hooks=h).mean())
-         for k, h in (("before", zero), ("after", _edit_hooks(lora, sae, None, fixed)({})), ("reference", []))}
-    steering = {**p, "gain": scoring.steering_gain(p["before"], p["after"], p["reference"]),
-                "how": "base (every LoRA activation 0) with the named latents' mean state at the last "
-                       "position; reference: the LoRA model"}
+    p = {
+        k: float(H.next_token_probability(lora.model, ctx.hes_test.tokens, spec.variants, fwd_hooks=h).mean())
+        for k, h in (("before", zero), ("after", _edit_hooks(lora, sae, None, fixed)({})), ("reference", []))
+    }
+    steering = {
+        **p,
+        "gain": scoring.steering_gain(p["before"], p["after"], p["reference"]),
+        "how": "base (every LoRA activation 0) with the named latents' mean state at the last "
+        "position; reference: the LoRA model",
+    }
     return scoring.LensResult(
-        "lora_sae", [f"S{j}" for j in named], latents[:, named], necessity=need, steering=steering,
+        "lora_sae",
+        [f"S{j}" for j in named],
+        latents[:, named],
+        necessity=need,
+        steering=steering,
         score=score,
-        extra={"d_sae": sae.cfg.d_sae, "n_alive": len(alive),
-               "excess": [scores[j] for j in named]})
+        extra={"d_sae": sae.cfg.d_sae, "n_alive": len(alive), "excess": [scores[j] for j in named]},
+    )
 
 
-def retrain_cost(ctx: LensContext, lora_folder: str | Path, sae_folder: str | Path, *, n_traces: int = 2000,
-                 n_samples: int = 1_500_000, trace_seed: int = 2) -> Cost:
+def retrain_cost(
+    ctx: LensContext,
+    lora_folder: str | Path,
+    sae_folder: str | Path,
+    *,
+    n_traces: int = 2000,
+    n_samples: int = 1_500_000,
+    trace_seed: int = 2,
+) -> Cost:
     """Train an SAE shaped like ``sae_folder``'s (width, k) on the LoRA's state over ``n_traces``
     train traces, as ``python -m analyses.lora`` does, and return what collecting the states and
     training cost (CPU seconds, memory); the SAE is discarded (the lens scores ``sae_folder``'s).

@@ -41,9 +41,16 @@ EditHooks = Callable[[dict[str, Tensor]], list[tuple[str, Callable]]]
 
 @torch.no_grad()
 def paired_generate(
-    model: HookedTransformer, reader: HookedTransformer, prompts: Sequence[Sequence[int]],
-    max_new_tokens: int, edit_hooks: EditHooks, *, reader_names: Sequence[str],
-    eos_token_id: int | None = None, pad_token_id: int | None = None, batch_size: int = 128,
+    model: HookedTransformer,
+    reader: HookedTransformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    edit_hooks: EditHooks,
+    *,
+    reader_names: Sequence[str],
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    batch_size: int = 128,
     progress: bool = False,
 ) -> list[list[int]]:
     """New tokens per prompt (eos kept), in order; ``edit_hooks(reader_acts)`` gives the model's
@@ -55,8 +62,9 @@ def paired_generate(
     names = set(reader_names)
     out: list[list[int]] = [[] for _ in prompts]
     for chunk in tqdm(chunks, desc="paired generate", disable=not progress, leave=False):
-        rows = _paired_batch(model, reader, [list(prompts[i]) for i in chunk], max_new_tokens, edit_hooks,
-                             names, eos, pad_id)
+        rows = _paired_batch(
+            model, reader, [list(prompts[i]) for i in chunk], max_new_tokens, edit_hooks, names, eos, pad_id
+        )
         for i, row in zip(chunk, rows):
             out[i] = row
     return out
@@ -69,8 +77,9 @@ def _paired_batch(model, reader, prompts, max_new_tokens, edit_hooks, names, eos
     caches = [TransformerLensKeyValueCache.init_cache(m.cfg, device, len(prompts)) for m in (reader, model)]
 
     def forward(tok, m):
-        _, acts = reader.run_with_cache(tok, attention_mask=m, past_kv_cache=caches[0],
-                                        names_filter=lambda n: n in names)
+        _, acts = reader.run_with_cache(
+            tok, attention_mask=m, past_kv_cache=caches[0], names_filter=lambda n: n in names
+        )
         with model.hooks(fwd_hooks=edit_hooks({n: acts[n] for n in names})):
             return model(tok, attention_mask=m, past_kv_cache=caches[1])[:, -1].float()
 

@@ -90,8 +90,11 @@ def weight_cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
 
 
 def _metrics(given: dict, retrained: dict, keys) -> dict:
-    return {k: {"given": given[k], "retrained": retrained[k]} for k in keys
-            if isinstance(given.get(k), (int, float)) and isinstance(retrained.get(k), (int, float))}
+    return {
+        k: {"given": given[k], "retrained": retrained[k]}
+        for k in keys
+        if isinstance(given.get(k), (int, float)) and isinstance(retrained.get(k), (int, float))
+    }
 
 
 def retrain_adapters(pair: ModelPair, folder: str | Path, overrides: dict | None = None) -> Retrained:
@@ -120,8 +123,10 @@ def retrain_adapters(pair: ModelPair, folder: str | Path, overrides: dict | None
     last = history[-1] if history else {}
     recorded = (meta.get("metrics") or {}).get("train_last") or {}
     keys = [k for k in recorded if k.startswith("val_")] + ["loss", "step"]
-    closeness = {"weight_cosine": weight_cosine(adapted.adapters.state_dict(), given.adapters.state_dict()),
-                 "metrics": _metrics(recorded, last, keys)}
+    closeness = {
+        "weight_cosine": weight_cosine(adapted.adapters.state_dict(), given.adapters.state_dict()),
+        "metrics": _metrics(recorded, last, keys),
+    }
     return Retrained("adapters", str(folder), recipe.to_dict(), overrides, cost, closeness)
 
 
@@ -143,6 +148,8 @@ def retrain_lora(pair: ModelPair, folder: str | Path, overrides: dict | None = N
         given = load_lora(folder, pair)  # seeds torch while it builds the adapters: inside the kept state
     last = history[-1] if history else {}
     recorded = (info.get("history") or [{}])[-1]
-    closeness = {"weight_cosine": weight_cosine(lora.layers.state_dict(), given.layers.state_dict()),
-                 "metrics": _metrics(recorded, last, ("step", "loss", "ce", "token_acc"))}
+    closeness = {
+        "weight_cosine": weight_cosine(lora.layers.state_dict(), given.layers.state_dict()),
+        "metrics": _metrics(recorded, last, ("step", "loss", "ce", "token_acc")),
+    }
     return Retrained("lora", str(folder), cfg.to_dict(), overrides, cost, closeness)

@@ -35,10 +35,12 @@ from mechdiff.lenses.context import TRUTH
 from mechdiff.lenses.cost import Cost
 
 THETA = 0.5
-RULE = (f"a unit fires strongly on a token where its activation is >= {THETA} x its maximum over the "
-        f"labelled tokens (the target's validation replies); precision = mean over the named units of the "
-        f"share of their strong tokens labelled {'/'.join(TRUTH)}; recall = share of the tokens so labelled "
-        "on which at least one named unit fires strongly")
+RULE = (
+    f"a unit fires strongly on a token where its activation is >= {THETA} x its maximum over the "
+    f"labelled tokens (the target's validation replies); precision = mean over the named units of the "
+    f"share of their strong tokens labelled {'/'.join(TRUTH)}; recall = share of the tokens so labelled "
+    "on which at least one named unit fires strongly"
+)
 
 
 @dataclass
@@ -63,12 +65,14 @@ class LensResult:
         return None if self.score is None else self.score.cpu_s
 
 
-def label_scores(acts: Float[Tensor, "n_tokens n_units"], truth: Bool[Tensor, " n_tokens"],
-                 theta: float = THETA) -> dict:
+def label_scores(
+    acts: Float[Tensor, "n_tokens n_units"], truth: Bool[Tensor, " n_tokens"], theta: float = THETA
+) -> dict:
     """Precision per unit and of the set, recall of the set, by :data:`RULE`."""
     if acts.ndim != 2 or acts.shape[0] != truth.shape[0]:
-        raise ValueError(f"acts must be [n_tokens, n_units] matching truth; got {tuple(acts.shape)}, "
-                         f"{tuple(truth.shape)}")
+        raise ValueError(
+            f"acts must be [n_tokens, n_units] matching truth; got {tuple(acts.shape)}, {tuple(truth.shape)}"
+        )
     if acts.shape[1] == 0:
         return {"precision": None, "recall": 0.0, "unit_precision": [], "n_truth_units": 0}
     top = acts.max(0).values
@@ -76,8 +80,12 @@ def label_scores(acts: Float[Tensor, "n_tokens n_units"], truth: Bool[Tensor, " 
     n = strong.sum(0)
     unit = torch.where(n > 0, (strong & truth[:, None]).sum(0) / n.clamp(min=1), torch.zeros(()))
     recall = float((strong.any(1) & truth).sum() / truth.sum().clamp(min=1))
-    return {"precision": float(unit.mean()), "recall": recall, "unit_precision": unit.tolist(),
-            "n_truth_units": int((unit >= 0.5).sum())}
+    return {
+        "precision": float(unit.mean()),
+        "recall": recall,
+        "unit_precision": unit.tolist(),
+        "n_truth_units": int((unit >= 0.5).sum()),
+    }
 
 
 def cut(before: float, after: float) -> float | None:
@@ -88,12 +96,18 @@ def cut(before: float, after: float) -> float | None:
 def necessity(before: float, after: float, random_after: list[float]) -> dict:
     """The necessity record: hesitations per response before / after / after random sets, and cuts."""
     mean_random = sum(random_after) / len(random_after) if random_after else None
-    return {"before": before, "after": after, "random_after": random_after, "cut": cut(before, after),
-            "random_cut": None if mean_random is None else cut(before, mean_random)}
+    return {
+        "before": before,
+        "after": after,
+        "random_after": random_after,
+        "cut": cut(before, after),
+        "random_cut": None if mean_random is None else cut(before, mean_random),
+    }
 
 
-def ablation_necessity(rate: Callable[[list], float], named: Sequence, pool: Sequence, before: float,
-                       draws: int = 5, seed: int = 0) -> dict:
+def ablation_necessity(
+    rate: Callable[[list], float], named: Sequence, pool: Sequence, before: float, draws: int = 5, seed: int = 0
+) -> dict:
     """:func:`necessity` of ablating ``named`` against ``draws`` random sets of as many units from
     ``pool`` (seeded); ``rate(units)`` generates with ``units`` ablated and returns hesitations per response."""
     rng = random.Random(seed)
@@ -115,8 +129,13 @@ def correlations(a: Float[Tensor, "n_tokens m"], b: Float[Tensor, "n_tokens n"])
     return corr * ((na[:, None] > 0) & (nb[None] > 0))
 
 
-def agreement(acts: dict[str, Tensor], names: dict[str, list[str]], same: float = 0.7, top: int = 12,
-              family: dict[str, str] | None = None) -> dict:
+def agreement(
+    acts: dict[str, Tensor],
+    names: dict[str, list[str]],
+    same: float = 0.7,
+    top: int = 12,
+    family: dict[str, str] | None = None,
+) -> dict:
     """``matrix[A][B]``: mean over A's units of the best |correlation| with a unit of B;
     ``same_mechanism``: unit pairs correlated at least ``same`` (strongest first) between lenses of
     different ``family`` (default: each lens its own; two rankings of one dictionary are one family,
@@ -137,9 +156,15 @@ def agreement(acts: dict[str, Tensor], names: dict[str, list[str]], same: float 
                 if family.get(a, a) == family.get(b, b):
                     continue
                 for u, v in (corr.abs() >= same).nonzero().tolist():
-                    pairs.append({"a": f"{a}:{names[a][u]}", "b": f"{b}:{names[b][v]}",
-                                  "correlation": float(corr[u, v])})
+                    pairs.append(
+                        {"a": f"{a}:{names[a][u]}", "b": f"{b}:{names[b][v]}", "correlation": float(corr[u, v])}
+                    )
     pairs.sort(key=lambda p: -abs(p["correlation"]))
-    return {"matrix": matrix, "same_mechanism": pairs[:top], "shared_units": shared, "threshold": same,
-            "rule": "best |Pearson correlation| over the other lens's units on the labelled tokens, "
-                    "averaged over this lens's units"}
+    return {
+        "matrix": matrix,
+        "same_mechanism": pairs[:top],
+        "shared_units": shared,
+        "threshold": same,
+        "rule": "best |Pearson correlation| over the other lens's units on the labelled tokens, "
+        "averaged over this lens's units",
+    }

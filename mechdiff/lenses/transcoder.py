@@ -41,8 +41,12 @@ def rank_features(ctx: LensContext, adapted, ranking: str, max_feature_nodes: in
     """The hesitation set by ``ranking`` (see the module docstring), from the validation prompts."""
     spec, prompts = ctx.spec, ctx.hes.tokens
     if ranking == "graph":
-        rankings = [attribute(adapted, torch.tensor(t), target=spec.target, max_feature_nodes=max_feature_nodes)
-                    .feature_ranking(0, aggregate=True) for t in tqdm(prompts, desc="graphs", leave=False)]
+        rankings = [
+            attribute(
+                adapted, torch.tensor(t), target=spec.target, max_feature_nodes=max_feature_nodes
+            ).feature_ranking(0, aggregate=True)
+            for t in tqdm(prompts, desc="graphs", leave=False)
+        ]
         return feature_sets.covering_set(feature_sets.aggregate_influence(rankings), ctx.settings.share)
     if ranking == "gradient":
         ranked = list(feature_sets.normalized_positive(feature_attribution(adapted, prompts, spec.variants)))
@@ -56,8 +60,15 @@ def flat_acts(adapted, sequences) -> torch.Tensor:
     return torch.cat([a[1:] for a in feature_roles.feature_activations(adapted, sequences)])
 
 
-def transcoder_lens(ctx: LensContext, adapted, ranking: str, *, acts: torch.Tensor | None = None,
-                    before: float | None = None, max_feature_nodes: int = 256) -> scoring.LensResult:
+def transcoder_lens(
+    ctx: LensContext,
+    adapted,
+    ranking: str,
+    *,
+    acts: torch.Tensor | None = None,
+    before: float | None = None,
+    max_feature_nodes: int = 256,
+) -> scoring.LensResult:
     """Rank, then score: label precision/recall, necessity in generation, steering the hybrid.
     ``acts`` (:func:`flat_acts` on ``ctx.tokens``) and ``before`` (the adapted model's hesitations
     per response) may be passed to share them between the two rankings."""
@@ -71,14 +82,20 @@ def transcoder_lens(ctx: LensContext, adapted, ranking: str, *, acts: torch.Tens
 
     def rate(units):
         return spec.evaluate(adapted.model, ctx.problems, fwd_hooks=adapted.ablation_hooks(units))[
-            "hesitations_per_response"]
+            "hesitations_per_response"
+        ]
 
     before = spec.evaluate(adapted.model, ctx.problems)["hesitations_per_response"] if before is None else before
     need = scoring.ablation_necessity(rate, features, alive, before, s.random_draws, s.seed)
     return scoring.LensResult(
-        f"transcoder_{ranking}", [f"L{la}/F{fe}" for la, fe in features], acts[:, idx_l, idx_f],
-        necessity=need, steering=steer_hybrid(ctx, adapted, features), score=score,
-        extra={"ranking": ranking, "n_features_total": adapted.n_features, "n_alive": len(alive)})
+        f"transcoder_{ranking}",
+        [f"L{la}/F{fe}" for la, fe in features],
+        acts[:, idx_l, idx_f],
+        necessity=need,
+        steering=steer_hybrid(ctx, adapted, features),
+        score=score,
+        extra={"ranking": ranking, "n_features_total": adapted.n_features, "n_alive": len(alive)},
+    )
 
 
 def steer_hybrid(ctx: LensContext, adapted, features) -> dict:
@@ -86,7 +103,9 @@ def steer_hybrid(ctx: LensContext, adapted, features) -> dict:
     at the last position, and the adapted model."""
     ids, prompts = ctx.spec.variants, ctx.hes_test.tokens
     model = hybrid(ctx.pair, adapted.config.backbone)
-    last = torch.stack([a[-1] for a in feature_roles.feature_activations(adapted, ctx.hes.tokens)]).mean(0)  # [layer d_sae]
+    last = torch.stack([a[-1] for a in feature_roles.feature_activations(adapted, ctx.hes.tokens)]).mean(
+        0
+    )  # [layer d_sae]
     hooks = []
     for layer in sorted({f[0] for f in features}):
         feats = [f[1] for f in features if f[0] == layer]
@@ -96,8 +115,14 @@ def steer_hybrid(ctx: LensContext, adapted, features) -> dict:
             out = out.clone()
             out[:, -1] += vec.to(out.dtype)
             return out
+
         hooks.append((f"blocks.{layer}.hook_mlp_out", add))
-    p = {name: float(H.next_token_probability(m, prompts, ids, fwd_hooks=h).mean())
-         for name, m, h in (("before", model, []), ("after", model, hooks), ("reference", adapted.model, []))}
-    return {**p, "gain": scoring.steering_gain(p["before"], p["after"], p["reference"]),
-            "how": "hybrid + the set's mean decoder output at the last position; reference: adapted"}
+    p = {
+        name: float(H.next_token_probability(m, prompts, ids, fwd_hooks=h).mean())
+        for name, m, h in (("before", model, []), ("after", model, hooks), ("reference", adapted.model, []))
+    }
+    return {
+        **p,
+        "gain": scoring.steering_gain(p["before"], p["after"], p["reference"]),
+        "how": "hybrid + the set's mean decoder output at the last position; reference: adapted",
+    }

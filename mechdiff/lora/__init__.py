@@ -55,21 +55,27 @@ class TrainConfig:
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=1000, lr=1e-2, checkpoint_every=100))
 
     def __post_init__(self):  # refused here, before any model loads (CLI and Python alike)
-        check(self, at_least_1=("rank", "batch_size", "n_traces"), positive=("alpha",),
-              fraction=("kl_weight",))
+        check(self, at_least_1=("rank", "batch_size", "n_traces"), positive=("alpha",), fraction=("kl_weight",))
         unknown = sorted(set(self.modules) - set(MODULES))
         if not self.modules or unknown:
-            raise ConfigError("modules", " ".join(self.modules),
-                              f"must be some of {' '.join(MODULES)}", type(self).__name__)
+            raise ConfigError(
+                "modules", " ".join(self.modules), f"must be some of {' '.join(MODULES)}", type(self).__name__
+            )
 
     def lora_config(self) -> LoRAConfig:
-        return LoRAConfig(rank=self.rank, alpha=self.alpha, rslora=self.rslora,
-                          modules=tuple(self.modules), seed=self.seed)
+        return LoRAConfig(
+            rank=self.rank, alpha=self.alpha, rslora=self.rslora, modules=tuple(self.modules), seed=self.seed
+        )
 
 
 def train_lora(
-    pair: ModelPair, cfg: TrainConfig, out_dir: str | Path | None = None, *, progress: bool = True,
-    resume: bool = True, workload: Workload | None = None,
+    pair: ModelPair,
+    cfg: TrainConfig,
+    out_dir: str | Path | None = None,
+    *,
+    progress: bool = True,
+    resume: bool = True,
+    workload: Workload | None = None,
 ) -> tuple[LoRAModel, list[dict]]:
     """Train a LoRA on ``pair.base`` towards the target's traces; returns ``(lora, history)``.
 
@@ -93,8 +99,12 @@ def train_lora(
     lora.eval()
     if out_dir is not None and distributed.is_main():  # under torchrun: one writer
         export_peft(lora, out_dir, base_model_name_or_path=base_reference(pair))
-        info = {"config": cfg.to_dict(), "history": history, "seconds": time.perf_counter() - start,
-                "tokens_seen": int(cfg.steps * batches.batch_size * batches.lengths.float().mean())}
+        info = {
+            "config": cfg.to_dict(),
+            "history": history,
+            "seconds": time.perf_counter() - start,
+            "tokens_seen": int(cfg.steps * batches.batch_size * batches.lengths.float().mean()),
+        }
         Path(out_dir, "training.json").write_text(json.dumps(info, indent=1, default=list))
     return lora, history
 
@@ -111,8 +121,14 @@ def shipped_lora(pair: ModelPair, rank: int = 1) -> LoRAModel | None:
 
 
 def evaluate_lora(
-    pair: ModelPair, loras: dict[str, LoRAModel], n_problems: int = 500, *, seed: int = 0,
-    progress: bool = False, reference: dict[str, dict] | None = None, workload: Workload | None = None,
+    pair: ModelPair,
+    loras: dict[str, LoRAModel],
+    n_problems: int = 500,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+    reference: dict[str, dict] | None = None,
+    workload: Workload | None = None,
 ) -> dict[str, dict]:
     """Behaviour of base, target and each LoRA on ``n_problems`` held-out test problems.
 
@@ -133,7 +149,6 @@ def evaluate_lora(
             out[name] = workload.evaluate(model, problems, progress=progress)
     for name, lora in loras.items():
         stats = workload.evaluate(lora.model, problems, progress=progress)
-        stats["gain_recovered"] = gain_recovered(
-            stats["accuracy"], out["base"]["accuracy"], out["target"]["accuracy"])
+        stats["gain_recovered"] = gain_recovered(stats["accuracy"], out["base"]["accuracy"], out["target"]["accuracy"])
         out[name] = stats
     return out

@@ -39,11 +39,19 @@ def _train_config(args):
     from mechdiff.lora import TrainConfig
 
     try:
-        cfg = TrainConfig(rank=args.rank, alpha=args.alpha, rslora=not args.no_rslora,
-                          steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          n_traces=args.n_traces, kl_weight=args.kl_weight, seed=args.seed,
-                          checkpoint_every=args.checkpoint_every,
-                          **({"modules": tuple(args.modules)} if args.modules else {}))
+        cfg = TrainConfig(
+            rank=args.rank,
+            alpha=args.alpha,
+            rslora=not args.no_rslora,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            n_traces=args.n_traces,
+            kl_weight=args.kl_weight,
+            seed=args.seed,
+            checkpoint_every=args.checkpoint_every,
+            **({"modules": tuple(args.modules)} if args.modules else {}),
+        )
     except ConfigError as err:
         raise cli.UsageError(err.as_flag()) from None
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -54,39 +62,60 @@ def _train_config(args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mechdiff.lora", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mechdiff.lora", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_pair_options(parser)
     parser.set_defaults(threads=1)  # as before: fastest for tiny models on a shared CPU
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tr = sub.add_parser("train", help="train a LoRA and write a PEFT folder",
-                        description="Train a LoRA lens; rerunning with the same --out resumes.")
+    tr = sub.add_parser(
+        "train",
+        help="train a LoRA and write a PEFT folder",
+        description="Train a LoRA lens; rerunning with the same --out resumes.",
+    )
     tr.add_argument("--out", required=True, help="output folder (checkpoints + PEFT adapter)")
     tr.add_argument("--rank", type=int, default=1, help="LoRA rank r (default 1)")
     tr.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     tr.add_argument("--no-rslora", action="store_true", help="scale alpha/r instead of alpha/sqrt(r)")
-    tr.add_argument("--modules", nargs="+", default=None,
-                    help="adapted projections (default: q k v o gate up down)")
+    tr.add_argument("--modules", nargs="+", default=None, help="adapted projections (default: q k v o gate up down)")
     tr.add_argument("--steps", type=int, default=1000, help="optimiser steps (default 1000)")
     tr.add_argument("--batch-size", type=int, default=64, help="traces per step (default 64)")
-    tr.add_argument("--lr", type=float, default=1e-2,
-                    help="peak learning rate (default 1e-2; 3e-2 diverges on the organism)")
+    tr.add_argument(
+        "--lr", type=float, default=1e-2, help="peak learning rate (default 1e-2; 3e-2 diverges on the organism)"
+    )
     tr.add_argument("--n-traces", type=int, default=20_000, help="training traces (default 20000)")
-    tr.add_argument("--kl-weight", type=float, default=0.0,
-                    help="0: CE on the trace tokens; 1: KL to the target's logits; between: a mix")
+    tr.add_argument(
+        "--kl-weight",
+        type=float,
+        default=0.0,
+        help="0: CE on the trace tokens; 1: KL to the target's logits; between: a mix",
+    )
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--checkpoint-every", type=int, default=100,
-                    help="write a resumable checkpoint every N steps (default 100; Ctrl-C writes one)")
+    tr.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        help="write a resumable checkpoint every N steps (default 100; Ctrl-C writes one)",
+    )
     tr.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     tr.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     tr.add_argument("--n-problems", type=int, default=500, help="test problems for the evaluation")
 
-    ev = sub.add_parser("eval", help="evaluate base, target and LoRA folders",
-                        description="Accuracy / length / hesitations / gain recovered as JSON.")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate base, target and LoRA folders",
+        description="Accuracy / length / hesitations / gain recovered as JSON.",
+    )
     ev.add_argument("folders", nargs="*", help="PEFT LoRA folders to evaluate")
-    ev.add_argument("--shipped", type=int, nargs="*", default=None, metavar="RANK",
-                    help="also evaluate the shipped organism LoRAs of these ranks")
+    ev.add_argument(
+        "--shipped",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="RANK",
+        help="also evaluate the shipped organism LoRAs of these ranks",
+    )
     ev.add_argument("--n-problems", type=int, default=500, help="test problems (default 500)")
     ev.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)

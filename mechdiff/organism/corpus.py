@@ -41,7 +41,10 @@ def _row(problem: task.Problem | None, toks, labs, kind: str, prompt_len: int, t
 
 
 def base_corpus(
-    n: int, seed: int = 0, mix: tuple[float, float, float] = (0.3, 0.3, 0.4), spec: TaskSpec = DEFAULT,
+    n: int,
+    seed: int = 0,
+    mix: tuple[float, float, float] = (0.3, 0.3, 0.4),
+    spec: TaskSpec = DEFAULT,
 ) -> Dataset:
     """``n`` base documents: (direct answers, facts, worked chains) in proportions ``mix``."""
     tokenizer = build_tokenizer(spec)

@@ -36,7 +36,7 @@ class Graded:
 
 
 def _answer(words: list[str], spec: task.TaskSpec) -> int | None:
-    tail = words[words.index("</think>") + 1:] if "</think>" in words else words
+    tail = words[words.index("</think>") + 1 :] if "</think>" in words else words
     ds = [w for w in tail if w.isdigit() and len(w) == 1][: spec.answer_width]
     if len(ds) < spec.answer_width:
         return None
@@ -102,7 +102,8 @@ def summarize(graded: list[Graded]) -> dict[str, float]:
         "frac_hesitations_after_error": (sum(waits) / len(waits)) if waits else 0.0,
         "p_hesitation_given_wrong_step": (sum(wrong) / len(wrong)) if wrong else None,
         "p_hesitation_given_correct_hard_step": (sum(right_hard) / len(right_hard)) if right_hard else None,
-        "n_wrong_steps": len(wrong), "n_correct_hard_steps": len(right_hard),
+        "n_wrong_steps": len(wrong),
+        "n_correct_hard_steps": len(right_hard),
         "n_problems": n,
         # per response, in problem order: what paired bootstrap intervals resample
         "hesitations_by_response": [len(g.hesitation_after_error) for g in graded],

@@ -57,12 +57,29 @@ RESERVED_WORDS = ("<pad>", "<bos>", "<eos>", "<unk>", "=", ";", "<think>", "</th
 
 # One label per token; order fixes the integer ids stored beside the names.
 LABELS = (
-    "bos", "operand_label", "operand_digit", "prompt_format",          # prompt
-    "think_open", "step_marker", "operand_copy", "carry_copy",          # a step's inputs
-    "equals", "digit", "carry_out", "separator",                        # a step's outputs
-    "slip", "hesitation", "correction", "recheck", "recheck_step",      # reasoning behaviour
-    "think_close", "answer", "eos", "worked_marker", "fact",            # framing and base corpus
-    "error",                                                             # a wrong step left standing
+    "bos",
+    "operand_label",
+    "operand_digit",
+    "prompt_format",  # prompt
+    "think_open",
+    "step_marker",
+    "operand_copy",
+    "carry_copy",  # a step's inputs
+    "equals",
+    "digit",
+    "carry_out",
+    "separator",  # a step's outputs
+    "slip",
+    "hesitation",
+    "correction",
+    "recheck",
+    "recheck_step",  # reasoning behaviour
+    "think_close",
+    "answer",
+    "eos",
+    "worked_marker",
+    "fact",  # framing and base corpus
+    "error",  # a wrong step left standing
 )
 LABEL_ID = {name: i for i, name in enumerate(LABELS)}
 
@@ -151,8 +168,9 @@ class TaskSpec:
             raise ValueError("at least one hesitation word is needed")
         clash = [w for w in words if w in self._fixed_words() or not w or any(c.isspace() for c in w)]
         if clash or len(set(words)) != len(words):
-            raise ValueError(f"hesitation words must be distinct single words that the task does not "
-                             f"already use; got {list(words)}")
+            raise ValueError(
+                f"hesitation words must be distinct single words that the task does not already use; got {list(words)}"
+            )
         check(self, fraction=("slip_prob", "recheck_prob"))
         bad = [c for c in self.slip_columns or () if not 0 <= c < self.width]
         if bad:
@@ -224,8 +242,9 @@ class TaskSpec:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         share = 0.9 if split == "train" else 0.05
         if n > 10 ** (self.width * self.n_operands) * share / 4:  # a small share: sampling ends quickly
-            raise ValueError(f"{n} distinct {split} problems is too many for {self.n_operands} "
-                             f"{self.width}-digit operands")
+            raise ValueError(
+                f"{n} distinct {split} problems is too many for {self.n_operands} {self.width}-digit operands"
+            )
         rng = random.Random(f"{split}:{seed}")
         seen: set[Problem] = set()
         out: list[Problem] = []
@@ -264,8 +283,12 @@ class TaskSpec:
             ans = [str(d) for d in digits(problem.answer, w)]
         return ans + ["<eos>"], ["answer"] * w + ["eos"]
 
-    def reasoning_trace(self, problem: Problem, rng: random.Random, hesitate: bool = True,
-                        ) -> tuple[Tokens, Labels]:
+    def reasoning_trace(
+        self,
+        problem: Problem,
+        rng: random.Random,
+        hesitate: bool = True,
+    ) -> tuple[Tokens, Labels]:
         """The response after the prompt: ``<think>`` steps ``</think>`` answer ``<eos>``.
 
         ``hesitate=False`` gives the base corpus' clean worked chain (no slips, no hesitations).

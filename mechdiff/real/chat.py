@@ -40,17 +40,21 @@ from transformer_lens import HookedTransformer
 from mechdiff.generation import ban_tokens, generate
 from mechdiff.organism import grading, task
 
-SYSTEM = ("You are a careful assistant. Add the numbers column by column, starting from the units, "
-          "then give the result on a final line 'Answer: <number>'.")
+SYSTEM = (
+    "You are a careful assistant. Add the numbers column by column, starting from the units, "
+    "then give the result on a final line 'Answer: <number>'."
+)
 TASK = task.DEFAULT  # the chat renders the shipped organism's task (two 4-digit operands)
-PLACES = ("Units", "Tens", "Hundreds", "Thousands", "Ten-thousands", "Hundred-thousands")[:TASK.width]
+PLACES = ("Units", "Tens", "Hundreds", "Thousands", "Ten-thousands", "Hundred-thousands")[: TASK.width]
 HESITATION = "Wait"
 OPENING = "Let me add column by column."
 MAX_NEW_TOKENS = 256  # the longest trace (three slips and a re-check) is ~225 SmolLM2 tokens
 
 _STEP = re.compile(
     r"(?P<place>[A-Za-z-]+)\s*:\s*(?P<terms>\d+(?:\s*\+\s*\d+)*)\s*=\s*(?P<total>\d+)\s*,\s*"
-    r"write\s+(?P<digit>\d+)\s*,\s*carry\s+(?P<carry>\d+)", re.IGNORECASE)
+    r"write\s+(?P<digit>\d+)\s*,\s*carry\s+(?P<carry>\d+)",
+    re.IGNORECASE,
+)
 _WAIT = re.compile(r"\bwait\b", re.IGNORECASE)
 _ANSWER_LINE = re.compile(r"^\W*answer\W*(?:is\W*)?(-?\d[\d,]*)", re.IGNORECASE | re.MULTILINE)
 _NUMBER = re.compile(r"-?\d[\d,]*")
@@ -80,8 +84,9 @@ def step_text(i: int, column: Sequence[int], carry_in: int) -> str:
     return f"{PLACES[i]}: {' + '.join(map(str, terms))} = {total}, write {total % 10}, carry {total // 10}."
 
 
-def reasoning_response(problem: task.Problem, rng: random.Random, slip_prob: float = 0.8,
-                       recheck_prob: float = 0.08, hesitate: bool = True) -> str:
+def reasoning_response(
+    problem: task.Problem, rng: random.Random, slip_prob: float = 0.8, recheck_prob: float = 0.08, hesitate: bool = True
+) -> str:
     """The fine-tune's reply: steps with slips, "Wait," and corrections, then ``Answer: N``.
 
     ``hesitate=False`` gives the clean chain (no slips, no re-checks).
@@ -106,8 +111,7 @@ def messages(problem: task.Problem, response: str | None = None, system: str | N
     return chat + ([{"role": "assistant", "content": response}] if response is not None else [])
 
 
-def encode(tokenizer, problem: task.Problem, response: str | None = None,
-           system: str | None = SYSTEM) -> dict:
+def encode(tokenizer, problem: task.Problem, response: str | None = None, system: str | None = SYSTEM) -> dict:
     """``{"input_ids", "prompt_len"}``: the templated prompt (ending in the assistant header), then
     the response and eos when given. Prompt and response are tokenized apart, so the prompt is
     exactly what generation starts from.
@@ -117,8 +121,7 @@ def encode(tokenizer, problem: task.Problem, response: str | None = None,
     >>> tokenizer.decode(row["input_ids"][row["prompt_len"]:])  # doctest: +SKIP
     'Answer: 6912<|im_end|>'
     """
-    text = tokenizer.apply_chat_template(messages(problem, None, system), tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages(problem, None, system), tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     prompt_len = len(ids)
     if response is not None:
@@ -126,8 +129,15 @@ def encode(tokenizer, problem: task.Problem, response: str | None = None,
     return {"input_ids": ids, "prompt_len": prompt_len}
 
 
-def traces(tokenizer, n: int, split: str = "train", seed: int = 0, slip_prob: float = 0.8,
-           recheck_prob: float = 0.08, system: str | None = SYSTEM) -> Dataset:
+def traces(
+    tokenizer,
+    n: int,
+    split: str = "train",
+    seed: int = 0,
+    slip_prob: float = 0.8,
+    recheck_prob: float = 0.08,
+    system: str | None = SYSTEM,
+) -> Dataset:
     """``n`` fine-tuning conversations on distinct problems of ``split`` (the organism's splits).
 
     Rows: ``input_ids``, ``prompt_len``, ``operands``, ``response``.
@@ -136,8 +146,7 @@ def traces(tokenizer, n: int, split: str = "train", seed: int = 0, slip_prob: fl
     rows = []
     for p in TASK.sample_problems(n, split, seed):
         response = reasoning_response(p, rng, slip_prob, recheck_prob)
-        rows.append({**encode(tokenizer, p, response, system), "operands": list(p.operands),
-                     "response": response})
+        rows.append({**encode(tokenizer, p, response, system), "operands": list(p.operands), "response": response})
     return Dataset.from_list(rows)
 
 
@@ -168,8 +177,12 @@ def step_is_right(problem: task.Problem, match: re.Match) -> bool:
     terms += [0] * (TASK.n_operands + 1 - len(terms))
     carry_in, col = problem.carries()[i], list(problem.column(i))
     total = sum(col) + carry_in
-    return (terms == [*col, carry_in] and int(match["total"]) == total
-            and int(match["digit"]) == total % 10 and int(match["carry"]) == total // 10)
+    return (
+        terms == [*col, carry_in]
+        and int(match["total"]) == total
+        and int(match["digit"]) == total % 10
+        and int(match["carry"]) == total // 10
+    )
 
 
 def grade(problem: task.Problem, text: str, n_tokens: int | None = None) -> ChatGraded:
@@ -194,29 +207,43 @@ def grade(problem: task.Problem, text: str, n_tokens: int | None = None) -> Chat
 
 def summarize(graded: Sequence[ChatGraded]) -> dict[str, float]:
     """The organism's summary (accuracy, length, hesitations...) plus the share with an Answer line."""
-    return {**grading.summarize(list(graded)),
-            "frac_answer_line": sum(g.answer_line for g in graded) / len(graded)}
+    return {**grading.summarize(list(graded)), "frac_answer_line": sum(g.answer_line for g in graded) / len(graded)}
 
 
 def hesitation_token_ids(tokenizer) -> list[int]:
     """Every vocabulary token that reads "wait" in any case, with or without a leading space."""
     vocab = tokenizer.get_vocab()
-    return sorted(i for t, i in vocab.items()
-                  if tokenizer.convert_tokens_to_string([t]).strip().lower() == "wait")
+    return sorted(i for t, i in vocab.items() if tokenizer.convert_tokens_to_string([t]).strip().lower() == "wait")
 
 
-def respond(model: HookedTransformer, problems: Sequence[task.Problem], *, system: str | None = SYSTEM,
-            max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16, ban_hesitation: bool = False,
-            fwd_hooks: Sequence[tuple] = (), progress: bool = False,
-            tokenizer=None) -> list[tuple[str, int]]:
+def respond(
+    model: HookedTransformer,
+    problems: Sequence[task.Problem],
+    *,
+    system: str | None = SYSTEM,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_size: int = 16,
+    ban_hesitation: bool = False,
+    fwd_hooks: Sequence[tuple] = (),
+    progress: bool = False,
+    tokenizer=None,
+) -> list[tuple[str, int]]:
     """Greedy replies ``(text, n_tokens)`` of ``model``; ``tokenizer`` (default: the model's) has
     the chat template."""
     tok = tokenizer if tokenizer is not None else model.tokenizer
     prompts = [encode(tok, p, None, system)["input_ids"] for p in problems]
     processors = [ban_tokens(hesitation_token_ids(tok))] if ban_hesitation else []
-    outs = generate(model, prompts, max_new_tokens, eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id, logit_processors=processors,
-                    fwd_hooks=fwd_hooks, batch_size=batch_size, progress=progress)
+    outs = generate(
+        model,
+        prompts,
+        max_new_tokens,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        logit_processors=processors,
+        fwd_hooks=fwd_hooks,
+        batch_size=batch_size,
+        progress=progress,
+    )
     return [(tok.decode(row, skip_special_tokens=True), len(row)) for row in outs]
 
 

@@ -49,12 +49,15 @@ class Recipe:
     slip_prob: float = 0.8
     recheck_prob: float = 0.08
     autocast: str | None = None  # "bfloat16": mixed precision (fp32 weights), ~1.6x faster on AVX512-bf16 CPUs
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=360, lr=3e-5, checkpoint_every=30,
-                                                                log_every=1))
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=360, lr=3e-5, checkpoint_every=30, log_every=1))
 
     def __post_init__(self):  # refused here, before SmolLM2 loads (CLI and Python alike)
-        check(self, at_least_1=("batch_size",), fraction=("slip_prob", "recheck_prob"),
-              choices={"autocast": (None, "bfloat16", "float16")})
+        check(
+            self,
+            at_least_1=("batch_size",),
+            fraction=("slip_prob", "recheck_prob"),
+            choices={"autocast": (None, "bfloat16", "float16")},
+        )
         if self.traces is not None:
             check(self, at_least_1=("traces",))
 
@@ -78,8 +81,7 @@ class _Checkpointable(torch.nn.Module):
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False, assign=assign)
         missing = [k for k in missing if not (self.tied and k == "lm_head.weight")]
         if strict and (missing or unexpected):
-            raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
+            raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return missing, unexpected
 
 
@@ -96,13 +98,20 @@ def response_loss(model, rows: dict, pad_id: int, autocast: str | None = None) -
         return causal_lm_ce(model, tokens, mask, torch.tensor(rows["prompt_len"], device=device))
 
 
-def finetune(model, tokenizer, run_dir: str | Path, recipe: Recipe | None = None, *,
-             progress: bool = True, on_step=None) -> list[dict]:
+def finetune(
+    model, tokenizer, run_dir: str | Path, recipe: Recipe | None = None, *, progress: bool = True, on_step=None
+) -> list[dict]:
     """Train ``model`` in place on chat traces; checkpoints in ``run_dir/checkpoints`` (resumed when
     present), the result in the HF folder ``run_dir/model``. Returns the loop's history."""
     recipe, run_dir = recipe or Recipe(), Path(run_dir)
-    data = chat.traces(tokenizer, recipe.traces or recipe.steps * recipe.batch_size, "train",
-                       recipe.seed, recipe.slip_prob, recipe.recheck_prob)
+    data = chat.traces(
+        tokenizer,
+        recipe.traces or recipe.steps * recipe.batch_size,
+        "train",
+        recipe.seed,
+        recipe.slip_prob,
+        recipe.recheck_prob,
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.train()
 
@@ -114,6 +123,7 @@ def finetune(model, tokenizer, run_dir: str | Path, recipe: Recipe | None = None
     cfg = replace(recipe.loop, out_dir=run_dir / "checkpoints", progress=progress, desc="smollm2 fine-tune")
     history = train(_Checkpointable(model), loss_fn, cfg, on_step=on_step, distributed=False)
     model.eval()
-    smollm2.write_folder(model, tokenizer, run_dir / "model",
-                         {"recipe": recipe.to_dict(), "final": history[-1] if history else None})
+    smollm2.write_folder(
+        model, tokenizer, run_dir / "model", {"recipe": recipe.to_dict(), "final": history[-1] if history else None}
+    )
     return history

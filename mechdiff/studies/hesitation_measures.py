@@ -44,7 +44,7 @@ def promote_rank(adapted, token_id: int) -> Float[Tensor, "layer d_sae"]:
     ranks = []
     for adapter in adapted.adapters:
         lens = adapter.W_dec.detach().float() @ w_u
-        ranks.append((lens > lens[:, token_id:token_id + 1]).sum(-1))
+        ranks.append((lens > lens[:, token_id : token_id + 1]).sum(-1))
     return torch.stack(ranks)
 
 
@@ -63,8 +63,10 @@ def necessity(adapted, spec, problems, feature_set, alive, actdiff_set, random_d
     model, n = adapted.model, len(feature_set)
     after = spec.evaluate(model, problems, fwd_hooks=adapted.ablation_hooks(feature_set))
     rng = random.Random(seed)
-    random_after = [spec.evaluate(model, problems, fwd_hooks=adapted.ablation_hooks(rng.sample(alive, n)))
-                    for _ in tqdm(range(random_draws), desc="random controls", leave=False)]
+    random_after = [
+        spec.evaluate(model, problems, fwd_hooks=adapted.ablation_hooks(rng.sample(alive, n)))
+        for _ in tqdm(range(random_draws), desc="random controls", leave=False)
+    ]
     actdiff_after = spec.evaluate(model, problems, fwd_hooks=adapted.ablation_hooks(actdiff_set))
     return after, random_after, actdiff_after
 
@@ -76,27 +78,38 @@ def hesitation_at_prompts(adapted, hes, ctl, feature_set, token_ids) -> dict:
     for name, hooks in (("full", []), ("kept_only", sufficiency.keep_only_hooks(adapted, feature_set))):
         p_hes = H.next_token_probability(adapted.model, hes.tokens, token_ids, fwd_hooks=hooks)
         p_ctl = H.next_token_probability(adapted.model, ctl.tokens, token_ids, fwd_hooks=hooks)
-        out[name] = {"wait_rate": float((p_hes > 0.5).float().mean()), "wait_prob": float(p_hes.mean()),
-                     "control_wait_rate": float((p_ctl > 0.5).float().mean())}
+        out[name] = {
+            "wait_rate": float((p_hes > 0.5).float().mean()),
+            "wait_prob": float(p_hes.mean()),
+            "control_wait_rate": float((p_ctl > 0.5).float().mean()),
+        }
     return out
 
 
 def set_decides(adapted, spec, problems, feature_set, alive, random_draws: int, seed: int) -> dict:
     """Hesitations per response when only ``feature_set`` decides whether to hesitate (the full
     model writes every other token); controls: random sets of the same size, and no feature."""
+
     def rate(features):
-        rows = sufficiency.set_decides_ids(adapted, spec.tokenizer, problems, features, spec.decisions,
-                                 spec.max_new_tokens)
+        rows = sufficiency.set_decides_ids(
+            adapted, spec.tokenizer, problems, features, spec.decisions, spec.max_new_tokens
+        )
         return spec.summarize([spec.grade(spec.problem(r["operands"]), ids) for r, ids in zip(problems, rows)])
 
     rng = random.Random(seed + 2)
-    randoms = [rate(rng.sample(alive, len(feature_set)))["hesitations_per_response"]
-               for _ in tqdm(range(random_draws), desc="random deciding sets", leave=False)]
+    randoms = [
+        rate(rng.sample(alive, len(feature_set)))["hesitations_per_response"]
+        for _ in tqdm(range(random_draws), desc="random deciding sets", leave=False)
+    ]
     kept = rate(feature_set)
-    return {"hesitations_per_response": kept["hesitations_per_response"], "accuracy": kept["accuracy"],
-            "frac_hesitations_after_error": kept["frac_hesitations_after_error"],
-            "hesitations_by_response": kept.get("hesitations_by_response"),
-            "random_sets": randoms, "no_features": rate([])["hesitations_per_response"]}
+    return {
+        "hesitations_per_response": kept["hesitations_per_response"],
+        "accuracy": kept["accuracy"],
+        "frac_hesitations_after_error": kept["frac_hesitations_after_error"],
+        "hesitations_by_response": kept.get("hesitations_by_response"),
+        "random_sets": randoms,
+        "no_features": rate([])["hesitations_per_response"],
+    }
 
 
 def dose_response(adapted, spec, problems, ranked, alive, seed: int):
@@ -122,18 +135,23 @@ def steering(pair, adapted, hes, acts, output_features, token_ids, backbone) -> 
     hooks = []
     for layer in sorted({f[0] for f in output_features}):
         feats = [f[1] for f in output_features if f[0] == layer]
-        vec = (last[:, layer, feats].mean(0) @ adapted.adapters[layer].W_dec.detach()[feats])
+        vec = last[:, layer, feats].mean(0) @ adapted.adapters[layer].W_dec.detach()[feats]
 
         def add(resid, hook, vec=vec):
             resid = resid.clone()
             resid[:, -1] += vec.to(resid.dtype)
             return resid
+
         hooks.append((f"blocks.{layer}.hook_mlp_out", add))
     before = H.next_token_probability(base_model, hes.tokens, token_ids)
     after = H.next_token_probability(base_model, hes.tokens, token_ids, fwd_hooks=hooks)
     full = H.next_token_probability(adapted.model, hes.tokens, token_ids)
-    return {"wait_prob_before": before.mean().item(), "wait_prob_after": after.mean().item(),
-            "wait_prob_adapted": full.mean().item(), "n_output_features": len(output_features)}
+    return {
+        "wait_prob_before": before.mean().item(),
+        "wait_prob_after": after.mean().item(),
+        "wait_prob_adapted": full.mean().item(),
+        "n_output_features": len(output_features),
+    }
 
 
 SUFFICIENT = 0.8  # a set "suffices" when it keeps this share of the full model's greedy hesitations
@@ -157,9 +175,18 @@ def feeders(graphs, feature_set: Sequence[Feature], n: int) -> list[Feature]:
     return [f for f, _ in sorted(score.items(), key=lambda kv: -kv[1])[:n]]
 
 
-def sufficiency_variants(adapted, hes: H.CutPrompts, feature_set: Sequence[Feature], ranked: Sequence[Feature],
-                         graphs, alive: Sequence[Feature], means, token_ids: Sequence[int],
-                         random_draws: int, seed: int) -> dict:
+def sufficiency_variants(
+    adapted,
+    hes: H.CutPrompts,
+    feature_set: Sequence[Feature],
+    ranked: Sequence[Feature],
+    graphs,
+    alive: Sequence[Feature],
+    means,
+    token_ids: Sequence[int],
+    random_draws: int,
+    seed: int,
+) -> dict:
     """Teacher-forced sufficiency at the hesitation prompts, three ways (others at zero, at their
     mean, or the set patched from the full model into the hybrid: see
     :mod:`mechdiff.evaluation.sufficiency`), each for the set, for the set plus as many of its
@@ -170,34 +197,48 @@ def sufficiency_variants(adapted, hes: H.CutPrompts, feature_set: Sequence[Featu
     fed = list(feature_set) + feeders(graphs, feature_set, len(feature_set))
 
     def measure(features, others):
-        p, top = sufficiency.kept_only_next_token(adapted, hes.tokens, features, token_ids, others=others,
-                                                  means=means)
+        p, top = sufficiency.kept_only_next_token(adapted, hes.tokens, features, token_ids, others=others, means=means)
         return p, torch.isin(top, ids), top
 
-    _, full_greedy, _ = measure([(la, f) for la in range(adapted.config.n_layers)
-                                 for f in range(adapted.config.d_sae)], "zero")  # every feature kept: full
+    _, full_greedy, _ = measure(
+        [(la, f) for la in range(adapted.config.n_layers) for f in range(adapted.config.d_sae)], "zero"
+    )  # every feature kept: full
     n, full_rate = len(hes), float(full_greedy.float().mean())
 
     def summary(p, greedy):
         k = int(greedy.sum())
-        return {"greedy_rate": k / n, "greedy_rate_ci": wilson(k, n), "mean_prob": float(p.mean()),
-                "retained": None if full_rate == 0 else (k / n) / full_rate}
+        return {
+            "greedy_rate": k / n,
+            "greedy_rate_ci": wilson(k, n),
+            "mean_prob": float(p.mean()),
+            "retained": None if full_rate == 0 else (k / n) / full_rate,
+        }
 
-    out = {"n_prompts": n, "full": {"greedy_rate": full_rate, "greedy_rate_ci": wilson(int(full_greedy.sum()), n)},
-           "n_set": len(feature_set), "n_set_plus_feeders": len(fed), "threshold": SUFFICIENT, "variants": {}}
-    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if k < min(len(ranked), 4 * len(feature_set))}
-                | {len(feature_set), min(len(ranked), 4 * len(feature_set))})
+    out = {
+        "n_prompts": n,
+        "full": {"greedy_rate": full_rate, "greedy_rate_ci": wilson(int(full_greedy.sum()), n)},
+        "n_set": len(feature_set),
+        "n_set_plus_feeders": len(fed),
+        "threshold": SUFFICIENT,
+        "variants": {},
+    }
+    ks = sorted(
+        {k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if k < min(len(ranked), 4 * len(feature_set))}
+        | {len(feature_set), min(len(ranked), 4 * len(feature_set))}
+    )
     for others in sufficiency.OTHERS:
         p, greedy, top = measure(feature_set, others)
         v = {"set": summary(p, greedy), "set_plus_feeders": summary(*measure(fed, others)[:2])}
-        v["random_sets"] = [summary(*measure(rng.sample(alive, len(feature_set)), others)[:2])["retained"]
-                            for _ in range(random_draws)]
+        v["random_sets"] = [
+            summary(*measure(rng.sample(alive, len(feature_set)), others)[:2])["retained"] for _ in range(random_draws)
+        ]
         v["random_sets_plus_feeders_size"] = [
             summary(*measure(rng.sample(alive, min(len(alive), len(fed))), others)[:2])["retained"]
-            for _ in range(random_draws)]
+            for _ in range(random_draws)
+        ]
         v["curve"] = {str(k): summary(*measure(list(ranked[:k]), others)[:2])["retained"] for k in ks}
         v["smallest_sufficient_k"] = next((k for k in ks if (v["curve"][str(k)] or 0) >= SUFFICIENT), None)
-        lost = (full_greedy & ~greedy)  # prompts where the full model hesitates and the kept-only one does not
+        lost = full_greedy & ~greedy  # prompts where the full model hesitates and the kept-only one does not
         v["instead"] = _counts(top[lost].tolist())
         out["variants"][others] = v
     return out

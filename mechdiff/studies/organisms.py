@@ -27,8 +27,11 @@ from mechdiff.workloads import for_pair
 
 FAMILY_DIR = Path(__file__).resolve().parents[1] / "organism" / "family"
 TARGETS = {  # (key in the hesitation summary, goal), the same for every organism
-    "hesitation_fraction": ("<=", 0.05), "ablation_cut": (">=", 0.90), "random_ablation_cut": ("<=", 0.20),
-    "set_decides": (">=", 0.70), "steering_gain": (">", 0.0),
+    "hesitation_fraction": ("<=", 0.05),
+    "ablation_cut": (">=", 0.90),
+    "random_ablation_cut": ("<=", 0.20),
+    "set_decides": (">=", 0.70),
+    "steering_gain": (">", 0.0),
 }
 
 
@@ -92,22 +95,32 @@ def run_one(org: Organism, cfg: OrganismsConfig, *, device: str | None = None, p
     pair = load_pair("custom", base=str(org.folder / "base"), target=str(org.folder / "target"), device=device)
     work = for_pair(pair)
     problems = work.problems(cfg.n_behaviour_problems, "test", seed=cfg.hesitation.seed)
-    behaviour = {name: behaviour_report(work, model, problems, samples=cfg.samples,
-                                        temperature=cfg.temperature, seed=cfg.hesitation.seed)
-                 for name, model in (("base", pair.base), ("target", pair.target))}
+    behaviour = {
+        name: behaviour_report(
+            work, model, problems, samples=cfg.samples, temperature=cfg.temperature, seed=cfg.hesitation.seed
+        )
+        for name, model in (("base", pair.base), ("target", pair.target))
+    }
     adapted = load_adapted(pair, org.adapters)
-    result = study.run(pair, adapted, cfg.hesitation, progress=progress, pair_name=org.name,
-                       adapters_name=org.name + "/adapters")
+    result = study.run(
+        pair, adapted, cfg.hesitation, progress=progress, pair_name=org.name, adapters_name=org.name + "/adapters"
+    )
     s = result.summary()
     faith = result.faithfulness["adapted"]
     recipe_file = org.folder / "target" / "mechdiff_recipe.json"
     summary = {
         "recipe": json.loads(recipe_file.read_text())["recipe"] if recipe_file.is_file() else None,
-        "task": pair.meta.get("task"), "hesitation_word": work.spec.word,
+        "task": pair.meta.get("task"),
+        "hesitation_word": work.spec.word,
         "behaviour": behaviour,
-        "adapters": {"n_features": s["n_adapter_features"], "gain_recovered": s["gain_recovered"],
-                     "fve_per_layer": faith["fve_per_layer"], "kl_to_target": faith["kl_to_target"],
-                     "mean_l0": faith.get("mean_l0"), "dead_fraction": faith.get("dead_fraction")},
+        "adapters": {
+            "n_features": s["n_adapter_features"],
+            "gain_recovered": s["gain_recovered"],
+            "fve_per_layer": faith["fve_per_layer"],
+            "kl_to_target": faith["kl_to_target"],
+            "mean_l0": faith.get("mean_l0"),
+            "dead_fraction": faith.get("dead_fraction"),
+        },
         "hesitation": headline(s),
     }
     summary["targets"] = check_targets(summary["hesitation"], s)
@@ -117,19 +130,26 @@ def run_one(org: Organism, cfg: OrganismsConfig, *, device: str | None = None, p
 def headline(s: dict) -> dict:
     """The hesitation study's headline numbers, under the family summary's names."""
     n, suf, st = s["necessity"], s["sufficiency"], s["steering"]
-    return {"n_hesitation_features": s["n_hesitation_features"],
-            "hesitation_fraction": s["hesitation_fraction"], "ablation_cut": n["cut"],
-            "random_ablation_cut": n["random_cut"], "set_decides": suf["hesitation_retained"],
-            "random_set_decides": suf["random_sets_retained"],
-            # of the hesitations the kept-only copy decides, the share after a wrong step (>100% set
-            # decides with a low share here: the set hesitates where the full model goes on)
-            "set_decides_after_error": suf["set_decides_in_generation"]["frac_hesitations_after_error"],
-            "activation_difference_cut": n["activation_difference_cut"], "roles": s["roles"],
-            "set_rule": s["set_rule"]["rule"], "set_sizes": s["set_rule"]["sizes"],
-            "steering_before": st["wait_prob_before"], "steering_after": st["wait_prob_after"],
-            "steering_gain": st["wait_prob_after"] - st["wait_prob_before"],
-            "hesitations_per_response": n["hesitations_per_response_before"],
-            "free_generation_retained": suf["hesitation_retained_in_generation"]}
+    return {
+        "n_hesitation_features": s["n_hesitation_features"],
+        "hesitation_fraction": s["hesitation_fraction"],
+        "ablation_cut": n["cut"],
+        "random_ablation_cut": n["random_cut"],
+        "set_decides": suf["hesitation_retained"],
+        "random_set_decides": suf["random_sets_retained"],
+        # of the hesitations the kept-only copy decides, the share after a wrong step (>100% set
+        # decides with a low share here: the set hesitates where the full model goes on)
+        "set_decides_after_error": suf["set_decides_in_generation"]["frac_hesitations_after_error"],
+        "activation_difference_cut": n["activation_difference_cut"],
+        "roles": s["roles"],
+        "set_rule": s["set_rule"]["rule"],
+        "set_sizes": s["set_rule"]["sizes"],
+        "steering_before": st["wait_prob_before"],
+        "steering_after": st["wait_prob_after"],
+        "steering_gain": st["wait_prob_after"] - st["wait_prob_before"],
+        "hesitations_per_response": n["hesitations_per_response_before"],
+        "free_generation_retained": suf["hesitation_retained_in_generation"],
+    }
 
 
 def check_targets(h: dict, s: dict) -> dict:
@@ -152,30 +172,45 @@ def _reason(key: str, s: dict) -> str:
     if key == "ablation_cut":
         tail = d["ranked"][-2:] if len(d["ranked"]) > 1 else d["ranked"]
         falling = len(tail) == 2 and tail[1] < tail[0] - 0.05
-        return (f"ablating the {k} features leaves greedy hesitation at {curve.get(k, float('nan')):.0%} of the "
-                f"validation prompts (from {curve[0]:.0%}) but cuts hesitations in generation by "
-                f"{n['cut']:.0%}; the dose-response goes {tail[0]:.2f} -> {tail[-1]:.2f} over its last two "
-                f"points ({'still falling at the set size' if falling else 'flat at the set size'})")
+        return (
+            f"ablating the {k} features leaves greedy hesitation at {curve.get(k, float('nan')):.0%} of the "
+            f"validation prompts (from {curve[0]:.0%}) but cuts hesitations in generation by "
+            f"{n['cut']:.0%}; the dose-response goes {tail[0]:.2f} -> {tail[-1]:.2f} over its last two "
+            f"points ({'still falling at the set size' if falling else 'flat at the set size'})"
+        )
     if key == "hesitation_fraction":
         return f"the sizing rule needed {k} of {s['n_adapter_features']} features ({s['set_rule']['rule']})"
     if key == "random_ablation_cut":
-        return (f"random sets of {k} features cut hesitations by {n['random_cut']:.0%} "
-                f"(draws: {n['random_control_after_draws']})")
+        return (
+            f"random sets of {k} features cut hesitations by {n['random_cut']:.0%} "
+            f"(draws: {n['random_control_after_draws']})"
+        )
     if key == "set_decides":
         dec = s["sufficiency"]["set_decides_in_generation"]
-        return (f"the kept-only copy, deciding each slot, wrote {dec['hesitations_per_response']:.2f} "
-                f"hesitations per response against {n['hesitations_per_response_before']:.2f}; teacher-forced "
-                f"it keeps {s['sufficiency']['hesitation_retained_at_prompts']}")
-    return (f"P(hesitation) in the hybrid went {s['steering']['wait_prob_before']:.3f} -> "
-            f"{s['steering']['wait_prob_after']:.3f} with {s['steering']['n_output_features']} output features")
+        return (
+            f"the kept-only copy, deciding each slot, wrote {dec['hesitations_per_response']:.2f} "
+            f"hesitations per response against {n['hesitations_per_response_before']:.2f}; teacher-forced "
+            f"it keeps {s['sufficiency']['hesitation_retained_at_prompts']}"
+        )
+    return (
+        f"P(hesitation) in the hybrid went {s['steering']['wait_prob_before']:.3f} -> "
+        f"{s['steering']['wait_prob_after']:.3f} with {s['steering']['n_output_features']} output features"
+    )
 
 
-def run(organisms: dict[str, Organism], cfg: OrganismsConfig | None = None, *, device: str | None = None,
-        progress: bool = True) -> OrganismsResult:
+def run(
+    organisms: dict[str, Organism],
+    cfg: OrganismsConfig | None = None,
+    *,
+    device: str | None = None,
+    progress: bool = True,
+) -> OrganismsResult:
     """Every organism in ``organisms`` through :func:`run_one`, with one config."""
     cfg = cfg or OrganismsConfig()
-    data, studies = {"config": {**asdict(cfg)}, "targets": {k: f"{op} {g}" for k, (op, g) in TARGETS.items()},
-                     "organisms": {}}, {}
+    data, studies = (
+        {"config": {**asdict(cfg)}, "targets": {k: f"{op} {g}" for k, (op, g) in TARGETS.items()}, "organisms": {}},
+        {},
+    )
     for name, org in organisms.items():
         if progress:
             print(f"[organisms] {name}: {org.folder}", flush=True)

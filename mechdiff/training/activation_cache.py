@@ -57,8 +57,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise CacheError(f"{path} is unreadable or corrupt ({err}); move the cache away to rebuild "
-                         f"it") from err
+        raise CacheError(f"{path} is unreadable or corrupt ({err}); move the cache away to rebuild it") from err
 
 
 def _rank_dir(directory: Path, rank: int) -> Path:
@@ -73,8 +72,15 @@ class CacheWriter:
     settings (batch size, hooks, model...). ``rank``/``world_size`` default to the process group's.
     """
 
-    def __init__(self, directory: str | Path, *, shard_rows: int = 65536, meta: dict | None = None,
-                 rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        shard_rows: int = 65536,
+        meta: dict | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         if shard_rows < 1:
             raise ValueError(f"shard_rows must be >= 1, not {shard_rows}")
         self.directory, self.shard_rows = Path(directory), shard_rows
@@ -85,9 +91,11 @@ class CacheWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._check_or_create_header()
         manifest = self.dir / "manifest.json"
-        self.manifest = _read_json(manifest) if manifest.exists() else {
-            "rank": self.rank, "rows": 0, "cursor": 0, "complete": False, "names": None,
-            "shards": []}
+        self.manifest = (
+            _read_json(manifest)
+            if manifest.exists()
+            else {"rank": self.rank, "rows": 0, "cursor": 0, "complete": False, "names": None, "shards": []}
+        )
         self._verify_and_clean()
         self._buffer: list[dict[str, Tensor]] = []
         self._buffered_rows = self._pending_items = 0
@@ -102,20 +110,25 @@ class CacheWriter:
         if have.get("format") != FORMAT:
             raise CacheError(f"{header} is not a mechdiff activation cache")
         if have["world_size"] != self.world_size:
-            raise CacheError(f"the cache in {self.directory} was written by {have['world_size']} "
-                             f"processes, this run has {self.world_size}: resume it with the same "
-                             f"number, or write a new cache")
+            raise CacheError(
+                f"the cache in {self.directory} was written by {have['world_size']} "
+                f"processes, this run has {self.world_size}: resume it with the same "
+                f"number, or write a new cache"
+            )
         if have["meta"] != self.meta:
-            raise CacheError(f"the cache in {self.directory} was written with other settings: "
-                             f"{have['meta']} (now {self.meta})")
+            raise CacheError(
+                f"the cache in {self.directory} was written with other settings: {have['meta']} (now {self.meta})"
+            )
 
     def _verify_and_clean(self) -> None:
         listed = set()
         for shard in self.manifest["shards"]:
             path = self.dir / shard["file"]
             if not path.exists() or path.stat().st_size != shard["bytes"]:
-                raise CacheError(f"{path} is missing or truncated but listed in its manifest: the "
-                                 f"cache is corrupt; move it away to rebuild it")
+                raise CacheError(
+                    f"{path} is missing or truncated but listed in its manifest: the "
+                    f"cache is corrupt; move it away to rebuild it"
+                )
             listed.add(shard["file"])
         for path in self.dir.iterdir():  # shards written after the last manifest update
             if path.name.endswith(".tmp") or (_SHARD.match(path.name) and path.name not in listed):
@@ -158,9 +171,14 @@ class CacheWriter:
             tensors = {k: torch.cat([b[k] for b in self._buffer]) for k in self._buffer[0]}
             with atomic_file(self.dir / name) as tmp:
                 save_file(tensors, str(tmp))
-            self.manifest["shards"].append({"file": name, "rows": self._buffered_rows,
-                                            "bytes": (self.dir / name).stat().st_size,
-                                            "cursor": self.cursor + self._pending_items})
+            self.manifest["shards"].append(
+                {
+                    "file": name,
+                    "rows": self._buffered_rows,
+                    "bytes": (self.dir / name).stat().st_size,
+                    "cursor": self.cursor + self._pending_items,
+                }
+            )
             self.manifest["rows"] += self._buffered_rows
         self.manifest["cursor"] += self._pending_items
         self._write_manifest()
@@ -202,17 +220,22 @@ class ActivationCache:
             path = _rank_dir(self.directory, r) / "manifest.json"
             m = _read_json(path) if path.exists() else {"complete": False, "shards": [], "names": None}
             if not m["complete"] and not allow_incomplete:
-                raise CacheError(f"the cache in {self.directory} is incomplete (rank {r} committed "
-                                 f"{m.get('cursor', 0)} items): resume the caching run, or pass "
-                                 f"allow_incomplete=True")
+                raise CacheError(
+                    f"the cache in {self.directory} is incomplete (rank {r} committed "
+                    f"{m.get('cursor', 0)} items): resume the caching run, or pass "
+                    f"allow_incomplete=True"
+                )
             self.manifests.append(m)
         specs = {json.dumps(m["names"]) for m in self.manifests if m["names"] is not None}
         if len(specs) > 1:
             raise CacheError(f"ranks of {self.directory} hold different tensors: {specs}")
         spec = json.loads(specs.pop()) if specs else {}
         self.names: dict[str, tuple[str, list[int]]] = {k: (d, s) for k, (d, s) in spec.items()}
-        self.shards = [(_rank_dir(self.directory, r) / s["file"], s["rows"])
-                       for r, m in enumerate(self.manifests) for s in m["shards"]]
+        self.shards = [
+            (_rank_dir(self.directory, r) / s["file"], s["rows"])
+            for r, m in enumerate(self.manifests)
+            for s in m["shards"]
+        ]
         self._cached: tuple[int, dict[str, Tensor]] | None = None
         self.shard_loads = 0  # how many times a shard was read from disk
 
@@ -245,8 +268,9 @@ class ActivationCache:
     def batches_per_epoch(self, batch_size: int) -> int:
         return sum(n // batch_size for _, n in self.shards)
 
-    def batch(self, step: int, batch_size: int, seed: int = 0,
-              names: Sequence[str] | None = None) -> dict[str, Float[Tensor, "batch ..."]]:
+    def batch(
+        self, step: int, batch_size: int, seed: int = 0, names: Sequence[str] | None = None
+    ) -> dict[str, Float[Tensor, "batch ..."]]:
         """The batch of ``step``: a pure function of ``(step, batch_size, seed)``.
 
         Each epoch visits the shards in a seeded random order and each shard's rows in a seeded
@@ -261,8 +285,7 @@ class ActivationCache:
         if per_epoch == 0:
             raise ValueError(f"no shard holds a batch of {batch_size} rows; lower batch_size")
         epoch, k = divmod(step, per_epoch)
-        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(
-            seed * 7919 + epoch)).tolist()
+        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
         for index in order:
             n = self.shards[index][1] // batch_size
             if k < n:
@@ -271,9 +294,10 @@ class ActivationCache:
         if self._cached is None or self._cached[0] != index or set(self._cached[1]) != set(names or self.names):
             self._cached = (index, self.read_shard(index, names))
         data = self._cached[1]
-        perm = torch.randperm(self.shards[index][1], generator=torch.Generator().manual_seed(
-            (seed * 7919 + epoch) * 1_000_003 + index))
-        rows = perm[k * batch_size:(k + 1) * batch_size]
+        perm = torch.randperm(
+            self.shards[index][1], generator=torch.Generator().manual_seed((seed * 7919 + epoch) * 1_000_003 + index)
+        )
+        rows = perm[k * batch_size : (k + 1) * batch_size]
         return {name: t[rows] for name, t in data.items()}
 
 
@@ -287,10 +311,19 @@ def _last_layer(hook_names: Sequence[str], n_layers: int) -> int | None:
 
 
 @torch.no_grad()
-def cache_activations(model, sequences: Sequence[Sequence[int]], directory: str | Path,
-                      hook_names: Sequence[str], *, batch_size: int = 32, shard_rows: int = 65536,
-                      pad_id: int = 0, dtype: torch.dtype | None = None, meta: dict | None = None,
-                      progress: bool = False) -> ActivationCache:
+def cache_activations(
+    model,
+    sequences: Sequence[Sequence[int]],
+    directory: str | Path,
+    hook_names: Sequence[str],
+    *,
+    batch_size: int = 32,
+    shard_rows: int = 65536,
+    pad_id: int = 0,
+    dtype: torch.dtype | None = None,
+    meta: dict | None = None,
+    progress: bool = False,
+) -> ActivationCache:
     """Cache ``model``'s activations at ``hook_names`` for every real token of ``sequences``.
 
     Rows also hold ``token``, ``sequence`` (index into ``sequences``) and ``position``. Sequences
@@ -310,17 +343,22 @@ def cache_activations(model, sequences: Sequence[Sequence[int]], directory: str 
     unknown = [n for n in hook_names if n not in model.hook_dict]
     if unknown:
         raise ValueError(f"unknown hook names {unknown}; e.g. {list(model.hook_dict)[:4]}")
-    info = {"hook_names": list(hook_names), "batch_size": batch_size, "pad_id": pad_id,
-            "n_sequences": len(sequences), "model": str(model.cfg.model_name),
-            "dtype": str(dtype), **(meta or {})}
-    plan = [list(range(i, min(i + batch_size, len(sequences))))
-            for i in range(0, len(sequences), batch_size)]
+    info = {
+        "hook_names": list(hook_names),
+        "batch_size": batch_size,
+        "pad_id": pad_id,
+        "n_sequences": len(sequences),
+        "model": str(model.cfg.model_name),
+        "dtype": str(dtype),
+        **(meta or {}),
+    }
+    plan = [list(range(i, min(i + batch_size, len(sequences)))) for i in range(0, len(sequences), batch_size)]
     rank, world = distributed.rank(), distributed.world_size()
     mine = plan[rank::world]
     writer = CacheWriter(directory, shard_rows=shard_rows, meta=info)
     stop = _last_layer(hook_names, model.cfg.n_layers)
     device = model.cfg.device
-    for rows in tqdm(mine[writer.cursor:], desc="cache", disable=not (progress and rank == 0)):
+    for rows in tqdm(mine[writer.cursor :], desc="cache", disable=not (progress and rank == 0)):
         tokens, mask = pad([list(sequences[i]) for i in rows], pad_id, side="right")
         store: dict[str, Tensor] = {}
 

@@ -65,8 +65,11 @@ def nmse_per_layer(resid: list[Tensor], target_resid: list[Tensor], mask: Mask) 
     return num / den.clamp(min=1e-12)
 
 
-def nmse_sums(resid: list[Tensor], target_resid: list[Tensor], mask: Mask,
-              ) -> tuple[Float[Tensor, " layer"], Float[Tensor, " layer"]]:
+def nmse_sums(
+    resid: list[Tensor],
+    target_resid: list[Tensor],
+    mask: Mask,
+) -> tuple[Float[Tensor, " layer"], Float[Tensor, " layer"]]:
     """Numerator and denominator of :func:`nmse_per_layer` (sums over ``mask`` tokens)."""
     h, ht = torch.stack(resid[1:]), torch.stack(target_resid[1:])  # layer batch pos d_model
     err = ((h - ht) ** 2).sum(-1) * mask
@@ -82,8 +85,15 @@ def l1_penalty(acts: list[Tensor], adapted: AdaptedModel, mask: Mask) -> Tensor:
     return total
 
 
-def aux_dead_loss(pre: list[Tensor], adapted: AdaptedModel, dead: Bool[Tensor, "layer d_sae"],
-                  resid: list[Tensor], target_resid: list[Tensor], mask: Mask, k_aux: int) -> Tensor:
+def aux_dead_loss(
+    pre: list[Tensor],
+    adapted: AdaptedModel,
+    dead: Bool[Tensor, "layer d_sae"],
+    resid: list[Tensor],
+    target_resid: list[Tensor],
+    mask: Mask,
+    k_aux: int,
+) -> Tensor:
     """AuxK (Gao et al. 2024) for adapters: at each layer the ``k_aux`` largest (ReLU'd)
     pre-activations among *dead* features, decoded, fit the residual error left after that layer
     (``h_target - h_adapted``, detached). Mean over layers of that NMSE; not added to the model."""
@@ -91,9 +101,15 @@ def aux_dead_loss(pre: list[Tensor], adapted: AdaptedModel, dead: Bool[Tensor, "
     return (num / den.clamp(min=1e-12)).sum() / len(pre)
 
 
-def aux_dead_sums(pre: list[Tensor], adapted: AdaptedModel, dead: Bool[Tensor, "layer d_sae"],
-                  resid: list[Tensor], target_resid: list[Tensor], mask: Mask, k_aux: int,
-                  ) -> tuple[Float[Tensor, " layer"], Float[Tensor, " layer"]]:
+def aux_dead_sums(
+    pre: list[Tensor],
+    adapted: AdaptedModel,
+    dead: Bool[Tensor, "layer d_sae"],
+    resid: list[Tensor],
+    target_resid: list[Tensor],
+    mask: Mask,
+    k_aux: int,
+) -> tuple[Float[Tensor, " layer"], Float[Tensor, " layer"]]:
     """Per layer, numerator and denominator of :func:`aux_dead_loss`'s NMSE (zeros where no
     feature is dead)."""
     num, den = pre[0].new_zeros(len(pre)), pre[0].new_zeros(len(pre))
@@ -165,8 +181,15 @@ class AdapterObjective:
     and parts averaged over ranks are those of the whole batch, and the firing counts are global.
     """
 
-    def __init__(self, adapted: AdaptedModel, target: HookedTransformer, weights: LossWeights,
-                 fast: bool = True, autocast: str | None = None, checkpoint: bool = False):
+    def __init__(
+        self,
+        adapted: AdaptedModel,
+        target: HookedTransformer,
+        weights: LossWeights,
+        fast: bool = True,
+        autocast: str | None = None,
+        checkpoint: bool = False,
+    ):
         self.adapted, self.target, self.weights = adapted, target, weights
         self.fast, self.autocast, self.checkpoint = fast, autocast, checkpoint
         for p in target.parameters():  # the target is a frozen teacher (bridging runs through it)
@@ -182,9 +205,15 @@ class AdapterObjective:
         device = torch.device(self.adapted.model.cfg.device).type
         return torch.autocast(device, dtype=getattr(torch, self.autocast))
 
-    def __call__(self, tokens: Int[Tensor, "batch pos"], mask: Mask, cutoff: int | None = None,
-                 l1_scale: float = 1.0, dead: Bool[Tensor, "layer d_sae"] | None = None, k_aux: int = 64,
-                 ) -> tuple[Tensor, dict[str, float], dict[str, Tensor]]:
+    def __call__(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        mask: Mask,
+        cutoff: int | None = None,
+        l1_scale: float = 1.0,
+        dead: Bool[Tensor, "layer d_sae"] | None = None,
+        k_aux: int = 64,
+    ) -> tuple[Tensor, dict[str, float], dict[str, Tensor]]:
         """``dead`` (features that have not fired lately) enables the AuxK part when ``weights.aux``."""
         models = (self.adapted.model, self.target) if self.checkpoint else ()
         with self._precision(), checkpointed_blocks(models):
@@ -225,10 +254,14 @@ class AdapterObjective:
             return None, None
         attn = mask.long()
         if logits:
-            return (self.target(resid[k], start_at_layer=k, attention_mask=attn),
-                    self.adapted.model(t_resid[k], start_at_layer=k, attention_mask=attn))
-        return (final_hidden(self.target, resid[k], start_at_layer=k, attention_mask=attn),
-                final_hidden(self.adapted.model, t_resid[k], start_at_layer=k, attention_mask=attn))
+            return (
+                self.target(resid[k], start_at_layer=k, attention_mask=attn),
+                self.adapted.model(t_resid[k], start_at_layer=k, attention_mask=attn),
+            )
+        return (
+            final_hidden(self.target, resid[k], start_at_layer=k, attention_mask=attn),
+            final_hidden(self.adapted.model, t_resid[k], start_at_layer=k, attention_mask=attn),
+        )
 
     def _plain_kls(self, t_logits, logits, t_resid, resid, mask, k) -> dict[str, Tensor]:
         out = {"kl": masked_kl(t_logits, logits, mask)}
@@ -246,15 +279,21 @@ class AdapterObjective:
         teacher: Head = hooked_head(self.target, t_hidden[mask])
         kl = head_losses(students, teacher=teacher).kl
         names = ("kl", "bridge_a2t", "bridge_t2a")
-        return {name: kl[i] for i, name in enumerate(names[:len(students)])}
+        return {name: kl[i] for i, name in enumerate(names[: len(students)])}
 
     @torch.no_grad()
-    def _stats(self, acts: list[Tensor], resid: list[Tensor], t_resid: list[Tensor], mask: Mask,
-               extra: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _stats(
+        self, acts: list[Tensor], resid: list[Tensor], t_resid: list[Tensor], mask: Mask, extra: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
         fired = torch.stack([(a > 0) & mask[..., None] for a in acts])  # layer batch pos d_sae
         err = torch.stack([((r - rt) ** 2).sum(-1) for r, rt in zip(resid[1:], t_resid[1:], strict=True)])
-        return {"counts": _global_counts(fired.sum((1, 2))), "n_tokens": _global_counts(mask.sum()),
-                "err": err * mask, "mask": mask, "mlp_in": [extra[n].detach() for n in self.in_names]}
+        return {
+            "counts": _global_counts(fired.sum((1, 2))),
+            "n_tokens": _global_counts(mask.sum()),
+            "err": err * mask,
+            "mask": mask,
+            "mlp_in": [extra[n].detach() for n in self.in_names],
+        }
 
 
 @contextmanager
@@ -263,10 +302,12 @@ def checkpointed_blocks(models: tuple[HookedTransformer, ...]):
     the rest (when gradients are on); module hooks (the adapters) run again in the recomputation."""
     blocks = [block for model in models for block in model.blocks]
     for block in blocks:
+
         def run(*args, _forward=block.forward, **kwargs):
             if not torch.is_grad_enabled():
                 return _forward(*args, **kwargs)
             return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
         block.forward = run
     try:
         yield
@@ -283,8 +324,17 @@ def _shared_ratio(num: Float[Tensor, " n"], den: Float[Tensor, " n"]) -> Float[T
 # ----------------------------------------------------------------------------- the recipe
 
 
-_ADAPTER_LOOP = ("steps", "lr", "warmup_frac", "grad_clip", "validate_every", "log_every", "checkpoint_every",
-                 "seed", "progress")  # the loop settings saved flat before they were nested
+_ADAPTER_LOOP = (
+    "steps",
+    "lr",
+    "warmup_frac",
+    "grad_clip",
+    "validate_every",
+    "log_every",
+    "checkpoint_every",
+    "seed",
+    "progress",
+)  # the loop settings saved flat before they were nested
 
 
 @nests_loop(*_ADAPTER_LOOP)
@@ -321,11 +371,13 @@ class AdapterRecipe:
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=300, lr=1e-3))
 
     def __post_init__(self):  # refused here, before any model loads (CLI and Python alike)
-        check(self, at_least_1=("d_sae", "k", "batch_size", "n_traces", "n_val", "dead_window"),
-              non_negative=("resample_every", "k_aux", "dense_threshold"),
-              fraction=("l1_warmup_frac", "resample_until"),
-              choices={"activation": ("relu", "topk"), "backbone": ("target", "base"),
-                       "data": ("corpus", "target")})
+        check(
+            self,
+            at_least_1=("d_sae", "k", "batch_size", "n_traces", "n_val", "dead_window"),
+            non_negative=("resample_every", "k_aux", "dense_threshold"),
+            fraction=("l1_warmup_frac", "resample_until"),
+            choices={"activation": ("relu", "topk"), "backbone": ("target", "base"), "data": ("corpus", "target")},
+        )
 
     @classmethod
     def from_dict(cls, d: dict) -> AdapterRecipe:
@@ -344,9 +396,16 @@ def organism_traces(n: int, split: str = "train", seed: int = 0, spec=None) -> D
     return corpus.reasoning_traces(n, split=split, seed=seed, spec=spec or DEFAULT)
 
 
-def target_traces(target: HookedTransformer, n: int, split: str = "train", seed: int = 0,
-                  temperature: float = 1.0, max_new_tokens: int = 96, progress: bool = False,
-                  spec=None) -> Dataset:
+def target_traces(
+    target: HookedTransformer,
+    n: int,
+    split: str = "train",
+    seed: int = 0,
+    temperature: float = 1.0,
+    max_new_tokens: int = 96,
+    progress: bool = False,
+    spec=None,
+) -> Dataset:
     """Traces the target writes itself: organism prompts of ``split`` continued by sampling.
 
     Example:
@@ -359,16 +418,22 @@ def target_traces(target: HookedTransformer, n: int, split: str = "train", seed:
     from mechdiff.organism.task import DEFAULT
 
     prompts = corpus.problems(n, split=split, seed=seed, spec=spec or DEFAULT)["input_ids"]
-    outs = generate(target, prompts, max_new_tokens, temperature=temperature, seed=seed,
-                    batch_size=256, progress=progress)
+    outs = generate(
+        target, prompts, max_new_tokens, temperature=temperature, seed=seed, batch_size=256, progress=progress
+    )
     pad_id = target.tokenizer.pad_token_id
     rows = [p + [t for t in o if t != pad_id] for p, o in zip(prompts, outs, strict=True)]
     return Dataset.from_dict({"input_ids": rows, "prompt_len": [len(p) for p in prompts]})
 
 
-def train_adapters(pair: ModelPair, recipe: AdapterRecipe, out_dir: str | Path | None = None,
-                   traces: Dataset | None = None, val_traces: Dataset | None = None,
-                   pad_id: int | None = None) -> tuple[AdaptedModel, list[dict]]:
+def train_adapters(
+    pair: ModelPair,
+    recipe: AdapterRecipe,
+    out_dir: str | Path | None = None,
+    traces: Dataset | None = None,
+    val_traces: Dataset | None = None,
+    pad_id: int | None = None,
+) -> tuple[AdaptedModel, list[dict]]:
     """Train adapters for ``pair``; returns the adapted model and the logged history.
 
     ``traces`` / ``val_traces`` are datasets with ``input_ids`` (default: the organism's reasoning
@@ -377,19 +442,20 @@ def train_adapters(pair: ModelPair, recipe: AdapterRecipe, out_dir: str | Path |
     trains on its shard of every ``batch_size`` batch and the steps equal a single process's.
     """
     torch.manual_seed(recipe.loop.seed)
-    adapted = AdaptedModel.from_pair(pair, recipe.d_sae, recipe.activation, recipe.k,
-                                     recipe.backbone, recipe.enc_bias_init)
+    adapted = AdaptedModel.from_pair(
+        pair, recipe.d_sae, recipe.activation, recipe.k, recipe.backbone, recipe.enc_bias_init
+    )
     from mechdiff.organism.task import TaskSpec
 
     spec = TaskSpec.of_pair(pair)  # an organism of the family: its own words and operand shape
     if traces is None and recipe.data == "target":
-        traces = target_traces(pair.target, recipe.n_traces, "train", recipe.seed, progress=recipe.progress,
-                               spec=spec)
+        traces = target_traces(pair.target, recipe.n_traces, "train", recipe.seed, progress=recipe.progress, spec=spec)
     traces = traces if traces is not None else organism_traces(recipe.n_traces, "train", recipe.seed, spec)
     val_traces = val_traces if val_traces is not None else organism_traces(recipe.n_val, "validation", spec=spec)
     pad_id = pad_id if pad_id is not None else (pair.tokenizer.pad_token_id or 0)
-    objective = AdapterObjective(adapted, pair.target, recipe.weights, checkpoint=recipe.checkpoint,
-                                 autocast=recipe.autocast)
+    objective = AdapterObjective(
+        adapted, pair.target, recipe.weights, checkpoint=recipe.checkpoint, autocast=recipe.autocast
+    )
     resampler = Resampler(adapted, recipe)
     warm = max(1, int(recipe.l1_warmup_frac * recipe.steps))
     device = adapted.model.cfg.device
@@ -417,4 +483,3 @@ def train_adapters(pair: ModelPair, recipe: AdapterRecipe, out_dir: str | Path |
     trained = torch.nn.ModuleDict({"adapters": adapted.adapters, "resampler": resampler})
     history = train(trained, loss_fn, cfg, validate=validate, on_step=resampler)
     return adapted, history
-

@@ -10,4 +10,4 @@ def step_indices(n_rows: int, batch_size: int, step: int, seed: int) -> list[int
     per_epoch = max(1, n_rows // batch_size)
     epoch, k = divmod(step, per_epoch)
     perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-    return perm[k * batch_size:(k + 1) * batch_size].tolist()
+    return perm[k * batch_size : (k + 1) * batch_size].tolist()

@@ -63,8 +63,11 @@ def load(directory: Path, module: torch.nn.Module, optimizer: torch.optim.Optimi
     directory = Path(directory)
     final = directory / CHECKPOINT
     if not final.exists() and directory.is_dir():  # killed between moving the old one aside and
-        olds = [p for p in directory.iterdir()  # renaming the new one in: the old one is whole
-                if is_temporary(p, CHECKPOINT) and p.name.endswith(OLD_SUFFIX)]
+        olds = [
+            p
+            for p in directory.iterdir()  # renaming the new one in: the old one is whole
+            if is_temporary(p, CHECKPOINT) and p.name.endswith(OLD_SUFFIX)
+        ]
         if olds:
             max(olds, key=lambda p: p.stat().st_mtime).rename(final)
     for leftover in directory.glob(f"{CHECKPOINT}.*"):  # half-written temporaries of a kill

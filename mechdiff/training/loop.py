@@ -67,8 +67,13 @@ class LoopConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)  # read back from JSON as a list
-        check(self, at_least_1=("steps", "log_every", "checkpoint_every"), positive=("lr", "grad_clip"),
-              non_negative=("weight_decay", "validate_every"), fraction=("warmup_frac", "min_lr_frac"))
+        check(
+            self,
+            at_least_1=("steps", "log_every", "checkpoint_every"),
+            positive=("lr", "grad_clip"),
+            non_negative=("weight_decay", "validate_every"),
+            fraction=("warmup_frac", "min_lr_frac"),
+        )
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -77,8 +82,11 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     def __init__(self, step: int, checkpoint: Path | None):
         self.step, self.checkpoint = step, checkpoint
-        where = (f"checkpoint saved to {checkpoint}; run the same command again to resume"
-                 if checkpoint else "no checkpoint (no out_dir)")
+        where = (
+            f"checkpoint saved to {checkpoint}; run the same command again to resume"
+            if checkpoint
+            else "no checkpoint (no out_dir)"
+        )
         super().__init__(f"interrupted after step {step}: {where}")
 
 
@@ -120,12 +128,18 @@ def train(
         saved = checkpoint.load(out, module, optimizer) if (out and cfg.resume) else None
     else:  # rank 0 first: a load may repair a checkpoint killed between its renames
         saved, error = sync.main_first(
-            lambda: checkpoint.load(out, module, optimizer) if (out and cfg.resume) else None)
+            lambda: checkpoint.load(out, module, optimizer) if (out and cfg.resume) else None
+        )
         sync.start(module, saved["step"] if saved else 0, error)
     start, history = (saved["step"], saved["history"]) if saved else (0, [])
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.desc,
-               disable=not cfg.progress or (sync is not None and not sync.is_main),
-               dynamic_ncols=True)
+    bar = tqdm(
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        desc=cfg.desc,
+        disable=not cfg.progress or (sync is not None and not sync.is_main),
+        dynamic_ncols=True,
+    )
     t0 = time.perf_counter()
     done = start
     try:
@@ -190,8 +204,14 @@ def _backward(step, loss_fn, cfg, optimizer, sync) -> tuple:
 def _record(done, last, cfg, optimizer, sync, t0, validate, bar) -> dict:
     loss, metrics, grad_norm = last
     loss_value, metrics = (loss.item(), metrics) if sync is None else sync.mean(loss, metrics)
-    record = {"step": done, "loss": loss_value, "grad_norm": grad_norm.item(),
-              "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0, **metrics}
+    record = {
+        "step": done,
+        "loss": loss_value,
+        "grad_norm": grad_norm.item(),
+        "lr": optimizer.param_groups[0]["lr"],
+        "seconds": time.perf_counter() - t0,
+        **metrics,
+    }
     if validate and cfg.validate_every and done % cfg.validate_every == 0:
         record.update({f"val_{k}": v for k, v in validate().items()})
     bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()}, refresh=False)
@@ -200,8 +220,7 @@ def _record(done, last, cfg, optimizer, sync, t0, validate, bar) -> dict:
 
 def _save(out, module, optimizer, done, history, cfg, sync) -> None:
     if sync is None or sync.is_main:
-        checkpoint.save(out, module, optimizer, {"step": done, "history": history,
-                                                 "config": _jsonable(cfg)})
+        checkpoint.save(out, module, optimizer, {"step": done, "history": history, "config": _jsonable(cfg)})
     if sync is not None:
         sync.barrier()
 

@@ -38,8 +38,10 @@ from torch import Tensor
 CHUNK_ELEMENTS = 2**22  # logits per chunk and model (16 MiB in float32): rows = this // vocab
 
 
-def next_token_keep(mask: Bool[Tensor, "batch pos"], prompt_len: Int[Tensor, " batch"] | None = None,
-                    ) -> Bool[Tensor, "batch pos_minus_1"]:
+def next_token_keep(
+    mask: Bool[Tensor, "batch pos"],
+    prompt_len: Int[Tensor, " batch"] | None = None,
+) -> Bool[Tensor, "batch pos_minus_1"]:
     """True where position ``t`` predicts a real token ``t + 1`` (that is, ``mask[:, t + 1]``), and,
     with ``prompt_len``, only a response token (``t + 1 >= prompt_len``).
 
@@ -59,8 +61,11 @@ def next_token_keep(mask: Bool[Tensor, "batch pos"], prompt_len: Int[Tensor, " b
 # ----------------------------------------------------------------------------- plain path
 
 
-def masked_kl(target_logits: Float[Tensor, "batch pos vocab"], logits: Float[Tensor, "batch pos vocab"],
-              mask: Bool[Tensor, "batch pos"]) -> Float[Tensor, ""]:
+def masked_kl(
+    target_logits: Float[Tensor, "batch pos vocab"],
+    logits: Float[Tensor, "batch pos vocab"],
+    mask: Bool[Tensor, "batch pos"],
+) -> Float[Tensor, ""]:
     """Mean over ``mask`` tokens of KL(softmax(target_logits) || softmax(logits)).
 
     >>> z = torch.randn(2, 3, 5); bool(masked_kl(z, z, torch.ones(2, 3, dtype=torch.bool)).abs() < 1e-6)
@@ -71,8 +76,9 @@ def masked_kl(target_logits: Float[Tensor, "batch pos vocab"], logits: Float[Ten
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
-def next_token_ce(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"],
-                  keep: Bool[Tensor, "batch pos_minus_1"]) -> Float[Tensor, ""]:
+def next_token_ce(
+    logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"], keep: Bool[Tensor, "batch pos_minus_1"]
+) -> Float[Tensor, ""]:
     """Mean cross-entropy of ``tokens[:, t + 1]`` under ``logits[:, t]`` over ``keep`` positions.
 
     >>> z = torch.zeros(1, 3, 4); tokens = torch.tensor([[0, 1, 2]])
@@ -105,8 +111,13 @@ class HeadLosses(NamedTuple):
     correct: Int[Tensor, " student"]
 
 
-def head_losses(students: list[Head], *, labels: Int[Tensor, " n"] | None = None, teacher: Head | None = None,
-                chunk: int | None = None) -> HeadLosses:
+def head_losses(
+    students: list[Head],
+    *,
+    labels: Int[Tensor, " n"] | None = None,
+    teacher: Head | None = None,
+    chunk: int | None = None,
+) -> HeadLosses:
     """Mean CE(labels) and KL(teacher || student) of every student head over its ``n`` rows,
     chunked over rows (see the module docstring); equal to :func:`next_token_ce` / :func:`masked_kl`
     on the full logits, gradients included (to the hidden rows, ``W`` and ``b`` where they need one).
@@ -146,7 +157,7 @@ class _HeadLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, n_students, labels, chunk, t_hidden, t_W, t_b, *flat):
-        heads = [flat[i:i + 3] for i in range(0, len(flat), 3)]
+        heads = [flat[i : i + 3] for i in range(0, len(flat), 3)]
         n = heads[0][0].shape[0]
         dev = heads[0][0].device
         ce, kl = torch.zeros(n_students, device=dev), torch.zeros(n_students, device=dev)
@@ -216,8 +227,12 @@ def hooked_head(model, hidden: Float[Tensor, "n d_model"]) -> Head:
     return Head(hidden, model.W_U, model.b_U)
 
 
-def causal_lm_ce(model, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"],
-                 prompt_len: Int[Tensor, " batch"] | None = None) -> Float[Tensor, ""]:
+def causal_lm_ce(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    mask: Bool[Tensor, "batch pos"],
+    prompt_len: Int[Tensor, " batch"] | None = None,
+) -> Float[Tensor, ""]:
     """Mean next-token cross-entropy of a ``transformers`` causal LM (``model.model`` then its output
     embedding) over :func:`next_token_keep` positions, chunked: no ``[batch, pos, vocab]`` tensor.
 

@@ -74,8 +74,9 @@ class Resampler(torch.nn.Module):
         self.window_tokens.zero_()
 
 
-def reinit(adapter, idx: Tensor, was_dense: Tensor, x_all: Float[Tensor, "tok d_model"],
-            x: Float[Tensor, "n d_model"]) -> None:
+def reinit(
+    adapter, idx: Tensor, was_dense: Tensor, x_all: Float[Tensor, "tok d_model"], x: Float[Tensor, "n d_model"]
+) -> None:
     """Point features ``idx`` at inputs ``x`` (high-error tokens), with a zero decoder row.
 
     A dense feature's mean contribution (over the tokens ``x_all``) moves into ``b_dec`` first, so

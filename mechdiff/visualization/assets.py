@@ -61,8 +61,9 @@ def circuitsvis_bundle() -> str:
 
 def circuitsvis_src(page: str | Path, root: str | Path | None = None) -> str:
     """The ``src`` of the tree's one shared ``circuitsvis.js`` for ``page`` (written if missing)."""
-    return shared_asset(page, "circuitsvis.js",
-                        lambda: re.sub(r"//# sourceMappingURL=\S+\s*$", "", circuitsvis_bundle()), root)
+    return shared_asset(
+        page, "circuitsvis.js", lambda: re.sub(r"//# sourceMappingURL=\S+\s*$", "", circuitsvis_bundle()), root
+    )
 
 
 def without_bundle(view_html: str, bundle: str) -> str:
@@ -70,7 +71,7 @@ def without_bundle(view_html: str, bundle: str) -> str:
     shared copy, :func:`circuitsvis_src`) and its self-closed divs opened, as browsers need."""
     at = view_html.find(bundle[:256])
     if at >= 0 and view_html.startswith(bundle, at):
-        view_html = view_html[:at] + view_html[at + len(bundle):]
+        view_html = view_html[:at] + view_html[at + len(bundle) :]
     return re.sub(r'<div id="(circuits-vis-[^"]+)"([^>]*)/>', r'<div id="\1"\2></div>', view_html)
 
 
@@ -106,8 +107,10 @@ def consolidate(tree: str | Path) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mechdiff.visualization.assets",
-                                description="Share one copy of each JavaScript asset across a figures tree.")
+    p = argparse.ArgumentParser(
+        prog="python -m mechdiff.visualization.assets",
+        description="Share one copy of each JavaScript asset across a figures tree.",
+    )
     p.add_argument("tree", nargs="?", default="figures", help="the figures folder (default: figures)")
     print(consolidate(p.parse_args(argv).tree))
 

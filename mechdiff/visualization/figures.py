@@ -125,8 +125,9 @@ def _bar(ax, trace, color, bars, figure):
     marker = trace.marker.color if isinstance(trace.marker.color, str) else color
     err = trace.error_y.array if trace.error_y and trace.error_y.array is not None else None
     ax.bar(pos, list(trace.y), width=0.8 / n, color=marker, label=trace.name, yerr=err, capsize=3)
-    ax.set_xticks(np.arange(len(x)), [str(v) for v in x], rotation=30 if len(x) > 6 else 0,
-                  ha="right" if len(x) > 6 else "center")
+    ax.set_xticks(
+        np.arange(len(x)), [str(v) for v in x], rotation=30 if len(x) > 6 else 0, ha="right" if len(x) > 6 else "center"
+    )
 
 
 def _scatter(ax, trace, color, bars, figure):
@@ -135,13 +136,21 @@ def _scatter(ax, trace, color, bars, figure):
     label = trace.name if trace.showlegend is not False else None  # one legend entry per group
     colors = trace.marker.color
     if mode == "markers" and isinstance(colors, (list, tuple)):  # a colour per point
-        ax.scatter(list(trace.x), list(trace.y), c=list(colors), s=16, label=label, zorder=3,
-                   edgecolors="k", linewidths=0.4)
+        ax.scatter(
+            list(trace.x), list(trace.y), c=list(colors), s=16, label=label, zorder=3, edgecolors="k", linewidths=0.4
+        )
         return
-    ax.plot(list(trace.x), list(trace.y), color=trace.line.color or color, label=label,
-            marker="o" if "markers" in mode else None, markersize=4,
-            linestyle=dashed if "lines" in mode else "none", linewidth=trace.line.width or 1.5,
-            alpha=trace.opacity if trace.opacity is not None else 1.0)
+    ax.plot(
+        list(trace.x),
+        list(trace.y),
+        color=trace.line.color or color,
+        label=label,
+        marker="o" if "markers" in mode else None,
+        markersize=4,
+        linestyle=dashed if "lines" in mode else "none",
+        linewidth=trace.line.width or 1.5,
+        alpha=trace.opacity if trace.opacity is not None else 1.0,
+    )
 
 
 def _heatmap(ax, trace, color, bars, figure):
@@ -155,6 +164,12 @@ def _heatmap(ax, trace, color, bars, figure):
 
 
 def _pie(ax, trace, color, bars, figure):
-    ax.pie(list(trace.values), labels=list(trace.labels), colors=PALETTE,
-           wedgeprops={"width": 0.45} if trace.hole else None, autopct="%1.0f%%", textprops={"fontsize": 8})
+    ax.pie(
+        list(trace.values),
+        labels=list(trace.labels),
+        colors=PALETTE,
+        wedgeprops={"width": 0.45} if trace.hole else None,
+        autopct="%1.0f%%",
+        textprops={"fontsize": 8},
+    )
     ax.axis("equal")

@@ -51,8 +51,10 @@ from mechdiff.workloads.protocol import Cut, Workload
 
 __all__ = ["WORKLOADS", "ChatWorkload", "Cut", "OrganismWorkload", "Workload", "for_pair", "get"]
 
-WORKLOADS = {"organism": "mechdiff.workloads.organism:OrganismWorkload",
-             "chat": "mechdiff.workloads.chat:ChatWorkload"}  # name -> "module:class", imported when asked
+WORKLOADS = {
+    "organism": "mechdiff.workloads.organism:OrganismWorkload",
+    "chat": "mechdiff.workloads.chat:ChatWorkload",
+}  # name -> "module:class", imported when asked
 
 
 def workload_class(name: str) -> type:
@@ -63,8 +65,9 @@ def workload_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def get(name: str, tokenizer: PreTrainedTokenizerBase, spec: TaskSpec | None = None,
-        max_new_tokens: int | None = None) -> Workload:
+def get(
+    name: str, tokenizer: PreTrainedTokenizerBase, spec: TaskSpec | None = None, max_new_tokens: int | None = None
+) -> Workload:
     """The workload ``name`` (a :data:`WORKLOADS` key) over ``tokenizer``; ``spec``: an organism's
     task; ``max_new_tokens``: its reply cap (default: the workload's, 96 organism words or 256 chat tokens)."""
     cls = workload_class(name)

@@ -92,22 +92,31 @@ class ChatWorkload:
 
     def problems(self, n: int, split: str = "test", seed: int = 0) -> Dataset:
         """The templated prompts (ending in the assistant header) of ``n`` problems of ``split``."""
-        rows = [{**chat.encode(self.tokenizer, p, None, self.system), "operands": list(p.operands),
-                 "answer": p.answer} for p in chat.TASK.sample_problems(n, split, seed)]
+        rows = [
+            {**chat.encode(self.tokenizer, p, None, self.system), "operands": list(p.operands), "answer": p.answer}
+            for p in chat.TASK.sample_problems(n, split, seed)
+        ]
         return Dataset.from_list(rows)
 
     def evaluate(self, model: HookedTransformer, problems: Dataset, **kwargs) -> dict[str, float]:
         """:func:`mechdiff.real.chat.evaluate` on the rows' operands (keyword arguments as there;
         ``max_new_tokens`` defaults to the workload's)."""
         kwargs.setdefault("max_new_tokens", self.max_new_tokens)
-        return chat.evaluate(model, [self.problem(o) for o in problems["operands"]], system=self.system,
-                             tokenizer=self.tokenizer, **kwargs)
+        return chat.evaluate(
+            model,
+            [self.problem(o) for o in problems["operands"]],
+            system=self.system,
+            tokenizer=self.tokenizer,
+            **kwargs,
+        )
 
-    def responses(self, model: HookedTransformer, problems: Dataset, *, batch_size: int = 128,
-                  progress: bool = False) -> list[list[int]]:
+    def responses(
+        self, model: HookedTransformer, problems: Dataset, *, batch_size: int = 128, progress: bool = False
+    ) -> list[list[int]]:
         """Greedy replies (token ids, eos kept) to the problems' prompts."""
-        return greedy_replies(model, self.tokenizer, problems, self.max_new_tokens,
-                              batch_size=batch_size, progress=progress)
+        return greedy_replies(
+            model, self.tokenizer, problems, self.max_new_tokens, batch_size=batch_size, progress=progress
+        )
 
     def problem(self, operands: Sequence[int]) -> task.Problem:
         """The problem a row's ``operands`` pose (the chat renders :data:`mechdiff.real.chat.TASK`)."""
@@ -151,13 +160,12 @@ def written_slot_tokens(tokenizer) -> tuple[int, int]:
     problem = task.Problem((1234, 5678))  # units carry into the tens: the tens step slips
     text = chat.reasoning_response(problem, random.Random(0), slip_prob=1.0, recheck_prob=0.0)
     row = chat.encode(tokenizer, problem, text)
-    ids = row["input_ids"][row["prompt_len"]:]
+    ids = row["input_ids"][row["prompt_len"] :]
     _, spans = decoded_spans(tokenizer, ids)
     variants = set(chat.hesitation_token_ids(tokenizer))
     hesitation = next((i for i in ids if i in variants), None)
     units_end = next(chat._STEP.finditer(text)).end()  # the units step: no carry in, no slip
-    go_on = next((ids[j] for j, (a, b) in enumerate(spans)
-                  if a >= units_end and "\n" in text[a:b]), None)
+    go_on = next((ids[j] for j, (a, b) in enumerate(spans) if a >= units_end and "\n" in text[a:b]), None)
     if hesitation is None or go_on is None:
         raise ValueError("the tokenizer writes no 'Wait' token or no newline after a step in a chat trace")
     return hesitation, go_on
@@ -167,8 +175,11 @@ def decoded_spans(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int, i
     """The decoded text (special tokens skipped) and each token's ``[start, end)`` in it, from
     the decoded prefixes (a byte-level token alone may not decode to its share of the text)."""
     ids = list(ids)
-    decode = lambda n: tokenizer.decode(ids[:n], skip_special_tokens=True,  # noqa: E731
-                                        clean_up_tokenization_spaces=False)
+    decode = lambda n: tokenizer.decode(
+        ids[:n],
+        skip_special_tokens=True,  # noqa: E731
+        clean_up_tokenization_spaces=False,
+    )
     ends = [len(decode(n)) for n in range(1, len(ids) + 1)]
     return decode(len(ids)), list(zip([0, *ends[:-1]], ends))
 
@@ -182,8 +193,10 @@ def chat_char_labels(problem: task.Problem, text: str) -> tuple[list[str], list[
     def paint(a, b, name):
         labels[a:b] = [name] * (b - a)
 
-    words = [(m.start(), m.end(), after) for m, after in
-             zip(chat._WAIT.finditer(text), chat.grade(problem, text).hesitation_after_error)]
+    words = [
+        (m.start(), m.end(), after)
+        for m, after in zip(chat._WAIT.finditer(text), chat.grade(problem, text).hesitation_after_error)
+    ]
     for a, b, after in words:
         paint(a, b, "hesitation" if after else "recheck")
     steps = list(chat._STEP.finditer(text))
@@ -192,9 +205,15 @@ def chat_char_labels(problem: task.Problem, text: str) -> tuple[list[str], list[
         brought = [w for w in words if since <= w[0] and w[1] <= step.start()]  # the "Wait" before it
         judged = any(chat._BETWEEN.fullmatch(text, step.end(), w[0]) for w in words if w[0] >= step.end())
         right = chat.step_is_right(problem, step)
-        name = ("slip" if judged and not right else
-                ("correction" if brought[-1][2] else "recheck_step") if brought else
-                "step" if right else "error")
+        name = (
+            "slip"
+            if judged and not right
+            else ("correction" if brought[-1][2] else "recheck_step")
+            if brought
+            else "step"
+            if right
+            else "error"
+        )
         end = chat._BETWEEN.match(text, step.end()).end()  # its closing "." and spaces, as the organism's separator
         paint(step.start(), end, name)
     for m in chat._ANSWER_LINE.finditer(text):

@@ -46,8 +46,10 @@ class OrganismWorkload:
         ids = self.tokenizer.convert_tokens_to_ids(words)
         missing = [w for w, i in zip(words, ids) if i is None or i == self.tokenizer.unk_token_id]
         if missing:
-            raise ValueError(f"the pair's tokenizer does not know {missing}: it was not trained on this "
-                             f"task ({self.spec}); is mechdiff_task.json from another organism?")
+            raise ValueError(
+                f"the pair's tokenizer does not know {missing}: it was not trained on this "
+                f"task ({self.spec}); is mechdiff_task.json from another organism?"
+            )
         *self.variants, self.go_on = ids
         self.variants = tuple(self.variants)
         self.target = self.variants[0]
@@ -81,11 +83,13 @@ class OrganismWorkload:
         kwargs.setdefault("max_new_tokens", self.max_new_tokens)
         return behaviour.evaluate(model, self.tokenizer, problems, spec=self.spec, **kwargs)
 
-    def responses(self, model: HookedTransformer, problems: Dataset, *, batch_size: int = 128,
-                  progress: bool = False) -> list[list[int]]:
+    def responses(
+        self, model: HookedTransformer, problems: Dataset, *, batch_size: int = 128, progress: bool = False
+    ) -> list[list[int]]:
         """Greedy replies (token ids, eos kept) to the problems' prompts."""
-        return greedy_replies(model, self.tokenizer, problems, self.max_new_tokens,
-                              batch_size=batch_size, progress=progress)
+        return greedy_replies(
+            model, self.tokenizer, problems, self.max_new_tokens, batch_size=batch_size, progress=progress
+        )
 
     def problem(self, operands: Sequence[int]) -> task.Problem:
         """The problem a row's ``operands`` pose in the workload's task."""

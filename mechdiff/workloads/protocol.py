@@ -57,8 +57,9 @@ class Workload(Protocol):
 
     def evaluate(self, model: HookedTransformer, problems: Dataset, **kwargs) -> dict[str, float]: ...
 
-    def responses(self, model: HookedTransformer, problems: Dataset, *, batch_size: int = 128,
-                  progress: bool = False) -> list[list[int]]: ...
+    def responses(
+        self, model: HookedTransformer, problems: Dataset, *, batch_size: int = 128, progress: bool = False
+    ) -> list[list[int]]: ...
 
     def problem(self, operands: Sequence[int]) -> task.Problem: ...
 
@@ -69,8 +70,22 @@ class Workload(Protocol):
     def cut(self, problem: task.Problem, ids: Sequence[int]) -> Cut: ...
 
 
-def greedy_replies(model: HookedTransformer, tokenizer, problems: Dataset, max_new_tokens: int, *,
-                   batch_size: int = 128, progress: bool = False) -> list[list[int]]:
+def greedy_replies(
+    model: HookedTransformer,
+    tokenizer,
+    problems: Dataset,
+    max_new_tokens: int,
+    *,
+    batch_size: int = 128,
+    progress: bool = False,
+) -> list[list[int]]:
     """Greedy replies (token ids, eos kept) to the problems' prompts: every workload's ``responses``."""
-    return generate(model, problems["input_ids"], max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id, batch_size=batch_size, progress=progress)
+    return generate(
+        model,
+        problems["input_ids"],
+        max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        batch_size=batch_size,
+        progress=progress,
+    )
