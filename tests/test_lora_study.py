@@ -221,7 +221,35 @@ def test_library_write_reproduces_the_cli_folder(from_cli, from_library, tmp_pat
             assert _without_run_details(json.loads(a)) == _without_run_details(json.loads(b))
         elif name.endswith((".html", ".md")):
             assert wall.sub("", uuid.sub("", a.decode())) == wall.sub("", uuid.sub("", b.decode())), name
-        else:  # PNGs, sae/cfg.json, sae/sae_weights.safetensors, contexts.json
+        elif name.endswith(".json"):  # contexts.json, sae/cfg.json (SAELens orders its keys as a set does)
+            assert json.loads(a) == json.loads(b), name
+        else:  # PNGs, sae/sae_weights.safetensors
             assert a == b, name
     assert from_library.report().startswith("# Rank-1 LoRA lens on the organism")
     assert from_library.headline() in (mine / "report.md").read_text()
+
+
+def test_given_loras_must_be_the_configured_ranks(org_dir):
+    from mechdiff.adapters.lora import LoRAConfig, LoRAModel
+    from mechdiff.models import load_pair
+
+    pair = load_pair("custom", base=str(org_dir), target=str(org_dir))
+    lora = LoRAModel.from_base(pair.base, LoRAConfig(rank=2))
+    with pytest.raises(ValueError, match=r"loras has ranks \[2\], the config names \[1, 2\]"):
+        run(pair, LoraStudyConfig(**TINY), loras={2: lora}, progress=False)
+
+
+@pytest.mark.slow
+def test_library_studies_loras_loaded_from_folders(from_cli, org_dir):
+    """LoRAs the caller loads (here: the PEFT folders the CLI trained) give the CLI's numbers."""
+    from mechdiff.lora import load_lora
+    from mechdiff.models import load_pair
+
+    out, _ = from_cli
+    pair = load_pair("custom", base=str(org_dir), target=str(org_dir))
+    loras = {r: load_lora(out.parent / "runs" / f"lora_r{r}", pair) for r in TINY["ranks"]}
+    got = run(pair, LoraStudyConfig(**TINY), loras=loras, progress=False).summary()
+    saved = json.loads((out / "summary.json").read_text())
+    assert got["lora_sources"] == {"1": "given", "2": "given"} and got["settings"]["retrain"] is False
+    drop = lambda s: {k: v for k, v in _without_run_details(s).items() if k not in ("lora_sources", "settings")}  # noqa: E731
+    assert drop(got) == drop(saved)
