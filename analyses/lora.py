@@ -39,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sae-k", type=float, default=d.sae_k, help="BatchTopK k (default 16)")
     p.add_argument("--sae-expansion", type=int, default=d.sae_expansion, help="SAE expansion factor (default 8)")
     p.add_argument("--top-k", type=int, default=d.top_k, help="top activations per unit for monosemanticity")
-    p.add_argument("--retrain", action="store_true", help="train the LoRAs instead of loading shipped ones")
+    p.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train the LoRAs instead of loading the shipped organism's (another pair's are always trained)",
+    )
     p.add_argument("--steps", type=int, default=d.steps, help="training steps with --retrain (or if not shipped)")
     p.add_argument("--n-traces", type=int, default=d.n_traces, help="training traces with --retrain")
     p.add_argument("--kl-weight", type=float, default=d.kl_weight, help="distillation KL weight with --retrain")

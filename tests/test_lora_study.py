@@ -253,3 +253,16 @@ def test_library_studies_loras_loaded_from_folders(from_cli, org_dir):
     assert got["lora_sources"] == {"1": "given", "2": "given"} and got["settings"]["retrain"] is False
     drop = lambda s: {k: v for k, v in _without_run_details(s).items() if k not in ("lora_sources", "settings")}  # noqa: E731
     assert drop(got) == drop(saved)
+
+
+def test_shipped_loras_are_the_organism_pairs_only(org_dir):
+    """The shipped organism gets its shipped LoRAs; any other pair gets LoRAs trained on it."""
+    from mechdiff.models import load_pair
+    from mechdiff.studies.lora import get_loras
+
+    tiny = load_pair("custom", base=str(org_dir), target=str(org_dir))
+    loras, sources = get_loras(tiny, LoraStudyConfig(ranks=[1], steps=1, n_traces=8), progress=False)
+    assert sources == {1: "trained (1 steps)"} and loras[1].n_layers == 2
+    organism = load_pair("organism")
+    loras, sources = get_loras(organism, LoraStudyConfig(ranks=[1]), progress=False)
+    assert sources == {1: "shipped"} and loras[1].n_layers == organism.n_layers

@@ -66,8 +66,8 @@ class LoraStudyConfig:
     sae_k: float = 16  # BatchTopK k
     sae_expansion: int = 8  # SAE width / LoRA state width
     top_k: int = 100  # top activations per unit for monosemanticity
-    retrain: bool = False  # train every rank instead of loading the shipped LoRAs
-    steps: int = 1000  # training steps (with retrain, or for a rank not shipped)
+    retrain: bool = False  # train every rank instead of loading the shipped LoRAs (other pairs always train)
+    steps: int = 1000  # training steps (with retrain, for another pair, or for a rank not shipped)
     n_traces: int = 20_000  # training traces
     kl_weight: float = 0.0  # distillation KL weight in training
     runs: str | None = None  # folder for trained LoRAs (``runs/lora_rR``); None: not saved
@@ -147,13 +147,15 @@ def _log(msg: str, progress: bool) -> None:
 
 
 def get_loras(pair, cfg: LoraStudyConfig, progress: bool = True) -> tuple[dict, dict[int, str]]:
-    """``({rank: LoRAModel}, {rank: where it came from})``: the shipped LoRA of each rank, or one
-    trained with ``cfg``'s budget (every rank with ``cfg.retrain``; saved under ``cfg.runs``)."""
+    """``({rank: LoRAModel}, {rank: where it came from})``: the shipped LoRA of each rank (the
+    shipped organism's pair only), or one trained with ``cfg``'s budget (every rank with
+    ``cfg.retrain``, and any rank not shipped; saved under ``cfg.runs``)."""
     from mechdiff.lora import TrainConfig, shipped_lora, train_lora
 
+    shipped = not cfg.retrain and pair.meta.get("source") == "organism"  # the shipped LoRAs are its
     loras, sources = {}, {}
     for r in cfg.ranks:
-        lora = None if cfg.retrain else shipped_lora(pair, r)
+        lora = shipped_lora(pair, r) if shipped else None
         sources[r] = "shipped"
         if lora is None:
             train = TrainConfig(rank=r, steps=cfg.steps, n_traces=cfg.n_traces, kl_weight=cfg.kl_weight)
