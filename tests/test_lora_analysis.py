@@ -1,4 +1,5 @@
-"""LoRA objective, training (seeds, resume), lens metrics, SAE and the CLI, on small settings."""
+"""LoRA objective, training (seeds, resume), lens metrics and SAE on small settings (the study and its CLI:
+tests/test_lora_study.py)."""
 
 import json
 
@@ -179,55 +180,3 @@ def test_sae_on_sparse_synthetic_states(tmp_path):
 def test_empty_traces_are_refused():
     with pytest.raises(ValueError, match="no traces"):
         TraceBatches(Dataset.from_list([]), 4)
-
-
-@pytest.mark.slow
-def test_analysis_end_to_end_small(org_dir, tmp_path):
-    """python -m analyses.lora on tiny settings writes every artefact with the summary keys."""
-    from analyses.lora import main
-
-    out = tmp_path / "fig"
-    summary = main(
-        [
-            "--base",
-            str(org_dir),
-            "--target",
-            str(org_dir),
-            "--out",
-            str(out),
-            "--ranks",
-            "1",
-            "2",
-            "--n-problems",
-            "8",
-            "--n-holdout",
-            "12",
-            "--n-sae-traces",
-            "40",
-            "--sae-samples",
-            "4096",
-            "--steps",
-            "2",
-            "--n-traces",
-            "32",
-            "--runs",
-            str(tmp_path / "runs"),
-            "--retrain",
-        ]
-    )
-    saved = json.loads((out / "summary.json").read_text())
-    for key in ("gain_recovered", "gain_recovered_by_rank", "sae", "monosemanticity", "ablation_kl_mlp_over_attention"):
-        assert key in saved
-    assert set(saved["sae"]) >= {"fvu", "l0", "dead_fraction"}
-    assert set(saved["monosemanticity"]) == {"lora", "mlp"}
-    assert saved["gain_recovered_by_rank"].keys() == {"1", "2"} and summary["sae"]["d_sae"] == 8 * 14
-    for name in ("index.html", "report.md", "ablation_heatmap.png", "sae_categories.png", "sae/cfg.json"):
-        assert (out / name).stat().st_size > 0
-    assert "gain_by_rank.html" in (out / "index.html").read_text()
-    import re
-
-    import plotly
-
-    page = out / "gain_by_rank.html"  # offline: the page loads the one shared local plotly.js
-    src = re.search(r'<script [^>]*src="([^"]+)"', page.read_text()).group(1)
-    assert (page.parent / src).read_text() == plotly.offline.get_plotlyjs()
