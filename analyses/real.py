@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=HESITATION_ARGS,
         help="flags of python -m analyses.hesitation for the hesitation stage (quoted; default: %(default)r)",
     )
-    p.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
+    p.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # internal: one stage in this process
     return p
 
 
