@@ -64,6 +64,8 @@ FORMAT = (
     "think_close",
     "eos",
     "worked_marker",
+    "prompt",  # a chat workload's prompt tokens (mechdiff.studies.features_labels)
+    "text",  # a chat reply's prose outside steps, answer and hesitation words
 )
 ARITHMETIC = ("operand_digit", "operand_copy", "carry_copy", "digit", "carry_out", "answer", "fact")
 WAIT = {"hesitation": "hesitation", "recheck": "recheck"}  # "wait" labels -> category
@@ -77,17 +79,28 @@ STEP_ROLES = tuple(dict.fromkeys(task.DEFAULT.step_roles))  # the same names for
 FINE_LABELS = LABELS + tuple(f"{k}:{r}" for k in STEP_KINDS for r in STEP_ROLES)
 CATEGORIES = ("format", "arithmetic", *REASONING, "mixed", "rare")
 ROLES = ("output", "input-simple", "input-abstract")
-RULE = (
-    "Per feature, label distribution c of its top-k sequences (at their max token). Scores: "
-    "hesitation = share of 'wait' tokens after a wrong step; recheck = share of 'wait' re-checks + "
-    "excess of recheck-step tokens; error_detection = excess of slip/error-step tokens; correction "
-    "= excess of correction-step tokens; excess = observed share minus the share predicted by the "
-    "examples' (step role, token id) from corpus counts, clipped at 0. Alive (fired once) with < min_examples "
-    "examples: rare; reasoning scores summing to >= majority: reasoning, top-scoring category; "
-    "else format/arithmetic by the roles' group share >= majority; else mixed. Reasoning roles: "
-    "output if 'wait' is in the top-3 logit-lens tokens; input-simple if >= 80% of top examples "
-    "peak on one token; else input-abstract."
-)
+
+
+def rule_text(word: str = "wait") -> str:
+    """:data:`RULE` for a workload whose hesitation word is ``word``.
+
+    >>> rule_text("hmm") == RULE.replace("'wait'", "'hmm'")
+    True
+    """
+    return (
+        "Per feature, label distribution c of its top-k sequences (at their max token). Scores: "
+        f"hesitation = share of '{word}' tokens after a wrong step; recheck = share of '{word}' re-checks + "
+        "excess of recheck-step tokens; error_detection = excess of slip/error-step tokens; correction "
+        "= excess of correction-step tokens; excess = observed share minus the share predicted by the "
+        "examples' (step role, token id) from corpus counts, clipped at 0. Alive (fired once) with < min_examples "
+        "examples: rare; reasoning scores summing to >= majority: reasoning, top-scoring category; "
+        "else format/arithmetic by the roles' group share >= majority; else mixed. Reasoning roles: "
+        f"output if '{word}' is in the top-3 logit-lens tokens; input-simple if >= 80% of top examples "
+        "peak on one token; else input-abstract."
+    )
+
+
+RULE = rule_text("wait")  # the shipped organism's
 
 
 # --------------------------------------------------------------------------- logit lens
