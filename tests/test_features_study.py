@@ -68,9 +68,9 @@ def test_the_library_call_is_what_the_script_writes(tmp_path):
     result.write(tmp_path / "lib")
     assert json.loads((tmp_path / "lib" / "summary.json").read_text())["figures"][0].endswith("category_counts.html")
     assert (tmp_path / "lib" / "report.md").read_text() == result.report()
-    assert sorted(p.name for p in (tmp_path / "lib" / "features").glob("*.html")) == sorted(
-        p.name for p in (out / "features").glob("*.html")
-    )
+    pages = sorted(p.name for p in (tmp_path / "lib" / "features").glob("*.html"))
+    assert pages == sorted(p.name for p in (out / "features").glob("*.html"))
+    assert "no thinking delimiters" not in (out / "features" / pages[0]).read_text()  # the organism's <think>
 
 
 def test_the_hmm_organism_is_read_with_its_own_word(tmp_path):
@@ -190,6 +190,7 @@ def test_the_census_runs_on_the_chat_pair(pair, adapters, tmp_path):  # noqa: F8
         assert (out / name).is_file(), name
     pages = list((out / "features").glob("*.html"))
     assert len(pages) == s["n_dashboards"] > 0
+    assert all("the corpus has no thinking delimiters" in p.read_text() for p in pages)  # chat: no thinking span
     regions = (out / "regions.html").read_text()
     assert '"reply"' in regions and '"thinking"' not in regions
     report = (out / "report.md").read_text()

@@ -1,9 +1,13 @@
-"""Classify features: by the organism's ground-truth token labels, or (real models) by an LM judge.
+"""Classify features: by a workload's ground-truth token labels (the organism's, the chat's), or by an LM judge.
 
 **Labels.** The organism labels every token (:data:`~mechdiff.organism.task.LABELS`). Whole steps
 are labelled ``slip``/``correction``/``recheck_step``/``error``; :func:`fine_labels` adds each such
 token's role in its step (``slip:digit``, ...: :data:`FINE_LABELS`), so a feature that merely
-reads digits is not mistaken for one that detects wrong steps.
+reads digits is not mistaken for one that detects wrong steps. Any other workload labels its
+tokens itself (:mod:`mechdiff.studies.features_labels`: on chat, whole steps ``step`` / ``slip`` /
+``error`` / ``correction`` / ``recheck_step``, the "Wait" ``hesitation`` / ``recheck``, ``answer``,
+``prompt`` and ``text``): step-kind labels without roles share the role ``step``, so the excess below
+compares each example with the corpus' step tokens of the same id.
 
 **The rule** (:data:`RULE`), on a feature's top-k examples (sequences, each at its maximum token):
 ``wait`` scores: the shares of ``hesitation`` (a "wait" after a wrong step) and ``recheck``
@@ -17,8 +21,9 @@ Categories: ``hesitation`` = hesitation share; ``recheck`` = recheck share + rec
 scores summing to >= ``majority`` it is *reasoning*, in its top-scoring category; else
 ``format`` or ``arithmetic`` when the roles of that group hold >= ``majority``; else ``mixed``.
 Reasoning features get the paper's role: ``output`` when "wait" is among the top-3 logit-lens
-tokens, ``input-simple`` when >= 80% of its top examples peak on one token, else
-``input-abstract``. ``reasoning_fraction`` = reasoning / alive (published, real pair: about 8%).
+tokens (the workload's hesitation tokens; :func:`rule_text` names its word), ``input-simple`` when
+>= 80% of its top examples peak on one token, else ``input-abstract``. ``reasoning_fraction`` =
+reasoning / alive (published, real pair: about 8%).
 
 **The judge** (:class:`JudgeClient`): for real models, an optional language model behind any
 OpenAI-compatible ``/chat/completions`` endpoint (base URL and model configurable; API key from
@@ -268,8 +273,9 @@ def classify_examples(
 
 
 def classify_store(store, *, majority: float = 0.5, min_examples: int = 3, hesitation_ids: Sequence[int] = ()) -> dict:
-    """Categories (and reasoning roles) of every feature of an organism store, from its top
-    examples (:data:`RULE`).
+    """Categories (and reasoning roles) of every feature of a labelled store, from its top
+    examples (:data:`RULE`); ``hesitation_ids``: the tokens whose promotion makes a reasoning
+    feature an ``output`` (the workload's hesitation tokens).
 
     Returns ``{"categories": [...], "roles": {feature: role}, "scores": [F 4], "summary": {...}}``;
     the summary has ``n_features``, ``n_alive``, ``category_counts``, ``reasoning_fraction``...
