@@ -56,7 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=d.split, help="the workload's split of the traces")
     p.add_argument("--top-k", type=int, default=d.top_k, help="top activating sequences kept per feature")
     p.add_argument("--n-random", type=int, default=d.n_random, help="random activating examples per feature")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="traces per forward (fewer when a batch's activations would pass --max-batch-gib)",
+    )
+    p.add_argument(
+        "--max-batch-gib",
+        type=float,
+        default=d.max_batch_gib,
+        help="bound on one batch's cached activations in GiB (SmolLM2's long chat traces x ~60k units)",
+    )
     p.add_argument("--min-examples", type=int, default=d.min_examples, help="fewer top examples: 'rare'")
     p.add_argument(
         "--pages-per-category",
@@ -87,6 +98,7 @@ def config_from_args(args):
             top_k=args.top_k,
             n_random=args.n_random,
             batch_size=args.batch_size,
+            max_batch_gib=args.max_batch_gib,
             min_examples=args.min_examples,
             pages_per_category=args.pages_per_category,
             max_reasoning_pages=args.max_reasoning_pages,

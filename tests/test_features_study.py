@@ -172,6 +172,7 @@ def test_the_census_runs_on_the_chat_pair(pair, adapters, tmp_path):  # noqa: F8
     assert not out.exists()
     s = script.main(
         ["--pair", "smollm2", "--adapters", str(adapters), "--out", str(out), "--store", str(tmp_path / "st"), *SMALL]
+        + ["--max-batch-gib", "0.0005"]  # long chat traces x every unit: the batch shrinks to fit
     )
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(s))
     assert set(s) >= _shipped_keys() and s["pair"] == "smollm2"
@@ -197,3 +198,4 @@ def test_the_census_runs_on_the_chat_pair(pair, adapters, tmp_path):  # noqa: F8
     assert "smollm2, chat workload" in report and "no thinking delimiters" in report
     stored = json.loads((tmp_path / "st" / "store.json").read_text())
     assert tuple(stored["config"]["label_names"]) == tuple(work["label_names"])
+    assert 1 <= stored["config"]["batch_size"] < 8

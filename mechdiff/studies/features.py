@@ -60,7 +60,8 @@ class FeaturesConfig:
     split: str = "validation"  # the workload's split of the traces
     top_k: int = 16  # top activating sequences kept per feature
     n_random: int = 8  # random activating examples per feature
-    batch_size: int = 64
+    batch_size: int = 64  # traces per forward (fewer when max_batch_gib says so)
+    max_batch_gib: float = 2.0  # bound on one batch's cached activations (long chat traces x many units)
     min_examples: int = 3  # fewer top examples: "rare"
     pages_per_category: int = 25  # dashboards per non-reasoning category
     max_reasoning_pages: int = 200  # dashboards of reasoning features
@@ -76,6 +77,7 @@ class FeaturesConfig:
     def __post_init__(self):
         check(self, at_least_1=("n_traces", "top_k", "batch_size", "n_random", "judge_n"))
         check(self, non_negative=("min_examples", "pages_per_category", "max_reasoning_pages"))
+        check(self, positive=("max_batch_gib",))
         check(self, choices={"split": ("train", "validation", "test")})
         if bool(self.judge_url) != bool(self.judge_model):
             raise ValueError("the judge needs both judge_url and judge_model")
@@ -142,10 +144,14 @@ def make_store(
     if with_neurons:
         hooks += [f"blocks.{layer}.mlp.hook_post" for layer in range(n_layers)]
         decoder = torch.cat([decoder, *[b.mlp.W_out.detach().float() for b in model.blocks]])
+    n_units = adapted.n_features + (n_layers * model.cfg.d_mlp if with_neurons else 0)
+    batch_size = batch_that_fits(cfg.batch_size, max(map(len, corpus.rows["input_ids"])), n_units, cfg.max_batch_gib)
+    if batch_size < cfg.batch_size:
+        _log(f"    batches of {batch_size} traces (not {cfg.batch_size}): max_batch_gib {cfg.max_batch_gib}", progress)
     config = StoreConfig(
         top_k=cfg.top_k,
         n_random=cfg.n_random,
-        batch_size=cfg.batch_size,
+        batch_size=batch_size,
         seed=cfg.seed,
         label_names=corpus.label_names,
         think_ids=corpus.think_ids,
@@ -161,6 +167,17 @@ def make_store(
         _log(f"    the store in {folder} was made for other adapters or settings: rebuilding", progress)
         shutil.rmtree(folder)
         return build_store(model, corpus.rows, hooks, folder, **kw)
+
+
+def batch_that_fits(batch_size: int, max_len: int, n_units: int, max_gib: float) -> int:
+    """The largest batch, at most ``batch_size``, whose activations (float32, cached once and
+    concatenated once: 8 bytes per unit and token) fit in ``max_gib``.
+
+    >>> batch_that_fits(64, 80, 4608, 2.0), batch_that_fits(64, 320, 30 * (512 + 1536), 2.0)
+    (64, 13)
+    """
+    per_row = 8 * max_len * n_units
+    return max(1, min(batch_size, int(max_gib * 2**30 // per_row)))
 
 
 def random_control(pair, adapted, store, corpus: CensusTraces, cfg: FeaturesConfig, progress: bool = True) -> dict:
