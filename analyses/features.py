@@ -1,9 +1,11 @@
 """Feature interpretation of the transcoder adapters: ``python -m analyses.features``.
 
     python -m analyses.features                                            # the shipped organism
-    python -m analyses.features --pair custom --base runs/organisms/hmm/base \\
-        --target runs/organisms/hmm/target --adapters runs/organisms/hmm/adapters --out figures/hmm/features
-    python -m analyses.features --pair smollm2 --adapters runs/adapters-smollm2 --out figures/real/features
+    F=mechdiff/organism/family/hmm                                         # an organism that says "hmm"
+    python -m analyses.features --pair custom --base $F/base --target $F/target --adapters $F/adapters \\
+        --out runs/hmm/features --store runs/hmm/features-store
+    python -m analyses.features --pair smollm2 --adapters runs/adapters-smollm2 --out figures/real/features \\
+        --store runs/features/store-smollm2
 
 The census is :func:`mechdiff.studies.features.run`: one pass over held-out traces of the pair's
 workload (the organism's corpus, or SmolLM2's chat) fills an activation store
