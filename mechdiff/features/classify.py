@@ -1,9 +1,13 @@
-"""Classify features: by the organism's ground-truth token labels, or (real models) by an LM judge.
+"""Classify features: by a workload's ground-truth token labels (the organism's, the chat's), or by an LM judge.
 
 **Labels.** The organism labels every token (:data:`~mechdiff.organism.task.LABELS`). Whole steps
 are labelled ``slip``/``correction``/``recheck_step``/``error``; :func:`fine_labels` adds each such
 token's role in its step (``slip:digit``, ...: :data:`FINE_LABELS`), so a feature that merely
-reads digits is not mistaken for one that detects wrong steps.
+reads digits is not mistaken for one that detects wrong steps. Any other workload labels its
+tokens itself (:mod:`mechdiff.studies.features_labels`: on chat, whole steps ``step`` / ``slip`` /
+``error`` / ``correction`` / ``recheck_step``, the "Wait" ``hesitation`` / ``recheck``, ``answer``,
+``prompt`` and ``text``): step-kind labels without roles share the role ``step``, so the excess below
+compares each example with the corpus' step tokens of the same id.
 
 **The rule** (:data:`RULE`), on a feature's top-k examples (sequences, each at its maximum token):
 ``wait`` scores: the shares of ``hesitation`` (a "wait" after a wrong step) and ``recheck``
@@ -17,8 +21,9 @@ Categories: ``hesitation`` = hesitation share; ``recheck`` = recheck share + rec
 scores summing to >= ``majority`` it is *reasoning*, in its top-scoring category; else
 ``format`` or ``arithmetic`` when the roles of that group hold >= ``majority``; else ``mixed``.
 Reasoning features get the paper's role: ``output`` when "wait" is among the top-3 logit-lens
-tokens, ``input-simple`` when >= 80% of its top examples peak on one token, else
-``input-abstract``. ``reasoning_fraction`` = reasoning / alive (published, real pair: about 8%).
+tokens (the workload's hesitation tokens; :func:`rule_text` names its word), ``input-simple`` when
+>= 80% of its top examples peak on one token, else ``input-abstract``. ``reasoning_fraction`` =
+reasoning / alive (published, real pair: about 8%).
 
 **The judge** (:class:`JudgeClient`): for real models, an optional language model behind any
 OpenAI-compatible ``/chat/completions`` endpoint (base URL and model configurable; API key from
@@ -64,6 +69,8 @@ FORMAT = (
     "think_close",
     "eos",
     "worked_marker",
+    "prompt",  # a chat workload's prompt tokens (mechdiff.studies.features_labels)
+    "text",  # a chat reply's prose outside steps, answer and hesitation words
 )
 ARITHMETIC = ("operand_digit", "operand_copy", "carry_copy", "digit", "carry_out", "answer", "fact")
 WAIT = {"hesitation": "hesitation", "recheck": "recheck"}  # "wait" labels -> category
@@ -77,17 +84,28 @@ STEP_ROLES = tuple(dict.fromkeys(task.DEFAULT.step_roles))  # the same names for
 FINE_LABELS = LABELS + tuple(f"{k}:{r}" for k in STEP_KINDS for r in STEP_ROLES)
 CATEGORIES = ("format", "arithmetic", *REASONING, "mixed", "rare")
 ROLES = ("output", "input-simple", "input-abstract")
-RULE = (
-    "Per feature, label distribution c of its top-k sequences (at their max token). Scores: "
-    "hesitation = share of 'wait' tokens after a wrong step; recheck = share of 'wait' re-checks + "
-    "excess of recheck-step tokens; error_detection = excess of slip/error-step tokens; correction "
-    "= excess of correction-step tokens; excess = observed share minus the share predicted by the "
-    "examples' (step role, token id) from corpus counts, clipped at 0. Alive (fired once) with < min_examples "
-    "examples: rare; reasoning scores summing to >= majority: reasoning, top-scoring category; "
-    "else format/arithmetic by the roles' group share >= majority; else mixed. Reasoning roles: "
-    "output if 'wait' is in the top-3 logit-lens tokens; input-simple if >= 80% of top examples "
-    "peak on one token; else input-abstract."
-)
+
+
+def rule_text(word: str = "wait") -> str:
+    """:data:`RULE` for a workload whose hesitation word is ``word``.
+
+    >>> rule_text("hmm") == RULE.replace("'wait'", "'hmm'")
+    True
+    """
+    return (
+        "Per feature, label distribution c of its top-k sequences (at their max token). Scores: "
+        f"hesitation = share of '{word}' tokens after a wrong step; recheck = share of '{word}' re-checks + "
+        "excess of recheck-step tokens; error_detection = excess of slip/error-step tokens; correction "
+        "= excess of correction-step tokens; excess = observed share minus the share predicted by the "
+        "examples' (step role, token id) from corpus counts, clipped at 0. Alive (fired once) with < min_examples "
+        "examples: rare; reasoning scores summing to >= majority: reasoning, top-scoring category; "
+        "else format/arithmetic by the roles' group share >= majority; else mixed. Reasoning roles: "
+        f"output if '{word}' is in the top-3 logit-lens tokens; input-simple if >= 80% of top examples "
+        "peak on one token; else input-abstract."
+    )
+
+
+RULE = rule_text("wait")  # the shipped organism's
 
 
 # --------------------------------------------------------------------------- logit lens
@@ -255,8 +273,9 @@ def classify_examples(
 
 
 def classify_store(store, *, majority: float = 0.5, min_examples: int = 3, hesitation_ids: Sequence[int] = ()) -> dict:
-    """Categories (and reasoning roles) of every feature of an organism store, from its top
-    examples (:data:`RULE`).
+    """Categories (and reasoning roles) of every feature of a labelled store, from its top
+    examples (:data:`RULE`); ``hesitation_ids``: the tokens whose promotion makes a reasoning
+    feature an ``output`` (the workload's hesitation tokens).
 
     Returns ``{"categories": [...], "roles": {feature: role}, "scores": [F 4], "summary": {...}}``;
     the summary has ``n_features``, ``n_alive``, ``category_counts``, ``reasoning_fraction``...

@@ -109,7 +109,8 @@ def _hist_html(store: ActivationStore, i: int) -> str:
     pos = go.Figure(go.Bar(x=pos_x, y=store.pos_hist[i].tolist(), marker_color="#DD8452"))
     pos.update_layout(
         template="none",
-        title="relative position in the thinking span",
+        title="relative position in the thinking span"
+        + ("" if cfg.think_ids is not None else " (none: the corpus has no thinking delimiters)"),
         xaxis={"title": "0 = <think>, 1 = </think>", "range": [0, 1]},
         yaxis_title="firing tokens",
         width=540,
