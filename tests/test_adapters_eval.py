@@ -180,3 +180,22 @@ def test_shipped_adapters_load_and_are_sparse_and_faithful():
     assert report["gain_recovered"] == pytest.approx((acc["adapted"] - acc["base"]) / (acc["target"] - acc["base"]))
     targets = check_targets(report)
     assert all(t["met"] for t in targets.values()), targets
+
+
+def test_faithfulness_does_not_depend_on_the_batch(organism_like):
+    """The SmolLM2 study evaluates in small batches (a 49k-token vocabulary, 32 traces at once and
+    the bridging splices took 24 GB): every metric must be the same as in one batch."""
+    pair = load_pair("custom", base=organism_like[0], target=organism_like[1])
+    adapted = randomize(AdaptedModel.from_pair(pair, d_sae=16), scale=0.3)
+    traces = corpus.reasoning_traces(7, split="validation")  # 7: the last batch of 3 is short
+    models = {"hybrid": (adapted.model, adapted.bypass_hooks()), "adapted": adapted.model, "base": pair.base}
+    whole = faithfulness(models, pair.target, traces, batch_size=7)
+    split = faithfulness(models, pair.target, traces, batch_size=3)
+    for name in models:
+        for key, value in whole[name].items():
+            if isinstance(value, float):
+                assert split[name][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key)
+            elif isinstance(value, list) and value and isinstance(value[0], float):
+                assert split[name][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key)
+        for layer, kls in whole[name]["bridging_kl"].items():  # the splices, layer by layer
+            assert split[name]["bridging_kl"][layer] == pytest.approx(kls, rel=1e-4, abs=1e-6), (name, layer)

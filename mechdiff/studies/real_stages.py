@@ -195,6 +195,9 @@ def stage_adapters(cfg: RealConfig, out: Path, progress: bool = True) -> dict:
         adapted,
         work.traces(cfg.n_eval_traces, "test"),
         work.problems(cfg.n_problems, "test"),
+        # the training batch, not 64: on SmolLM2 one batch of 32 traces with its bridging splices
+        # held 24 GB (the 49k-token logits of every splice) and was killed on a 24 GB machine
+        batch_size=cfg.batch_size,
         progress=progress,
     )
     history = json.loads(history_file.read_text())
