@@ -22,7 +22,9 @@ NOTEBOOKS = {
     ),
     "lora": ("N_TRACES = 16", ["reasoning fraction", "nats per response token", "circuits-vis"]),
 }
-CELL_TIMEOUT_S = 300  # a hung cell fails the run; speed is measured by benchmarks, not here
+# No per-cell wall-clock limit: the hesitation notebook's study cell ran past 300 s on a 2-core machine
+# loaded by another job, and failed CI. Speed is measured by benchmarks; CI's own limit catches a hang.
+CELL_TIMEOUT_S = None
 
 
 def _params_index(book) -> int:
