@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="figures/hesitation", help="output folder")
     p.add_argument(
+        "--steps",
+        default=None,
+        metavar="DIR",
+        help="keep each finished step (graphs, generations) in DIR, so that a killed run rerun with the "
+        "same flags resumes where it stopped (default: keep nothing)",
+    )
+    p.add_argument(
         "--n-prompts",
         type=int,
         default=d.n_prompts,
@@ -133,7 +140,7 @@ def main(argv=None) -> dict:
         if args.pair == "custom"
         else args.pair
     )
-    result = run(pair, adapted, cfg, pair_name=name, adapters_name=cli.shown_path(args.adapters))
+    result = run(pair, adapted, cfg, pair_name=name, adapters_name=cli.shown_path(args.adapters), steps=args.steps)
     result.write(args.out)
     print(f"[hesitation] wrote {args.out}/ in {result.data['seconds']:.0f} s", flush=True)
     return result.summary()

@@ -31,6 +31,8 @@ from jaxtyping import Bool, Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mechdiff.atomic import atomic_file, write_text
+
 FORMAT_VERSION = 1
 _CHUNK = 1024
 _TENSORS = (
@@ -403,7 +405,9 @@ class Graph:
         stem = Path(path).with_suffix("")
         stem.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
-        save_file(tensors, f"{stem}.safetensors")
+        # atomically, tensors first: a kill mid-save leaves no JSON, and so no graph that half loads
+        with atomic_file(f"{stem}.safetensors") as tmp:
+            save_file(tensors, str(tmp))
         doc = {
             "format_version": FORMAT_VERSION,
             "token_strs": self.token_strs,
@@ -411,7 +415,7 @@ class Graph:
             "info": self.info,
             "meta": self.meta,
         }
-        Path(f"{stem}.json").write_text(json.dumps(doc, indent=1))
+        write_text(f"{stem}.json", json.dumps(doc, indent=1))
         return Path(f"{stem}.safetensors"), Path(f"{stem}.json")
 
     @classmethod

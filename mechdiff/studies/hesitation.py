@@ -48,6 +48,7 @@ from mechdiff.evaluation.faithfulness import adapter_report
 from mechdiff.evaluation.intervals import bootstrap_paired, wilson
 from mechdiff.studies import hesitation_measures as M
 from mechdiff.studies import hesitation_report as report_mod
+from mechdiff.studies.step_store import StepStore
 from mechdiff.workloads import Workload, for_pair
 
 PUBLISHED = {"hesitation_fraction": 0.024, "gain_recovered": (0.5, 0.9)}
@@ -128,15 +129,26 @@ def _log(msg: str, progress: bool) -> None:
         print(f"[hesitation] {msg}", flush=True)
 
 
-def ranked_features(adapted, prompts: H.CutPrompts, spec, cfg: HesitationConfig, progress: bool = True):
-    """``(ranked features, their scores, the graphs built)`` by ``cfg.ranking``."""
+def ranked_features(
+    adapted, prompts: H.CutPrompts, spec, cfg: HesitationConfig, progress: bool = True, store: StepStore | None = None
+):
+    """``(ranked features, their scores, the graphs built)`` by ``cfg.ranking``; with a ``store``,
+    each graph is kept as it is built, so a killed run resumes at the next one."""
     from attribution.build import attribute
     from attribution.gradient import feature_attribution
 
+    store = store or StepStore(None, {})
     n_graphs = cfg.n_graphs if cfg.n_graphs is not None else (len(prompts) if cfg.ranking == "graph" else 1)
     rankings, graphs = [], []
-    for tokens in tqdm(prompts.tokens[:n_graphs], desc="attribution graphs", leave=False, disable=not progress):
-        graph = attribute(adapted, torch.tensor(tokens), target=spec.target, max_feature_nodes=cfg.max_feature_nodes)
+    for i, tokens in enumerate(
+        tqdm(prompts.tokens[:n_graphs], desc="attribution graphs", leave=False, disable=not progress)
+    ):
+        graph = store.graph(
+            f"graph_{i:03d}",
+            lambda tokens=tokens: attribute(
+                adapted, torch.tensor(tokens), target=spec.target, max_feature_nodes=cfg.max_feature_nodes
+            ),
+        )
         rankings.append(graph.feature_ranking(0, aggregate=True))
         graphs.append(graph)
     gradient = feature_sets.normalized_positive(feature_attribution(adapted, prompts.tokens, spec.variants))
@@ -147,12 +159,19 @@ def ranked_features(adapted, prompts: H.CutPrompts, spec, cfg: HesitationConfig,
     return list(scores), scores, graphs, rankings, other
 
 
-def hesitation_set(adapted, prompts: H.CutPrompts, spec, cfg: HesitationConfig, progress: bool = True):
+def hesitation_set(
+    adapted, prompts: H.CutPrompts, spec, cfg: HesitationConfig, progress: bool = True, store: StepStore | None = None
+):
     """``(the set, scores by feature, graphs, how it was sized: both rules and the P curve)``."""
-    ranked, scores, graphs, rankings, other = ranked_features(adapted, prompts, spec, cfg, progress)
-    k_abl, curve = feature_sets.smallest_ablating_prefix(
-        adapted, ranked, prompts.tokens, spec.variants, cfg.ablation_share, greedy=True
+    store = store or StepStore(None, {})
+    ranked, scores, graphs, rankings, other = ranked_features(adapted, prompts, spec, cfg, progress, store)
+    k_abl, curve = store.json(
+        "ablation_sizing",
+        lambda: feature_sets.smallest_ablating_prefix(
+            adapted, ranked, prompts.tokens, spec.variants, cfg.ablation_share, greedy=True
+        ),
     )
+    curve = {int(k): v for k, v in dict(curve).items()}
     sizes = {"ablation": k_abl}
     if cfg.ranking == "graph":
         sizes["influence"] = len(feature_sets.covering_set(scores, cfg.share))
@@ -206,12 +225,25 @@ def run(
     progress: bool = True,
     pair_name: str | None = None,
     adapters_name: str = "(given)",
+    steps: str | Path | None = None,
 ) -> HesitationResult:
     """The hesitation study on ``pair`` with its trained ``adapted`` model (see the module doc).
 
     ``pair_name`` / ``adapters_name`` only label the summary and report (default: the target's name).
+    ``steps``: a folder that keeps each expensive step's result (:class:`StepStore`) as it finishes,
+    so that a killed run, rerun with the same settings, resumes where it stopped; the steps that
+    were loaded are listed in the summary's ``resumed_steps``.
     """
     cfg = cfg or HesitationConfig()
+    store = StepStore(
+        steps,
+        {
+            "config": asdict(cfg),
+            "pair": pair_name or str(pair.meta.get("target_name", "?")),
+            "adapters": adapters_name,
+            "n_features": adapted.n_features,
+        },
+    )
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     spec = for_pair(pair, cfg.max_new_tokens)  # the workload, its replies capped
@@ -219,21 +251,32 @@ def run(
     problems = spec.problems(cfg.n_problems, "test", seed=cfg.seed)
 
     _log("1/5 faithfulness and behaviour of base, hybrid, adapted, target", progress)
-    faith = adapter_report(
-        pair,
-        adapted,
-        spec.traces(cfg.n_traces, "test", seed=cfg.seed),
-        problems,
-        progress=False,
-        workload=spec,
-        bridging=False,
+    faith = store.json(
+        "faithfulness",
+        lambda: adapter_report(
+            pair,
+            adapted,
+            spec.traces(cfg.n_traces, "test", seed=cfg.seed),
+            problems,
+            progress=False,
+            workload=spec,
+            bridging=False,
+        ),
     )
 
     _log(f"2/5 hesitation prompts ('{word}') from target responses", progress)
-    hes, ctl = H.hesitation_prompts(
-        pair.target, spec.tokenizer, spec.problems(cfg.n_prompts, "validation", cfg.seed), workload=spec
-    )
-    hes, ctl = _first(hes, cfg.n_prompts), _first(ctl, cfg.n_prompts)
+    hes, ctl = [
+        H.CutPrompts(**p)
+        for p in store.json(
+            "prompts",
+            lambda: [
+                asdict(_first(p, cfg.n_prompts))
+                for p in H.hesitation_prompts(
+                    pair.target, spec.tokenizer, spec.problems(cfg.n_prompts, "validation", cfg.seed), workload=spec
+                )
+            ],
+        )
+    ]
     _log(f"    {len(hes)} hesitation prompts, {len(ctl)} controls", progress)
     if not len(hes):
         raise ValueError(
@@ -242,7 +285,7 @@ def run(
         )
 
     _log(f"3/5 ranking features for '{word}' ({cfg.ranking}) and the hesitation set", progress)
-    feature_set, scores, graphs, sizing = hesitation_set(adapted, hes, spec, cfg, progress)
+    feature_set, scores, graphs, sizing = hesitation_set(adapted, hes, spec, cfg, progress, store)
     n_total = adapted.n_features
     _log(f"    {len(feature_set)} features ({len(feature_set) / n_total:.2%} of {n_total}): {sizing['rule']}", progress)
 
@@ -254,24 +297,38 @@ def run(
     alive_mask = torch.stack([a.amax(0) for a in acts]).amax(0) > 0  # [layer d_sae]
     alive = [tuple(map(int, ij)) for ij in alive_mask.nonzero()]
     actdiff_set = M.activation_difference_set(adapted, acts, ctl, len(feature_set))
-    after, random_after, actdiff_after = M.necessity(
-        adapted, spec, problems, feature_set, alive, actdiff_set, cfg.random_draws, cfg.seed
+    after, random_after, actdiff_after = store.json(
+        "necessity",
+        lambda: M.necessity(adapted, spec, problems, feature_set, alive, actdiff_set, cfg.random_draws, cfg.seed),
     )
     dose_problems = spec.problems(min(cfg.n_dose_problems, cfg.n_problems), "test", cfg.seed)
-    ks, curves = M.dose_response(adapted, spec, dose_problems, feature_set, alive, cfg.seed)
-    keep = spec.evaluate(adapted.model, problems, fwd_hooks=sufficiency.keep_only_hooks(adapted, feature_set))
+    ks, curves = store.json(
+        "dose_response", lambda: M.dose_response(adapted, spec, dose_problems, feature_set, alive, cfg.seed)
+    )
+    keep = store.json(
+        "kept_only",
+        lambda: spec.evaluate(adapted.model, problems, fwd_hooks=sufficiency.keep_only_hooks(adapted, feature_set)),
+    )
     at_prompts = M.hesitation_at_prompts(adapted, hes, ctl, feature_set, spec.variants)
-    decides = M.set_decides(adapted, spec, problems, feature_set, alive, cfg.random_draws, cfg.seed)
+    decides = store.json(
+        "set_decides",
+        lambda: M.set_decides(adapted, spec, problems, feature_set, alive, cfg.random_draws, cfg.seed),
+    )
     means = sufficiency.mean_activations(
         adapted,
         spec.traces(min(cfg.n_traces, 64), "test", seed=cfg.seed)["input_ids"],
         pad_id=spec.tokenizer.pad_token_id or 0,
     )
-    variants = M.sufficiency_variants(
-        adapted, hes, feature_set, list(scores), graphs, alive, means, spec.variants, cfg.random_draws, cfg.seed
+    variants = store.json(
+        "sufficiency_variants",
+        lambda: M.sufficiency_variants(
+            adapted, hes, feature_set, list(scores), graphs, alive, means, spec.variants, cfg.random_draws, cfg.seed
+        ),
     )
     outputs = [f for f in feature_set if role_of[f] == "output"]
-    steer = M.steering(pair, adapted, hes, acts, outputs, spec.variants, adapted.config.backbone)
+    steer = store.json(
+        "steering", lambda: M.steering(pair, adapted, hes, acts, outputs, spec.variants, adapted.config.backbone)
+    )
 
     data = _summary(
         cfg,
@@ -308,6 +365,7 @@ def run(
         "task": pair.meta.get("task"),
         **data,
         "seconds": time.perf_counter() - t0,
+        "resumed_steps": store.loaded,
     }
     return HesitationResult(data, faith, graphs, hes, acts, role_of, spec.tokenizer)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -220,6 +221,9 @@ def stage_hesitation(cfg: RealConfig, out: Path, progress: bool = True) -> dict:
     if not (folder / "adapters.json").is_file():
         raise FileNotFoundError(f"{folder}: no adapters there; run the adapters stage first")
     pair = _pair(cfg)
+    steps = out / "hesitation-steps"
+    if "hesitation" in cfg.redo:  # a redo recomputes every step, not only the summary
+        shutil.rmtree(steps, ignore_errors=True)
     result = hesitation.run(
         pair,
         load_adapted(pair, folder),
@@ -227,6 +231,7 @@ def stage_hesitation(cfg: RealConfig, out: Path, progress: bool = True) -> dict:
         progress=progress,
         pair_name=cfg.pair,
         adapters_name=shown_path(folder),
+        steps=steps,  # hours at real size: a killed stage resumes at its last finished step
     )
     result.write(out / "hesitation")
     summary = result.summary()
