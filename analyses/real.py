@@ -14,9 +14,14 @@ rerun one):
  4. ``hesitation`` the hesitation study (``python -m analyses.hesitation`` with
                    ``--hesitation-args``, by default ``--ranking gradient`` on small settings) into
                    ``OUT/hesitation/`` (a graph per prompt costs about 3 min here, so features are
-                   ranked by activation x gradient; one graph is built);
- 5. ``lora``       a rank-1 LoRA trained on the same traces, and its gain recovered;
- 6. ``cost``       one adapter training step, one LoRA step, one attribution graph and the
+                   ranked by activation x gradient; one graph is built); each finished step is
+                   kept in ``OUT/hesitation-steps/``, so a killed stage resumes where it stopped;
+ 5. ``features``   the feature census of those adapters on ``--n-census-traces`` held-out chat
+                   traces (``python -m analyses.features``), with the random-adapter and MLP-neuron
+                   baselines, into ``OUT/features/``;
+ 6. ``lora``       a rank-1 LoRA trained on the same traces, its gain recovered, and LoRA vs
+                   MLP-neuron monosemanticity on ``--n-monosemanticity-traces`` held-out traces;
+ 7. ``cost``       one adapter training step, one LoRA step, one attribution graph and the
                    activation x gradient ranking (per prompt, batches of 8), timed and measured
                    (peak memory) on SmolLM2 and on the organism in the same way.
 
@@ -106,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"traces per training step (default {d.batch_size}: 11 GB for an adapter step; 8 takes 17.5 GB)",
     )
     p.add_argument(
+        "--n-census-traces",
+        type=int,
+        default=d.n_census_traces,
+        help=f"held-out chat traces for the feature census (default {d.n_census_traces})",
+    )
+    p.add_argument(
+        "--n-monosemanticity-traces",
+        type=int,
+        default=d.n_monosemanticity_traces,
+        help="held-out chat traces for LoRA vs MLP-neuron monosemanticity "
+        f"(default {d.n_monosemanticity_traces}; 0: not measured)",
+    )
+    p.add_argument(
         "--hesitation-args",
         default=HESITATION_ARGS,
         help="flags of python -m analyses.hesitation for the hesitation stage (quoted; default: %(default)r)",
@@ -177,6 +195,8 @@ def config_from_args(args: argparse.Namespace):
             lora_steps=args.lora_steps,
             lora_lr=args.lora_lr,
             batch_size=args.batch_size,
+            n_census_traces=args.n_census_traces,
+            n_monosemanticity_traces=args.n_monosemanticity_traces,
             hesitation=_hesitation_config(args.hesitation_args, args.pair),
         )
     except ConfigError as err:  # the flags carry the config's field names

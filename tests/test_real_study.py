@@ -36,9 +36,19 @@ TINY = [
     "2",
     "--threads",
     "1",
+    "--n-monosemanticity-traces",  # this tiny tokenizer writes no " Wait", so chat replies get no labels
+    "0",
 ]
 TINY_CONFIG = dict(
-    n_problems=2, n_eval_traces=2, d_sae=16, adapter_steps=2, lora_steps=2, batch_size=2, threads=1, device="cpu"
+    n_problems=2,
+    n_eval_traces=2,
+    d_sae=16,
+    adapter_steps=2,
+    lora_steps=2,
+    batch_size=2,
+    threads=1,
+    device="cpu",
+    n_monosemanticity_traces=0,
 )
 
 

@@ -37,6 +37,7 @@ ORGANISM = {  # the organism's committed study outputs, shown beside SmolLM2's
     "behaviour": ROOT / "mechdiff/adapters/shipped/organism/adapters.json",
     "hesitation": ROOT / "figures/hesitation/summary.json",
     "lora": ROOT / "figures/lora/summary.json",
+    "features": ROOT / "figures/features/summary.json",
 }
 
 __all__ = ["ORGANISM", "STAGES", "RealConfig", "RealResult", "adapter_folder", "run", "stale"]

@@ -26,7 +26,7 @@ from pathlib import Path
 from mechdiff.config_checks import ConfigError, check
 from mechdiff.studies.hesitation import HesitationConfig
 
-STAGES = ("behaviour", "sweep", "adapters", "hesitation", "lora", "cost")
+STAGES = ("behaviour", "sweep", "adapters", "hesitation", "features", "lora", "cost")
 DTYPES = ("float32", "bfloat16", "float16")
 AUTOCASTS = (None, "bfloat16", "float16")
 
@@ -68,6 +68,9 @@ class RealConfig:
     lora_steps: int = 200
     lora_lr: float = 1e-3
     batch_size: int = 4  # traces per training step (4: 11 GB for an adapter step on SmolLM2)
+    n_census_traces: int = 300  # held-out chat traces for the feature census
+    n_monosemanticity_traces: int = 64  # ... for LoRA vs MLP-neuron monosemanticity, 0: not measured
+    # (every neuron's activation on every token is held: 64 traces of ~250 tokens x 46k neurons is 3 GB)
     hesitation: HesitationConfig = field(default_factory=_hesitation_defaults)
 
     def __post_init__(self):
@@ -86,8 +89,9 @@ class RealConfig:
                 "lora_steps",
                 "batch_size",
                 "sweep_steps",
+                "n_census_traces",
             ),
-            non_negative=("threads",),
+            non_negative=("threads", "n_monosemanticity_traces"),
             positive=("adapter_lr", "lora_lr"),
             choices={"dtype": DTYPES, "autocast": AUTOCASTS},
         )
@@ -174,7 +178,7 @@ def adapter_folder(cfg: RealConfig, out: Path) -> Path:
 
 def stale(cfg: RealConfig, out: Path, stage: str) -> bool:
     """A stage whose JSON was made with other adapters than the ones ``cfg`` trains is rerun."""
-    if stage in ("adapters", "hesitation"):
+    if stage in ("adapters", "hesitation", "features"):
         done = read_json(Path(out) / f"{stage}.json")
         return done.get("adapters_folder", done.get("folder")) != str(adapter_folder(cfg, out))
     return False

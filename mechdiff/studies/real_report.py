@@ -23,6 +23,18 @@ import plotly.graph_objects as go
 from mechdiff.visualization.figures import save
 
 BEHAVIOUR_KEYS = ("accuracy", "mean_response_tokens", "hesitations_per_response")
+# The papers' numbers (../shared/METHODS.md): transcoder adapters on Qwen-7B (Hu et al.) and the
+# rank-1 LoRA lens on Qwen-32B (Ward et al.); ranges as text.
+PUBLISHED = {
+    "adapters_gain_recovered": "0.50-0.90",
+    "hesitation_fraction": 0.024,
+    "reasoning_fraction": 0.08,
+    "lora_gain_recovered": "0.73-0.90",
+    "lora_monosemantic": 0.16,
+    "mlp_monosemantic": 0.13,
+    "necessity": "necessary",
+    "sufficiency": "sufficient",
+}
 
 
 def _read(path: Path | str) -> dict | None:
@@ -80,6 +92,81 @@ def _hesitation(summary: dict | None) -> dict | None:
         "n_hesitation_prompts": summary["n_hesitation_prompts"],
         "ranking": summary.get("ranking", "graph"),
         "set_rule": (summary.get("set_rule") or {}).get("rule"),
+        "set_sizes": (summary.get("set_rule") or {}).get("sizes"),
+        "ranking_agreement": (summary.get("set_rule") or {}).get("ranking_agreement"),
+        "n_graphs": summary.get("n_graphs"),
+        "random_draws": (summary.get("config") or {}).get("random_draws"),
+        "confidence_intervals": summary.get("confidence_intervals"),
+        "set_decides": _set_decides(s.get("set_decides_in_generation")),
+        "sufficiency_variants": _variants(s.get("variants")),
+    }
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs or [] if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _set_decides(d: dict | None) -> dict | None:
+    """Hesitations per response when only the set decides whether to hesitate, against random sets."""
+    if d is None:
+        return None
+    return {
+        "hesitations_per_response": d["hesitations_per_response"],
+        "random_sets": d["random_sets"],
+        "random_sets_mean": _mean(d["random_sets"]),
+        "no_features": d["no_features"],
+    }
+
+
+def _variants(v: dict | None) -> dict | None:
+    """The teacher-forced sufficiency variants, one line each: the share of the full model's greedy
+    hesitations the set (and the set plus its feeders) keeps, against random sets of the same sizes."""
+    if v is None:
+        return None
+    out = {
+        "n_prompts": v["n_prompts"],
+        "n_set": v["n_set"],
+        "n_set_plus_feeders": v["n_set_plus_feeders"],
+        "threshold": v["threshold"],
+    }
+    for name, d in v["variants"].items():
+        out[name] = {
+            "set_retained": d["set"]["retained"],
+            "set_greedy_rate_ci": d["set"]["greedy_rate_ci"],
+            "set_plus_feeders_retained": d["set_plus_feeders"]["retained"],
+            "random_sets_retained_mean": _mean(d["random_sets"]),
+            "random_sets_plus_feeders_size_retained_mean": _mean(d["random_sets_plus_feeders_size"]),
+            "smallest_sufficient_k": d["smallest_sufficient_k"],
+            "instead": d.get("instead"),
+        }
+    return out
+
+
+def _features(summary: dict | None) -> dict | None:
+    """The feature census: reasoning fraction of the adapters and of each baseline."""
+    if summary is None:
+        return None
+    return {
+        "n_features": summary["n_features"],
+        "n_alive": summary["n_alive"],
+        "n_reasoning": summary["n_reasoning"],
+        "reasoning_fraction": summary["reasoning_fraction"],
+        "category_counts": summary["category_counts"],
+        "role_counts": summary.get("role_counts"),
+        "baselines": {k: b.get("reasoning_fraction") for k, b in (summary.get("baselines") or {}).items()},
+        "n_traces": (summary.get("store") or {}).get("n_traces"),
+    }
+
+
+def _monosemanticity(classes: dict | None, chance: float | None) -> dict | None:
+    """LoRA adapters against MLP neurons: the share of each class and the mean precision."""
+    if classes is None:
+        return None
+    keep = ("monosemantic", "broad", "polysemantic", "mean_precision", "n_units")
+    return {
+        **{who: {k: classes[who][k] for k in keep} for who in ("lora", "mlp") if who in classes},
+        "chance_precision": chance,
     }
 
 
@@ -93,7 +180,13 @@ def organism_numbers(paths: dict) -> dict:
         "target": _behaviour(report["target"]) if report else None,
         "adapters": _adapters(report),
         "hesitation": _hesitation(hes),
-        "lora": {"gain_recovered": lora["gain_recovered"]} if lora else None,
+        "lora": {
+            "gain_recovered": lora["gain_recovered"],
+            "monosemanticity": _monosemanticity(lora.get("monosemanticity_classes"), lora.get("chance_precision")),
+        }
+        if lora
+        else None,
+        "features": _features(_read(paths.get("features", ""))),
     }
 
 
@@ -101,6 +194,7 @@ def real_numbers(out: Path) -> dict:
     behaviour, adapters = _read(out / "behaviour.json"), _read(out / "adapters.json")
     hes_stage, lora, cost = _read(out / "hesitation.json"), _read(out / "lora.json"), _read(out / "cost.json")
     hes = _read(hes_stage["summary"]) if hes_stage else None
+    features_stage = _read(out / "features.json")
     return {
         "base": _behaviour(behaviour["base"]) if behaviour else None,
         "target": _behaviour(behaviour["target"]) if behaviour else None,
@@ -125,7 +219,16 @@ def real_numbers(out: Path) -> dict:
             "behaviour": _behaviour(lora["eval"]["lora_r1"]),
             "config": {k: lora["config"][k] for k in ("rank", "steps", "lr", "batch_size")},
             "train_seconds": lora["train_seconds"],
+            "monosemanticity": None
+            if not lora.get("monosemanticity")
+            else {
+                **_monosemanticity(lora["monosemanticity"]["classes"], lora["monosemanticity"]["chance_precision"]),
+                "n_tokens": lora["monosemanticity"]["n_tokens"],
+                "labels": sorted(lora["monosemanticity"]["label_share"]),
+            },
         },
+        "features": _features(_read(features_stage["summary"])) if features_stage else None,
+        "published": PUBLISHED,
         "cost": cost,
         "sweep": _read(out / "sweep.json"),
         "adapter_targets": None if adapters is None else adapter_targets(_adapters(adapters["report"])),
@@ -180,6 +283,60 @@ def write_summary(out: Path, summary: dict) -> Path:
     return out
 
 
+def _hesitation_sections(h: dict | None) -> list[str]:
+    """How the two rankings agree, the sufficiency variants and the set deciding in generation."""
+    if not h:
+        return []
+    lines = []
+    agree = h.get("ranking_agreement")
+    if agree:
+        overlap = ", ".join(f"top {k}: {v:.2f}" for k, v in agree["top_k_overlap"].items())
+        lines += [
+            "",
+            "## Two rankings of the hesitation features",
+            "",
+            f"Graph influence ({agree['n_graphs']} graphs) against activation x gradient, on the same "
+            f"prompts: shared share of the top features ({overlap}); Spearman "
+            f"{_f(agree['spearman'], '.2f')} over the {agree['n_compared']} features either ranks. "
+            f"Set sizes by rule: {h.get('set_sizes')}.",
+        ]
+    v = h.get("sufficiency_variants")
+    if v:
+        lines += [
+            "",
+            f"## Sufficiency, teacher-forced at {v['n_prompts']} hesitation prompts",
+            "",
+            f"Share of the full model's greedy hesitations kept when only the set ({v['n_set']} features) "
+            f"or the set plus as many of its graph feeders ({v['n_set_plus_feeders']}) stays on; every "
+            "other feature at zero, at its mean activation, or the set patched from the full model into "
+            f"the hybrid; against random sets of the same sizes. Sufficient: >= {v['threshold']:.0%}.",
+            "",
+            "| others | set | set + feeders | random sets | random sets (feeders' size) | smallest sufficient top-k | "
+            "said instead |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name in ("zero", "mean", "patch"):
+            d = v.get(name)
+            if d is None:
+                continue
+            instead = ", ".join(f"{t!r} x{c}" for t, c in (d.get("instead") or {}).items())
+            lines.append(
+                f"| {name} | {_f(d['set_retained'])} | {_f(d['set_plus_feeders_retained'])} | "
+                f"{_f(d['random_sets_retained_mean'])} | {_f(d['random_sets_plus_feeders_size_retained_mean'])} | "
+                f"{d['smallest_sufficient_k'] if d['smallest_sufficient_k'] is not None else 'none'} | {instead} |"
+            )
+    dec = h.get("set_decides")
+    if dec:
+        lines += [
+            "",
+            f"In generation, with only the set deciding whether to hesitate: {_f(dec['hesitations_per_response'])} "
+            f"hesitations per response; random sets of the same size {_f(dec['random_sets_mean'])} "
+            f"({h.get('random_draws')} draws); no feature {_f(dec['no_features'])}; the full model "
+            f"{_f(h['hesitations_per_response_before'])}.",
+        ]
+    return lines
+
+
 def figures(s: dict) -> dict[str, go.Figure]:
     """The study's plotly figures by file stem: behaviour beside the organism's, and the adapters' FVE
     per layer (each only when measured)."""
@@ -207,47 +364,105 @@ def figures(s: dict) -> dict[str, go.Figure]:
 
 
 def _f(x, fmt=".3f") -> str:
-    return "n/a" if x is None else format(x, fmt)
+    return "n/a" if x is None else (x if isinstance(x, str) else format(x, fmt))
 
 
-def _row(label, org, real, fmt=".3f") -> str:
-    return f"| {label} | {_f(org, fmt)} | {_f(real, fmt)} |"
+def _row(label, org, real, fmt=".3f", published=None, ci=None) -> str:
+    """One table row; ``ci``: SmolLM2's 95% interval, printed after its value."""
+    cell = _f(real, fmt) + ("" if not ci or real is None else f" [{_f(ci[0], fmt)}, {_f(ci[1], fmt)}]")
+    return f"| {label} | {_f(org, fmt)} | {cell} | {_f(published, fmt) if published is not None else ''} |"
+
+
+# (summary key, its confidence-interval key) of the hesitation rows
+HESITATION_ROWS = (
+    ("n_hesitation_features", None),
+    ("hesitation_fraction", None),
+    ("ablation_cut", "necessity_cut"),
+    ("random_ablation_cut", "random_cut"),
+    ("activation_difference_cut", None),
+    ("accuracy_before", "accuracy_before"),
+    ("accuracy_after", "accuracy_after"),
+    ("sufficiency_retained", "set_decides_retained"),
+    ("teacher_forced_retained", None),
+)
 
 
 def report_markdown(s: dict) -> str:
     o = s["organism"]
     get = lambda d, *ks: None if d is None else (get(d.get(ks[0]), *ks[1:]) if ks else d)  # noqa: E731
+    published = s.get("published") or PUBLISHED
     lines = [
         "# The study on a real model: SmolLM2-135M-Instruct",
         "",
-        "Regenerate with `python -m analyses.real` (needs `make real` and `python -m mechdiff.real train`).",
+        "Regenerate with `python -m analyses.real` (needs `make real` and `python -m mechdiff.real train`). "
+        "Brackets: 95% intervals (paired bootstrap over problems, Wilson for rates).",
         "",
-        "| | organism | SmolLM2-135M |",
-        "|---|---|---|",
+        "| | organism | SmolLM2-135M | published |",
+        "|---|---|---|---|",
     ]
     for who in ("base", "target"):
         for key in BEHAVIOUR_KEYS:
             lines.append(_row(f"{who}: {key.replace('_', ' ')}", get(o, who, key), get(s, who, key)))
     for key in ("fve_mean", "kl_to_target", "l0_mean", "gain_recovered"):
-        lines.append(_row(f"adapters: {key.replace('_', ' ')}", get(o, "adapters", key), get(s, "adapters", key)))
-    for key in (
-        "n_hesitation_features",
-        "hesitation_fraction",
-        "ablation_cut",
-        "random_ablation_cut",
-        "activation_difference_cut",
-        "accuracy_before",
-        "accuracy_after",
-        "sufficiency_retained",
-        "teacher_forced_retained",
-    ):
-        fmt = "d" if key.startswith("n_") else ".3f"
+        pub = published["adapters_gain_recovered"] if key == "gain_recovered" else None
         lines.append(
-            _row(f"hesitation: {key.replace('_', ' ')}", get(o, "hesitation", key), get(s, "hesitation", key), fmt)
+            _row(f"adapters: {key.replace('_', ' ')}", get(o, "adapters", key), get(s, "adapters", key), ".3f", pub)
+        )
+    cis = get(s, "hesitation", "confidence_intervals") or {}
+    for key, ci in HESITATION_ROWS:
+        fmt = "d" if key.startswith("n_") else ".3f"
+        pub = {
+            "hesitation_fraction": published["hesitation_fraction"],
+            "ablation_cut": published["necessity"],
+            "sufficiency_retained": published["sufficiency"],
+        }.get(key)
+        lines.append(
+            _row(
+                f"hesitation: {key.replace('_', ' ')}",
+                get(o, "hesitation", key),
+                get(s, "hesitation", key),
+                fmt,
+                pub,
+                cis.get(ci) if ci else None,
+            )
         )
     lines.append(
-        _row("rank-1 LoRA: gain recovered", get(o, "lora", "gain_recovered"), get(s, "lora", "gain_recovered"))
+        _row(
+            "rank-1 LoRA: gain recovered",
+            get(o, "lora", "gain_recovered"),
+            get(s, "lora", "gain_recovered"),
+            ".3f",
+            published["lora_gain_recovered"],
+        )
     )
+    for who, pub in (("lora", "lora_monosemantic"), ("mlp", "mlp_monosemantic")):
+        lines.append(
+            _row(
+                f"monosemantic share: {'LoRA adapters' if who == 'lora' else 'MLP neurons'}",
+                get(o, "lora", "monosemanticity", who, "monosemantic"),
+                get(s, "lora", "monosemanticity", who, "monosemantic"),
+                ".3f",
+                published[pub],
+            )
+        )
+    lines.append(
+        _row(
+            "feature census: reasoning fraction",
+            get(o, "features", "reasoning_fraction"),
+            get(s, "features", "reasoning_fraction"),
+            ".3f",
+            published["reasoning_fraction"],
+        )
+    )
+    for name in ("random_adapters", "mlp_neurons"):
+        lines.append(
+            _row(
+                f"feature census: reasoning fraction, {name.replace('_', ' ')}",
+                get(o, "features", "baselines", name),
+                get(s, "features", "baselines", name),
+            )
+        )
+    lines += _hesitation_sections(s.get("hesitation"))
     lines += [
         "",
         "## Settings",

@@ -8,8 +8,13 @@
                    and behaviour (base / hybrid / adapted / target);
  4. ``hesitation`` the hesitation study (:func:`mechdiff.studies.hesitation.run`, ``cfg.hesitation``)
                    on those adapters, written to ``OUT/hesitation/``;
- 5. ``lora``       a rank-1 LoRA trained on the same traces, and its gain recovered;
- 6. ``cost``       one adapter training step, one LoRA step, one attribution graph and the
+ 5. ``features``   the feature census of those adapters (:func:`mechdiff.studies.features.run`) on
+                   ``cfg.n_census_traces`` held-out chat traces, with the random-adapter and
+                   MLP-neuron baselines, written to ``OUT/features/``;
+ 6. ``lora``       a rank-1 LoRA trained on the same traces, its gain recovered, and the label
+                   monosemanticity of its adapters against the MLP neurons (the organism's rule, on
+                   the chat's labels);
+ 7. ``cost``       one adapter training step, one LoRA step, one attribution graph and the
                    activation x gradient ranking, timed and measured (peak memory) on SmolLM2 and on
                    the organism, each in a fresh process (:func:`mechdiff.studies.real_cost.measure`).
 
@@ -243,6 +248,64 @@ def stage_hesitation(cfg: RealConfig, out: Path, progress: bool = True) -> dict:
     }
 
 
+def stage_features(cfg: RealConfig, out: Path, progress: bool = True) -> dict:
+    import torch
+
+    from mechdiff.adapters.formats import load_adapted
+    from mechdiff.cli import shown_path
+    from mechdiff.studies import features
+
+    folder = adapter_folder(cfg, out)
+    if not (folder / "adapters.json").is_file():
+        raise FileNotFoundError(f"{folder}: no adapters there; run the adapters stage first")
+    fcfg = features.FeaturesConfig(
+        n_traces=cfg.n_census_traces,
+        batch_size=16,
+        store=str(folder.parent / f"{folder.name}-census-store-{cfg.n_census_traces}"),
+    )
+    torch.manual_seed(fcfg.seed)  # the random-adapter control draws from the global generator
+    pair = _pair(cfg)
+    result = features.run(pair, load_adapted(pair, folder), fcfg, progress=progress, pair_name=cfg.pair,
+                          adapters_name=shown_path(folder))  # fmt: skip
+    result.write(out / "features")
+    s = result.summary()
+    return {
+        "summary": str(out / "features" / "summary.json"),
+        "adapters_folder": str(folder),
+        "reasoning_fraction": s["reasoning_fraction"],
+        "baselines": {k: v.get("reasoning_fraction") for k, v in s.get("baselines", {}).items()},
+    }
+
+
+def lora_monosemanticity(pair, lora, n_traces: int, top_k: int = 100) -> dict:
+    """Label monosemanticity of ``lora``'s adapters and of the MLP neurons by the LoRA study's rule
+    (:func:`mechdiff.features.lora_lens.monosemanticity`, top ``top_k`` tokens per unit), with each
+    token's label from the pair's workload (on chat: the reply's cut, see
+    :mod:`mechdiff.studies.features_labels`)."""
+    import torch
+
+    from mechdiff.features import lora_lens as lens
+    from mechdiff.studies.features_labels import census_traces
+    from mechdiff.workloads import for_pair
+
+    corpus = census_traces(for_pair(pair), n_traces, "validation", seed=1)
+    acts = lens.collect(lora, corpus.rows, batch_size=8)
+    n_labels = len(corpus.label_names)
+    scores = {
+        "lora": lens.monosemanticity(acts.lora.flatten(1), acts.labels, k=top_k, n_labels=n_labels),
+        "mlp": lens.monosemanticity(acts.mlp.flatten(1), acts.labels, k=top_k, n_labels=n_labels),
+    }
+    freq = torch.bincount(acts.labels, minlength=n_labels).float() / len(acts.labels)
+    return {
+        "classes": {k: lens.class_fractions(v) for k, v in scores.items()},
+        "chance_precision": float(freq.max()),
+        "label_share": dict(zip(corpus.label_names, freq.tolist(), strict=True)),
+        "n_traces": n_traces,
+        "n_tokens": int(len(acts.labels)),
+        "top_k": top_k,
+    }
+
+
 def stage_lora(cfg: RealConfig, out: Path, progress: bool = True) -> dict:
     from mechdiff.lora import TrainConfig, evaluate_lora, load_lora, train_lora
 
@@ -278,6 +341,9 @@ def stage_lora(cfg: RealConfig, out: Path, progress: bool = True) -> dict:
         "train_seconds": training["seconds"],
         "train_seconds_per_step": training["seconds"] / config["steps"],
         "eval": stats,
+        "monosemanticity": lora_monosemanticity(pair, lora, cfg.n_monosemanticity_traces)
+        if cfg.n_monosemanticity_traces
+        else None,
     }
 
 
@@ -304,6 +370,7 @@ STAGE_FUNCTIONS = {
     "sweep": stage_sweep,
     "adapters": stage_adapters,
     "hesitation": stage_hesitation,
+    "features": stage_features,
     "lora": stage_lora,
     "cost": stage_cost,
 }
