@@ -199,3 +199,18 @@ def test_faithfulness_does_not_depend_on_the_batch(organism_like):
                 assert split[name][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key)
         for layer, kls in whole[name]["bridging_kl"].items():  # the splices, layer by layer
             assert split[name]["bridging_kl"][layer] == pytest.approx(kls, rel=1e-4, abs=1e-6), (name, layer)
+
+
+def test_without_bridging_every_other_metric_is_the_same_and_no_splice_is_reported(organism_like):
+    """``bridging=False`` (the SmolLM2 study's ``--no-bridging``) skips the splices: they are absent,
+    not zeros that would read as perfect, and every other metric is what the full report gives."""
+    pair = load_pair("custom", base=organism_like[0], target=organism_like[1])
+    adapted = randomize(AdaptedModel.from_pair(pair, d_sae=16), scale=0.3)
+    traces = corpus.reasoning_traces(5, split="validation")
+    models = {"hybrid": (adapted.model, adapted.bypass_hooks()), "adapted": adapted.model}
+    full = faithfulness(models, pair.target, traces, batch_size=5)
+    lean = faithfulness(models, pair.target, traces, batch_size=5, bridging=False)
+    for name in models:
+        assert "bridging_kl" in full[name] and "bridging_kl" not in lean[name]
+        assert lean[name] == {k: v for k, v in full[name].items() if k != "bridging_kl"}
+    assert any(v > 0 for b in full["hybrid"]["bridging_kl"].values() for v in b.values())

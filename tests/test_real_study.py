@@ -204,6 +204,10 @@ def test_the_cli_defaults_are_the_library_defaults_and_stage_processes_get_the_s
     assert RealConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # what run_isolated passes
     with pytest.raises(ValueError, match="no field 'steps'"):
         RealConfig.from_dict({"steps": 3})
+    flags = ["--no-bridging", "--n-census-traces", "40", "--n-monosemanticity-traces", "0"]
+    named = real.config_from_args(real.parse_args(flags))
+    assert (named.bridging, named.n_census_traces, named.n_monosemanticity_traces) == (False, 40, 0)
+    assert RealConfig.from_dict(named.to_dict()) == named
 
 
 def test_a_stage_is_done_when_its_json_names_the_configs_adapters_and_redo_does_not(tmp_path, monkeypatch):

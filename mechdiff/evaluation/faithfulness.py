@@ -62,7 +62,8 @@ def _kl_tokens(t_logp: Float[Tensor, "b p v"], logits: Float[Tensor, "b p v"]) -
 class _Sums:
     """Running sums of one model's metrics over batches."""
 
-    def __init__(self, n_layers: int):
+    def __init__(self, n_layers: int, bridging: bool = True):
+        self.bridging = bridging
         self.err = torch.zeros(n_layers, dtype=torch.float64)
         self.ref = torch.zeros(n_layers, dtype=torch.float64)
         self.kl = self.agree = self.ce = self.n_tok = self.n_next = 0.0
@@ -73,11 +74,13 @@ class _Sums:
     def result(self) -> dict:
         out = {
             "fve_per_layer": (1 - self.err / self.ref.clamp(min=1e-12)).tolist(),
-            "kl_to_target": self.kl / self.n_tok, "top1_agreement": self.agree / self.n_tok,
+            "kl_to_target": self.kl / self.n_tok,
+            "top1_agreement": self.agree / self.n_tok,
             "ce": self.ce / self.n_next,
-            "bridging_kl": {str(k + 1): {"model_then_target": b[0], "target_then_model": b[1]}
-                            for k, b in enumerate((self.bridge / self.n_tok).tolist())},
-        }  # fmt: skip
+        }
+        if self.bridging:  # not measured: absent, not zeros that read as perfect splices
+            out["bridging_kl"] = {str(k + 1): {"model_then_target": b[0], "target_then_model": b[1]}
+                                  for k, b in enumerate((self.bridge / self.n_tok).tolist())}  # fmt: skip
         out["mean_fve"] = sum(out["fve_per_layer"]) / len(out["fve_per_layer"])
         if self.l0 is not None:
             out["l0_per_layer"] = (self.l0 / self.n_tok).tolist()
@@ -106,7 +109,7 @@ def faithfulness(
     n = target.cfg.n_layers
     pad_id = pad_id if pad_id is not None else (target.tokenizer.pad_token_id or 0)
     specs = {k: (v, ()) if isinstance(v, HookedTransformer) else (v[0], list(v[1])) for k, v in models.items()}
-    sums = {name: _Sums(n) for name in specs}
+    sums = {name: _Sums(n, bridging) for name in specs}
     rows = traces["input_ids"]
     for start in tqdm(range(0, len(rows), batch_size), desc="faithfulness", disable=not progress):
         tokens, mask = pad(rows[start : start + batch_size], pad_id, side="right")

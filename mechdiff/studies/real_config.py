@@ -63,6 +63,7 @@ class RealConfig:
     adapter_lr: float = 1e-3
     adapter_resample: int = 0  # re-initialise features dead this many steps (0: never)
     autocast: str | None = None  # mixed-precision forwards for adapter training
+    bridging: bool = True  # the bridging splices in the adapters' faithfulness report (about 1 h on a CPU)
     sweep: tuple[tuple[int, int], ...] = ((512, 8), (1024, 8), (512, 16))  # (width, k) candidates
     sweep_steps: int = 30  # training steps per sweep candidate
     lora_steps: int = 200

@@ -205,6 +205,7 @@ def stage_adapters(cfg: RealConfig, out: Path, progress: bool = True) -> dict:
         # held 24 GB (the 49k-token logits of every splice) and was killed on a 24 GB machine
         batch_size=cfg.batch_size,
         progress=progress,
+        bridging=cfg.bridging,
     )
     history = json.loads(history_file.read_text())
     return {
