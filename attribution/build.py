@@ -175,10 +175,15 @@ class _SharedConstants:
         self.min_numel, self.seen = min_numel, {}
 
     def pack(self, t: Tensor) -> Tensor:
+        if t.requires_grad:
+            # An activation, often the op's own output: kept detached. Returned as-is it would close
+            # a cycle through the C++ graph (node -> saved t -> t.grad_fn -> node) that Python's
+            # collector cannot see, and every graph built in a process stayed in memory (0.7 GB
+            # each on SmolLM2). The backward reads only its values; no double backward runs here.
+            return t.detach()
         base = t if t._base is None else t._base  # autograd often saves a view (W.T) of the copy
         if (
-            t.requires_grad
-            or base.requires_grad
+            base.requires_grad
             or base.numel() < self.min_numel
             or not base.is_contiguous()
             or base.storage_offset() != 0
