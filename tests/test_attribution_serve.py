@@ -208,6 +208,11 @@ def test_graphs_render_and_a_feature_shows_its_examples(server, site, browser):
     page.on("pageerror", lambda e: problems.append(str(e)))
     page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(server.url[:22]) else None)
     page.goto(server.url)
+    # the page fills the list after it fetches graph-metadata.json: wait for it (a loaded CI machine
+    # read it empty once), with no wall-clock bound of our own
+    page.wait_for_function(
+        f"document.querySelectorAll('select.graph-prompt-select option').length >= {len(index)}", timeout=0
+    )
     options = page.eval_on_selector_all("select.graph-prompt-select option", "os => os.map(o => o.value)")
     assert options == [g["slug"] for g in index]  # the list shows every exported graph
     graph = json.loads((site / f"{index[1]['slug']}.json").read_text())
