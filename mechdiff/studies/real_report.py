@@ -20,18 +20,19 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
+from mechdiff.studies import features, hesitation, lora
 from mechdiff.visualization.figures import save
 
 BEHAVIOUR_KEYS = ("accuracy", "mean_response_tokens", "hesitations_per_response")
-# The papers' numbers (../shared/METHODS.md): transcoder adapters on Qwen-7B (Hu et al.) and the
-# rank-1 LoRA lens on Qwen-32B (Ward et al.); ranges as text.
+# The papers' numbers, as each study states them (../shared/METHODS.md): transcoder adapters on
+# Qwen-7B (Hu et al.) and the rank-1 LoRA lens on Qwen-32B (Ward et al.); ranges as text.
 PUBLISHED = {
-    "adapters_gain_recovered": "0.50-0.90",
-    "hesitation_fraction": 0.024,
-    "reasoning_fraction": 0.08,
-    "lora_gain_recovered": "0.73-0.90",
-    "lora_monosemantic": 0.16,
-    "mlp_monosemantic": 0.13,
+    "adapters_gain_recovered": "{:.2f}-{:.2f}".format(*hesitation.PUBLISHED["gain_recovered"]),
+    "hesitation_fraction": hesitation.PUBLISHED["hesitation_fraction"],
+    "reasoning_fraction": features.PUBLISHED["reasoning_fraction"],
+    "lora_gain_recovered": lora.PUBLISHED["gain_recovered"],
+    "lora_monosemantic": lora.PUBLISHED["monosemantic_lora"],
+    "mlp_monosemantic": lora.PUBLISHED["monosemantic_mlp"],
     "necessity": "necessary",
     "sufficiency": "sufficient",
 }
