@@ -169,6 +169,20 @@ def class_fractions(scores: dict[str, Tensor]) -> dict[str, float]:
     return out
 
 
+def lora_against_neurons(
+    acts: TokenActivations, *, k: int = 100, n_labels: int = len(LABELS)
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, float]], Float[Tensor, " n_labels"]]:
+    """:func:`monosemanticity` of the LoRA adapters and of the MLP neurons in ``acts`` (gathered
+    with ``with_mlp``), their :func:`class_fractions`, and each label's share of the tokens (the
+    most common one's share is the precision of a unit that fires at random)."""
+    scores = {
+        "lora": monosemanticity(acts.lora.flatten(1), acts.labels, k=k, n_labels=n_labels),
+        "mlp": monosemanticity(acts.mlp.flatten(1), acts.labels, k=k, n_labels=n_labels),
+    }
+    label_freq = torch.bincount(acts.labels, minlength=n_labels).float() / len(acts.labels)
+    return scores, {name: class_fractions(v) for name, v in scores.items()}, label_freq
+
+
 def unit_names(lora: LoRAModel, polarities: str = "+-") -> list[str]:
     """Names matching :func:`monosemanticity`'s order for ``acts.lora.flatten(1)``."""
     r = lora.config.rank

@@ -216,12 +216,7 @@ def run(
 
     _log("monosemanticity ...", progress)
     acts = lens.collect(r1, holdout)
-    mono = {
-        "lora": lens.monosemanticity(acts.lora.flatten(1), acts.labels, k=cfg.top_k),
-        "mlp": lens.monosemanticity(acts.mlp.flatten(1), acts.labels, k=cfg.top_k),
-    }
-    mono_frac = {k: lens.class_fractions(v) for k, v in mono.items()}
-    label_freq = torch.bincount(acts.labels, minlength=len(LABELS)).float() / len(acts.labels)
+    mono, mono_frac, label_freq = lens.lora_against_neurons(acts, k=cfg.top_k, n_labels=len(LABELS))
 
     _log("SAE ...", progress)
     sae_acts = lens.collect(r1, work.traces(cfg.n_sae_traces, "train", seed=2), with_mlp=False)

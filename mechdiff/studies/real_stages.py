@@ -283,7 +283,6 @@ def lora_monosemanticity(pair, lora, n_traces: int, top_k: int = 100) -> dict:
     (:func:`mechdiff.features.lora_lens.monosemanticity`, top ``top_k`` tokens per unit), with each
     token's label from the pair's workload (on chat: the reply's cut, see
     :mod:`mechdiff.studies.features_labels`)."""
-    import torch
 
     from mechdiff.features import lora_lens as lens
     from mechdiff.studies.features_labels import census_traces
@@ -291,14 +290,9 @@ def lora_monosemanticity(pair, lora, n_traces: int, top_k: int = 100) -> dict:
 
     corpus = census_traces(for_pair(pair), n_traces, "validation", seed=1)
     acts = lens.collect(lora, corpus.rows, batch_size=8)
-    n_labels = len(corpus.label_names)
-    scores = {
-        "lora": lens.monosemanticity(acts.lora.flatten(1), acts.labels, k=top_k, n_labels=n_labels),
-        "mlp": lens.monosemanticity(acts.mlp.flatten(1), acts.labels, k=top_k, n_labels=n_labels),
-    }
-    freq = torch.bincount(acts.labels, minlength=n_labels).float() / len(acts.labels)
+    _, classes, freq = lens.lora_against_neurons(acts, k=top_k, n_labels=len(corpus.label_names))
     return {
-        "classes": {k: lens.class_fractions(v) for k, v in scores.items()},
+        "classes": classes,
         "chance_precision": float(freq.max()),
         "label_share": dict(zip(corpus.label_names, freq.tolist(), strict=True)),
         "n_traces": n_traces,
