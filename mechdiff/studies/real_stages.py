@@ -218,14 +218,20 @@ def stage_adapters(cfg: RealConfig, out: Path, progress: bool = True) -> dict:
     }
 
 
+def trained_adapters(cfg: RealConfig, out: Path) -> Path:
+    """The adapters stage's folder for ``cfg``; a clear error when that stage has not run."""
+    folder = adapter_folder(cfg, out)
+    if not (folder / "adapters.json").is_file():
+        raise FileNotFoundError(f"{folder}: no adapters there; run the adapters stage first")
+    return folder
+
+
 def stage_hesitation(cfg: RealConfig, out: Path, progress: bool = True) -> dict:
     from mechdiff.adapters.formats import load_adapted
     from mechdiff.cli import shown_path
     from mechdiff.studies import hesitation
 
-    folder = adapter_folder(cfg, out)
-    if not (folder / "adapters.json").is_file():
-        raise FileNotFoundError(f"{folder}: no adapters there; run the adapters stage first")
+    folder = trained_adapters(cfg, out)
     pair = _pair(cfg)
     steps = out / "hesitation-steps"
     if "hesitation" in cfg.redo:  # a redo recomputes every step, not only the summary
@@ -256,9 +262,7 @@ def stage_features(cfg: RealConfig, out: Path, progress: bool = True) -> dict:
     from mechdiff.cli import shown_path
     from mechdiff.studies import features
 
-    folder = adapter_folder(cfg, out)
-    if not (folder / "adapters.json").is_file():
-        raise FileNotFoundError(f"{folder}: no adapters there; run the adapters stage first")
+    folder = trained_adapters(cfg, out)
     fcfg = features.FeaturesConfig(
         n_traces=cfg.n_census_traces,
         batch_size=16,
