@@ -308,7 +308,8 @@ def _hesitation_sections(h: dict | None) -> list[str]:
             f"## Sufficiency, teacher-forced at {v['n_prompts']} hesitation prompts",
             "",
             f"Share of the full model's greedy hesitations kept when only the set ({v['n_set']} features) "
-            f"or the set plus as many of its graph feeders ({v['n_set_plus_feeders']}) stays on; every "
+            f"or the set plus up to as many of its graph feeders ({v['n_set_plus_feeders']} features in all) stays on; "
+            "every "
             "other feature at zero, at its mean activation, or the set patched from the full model into "
             f"the hybrid; against random sets of the same sizes. Sufficient: >= {v['threshold']:.0%}.",
             "",
