@@ -249,13 +249,13 @@ def estimate(m: ModelShape, w: Workload) -> Estimate:
         adapter = (1.5 * d + w.d_sae) * b
         main = (n - 1) * full + n * adapter + 2.5 * logits
         ad_flops = tok * n * 4 * d * w.d_sae
-        note = "3 model copies (base, target, hybrid); freeing pair.base after hybrid() saves one"
+        note = "2 model copies (base and target; the hybrid shares their tensors)"
     if w.task == "adapters":
         saved = tok * main
         if w.bridge:  # the worst cutoff k = 1: the two half passes run n - 1 layers each
             saved += tok * ((2 * n - 3) * full + (n - 1) * adapter + 2 * 2.5 * logits)
         memory = {
-            "weights": 3 * weights,
+            "weights": 2 * weights,
             "trained + adam": 12 * n_trained,
             "grads": 4 * n_trained,
             "saved activations": saved,
@@ -291,7 +291,7 @@ def estimate(m: ModelShape, w: Workload) -> Estimate:
         nodes = w.feature_nodes + w.seq_len + w.n_targets
         passes = math.ceil((w.n_targets + w.feature_nodes) / w.batch_size)
         memory = {
-            "weights": 3 * weights,
+            "weights": 2 * weights,
             "adapters": 4 * n_trained,
             "saved activations": tok * main,
             "transients": tok * 2 * full,

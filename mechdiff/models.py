@@ -275,6 +275,9 @@ def hybrid(pair: ModelPair, backbone: str = "target") -> HookedTransformer:
 
     ``backbone="base"`` takes the base's attention too (only embeddings, norms and
     unembedding stay the target's). Used by the transcoder adapters; the pair is untouched.
+    The hybrid's weights are the pair's tensors, not copies (a third model would cost as much
+    memory as the other two on SmolLM2), so they are frozen: ``requires_grad`` is off, and writing
+    to them in place would change the pair's models too.
 
     Example:
         >>> pair = load_pair("organism")
@@ -292,7 +295,7 @@ def hybrid(pair: ModelPair, backbone: str = "target") -> HookedTransformer:
             sources[name] = param
     cfg = dataclasses.replace(pair.target.cfg, model_name=f"hybrid-{backbone}")
     state_dict = {name: p.detach() for name, p in sources.items()}
-    return _build_hooked(cfg, state_dict, pair.tokenizer)
+    return _build_hooked(cfg, state_dict, pair.tokenizer, share=True)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -440,7 +443,8 @@ def _cfg_from_config(source: str | Path) -> HookedTransformerConfig:
     return to_hooked_config(hf_config, dtype=torch.float32, device="cpu")
 
 
-def _build_hooked(cfg, state_dict: dict[str, torch.Tensor], tokenizer) -> HookedTransformer:
+def _build_hooked(cfg, state_dict: dict[str, torch.Tensor], tokenizer, share: bool = False) -> HookedTransformer:
+    """``share``: the model's parameters are frozen views of ``state_dict``'s tensors (no copy)."""
     with warnings.catch_warnings():  # TL 3.x deprecation notice for HookedTransformer itself
         warnings.simplefilter("ignore", DeprecationWarning)
         model = HookedTransformer(cfg, move_to_device=False)  # params: uninitialised torch.empty
@@ -450,7 +454,16 @@ def _build_hooked(cfg, state_dict: dict[str, torch.Tensor], tokenizer) -> Hooked
         raise ValueError(f"Weight conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():  # one tensor at a time, so each source can be freed as we go
         for name in list(state_dict):
-            params[name].copy_(state_dict.pop(name))
+            source = state_dict.pop(name)
+            if source.shape != params[name].shape:
+                raise ValueError(
+                    f"Weight conversion mismatch: {name} is {tuple(source.shape)}, not {tuple(params[name].shape)}"
+                )
+            if share:
+                owner, leaf = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+                owner._parameters[leaf] = torch.nn.Parameter(source, requires_grad=False)
+            else:
+                params[name].copy_(source)
     if tokenizer is not None:
         _attach_tokenizer(model, tokenizer)
     model.move_model_modules_to_device()
