@@ -95,6 +95,31 @@ def test_hooks_fire_and_edit_on_the_fast_path(models):
     assert len(fast_seen) == 16 and fast_seen[0][2] == 13 and fast_seen[-1][2:] == (1, 13 + 15)
 
 
+def test_mlp_pre_hooks_see_the_gate_before_the_in_place_activation(models):
+    """Without a hook on ``hook_pre`` the fast path applies SiLU in place; with one, a stored gate
+    must stay the gate (not its activation), and an edit must take effect, as on the slow path."""
+    model, _ = models
+    prompts = _prompts()
+    kept = {"fast": [], "slow": []}
+    for path in ("fast", "slow"):
+
+        def keep(x, hook, into=kept[path]):
+            into.append(x)
+
+        def negate(x, hook):
+            return -x
+
+        hooks = [("blocks.0.mlp.hook_pre", keep), ("blocks.1.mlp.hook_pre", negate)]
+        kept[path + "_out"] = generate(
+            model, prompts, 6, eos_token_id=-1, pad_token_id=PAD, fwd_hooks=hooks, fast=path == "fast"
+        )
+    assert kept["fast_out"] == kept["slow_out"] != generate(model, prompts, 6, eos_token_id=-1, pad_token_id=PAD)
+    assert len(kept["fast"]) == len(kept["slow"]) == 6
+    for fast, slow in zip(kept["fast"], kept["slow"], strict=True):
+        assert fast.shape == slow.shape and (fast < 0).any()  # the gate, negative entries and all
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
 def test_adapters_on_the_fast_path_and_lora_falls_back(models):
     model, _ = models
     pair = ModelPair(model, model, model.tokenizer, {})
