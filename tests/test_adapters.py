@@ -429,3 +429,27 @@ with torch.no_grad():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     name, enc_err, out_err = out.stdout.split()
     assert name == "TopKTranscoder" and float(enc_err) < 1e-5 and float(out_err) < 1e-4
+
+
+def test_nmse_sums_layer_by_layer_equal_the_stacked_formula_with_gradients():
+    """The per-layer NMSE (no [layer, batch, pos, d] stacks) against the formula on stacked
+    residuals: same numerators, denominators and gradients, padding excluded."""
+    from mechdiff.training.adapter_objective import layer_errors, nmse_sums
+
+    gen = torch.Generator().manual_seed(0)
+    resid = [torch.randn(3, 5, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    target = [torch.randn(3, 5, 8, generator=gen, dtype=torch.float64) for _ in range(4)]
+    mask = torch.rand(3, 5, generator=gen) > 0.3
+    h, ht = torch.stack(resid[1:]), torch.stack(target[1:])
+    ref_num = (((h - ht) ** 2).sum(-1) * mask).sum((1, 2))
+    ref_den = ((ht**2).sum(-1) * mask).sum((1, 2))
+    num, den = nmse_sums(resid, target, mask)
+    torch.testing.assert_close(num, ref_num)
+    torch.testing.assert_close(den, ref_den)
+    weights = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    got = torch.autograd.grad((num * weights).sum(), resid[1:])
+    want = torch.autograd.grad((ref_num * weights).sum(), resid[1:])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+        assert g.abs().sum() > 0
+    assert torch.equal(torch.stack(layer_errors(resid, target))[:, ~mask], ((h - ht) ** 2).sum(-1)[:, ~mask])
