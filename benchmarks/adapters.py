@@ -13,6 +13,9 @@ features per layer (fresh ones: cost does not depend on training), three things 
 * ``floor_s``: one forward and backward of the adapted model alone on that batch (its
   unembedding and next-token CE included, chunked; no target, no bridging), timed in the same
   process, interleaved with the steps;
+* ``step_without_bridging_s``: the same step with the bridging weight at 0 (interleaved too): the
+  two bridges run about one more forward and backward of the model by construction (each half
+  model is ``n_layers - k`` blocks, ``k`` uniform), so this is what the rest of the step costs;
 * ``baseline_step_s``: the same step on the plain path (``fast=False``: full ``[batch, pos,
   vocab]`` logits through ``masked_kl``), which is what training ran before.
 
@@ -93,14 +96,25 @@ def measure(args, path: str) -> dict:
         autocast=args.autocast if fast else None,
         checkpoint=fast and args.checkpoint,
     )
+    unbridged = AdapterObjective(
+        adapted,
+        pair.target,
+        LossWeights(bridge=0.0),
+        fast=fast,
+        autocast=objective.autocast,
+        checkpoint=objective.checkpoint,
+    )
     opt = torch.optim.AdamW(adapted.adapters.parameters(), lr=1e-6)
     keep = next_token_keep(mask)
 
-    def step():
+    def step(objective=objective):
         loss, _, _ = objective(tokens, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+    def step_without_bridging():
+        step(unbridged)
 
     def floor():
         model = adapted.model
@@ -126,13 +140,18 @@ def measure(args, path: str) -> dict:
     }
     if path == "fast":  # the floor, interleaved with more steps so both see the same machine load
         floor()
-        steps, floors = [], []
+        step_without_bridging()
+        steps, floors, unbridged_steps = [], [], []
         for _ in range(args.repeats):
-            for fn, times in ((floor, floors), (step, steps)):
+            for fn, times in ((floor, floors), (step, steps), (step_without_bridging, unbridged_steps)):
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
-        out.update(floor_s=sum(floors) / len(floors), step_interleaved_s=sum(steps) / len(steps))
+        out.update(
+            floor_s=sum(floors) / len(floors),
+            step_interleaved_s=sum(steps) / len(steps),
+            step_without_bridging_s=sum(unbridged_steps) / len(unbridged_steps),
+        )
     return out
 
 
@@ -216,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         "step_s": fast["step_interleaved_s"],
         "floor_s": fast["floor_s"],
         "step_over_floor": fast["step_interleaved_s"] / fast["floor_s"],
+        "step_without_bridging_s": fast["step_without_bridging_s"],
+        "step_without_bridging_over_floor": fast["step_without_bridging_s"] / fast["floor_s"],
         "peak_gib": fast["peak_gib"],
         "loaded_gib": fast["loaded_gib"],
         "baseline_step_s": plain["step_s"],
@@ -236,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"{'':<34} {'s/step':>8} {'peak GiB':>9}")
     print(f"{'adapter step (chunked losses)':<34} {result['step_s']:>8.3f} {result['peak_gib']:>9.2f}")
+    print(f"{'the step without bridging':<34} {result['step_without_bridging_s']:>8.3f} {'':>9}")
     print(f"{'floor: adapted fwd+bwd':<34} {result['floor_s']:>8.3f} {'':>9}")
     print(f"{'baseline step (full logits)':<34} {result['baseline_step_s']:>8.3f} {result['baseline_peak_gib']:>9.2f}")
     print(f"step / floor {result['step_over_floor']:.2f}x   baseline / step {result['speedup_vs_baseline']:.2f}x")
