@@ -20,7 +20,9 @@ features per layer (fresh ones: cost does not depend on training), three things 
   vocab]`` logits through ``masked_kl``), which is what training ran before.
 
 ``--checkpoint`` has the new path recompute each block in backward (the same loss and gradients,
-less memory, about one more forward); ``--autocast bfloat16`` runs its forwards in bf16.
+less memory, about one more forward); ``--autocast bfloat16`` runs its forwards in bf16, an
+approximation whose price on the batch is reported as ``autocast_error`` (relative error of the
+loss and its parts, gradients' cosine and relative norm difference against the float32 step).
 
 Each path runs in a fresh subprocess, so ``peak_gib`` and ``baseline_peak_gib`` (peak resident
 memory of that process, models included) are its own. ``--pair smollm2`` needs the ``[real]`` extra;
@@ -138,6 +140,8 @@ def measure(args, path: str) -> dict:
         "positions": tokens.shape[1],
         "threads": torch.get_num_threads(),
     }
+    if fast and args.autocast:  # the price of the approximation, on this batch
+        out["autocast_error"] = autocast_error(adapted, pair.target, objective, tokens, mask)
     if path == "fast":  # the floor, interleaved with more steps so both see the same machine load
         floor()
         step_without_bridging()
@@ -153,6 +157,32 @@ def measure(args, path: str) -> dict:
             step_without_bridging_s=sum(unbridged_steps) / len(unbridged_steps),
         )
     return out
+
+
+def autocast_error(adapted, target, objective, tokens, mask) -> dict:
+    """The mixed-precision step against full precision on the same batch and bridge cutoff: relative
+    error of the loss and of each part, and the gradients' cosine and relative norm difference."""
+    import torch
+
+    from mechdiff.training.adapter_objective import AdapterObjective
+
+    exact = AdapterObjective(adapted, target, objective.weights, fast=True)
+    params = list(adapted.adapters.parameters())
+    cutoff = max(1, adapted.config.n_layers // 2)
+    got = {}
+    for name, obj in (("exact", exact), ("autocast", objective)):
+        loss, parts, _ = obj(tokens, mask, cutoff=cutoff)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+        got[name] = (float(loss), parts, flat.float())
+    (loss, parts, g), (loss_ac, parts_ac, g_ac) = got["exact"], got["autocast"]
+    return {
+        "loss": loss,
+        "loss_rel_error": abs(loss_ac - loss) / abs(loss),
+        "parts_rel_error": {k: abs(parts_ac[k] - v) / max(abs(v), 1e-12) for k, v in parts.items()},
+        "grad_cosine": float(torch.nn.functional.cosine_similarity(g, g_ac, dim=0)),
+        "grad_rel_norm_error": float((g_ac - g).norm() / g.norm()),
+    }
 
 
 def generation(args) -> dict:
@@ -243,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
         "baseline_peak_gib": plain["peak_gib"],
         "speedup_vs_baseline": plain["step_s"] / fast["step_s"],
     }
+    if "autocast_error" in fast:
+        result["autocast_error"] = fast["autocast_error"]
     if args.generation:
         result["generation"] = generation(args)
     if args.out:
