@@ -28,7 +28,8 @@ bridges, so the peak memory covers every cutoff.
 ``--checkpoint`` has the new path recompute each block in backward (the same loss and gradients,
 less memory, about one more forward); ``--autocast bfloat16`` runs its forwards in bf16, an
 approximation whose price on the batch is reported as ``autocast_error`` (relative error of the
-loss and its parts, gradients' cosine and relative norm difference against the float32 step).
+loss and its parts, gradients' cosine and relative norm difference against the float32 step);
+the floor is then also timed in that precision (``floor_autocast_s``, ``step_over_floor_autocast``).
 
 Each path runs in a fresh subprocess, so ``peak_gib`` and ``baseline_peak_gib`` (peak resident
 memory of that process, models included) are its own. ``--pair smollm2`` needs the ``[real]`` extra;
@@ -151,19 +152,30 @@ def measure(args, path: str) -> dict:
     if fast and args.autocast:  # the price of the approximation, on this batch
         out["autocast_error"] = autocast_error(adapted, pair.target, objective, tokens, mask)
     if path == "fast":  # the floor, interleaved with more steps so both see the same machine load
-        floor()
-        step_without_bridging()
-        steps, floors, unbridged_steps = [], [], []
+
+        def floor_in_precision():  # the floor in the step's mixed precision
+            with objective._precision():
+                floor()
+
+        timed = {"floor": floor, "step": step, "unbridged": step_without_bridging}
+        if args.autocast:
+            timed["floor_autocast"] = floor_in_precision
+        times = {name: [] for name in timed}
+        for fn in timed.values():
+            fn()
         for _ in range(args.repeats):
-            for fn, times in ((floor, floors), (step, steps), (step_without_bridging, unbridged_steps)):
+            for name, fn in timed.items():
                 t0 = time.perf_counter()
                 fn()
-                times.append(time.perf_counter() - t0)
+                times[name].append(time.perf_counter() - t0)
+        mean = {name: sum(t) / len(t) for name, t in times.items()}
         out.update(
-            floor_s=sum(floors) / len(floors),
-            step_interleaved_s=sum(steps) / len(steps),
-            step_without_bridging_s=sum(unbridged_steps) / len(unbridged_steps),
+            floor_s=mean["floor"],
+            step_interleaved_s=mean["step"],
+            step_without_bridging_s=mean["unbridged"],
         )
+        if args.autocast:
+            out["floor_autocast_s"] = mean["floor_autocast"]
     return out
 
 
@@ -283,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     if "autocast_error" in fast:
         result["autocast_error"] = fast["autocast_error"]
+        result["floor_autocast_s"] = fast["floor_autocast_s"]
+        result["step_over_floor_autocast"] = fast["step_interleaved_s"] / fast["floor_autocast_s"]
     if args.generation:
         result["generation"] = generation(args)
     if args.out:
