@@ -150,19 +150,20 @@ def measure(args, path: str) -> dict:
         "threads": torch.get_num_threads(),
     }
     if fast and args.autocast:  # the price of the approximation, on this batch
-        out["autocast_error"] = autocast_error(adapted, pair.target, objective, tokens, mask)
+        out["autocast_error"] = autocast_error(adapted, pair.target, objective, tokens, mask, mean_cutoff)
     if path == "fast":  # the floor, interleaved with more steps so both see the same machine load
 
         def floor_in_precision():  # the floor in the step's mixed precision
-            with objective._precision():
+            with objective.precision():
                 floor()
 
         timed = {"floor": floor, "step": step, "unbridged": step_without_bridging}
         if args.autocast:
             timed["floor_autocast"] = floor_in_precision
         times = {name: [] for name in timed}
-        for fn in timed.values():
-            fn()
+        for name, fn in timed.items():  # warm-ups (the step has had its own)
+            if name != "step":
+                fn()
         for _ in range(args.repeats):
             for name, fn in timed.items():
                 t0 = time.perf_counter()
@@ -179,16 +180,16 @@ def measure(args, path: str) -> dict:
     return out
 
 
-def autocast_error(adapted, target, objective, tokens, mask) -> dict:
-    """The mixed-precision step against full precision on the same batch and bridge cutoff: relative
-    error of the loss and of each part, and the gradients' cosine and relative norm difference."""
+def autocast_error(adapted, target, objective, tokens, mask, cutoff: int) -> dict:
+    """The mixed-precision step against full precision on the same batch and bridge ``cutoff``:
+    relative error of the loss and of each part, and the gradients' cosine and relative norm
+    difference."""
     import torch
 
     from mechdiff.training.adapter_objective import AdapterObjective
 
     exact = AdapterObjective(adapted, target, objective.weights, fast=True)
     params = list(adapted.adapters.parameters())
-    cutoff = max(1, adapted.config.n_layers // 2)
     got = {}
     for name, obj in (("exact", exact), ("autocast", objective)):
         loss, parts, _ = obj(tokens, mask, cutoff=cutoff)

@@ -344,8 +344,9 @@ class StaticCacheDecoder:
     The prompt (all positions at once, causal and padding masks) and then each new token run the
     same computation as TransformerLens' forward, keys and values written into a cache of
     ``[batch, kv_heads, prompt + new, d_head]`` per layer, the weights read in place (only QKV is
-    fused, once per call: TransformerLens transposes and copies weights in every forward), rotary tables indexed by each row's position, attention over the filled part of the
-    cache under the padding mask, and each named hook point called only when something is attached
+    fused, once per call: TransformerLens transposes and copies weights in every forward), rotary
+    tables indexed by each row's position, attention over the filled part of the cache under the
+    padding mask, and each named hook point called only when something is attached
     (in the same order and with the same shapes as in TransformerLens, so hooks can read and edit).
     Forward hooks on ``block.mlp`` (the transcoder adapters) run as the module call would run them.
 

@@ -362,13 +362,12 @@ def test_hybrid_takes_base_mlps(tiny_model_dir, backbone):
     base, target = dict(pair.base.named_parameters()), dict(pair.target.named_parameters())
     for name, p in params.items():
         from_base = ".mlp." in name or (backbone == "base" and ".attn." in name)
-        assert torch.equal(p, (base if from_base else target)[name]), name
+        source = (base if from_base else target)[name]
+        assert torch.equal(p, source), name
+        # no third copy of the weights: the hybrid views the pair's tensors, frozen, and its flags
+        # are its own (the pair's models still train)
+        assert p.data_ptr() == source.data_ptr(), name
+        assert not p.requires_grad and source.requires_grad, name
     assert model.tokenizer is pair.tokenizer
-    # no third copy of the weights: the hybrid views the pair's tensors, frozen, and its flags
-    # are its own (the pair's models still train)
-    for name, p in params.items():
-        from_base = ".mlp." in name or (backbone == "base" and ".attn." in name)
-        assert p.data_ptr() == (base if from_base else target)[name].data_ptr(), name
-        assert not p.requires_grad and (base if from_base else target)[name].requires_grad, name
     with pytest.raises(ValueError, match="backbone must be"):
         hybrid(pair, "neither")

@@ -216,7 +216,8 @@ class AdapterObjective:
         self.in_names = tuple(f"blocks.{i}.adapter.hook_in" for i in range(self.n_layers))
         self.pre_names = tuple(f"blocks.{i}.adapter.hook_pre" for i in range(self.n_layers))
 
-    def _precision(self):
+    def precision(self):
+        """The context the forwards run in: ``autocast`` mixed precision, or nothing."""
         if self.autocast is None:
             return nullcontext()
         device = torch.device(self.adapted.model.cfg.device).type
@@ -233,7 +234,7 @@ class AdapterObjective:
     ) -> tuple[Tensor, dict[str, float], dict[str, Tensor]]:
         """``dead`` (features that have not fired lately) enables the AuxK part when ``weights.aux``."""
         models = (self.adapted.model, self.target) if self.checkpoint else ()
-        with self._precision(), checkpointed_blocks(models):
+        with self.precision(), checkpointed_blocks(models):
             return self._loss(tokens, mask, cutoff, l1_scale, dead, k_aux)
 
     def _loss(self, tokens, mask, cutoff, l1_scale, dead, k_aux):
