@@ -47,7 +47,15 @@ def _behaviour(stats: dict | None) -> dict | None:
     return (
         None
         if stats is None
-        else {k: stats.get(k) for k in (*BEHAVIOUR_KEYS, "frac_hesitations_after_error", "accuracy_hesitation_banned")}
+        else {
+            k: stats.get(k)
+            for k in (
+                *BEHAVIOUR_KEYS,
+                "frac_responses_with_hesitation",
+                "frac_hesitations_after_error",
+                "accuracy_hesitation_banned",
+            )
+        }
     )
 
 
