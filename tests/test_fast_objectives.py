@@ -14,6 +14,7 @@ from mechdiff.training.lora_objective import (
     TraceBatches,
     chunked_distillation_loss,
     distillation_loss,
+    make_loss_fn,
 )
 
 
@@ -110,3 +111,33 @@ def test_lora_chunked_loss_equals_plain(organism, kl_weight):
     for a, b in zip(g_fast, _grads(lora.layers.parameters()), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert any(g.abs().sum() > 0 for g in g_fast)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_lora_step_with_recomputed_blocks_equals_without(organism, fast):
+    """``TrainConfig(checkpoint=True)``: each block recomputed in backward, the LoRA hooks with it;
+    the same loss and adapter gradients, on both paths, and the blocks' own forward restored."""
+    lora = LoRAModel.from_base(organism.base, LoRAConfig(rank=1))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # B = 0 at the start: give every adapter a gradient
+        for layer in lora.layers:
+            for m in layer.B:
+                layer.B[m].copy_(torch.randn(layer.B[m].shape, generator=gen) * 0.2)
+    batches = TraceBatches(corpus.reasoning_traces(5, "validation"), 5)
+    got, calls = [], []
+    lora.model.add_hook(lora.act_name(1, "up"), lambda act, hook: calls.append(1))
+    for checkpoint in (False, True):
+        lora.layers.zero_grad()
+        calls.clear()
+        loss, _ = make_loss_fn(lora, batches, organism.target, kl_weight=0.5, fast=fast, checkpoint=checkpoint)(0)
+        loss.backward()
+        got.append((loss.detach(), _grads(lora.layers.parameters())))
+        assert len(calls) == 1 + checkpoint  # recomputed: the adapter ran again in backward
+        # the recomputation ran whole blocks: no delta waits in a hook, holding a block's graph
+        assert not any(layer._pending for layer in lora.layers)
+    lora.model.reset_hooks()
+    assert all("forward" not in vars(block) for block in lora.model.blocks)
+    torch.testing.assert_close(got[1][0], got[0][0], atol=1e-6, rtol=0)
+    assert all(g.abs().sum() > 0 for g in got[0][1])
+    for a, b in zip(got[1][1], got[0][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

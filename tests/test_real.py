@@ -185,3 +185,24 @@ def test_response_loss_counts_reply_tokens_only_and_autocasts():
     assert torch.allclose(single, one, atol=1e-5)
     mixed = response_loss(model, rows, tok.pad_token_id, autocast="bfloat16")
     assert abs(mixed.item() - loss.item()) < 0.05 * loss.item()
+
+
+def test_recomputed_layers_give_the_same_loss_and_gradients_and_are_switched_off_after():
+    """``Recipe(checkpoint=True)``: transformers' gradient checkpointing inside ``training_mode``,
+    the same loss and gradients as without, and the model back in eval mode without it after."""
+    from mechdiff.real.finetune import response_loss, training_mode
+
+    tok = _tokenizer()
+    rows = chat.traces(tok, 3, seed=5)[:3]
+    got = {}
+    for checkpoint in (False, True):
+        model = _tiny(0).eval()
+        with training_mode(model, Recipe(checkpoint=checkpoint)):
+            assert model.training and model.is_gradient_checkpointing == checkpoint
+            loss = response_loss(model, rows, tok.pad_token_id)
+            loss.backward()
+        assert not model.training and not model.is_gradient_checkpointing
+        got[checkpoint] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    torch.testing.assert_close(got[True][0], got[False][0], atol=1e-6, rtol=0)
+    for name, grad in got[False][1].items():
+        torch.testing.assert_close(got[True][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -71,6 +71,14 @@ def _add_recipe_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
     for name, text in _WEIGHT_FLAGS.items():
         if name not in skip:
             g.add_argument(f"--{name}", type=float, help=text)
+    g.add_argument(
+        "--recompute",
+        dest="checkpoint",
+        action="store_const",
+        const=True,
+        default=None,
+        help="recompute each block in backward: the same gradients in much less memory, about one more forward",
+    )
 
 
 def _recipe(args) -> AdapterRecipe:
@@ -83,6 +91,8 @@ def _recipe(args) -> AdapterRecipe:
     for name in _RECIPE_FLAGS:
         if getattr(args, name, None) is not None:
             d[name] = getattr(args, name)
+    if getattr(args, "checkpoint", None):
+        d["checkpoint"] = True
     for name in _WEIGHT_FLAGS:
         if isinstance(getattr(args, name, None), (int, float)):
             d["weights"][name] = getattr(args, name)
@@ -137,9 +147,10 @@ def _work_dir(args, recipe: AdapterRecipe, out: Path, pair) -> Path:
     """Checkpoints: ``--work``, or a folder keyed by the recipe and pair (no stale resumes)."""
     if getattr(args, "work", None):
         return Path(args.work)
-    # How often to checkpoint and whether a bar shows change nothing trained: keyed at their defaults
-    # (the flat form the recipe had before its loop settings were nested: old runs' folders resume)
-    keyed = {**recipe.flat_dict(), "checkpoint_every": 200, "progress": True}
+    # How often to checkpoint, whether a bar shows and whether blocks are recomputed change nothing
+    # trained: keyed at their defaults (the flat form the recipe had before its loop settings were
+    # nested: old runs' folders resume)
+    keyed = {**recipe.flat_dict(), "checkpoint_every": 200, "progress": True, "checkpoint": False}
     parts = [keyed, pair.meta.get("base_name"), pair.meta.get("target_name"), args.dataset]
     if pair.meta.get("dtype", "float32") != "float32":  # float32 keys stay as before: runs resume
         parts.append(pair.meta["dtype"])  # a bf16 run must not resume float32 checkpoints

@@ -51,6 +51,7 @@ class TrainConfig:
     batch_size: int = 64
     n_traces: int = 20_000
     kl_weight: float = 0.0  # 0: next-token CE on the traces; 1: KL to the target's logits
+    checkpoint: bool = False  # recompute each block in backward: less memory, ~one more forward
     extra: dict = field(default_factory=dict)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=1000, lr=1e-2, checkpoint_every=100))
 
@@ -91,7 +92,7 @@ def train_lora(
     data = (workload or for_pair(pair)).traces(cfg.n_traces, "train", seed=cfg.seed)
     batches = TraceBatches(data, cfg.batch_size, seed=cfg.seed, pad_id=pair.tokenizer.pad_token_id or 0)
     target = pair.target if cfg.kl_weight > 0 else None
-    loss_fn = make_loss_fn(lora, batches, target=target, kl_weight=cfg.kl_weight)
+    loss_fn = make_loss_fn(lora, batches, target=target, kl_weight=cfg.kl_weight, checkpoint=cfg.checkpoint)
     loop = replace(cfg.loop, out_dir=out_dir, resume=resume, progress=progress, desc=f"LoRA r{cfg.rank}")
     lora.train()
     start = time.perf_counter()

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class Recipe:
     slip_prob: float = 0.8
     recheck_prob: float = 0.08
     autocast: str | None = None  # "bfloat16": mixed precision (fp32 weights), ~1.6x faster on AVX512-bf16 CPUs
+    checkpoint: bool = False  # recompute each decoder layer in backward: same gradients, less memory
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=360, lr=3e-5, checkpoint_every=30, log_every=1))
 
     def __post_init__(self):  # refused here, before SmolLM2 loads (CLI and Python alike)
@@ -98,6 +100,21 @@ def response_loss(model, rows: dict, pad_id: int, autocast: str | None = None) -
         return causal_lm_ce(model, tokens, mask, torch.tensor(rows["prompt_len"], device=device))
 
 
+@contextmanager
+def training_mode(model, recipe: Recipe):
+    """``model`` in train mode within the context, each decoder layer recomputed in backward when
+    ``recipe.checkpoint`` (transformers' gradient checkpointing); in eval mode, without it, after."""
+    model.train()
+    if recipe.checkpoint:
+        model.gradient_checkpointing_enable()
+    try:
+        yield model
+    finally:
+        model.eval()
+        if recipe.checkpoint:
+            model.gradient_checkpointing_disable()
+
+
 def finetune(
     model, tokenizer, run_dir: str | Path, recipe: Recipe | None = None, *, progress: bool = True, on_step=None
 ) -> list[dict]:
@@ -113,7 +130,6 @@ def finetune(
         recipe.recheck_prob,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model.train()
 
     def loss_fn(step):
         rows = data[step_indices(len(data), recipe.batch_size, step, recipe.seed)]
@@ -121,8 +137,8 @@ def finetune(
         return loss, {"ce": loss.item()}
 
     cfg = replace(recipe.loop, out_dir=run_dir / "checkpoints", progress=progress, desc="smollm2 fine-tune")
-    history = train(_Checkpointable(model), loss_fn, cfg, on_step=on_step, distributed=False)
-    model.eval()
+    with training_mode(model, recipe):
+        history = train(_Checkpointable(model), loss_fn, cfg, on_step=on_step, distributed=False)
     smollm2.write_folder(
         model, tokenizer, run_dir / "model", {"recipe": recipe.to_dict(), "final": history[-1] if history else None}
     )

@@ -68,7 +68,7 @@ class RealConfig:
     sweep_steps: int = 30  # training steps per sweep candidate
     lora_steps: int = 200
     lora_lr: float = 1e-3
-    batch_size: int = 4  # traces per training step (4: 11 GB for an adapter step on SmolLM2)
+    batch_size: int = 4  # traces per training step (4: ~10 GB for an adapter step on SmolLM2 in float32)
     n_census_traces: int = 300  # held-out chat traces for the feature census
     n_monosemanticity_traces: int = 64  # ... for LoRA vs MLP-neuron monosemanticity, 0: not measured
     # (every neuron's activation on every token is held: 64 traces of ~250 tokens x 46k neurons is 3 GB)

@@ -29,7 +29,7 @@ Example:
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -46,6 +46,7 @@ from mechdiff.config_checks import check
 from mechdiff.models import ModelPair
 from mechdiff.padding import pad
 from mechdiff.training.batches import step_indices
+from mechdiff.training.block_recompute import checkpointed_blocks
 from mechdiff.training.loop import LoopConfig, train
 from mechdiff.training.losses import Head, head_losses, hooked_head, masked_kl
 from mechdiff.training.recipe_loop import nests_loop
@@ -313,26 +314,6 @@ class AdapterObjective:
             "mask": mask,
             "mlp_in": [extra[n].detach() for n in self.in_names],
         }
-
-
-@contextmanager
-def checkpointed_blocks(models: tuple[HookedTransformer, ...]):
-    """Within the context, each block of ``models`` keeps only its input for backward and recomputes
-    the rest (when gradients are on); module hooks (the adapters) run again in the recomputation."""
-    blocks = [block for model in models for block in model.blocks]
-    for block in blocks:
-
-        def run(*args, _forward=block.forward, **kwargs):
-            if not torch.is_grad_enabled():
-                return _forward(*args, **kwargs)
-            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-        block.forward = run
-    try:
-        yield
-    finally:
-        for block in blocks:
-            del block.forward  # the class's forward again
 
 
 def _shared_ratio(num: Float[Tensor, " n"], den: Float[Tensor, " n"]) -> Float[Tensor, " n"]:

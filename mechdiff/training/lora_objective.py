@@ -31,6 +31,7 @@ from mechdiff import distributed
 from mechdiff.capture import final_hidden
 from mechdiff.padding import pad
 from mechdiff.training.batches import step_indices
+from mechdiff.training.block_recompute import checkpointed_blocks
 from mechdiff.training.losses import (
     head_losses,
     hooked_head,
@@ -152,12 +153,15 @@ class TraceBatches:
 
 
 def make_loss_fn(
-    lora, batches: TraceBatches, target=None, kl_weight: float = 0.0, fast: bool = True
+    lora, batches: TraceBatches, target=None, kl_weight: float = 0.0, fast: bool = True, checkpoint: bool = False
 ) -> Callable[[int], tuple[Tensor, dict[str, float]]]:
     """``loss_fn(step)`` for :func:`mechdiff.training.loop.train` (LoRA model in, loss out).
 
     ``fast`` scores the batch with :func:`chunked_distillation_loss` (no ``[batch, pos, vocab]``
     logits); ``fast=False`` is the plain full-logits path (:func:`distillation_loss`).
+    ``checkpoint`` recomputes each block of the LoRA model in backward
+    (:func:`~mechdiff.training.block_recompute.checkpointed_blocks`): the same loss and gradients,
+    for about one more forward, in the memory of one block's internals instead of all of them.
     Under torchrun (see :mod:`mechdiff.distributed`) each rank takes its shard of the step's
     batch and the steps equal a single process's; the logged metrics are then rank averages.
     """
@@ -169,12 +173,13 @@ def make_loss_fn(
         rows = distributed.shard(step_indices(len(batches), batches.batch_size, step, batches.seed))
         tokens, keep = (t.to(device) for t in batches.rows(rows))
         teacher = target if kl_weight > 0 else None
-        if fast:
-            loss, metrics = chunked_distillation_loss(lora.model, tokens, keep, teacher, kl_weight)
-        else:
-            with torch.no_grad():
-                target_logits = teacher(tokens) if teacher is not None else None
-            loss, metrics = distillation_loss(lora(tokens), tokens, keep, target_logits, kl_weight)
+        with checkpointed_blocks((lora.model,) if checkpoint else ()):
+            if fast:
+                loss, metrics = chunked_distillation_loss(lora.model, tokens, keep, teacher, kl_weight)
+            else:
+                with torch.no_grad():
+                    target_logits = teacher(tokens) if teacher is not None else None
+                loss, metrics = distillation_loss(lora(tokens), tokens, keep, target_logits, kl_weight)
         # a mean over this rank's response tokens, rescaled so the ranks' average is the global mean
         return distributed.as_global_mean(loss, keep.sum()), metrics
 
