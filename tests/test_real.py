@@ -61,6 +61,9 @@ def test_summary_extends_the_organism_summary():
     stats = chat.summarize([chat.grade(P, t) for t in texts])
     assert stats["accuracy"] == 0.8 and stats["frac_answer_line"] == 0.8 and stats["n_problems"] == 5
     assert stats["hesitations_per_response"] > 0 and 0 <= stats["frac_hesitations_after_error"] <= 1
+    # the chat grader judges each "Wait" by its step but parses no first attempts: no step counts,
+    # so no report can read "0.00 wrong steps per response" from them
+    assert not set(chat.STEP_KEYS) & set(stats)
 
 
 TEMPLATE = (

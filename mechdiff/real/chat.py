@@ -205,9 +205,21 @@ def grade(problem: task.Problem, text: str, n_tokens: int | None = None) -> Chat
     return ChatGraded(answer == problem.answer, answer, n, len(after_error), after_error, answer_line=line)
 
 
+# What the organism's summary derives from first-attempt steps, which :func:`grade` does not parse
+# (it judges each "Wait" by the step before it): left out rather than reported as zero steps.
+STEP_KEYS = (
+    "p_hesitation_given_wrong_step",
+    "p_hesitation_given_correct_hard_step",
+    "n_wrong_steps",
+    "n_correct_hard_steps",
+)
+
+
 def summarize(graded: Sequence[ChatGraded]) -> dict[str, float]:
-    """The organism's summary (accuracy, length, hesitations...) plus the share with an Answer line."""
-    return {**grading.summarize(list(graded)), "frac_answer_line": sum(g.answer_line for g in graded) / len(graded)}
+    """The organism's summary (accuracy, length, hesitations...) plus the share with an Answer line;
+    without the first-attempt step counts (:data:`STEP_KEYS`), which the chat grader does not parse."""
+    stats = {k: v for k, v in grading.summarize(list(graded)).items() if k not in STEP_KEYS}
+    return {**stats, "frac_answer_line": sum(g.answer_line for g in graded) / len(graded)}
 
 
 def hesitation_token_ids(tokenizer) -> list[int]:
