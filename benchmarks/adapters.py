@@ -41,40 +41,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks import peak_rss_gib
+from benchmarks.bench_pair import load_bench_pair
+from benchmarks.isolated import measure_in_child
 from mechdiff.cli import add_pair_options, check_pair_options, offline_environment, run
-
-
-def load_bench_pair(args) -> tuple[object, str]:
-    """``(pair, note)``: SmolLM2 without a cached fine-tune falls back to its base on both sides."""
-    from mechdiff.cli import load_pair_from_args
-
-    if args.pair.startswith("smollm2"):
-        from mechdiff.models import ModelPair
-        from mechdiff.real import smollm2
-
-        try:
-            return load_pair_from_args(args), "fine-tune cached: the real pair"
-        except FileNotFoundError:
-            load = dict(dtype=args.dtype, device=args.device)
-            base = smollm2.load_smollm2(**load)
-            pair = ModelPair(
-                base,
-                smollm2.load_smollm2(**load),
-                base.tokenizer,
-                {"workload": "chat", "base_name": "smollm2-base", "target_name": "smollm2-base"},
-            )
-            return pair, "no fine-tune cached: the base model on both sides (cost does not depend on training)"
-    return load_pair_from_args(args), "the pair as loaded"
-
-
-def _rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
 def measure(args, path: str) -> dict:
@@ -95,7 +69,7 @@ def measure(args, path: str) -> dict:
     device = pair.target.cfg.device
     tokens, mask = (t.to(device) for t in pad(traces["input_ids"], pad_id, side="right"))
     adapted = AdaptedModel.from_pair(pair, args.d_sae, "topk", 8)
-    loaded_gib = _rss_gib()
+    loaded_gib = peak_rss_gib()
     fast = path == "fast"
     objective = AdapterObjective(
         adapted,
@@ -142,7 +116,7 @@ def measure(args, path: str) -> dict:
     out = {
         "path": path,
         "step_s": step_s,
-        "peak_gib": _rss_gib(),
+        "peak_gib": peak_rss_gib(),
         "loaded_gib": loaded_gib,
         "note": note,
         "tokens": int(mask.sum()),
@@ -230,15 +204,6 @@ def generation(args) -> dict:
     }
 
 
-def _subprocess(argv: list[str], path: str) -> dict:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.adapters", *argv, "--measure", path], capture_output=True, text=True
-    )
-    if done.returncode:
-        raise RuntimeError(f"the {path} measurement failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.adapters", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -270,9 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.measure:  # a child: measure one path, print its JSON
         print(json.dumps(measure(args, args.measure)))
         return
-    child = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--json", "--generation")]
-    child = [a for i, a in enumerate(child) if a != "--out" and (i == 0 or child[i - 1] != "--out")]
-    fast, plain = _subprocess(child, "fast"), _subprocess(child, "plain")
+    argv = argv if argv is not None else sys.argv[1:]
+    fast, plain = (measure_in_child("benchmarks.adapters", argv, path) for path in ("fast", "plain"))
     result = {
         "pair": args.pair,
         "note": fast["note"],

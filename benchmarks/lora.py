@@ -1,82 +1,183 @@
-"""LoRA training throughput beside a plain base forward + backward on the same batch.
+"""LoRA training cost: one training step beside its floor, and the plain full-logits path.
 
-    python -m benchmarks.lora [--rank 1] [--batch 64] [--steps 10] [--threads 0]
+    python -m benchmarks.lora [--pair organism|smollm2] [--batch 4] [--rank 1] [--kl-weight 0]
+                              [--checkpoint] [--repeats 3] [--threads 1] [--json] [--out FILE]
                               [--device cuda --dtype bfloat16]
 
-Both sides run the organism on the same right-padded batch of reasoning traces. The LoRA side is
-one full training step of :func:`mechdiff.lora.train_lora`'s objective (hooked forward with all
-21 adapters, response-token loss chunked over positions as training computes it, backward into the adapters, AdamW step); the baseline is the
-base HookedTransformer's forward + backward of the same loss into all its weights. The ratio says
-what the hooks cost: the LoRA backward skips weight gradients, its forward adds 21 small hooks.
+On one right-padded batch of the pair's training traces, with fresh rank-``--rank`` LoRA adapters
+on every block of the base model (cost does not depend on training), as
+:func:`mechdiff.lora.train_lora` trains them:
+
+* ``step_s``: a full training step of :func:`~mechdiff.training.lora_objective.make_loss_fn`'s
+  objective (the LoRA model's forward, with the target's forward too when ``--kl-weight`` > 0;
+  next-token CE / KL on the response tokens chunked over positions; backward into the adapters;
+  gradient clipping; AdamW step);
+* ``floor_s``: one forward and backward of the LoRA model alone on that batch (its unembedding and
+  next-token CE on the same tokens, chunked; no target, no optimiser, no recomputation),
+  interleaved with the steps;
+* ``baseline_step_s``: the same step on the plain path (``fast=False``: full ``[batch, pos, vocab]``
+  logits), which is what training ran before the chunked losses.
+
+``loss_abs_diff`` is the two paths' loss on the same batch before any update (the same loss, to
+1e-4). ``--checkpoint`` has both paths' steps recompute each block in backward (the same loss and
+gradients in less memory, about one more forward). Each path runs in a fresh subprocess, so
+``peak_gib`` and ``baseline_peak_gib`` are its own: the peak resident memory of that process
+through its first step (models included: base, target and the LoRA's copy), read before the floor
+first runs.
+``--pair smollm2`` needs the ``[real]`` extra; without a cached fine-tune it loads the base model on
+both sides and says so. The SmolLM2 study trains its LoRA at batch 4 with ``--kl-weight 0``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
+import sys
+import time
+from pathlib import Path
 
-import torch
+from benchmarks import peak_rss_gib
+from benchmarks.bench_pair import load_bench_pair
+from benchmarks.isolated import measure_in_child
+from mechdiff.cli import add_pair_options, check_pair_options, offline_environment, run
 
-from benchmarks import mean_seconds
-from mechdiff.adapters.lora import LoRAConfig, LoRAModel
-from mechdiff.cli import offline_environment
-from mechdiff.models import load_pair
-from mechdiff.organism import corpus
-from mechdiff.training.lora_objective import TraceBatches, chunked_distillation_loss
+
+def measure(args, path: str) -> dict:
+    """In this process: the step of ``path`` ("fast" or "plain"); with "fast" also the floor."""
+    import torch
+
+    from mechdiff.adapters.lora import LoRAConfig, LoRAModel
+    from mechdiff.capture import final_hidden
+    from mechdiff.training.lora_objective import TraceBatches, make_loss_fn
+    from mechdiff.training.losses import head_losses, hooked_head
+    from mechdiff.workloads import for_pair
+
+    torch.manual_seed(0)
+    pair, note = load_bench_pair(args)
+    batches = TraceBatches(
+        for_pair(pair).traces(args.batch, "test"), args.batch, pad_id=pair.tokenizer.pad_token_id or 0
+    )
+    device = pair.base.cfg.device
+    tokens, keep = (t.to(device) for t in batches.batch(0))
+    lora = LoRAModel.from_base(pair.base, LoRAConfig(rank=args.rank))
+    loaded_gib = peak_rss_gib()
+    target = pair.target if args.kl_weight > 0 else None
+    loss_fn = make_loss_fn(
+        lora, batches, target=target, kl_weight=args.kl_weight, fast=path == "fast", checkpoint=args.checkpoint
+    )
+    params = list(lora.layers.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-6)
+
+    def step():
+        loss, _ = loss_fn(0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    def floor():
+        model = lora.model
+        hidden = final_hidden(model, tokens)[:, :-1][keep]
+        loss = head_losses([hooked_head(model, hidden)], labels=tokens[:, 1:][keep]).ce[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+    with torch.no_grad():
+        loss_before_update = float(loss_fn(0)[0])
+    step()  # warm-up
+    out = {
+        "path": path,
+        "loss": loss_before_update,
+        "note": note,
+        "tokens": int(keep.sum()),
+        "positions": tokens.shape[1],
+        "threads": torch.get_num_threads(),
+        "loaded_gib": loaded_gib,
+    }
+    out["peak_gib"] = peak_rss_gib()  # the step's own: before the floor (never recomputed) first runs
+    timed = {"step": step, "floor": floor} if path == "fast" else {"step": step}
+    if "floor" in timed:
+        floor()  # its warm-up
+    times = {name: [] for name in timed}
+    for _ in range(args.repeats):  # interleaved, so both see the same machine load
+        for name, fn in timed.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    out.update({f"{name}_s": sum(t) / len(t) for name, t in times.items()})
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    offline_environment()  # set in main, never at import
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rank", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=64, help="traces per batch")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_pair_options(parser)
+    parser.set_defaults(threads=1)
+    parser.add_argument("--batch", type=int, default=4, help="traces per training step (default 4)")
+    parser.add_argument("--rank", type=int, default=1, help="LoRA rank (default 1)")
     parser.add_argument(
-        "--device", default=None, help="torch device: cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)"
+        "--kl-weight", type=float, default=0.0, help="0: next-token CE on the traces (default); 1: KL to the target"
     )
     parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="dtype of the models and the LoRA (default float32; use bfloat16 on a GPU, as "
-        "a real run would: half the memory, tensor-core speed)",
+        "--checkpoint",
+        action="store_true",
+        help="both paths' steps recompute each block in backward (TrainConfig(checkpoint=True): less memory)",
     )
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per path (default 3)")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    parser.add_argument("--measure", choices=["fast", "plain"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    pair = load_pair("organism", device=args.device, dtype=args.dtype)
-    tokens, keep = TraceBatches(corpus.reasoning_traces(args.batch, "validation"), args.batch).batch(0)
-    tokens, keep = tokens.to(pair.base.cfg.device), keep.to(pair.base.cfg.device)
-    n_tok = int(tokens.numel())
-
-    lora = LoRAModel.from_base(pair.base, LoRAConfig(rank=args.rank))
-    opt = torch.optim.AdamW(lora.layers.parameters(), lr=1e-3)
-
-    def lora_step():
-        loss, _ = chunked_distillation_loss(lora.model, tokens, keep)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    base = copy.deepcopy(pair.base)
-    for p in base.parameters():
-        p.requires_grad_(True)
-
-    def base_step():
-        base.zero_grad()
-        chunked_distillation_loss(base, tokens, keep)[0].backward()
-
-    t_lora, t_base = mean_seconds(lora_step, args.steps), mean_seconds(base_step, args.steps)
+    check_pair_options(args)
+    if not 0.0 <= args.kl_weight <= 1.0:
+        parser.error(f"--kl-weight must be in [0, 1], not {args.kl_weight}")
+    if args.measure:  # a child: measure one path, print its JSON
+        print(json.dumps(measure(args, args.measure)))
+        return
+    argv = argv if argv is not None else sys.argv[1:]
+    fast, plain = (measure_in_child("benchmarks.lora", argv, path) for path in ("fast", "plain"))
+    result = {
+        "pair": args.pair,
+        "note": fast["note"],
+        "batch": args.batch,
+        "positions": fast["positions"],
+        "tokens": fast["tokens"],
+        "rank": args.rank,
+        "kl_weight": args.kl_weight,
+        "checkpoint": args.checkpoint,
+        "threads": fast["threads"],
+        "step_s": fast["step_s"],
+        "floor_s": fast["floor_s"],
+        "step_over_floor": fast["step_s"] / fast["floor_s"],
+        "peak_gib": fast["peak_gib"],
+        "loaded_gib": fast["loaded_gib"],
+        "baseline_step_s": plain["step_s"],
+        "baseline_peak_gib": plain["peak_gib"],
+        "speedup_vs_baseline": plain["step_s"] / fast["step_s"],
+        "loss": fast["loss"],
+        "loss_abs_diff": abs(fast["loss"] - plain["loss"]),
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
     print(
-        f"batch {args.batch} traces x {tokens.shape[1]} positions = {n_tok} tokens, "
-        f"{torch.get_num_threads()} threads, rank {args.rank}, {pair.meta['device']} {args.dtype}"
+        f"{args.pair}: {result['note']}; batch {args.batch} x {result['positions']} positions, "
+        f"rank {args.rank}, kl_weight {args.kl_weight}, {result['threads']} thread(s)"
     )
-    print(f"{'':<34} {'s/step':>8} {'tokens/s':>10}")
-    print(f"{'LoRA train step (fwd+bwd+AdamW)':<34} {t_lora:>8.4f} {n_tok / t_lora:>10.0f}")
-    print(f"{'base forward+backward (all W)':<34} {t_base:>8.4f} {n_tok / t_base:>10.0f}")
-    print(f"ratio LoRA / base throughput: {t_base / t_lora:.2f}x")
+    print(f"{'':<34} {'s/step':>8} {'peak GiB':>9}")
+    print(f"{'LoRA step (chunked losses)':<34} {result['step_s']:>8.3f} {result['peak_gib']:>9.2f}")
+    print(f"{'floor: LoRA model fwd+bwd':<34} {result['floor_s']:>8.3f} {'':>9}")
+    print(f"{'baseline step (full logits)':<34} {result['baseline_step_s']:>8.3f} {result['baseline_peak_gib']:>9.2f}")
+    print(
+        f"step / floor {result['step_over_floor']:.2f}x   baseline / step {result['speedup_vs_baseline']:.2f}x   "
+        f"|loss - baseline loss| {result['loss_abs_diff']:.1e}"
+    )
 
 
 if __name__ == "__main__":
-    main()
+    offline_environment()
+    run(main)

@@ -1,0 +1,171 @@
+"""SmolLM2 fine-tune cost: one training step beside its floor, and the plain full-logits path.
+
+    python -m benchmarks.finetune [--batch 8] [--repeats 3] [--threads 1] [--autocast bfloat16]
+                                  [--checkpoint] [--json] [--out FILE]
+
+On one batch of the fine-tune's chat traces (:func:`mechdiff.real.chat.traces`, as
+:func:`mechdiff.real.finetune.finetune` draws them), starting from SmolLM2-135M-Instruct (what the
+fine-tune starts from; cost does not depend on training):
+
+* ``step_s``: a full training step of the fine-tune (:func:`mechdiff.real.finetune.response_loss`:
+  the reply tokens' next-token CE chunked over positions; backward into all weights; gradient
+  clipping; AdamW step over all 135M weights);
+* ``floor_s``: one forward and backward of the model on that batch (the same loss, no clipping,
+  no optimiser, no recomputation), interleaved with the steps;
+* ``baseline_step_s``: the same step with the loss from full ``[batch, pos, vocab]`` logits (the
+  model's own forward and ``next_token_ce``), the plain path.
+
+``loss_abs_diff`` is the two paths' loss on the same batch before any update (the same loss, to
+1e-4). ``--checkpoint`` has both paths' steps recompute each decoder layer in backward
+(``Recipe(checkpoint=True)``, transformers' gradient checkpointing: the same loss and gradients,
+less memory); ``--autocast bfloat16`` runs both paths' forwards in mixed precision, as
+``Recipe(autocast="bfloat16")`` does. Each path runs in a fresh subprocess, so ``peak_gib`` and
+``baseline_peak_gib`` are its own: the peak resident memory of that process through its first step
+(model, gradients and AdamW's two moments included), read before the floor first runs. Needs the
+``[real]`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks import peak_rss_gib
+from benchmarks.isolated import measure_in_child
+from mechdiff.cli import offline_environment, run
+
+
+def measure(args, path: str) -> dict:
+    """In this process: the step of ``path`` ("fast" or "plain"); with "fast" also the floor."""
+    import torch
+
+    from mechdiff.padding import pad
+    from mechdiff.real import chat, smollm2
+    from mechdiff.real.finetune import Recipe, response_loss, training_mode
+    from mechdiff.training.losses import next_token_ce, next_token_keep
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, tokenizer = smollm2.load_hf()
+    recipe = Recipe(batch_size=args.batch, autocast=args.autocast, checkpoint=args.checkpoint)
+    rows = chat.traces(tokenizer, args.batch, "train", recipe.seed, recipe.slip_prob, recipe.recheck_prob)[:]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    loaded_gib = peak_rss_gib()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-9)  # tiny: the timed steps barely move the weights
+
+    def plain_loss():
+        tokens, mask = pad(rows["input_ids"], pad_id)
+        keep = next_token_keep(mask, torch.tensor(rows["prompt_len"]))
+        with torch.autocast("cpu", dtype=getattr(torch, args.autocast or "float32"), enabled=args.autocast is not None):
+            logits = model(input_ids=tokens, attention_mask=mask.long()).logits
+        return next_token_ce(logits.float(), tokens, keep)
+
+    def loss():
+        return response_loss(model, rows, pad_id, args.autocast) if path == "fast" else plain_loss()
+
+    def step():
+        with training_mode(model, recipe):
+            opt.zero_grad(set_to_none=True)
+            loss().backward()
+            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+            opt.step()
+
+    def floor():  # never recomputed: the floor is the plain forward and backward
+        with training_mode(model, replace(recipe, checkpoint=False)):
+            opt.zero_grad(set_to_none=True)
+            response_loss(model, rows, pad_id, args.autocast).backward()
+
+    with torch.no_grad():
+        loss_before_update = float(loss())
+    step()  # warm-up (AdamW allocates its moments here)
+    out = {
+        "path": path,
+        "loss": loss_before_update,
+        "tokens": int(sum(len(r) - p for r, p in zip(rows["input_ids"], rows["prompt_len"], strict=True))),
+        "positions": max(len(r) for r in rows["input_ids"]),
+        "threads": torch.get_num_threads(),
+        "loaded_gib": loaded_gib,
+    }
+    out["peak_gib"] = peak_rss_gib()  # the step's own: before the floor (never recomputed) first runs
+    timed = {"step": step, "floor": floor} if path == "fast" else {"step": step}
+    if "floor" in timed:
+        floor()  # its warm-up
+    times = {name: [] for name in timed}
+    for _ in range(args.repeats):  # interleaved, so both see the same machine load
+        for name, fn in timed.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    out.update({f"{name}_s": sum(t) / len(t) for name, t in times.items()})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch", type=int, default=8, help="chats per training step (default 8, the recipe's)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per path (default 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--autocast", default=None, choices=["bfloat16", "float16"], help="mixed precision for the forwards"
+    )
+    parser.add_argument("--checkpoint", action="store_true", help="recompute each layer in backward (less memory)")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    parser.add_argument("--measure", choices=["fast", "plain"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.repeats < 1 or args.threads < 1:
+        parser.error("--batch, --repeats and --threads must be >= 1")
+    if args.measure:  # a child: measure one path, print its JSON
+        print(json.dumps(measure(args, args.measure)))
+        return
+    argv = argv if argv is not None else sys.argv[1:]
+    fast, plain = (measure_in_child("benchmarks.finetune", argv, path) for path in ("fast", "plain"))
+    result = {
+        "model": "SmolLM2-135M-Instruct (the fine-tune's start)",
+        "batch": args.batch,
+        "positions": fast["positions"],
+        "reply_tokens": fast["tokens"],
+        "threads": fast["threads"],
+        "autocast": args.autocast,
+        "checkpoint": args.checkpoint,
+        "step_s": fast["step_s"],
+        "floor_s": fast["floor_s"],
+        "step_over_floor": fast["step_s"] / fast["floor_s"],
+        "peak_gib": fast["peak_gib"],
+        "loaded_gib": fast["loaded_gib"],
+        "baseline_step_s": plain["step_s"],
+        "baseline_peak_gib": plain["peak_gib"],
+        "speedup_vs_baseline": plain["step_s"] / fast["step_s"],
+        "loss": fast["loss"],
+        "loss_abs_diff": abs(fast["loss"] - plain["loss"]),
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(
+        f"SmolLM2 fine-tune: batch {args.batch} x {result['positions']} positions, {result['threads']} thread(s), "
+        f"autocast {args.autocast}, checkpoint {args.checkpoint}"
+    )
+    print(f"{'':<34} {'s/step':>8} {'peak GiB':>9}")
+    print(f"{'fine-tune step (chunked CE)':<34} {result['step_s']:>8.3f} {result['peak_gib']:>9.2f}")
+    print(f"{'floor: model fwd+bwd':<34} {result['floor_s']:>8.3f} {'':>9}")
+    print(f"{'baseline step (full logits)':<34} {result['baseline_step_s']:>8.3f} {result['baseline_peak_gib']:>9.2f}")
+    print(
+        f"step / floor {result['step_over_floor']:.2f}x   baseline / step {result['speedup_vs_baseline']:.2f}x   "
+        f"|loss - baseline loss| {result['loss_abs_diff']:.1e}"
+    )
+
+
+if __name__ == "__main__":
+    offline_environment()
+    run(main)

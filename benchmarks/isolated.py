@@ -1,0 +1,42 @@
+"""Each path of a benchmark measured in a fresh process, so each peak memory is its own.
+
+A benchmark's ``main`` re-runs its own module with ``--measure PATH`` and reads back the one JSON
+object the child prints last. ``child_argv`` drops the parent-only options (its output format and
+file), so the child sees the same model, batch and threads as the parent was given.
+
+Example:
+    >>> child_argv(["--pair", "smollm2", "--json", "--out", "r.json", "--repeats", "2"])
+    ['--pair', 'smollm2', '--repeats', '2']
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+PARENT_FLAGS = ("--json", "--generation")
+PARENT_OPTIONS = ("--out",)
+
+
+def child_argv(argv: list[str]) -> list[str]:
+    """``argv`` without the options only the parent acts on."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in PARENT_OPTIONS:
+            skip = True
+        elif arg not in PARENT_FLAGS and arg.split("=")[0] not in PARENT_OPTIONS:
+            kept.append(arg)
+    return kept
+
+
+def measure_in_child(module: str, argv: list[str], path: str) -> dict:
+    """Run ``python -m module *argv --measure path`` and return the JSON object it printed last."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *child_argv(argv), "--measure", path], capture_output=True, text=True
+    )
+    if done.returncode:
+        raise RuntimeError(f"the {path} measurement of {module} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
