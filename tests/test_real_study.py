@@ -144,6 +144,14 @@ def test_the_sweep_scores_each_candidate_and_the_adapters_take_its_pick(cache, t
     resampled = config("--adapter-resample", "5")
     assert real_config.stale(resampled, out, "adapters") and "-r5" in real_config.adapter_folder(resampled, out).name
     assert real_stages.adapter_recipe(resampled, 16, 2, 10).resample_every == 5
+    # --recompute: the same adapters (same folder, not stale), trained with blocks recomputed, LoRA too
+    recomputed = config("--recompute")
+    assert not real_config.stale(recomputed, out, "adapters")
+    assert real_config.adapter_folder(recomputed, out) == real_config.adapter_folder(config(), out)
+    assert real_stages.adapter_recipe(recomputed, 16, 2, 10).checkpoint is True
+    assert real_stages.adapter_recipe(config(), 16, 2, 10).checkpoint is False
+    assert real_stages.lora_train_config(recomputed).checkpoint is True
+    assert real_stages.lora_train_config(config()).checkpoint is False
 
 
 def test_the_pick_prefers_faithful_candidates_and_breaks_near_ties_by_kl():

@@ -39,7 +39,8 @@ def test_shipped_lora_configs_load_flat_and_nested(path):
     flat = json.loads(path.read_text())["config"]
     cfg = TrainConfig.from_dict(flat)
     assert (cfg.steps, cfg.loop.lr, cfg.loop.checkpoint_every) == (flat["steps"], flat["lr"], flat["checkpoint_every"])
-    assert {k: cfg.flat_dict()[k] for k in flat} == flat and set(cfg.flat_dict()) == set(flat)
+    again = cfg.flat_dict()
+    assert {k: again[k] for k in flat} == flat and set(again) - set(flat) <= {"checkpoint"}  # newer
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 

@@ -63,12 +63,15 @@ class RealConfig:
     adapter_lr: float = 1e-3
     adapter_resample: int = 0  # re-initialise features dead this many steps (0: never)
     autocast: str | None = None  # mixed-precision forwards for adapter training
+    recompute: bool = False  # adapter and LoRA training recompute each block in backward: same gradients, < 4 GB
     bridging: bool = True  # the bridging splices in the adapters' faithfulness report (about 1 h on a CPU)
     sweep: tuple[tuple[int, int], ...] = ((512, 8), (1024, 8), (512, 16))  # (width, k) candidates
     sweep_steps: int = 30  # training steps per sweep candidate
     lora_steps: int = 200
     lora_lr: float = 1e-3
-    batch_size: int = 4  # traces per training step (4: ~10 GB for an adapter step on SmolLM2 in float32)
+    batch_size: int = (
+        4  # traces per training step (4: ~10 GB for an adapter step on SmolLM2 in float32, ~4 with recompute)
+    )
     n_census_traces: int = 300  # held-out chat traces for the feature census
     n_monosemanticity_traces: int = 64  # ... for LoRA vs MLP-neuron monosemanticity, 0: not measured
     # (every neuron's activation on every token is held: 64 traces of ~250 tokens x 46k neurons is 3 GB)

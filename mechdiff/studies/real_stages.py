@@ -120,7 +120,24 @@ def adapter_recipe(cfg: RealConfig, d_sae: int, k: int, steps: int):
         checkpoint_every=25,
         validate_every=0,
         autocast=cfg.autocast,
+        checkpoint=cfg.recompute,
         resample_every=cfg.adapter_resample,
+    )
+
+
+def lora_train_config(cfg: RealConfig):
+    """The rank-1 LoRA's :class:`~mechdiff.lora.TrainConfig`: ``cfg.lora_steps`` steps of ``cfg.batch_size`` traces."""
+    from mechdiff.lora import TrainConfig
+
+    return TrainConfig(
+        rank=1,
+        steps=cfg.lora_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lora_lr,
+        n_traces=cfg.lora_steps * cfg.batch_size,
+        checkpoint=cfg.recompute,
+        checkpoint_every=25,
+        log_every=1,
     )
 
 
@@ -312,15 +329,7 @@ def stage_lora(cfg: RealConfig, out: Path, progress: bool = True) -> dict:
     behaviour = read_json(out / "behaviour.json")
     reference = {k: behaviour[k] for k in ("base", "target") if k in behaviour}
     folder = cache_folder(cfg) / "lora_r1"
-    train_cfg = TrainConfig(
-        rank=1,
-        steps=cfg.lora_steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lora_lr,
-        n_traces=cfg.lora_steps * cfg.batch_size,
-        checkpoint_every=25,
-        log_every=1,
-    )
+    train_cfg = lora_train_config(cfg)
     if (folder / "adapter_model.safetensors").is_file():
         lora = load_lora(folder, pair)
     else:
