@@ -9,7 +9,8 @@ with ``torch.autograd.graph.saved_tensors_hooks`` on models of several shapes (w
 
 * a layer whose output needs gradients: ``4.5 d + 3 h d_head + kv d_head + 3.7 d_mlp + 2.6 h S``
   values (TL materialises the full ``S x S`` attention pattern: the ``h S`` term dominates long
-  contexts, and TL has no gradient checkpointing or fused attention);
+  contexts, and TL has no fused attention; the training objectives' ``checkpoint=True``, which
+  recomputes each block in backward and keeps only its input, is not modelled here);
 * an adapter: ``1.5 d + d_sae``; a LoRA layer adds ``3 d + d_mlp``;
 * the logits of a KL/CE loss: ``2.5 V`` fp32 values, plus ~3 V fp32 of transients.
 
