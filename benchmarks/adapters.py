@@ -43,11 +43,11 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-from benchmarks import peak_rss_gib
+from benchmarks import interleaved_seconds, peak_rss_gib
 from benchmarks.bench_pair import load_bench_pair
 from benchmarks.isolated import measure_in_child
+from benchmarks.step_report import compare, emit, print_table
 from mechdiff.cli import add_pair_options, check_pair_options, offline_environment, run
 
 
@@ -134,16 +134,10 @@ def measure(args, path: str) -> dict:
         timed = {"floor": floor, "step": step, "unbridged": step_without_bridging}
         if args.autocast:
             timed["floor_autocast"] = floor_in_precision
-        times = {name: [] for name in timed}
         for name, fn in timed.items():  # warm-ups (the step has had its own)
             if name != "step":
                 fn()
-        for _ in range(args.repeats):
-            for name, fn in timed.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-        mean = {name: sum(t) / len(t) for name, t in times.items()}
+        mean = interleaved_seconds(timed, args.repeats)
         out.update(
             floor_s=mean["floor"],
             step_interleaved_s=mean["step"],
@@ -247,16 +241,9 @@ def main(argv: list[str] | None = None) -> None:
         "threads": fast["threads"],
         "autocast": args.autocast,
         "checkpoint": args.checkpoint,
-        "step_s": fast["step_interleaved_s"],
-        "floor_s": fast["floor_s"],
-        "step_over_floor": fast["step_interleaved_s"] / fast["floor_s"],
+        **compare(fast, plain, step_key="step_interleaved_s"),
         "step_without_bridging_s": fast["step_without_bridging_s"],
         "step_without_bridging_over_floor": fast["step_without_bridging_s"] / fast["floor_s"],
-        "peak_gib": fast["peak_gib"],
-        "loaded_gib": fast["loaded_gib"],
-        "baseline_step_s": plain["step_s"],
-        "baseline_peak_gib": plain["peak_gib"],
-        "speedup_vs_baseline": plain["step_s"] / fast["step_s"],
     }
     if "autocast_error" in fast:
         result["autocast_error"] = fast["autocast_error"]
@@ -264,22 +251,19 @@ def main(argv: list[str] | None = None) -> None:
         result["step_over_floor_autocast"] = fast["step_interleaved_s"] / fast["floor_autocast_s"]
     if args.generation:
         result["generation"] = generation(args)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    if args.json:
-        print(json.dumps(result, indent=1))
+    if emit(result, args.out, args.json):
         return
-    print(
+    title = (
         f"{args.pair}: {result['note']}; batch {args.batch} x {result['positions']} positions, "
         f"{result['threads']} thread(s)"
     )
-    print(f"{'':<34} {'s/step':>8} {'peak GiB':>9}")
-    print(f"{'adapter step (chunked losses)':<34} {result['step_s']:>8.3f} {result['peak_gib']:>9.2f}")
-    print(f"{'the step without bridging':<34} {result['step_without_bridging_s']:>8.3f} {'':>9}")
-    print(f"{'floor: adapted fwd+bwd':<34} {result['floor_s']:>8.3f} {'':>9}")
-    print(f"{'baseline step (full logits)':<34} {result['baseline_step_s']:>8.3f} {result['baseline_peak_gib']:>9.2f}")
-    print(f"step / floor {result['step_over_floor']:.2f}x   baseline / step {result['speedup_vs_baseline']:.2f}x")
+    rows = [
+        ("adapter step (chunked losses)", result["step_s"], result["peak_gib"]),
+        ("the step without bridging", result["step_without_bridging_s"], None),
+        ("floor: adapted fwd+bwd", result["floor_s"], None),
+        ("baseline step (full logits)", result["baseline_step_s"], result["baseline_peak_gib"]),
+    ]
+    print_table(title, rows, result)
 
 
 if __name__ == "__main__":

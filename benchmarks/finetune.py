@@ -30,12 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import replace
-from pathlib import Path
 
-from benchmarks import peak_rss_gib
+from benchmarks import interleaved_seconds, peak_rss_gib
 from benchmarks.isolated import measure_in_child
+from benchmarks.step_report import compare, emit, print_table
 from mechdiff.cli import offline_environment, run
 
 
@@ -95,13 +94,7 @@ def measure(args, path: str) -> dict:
     timed = {"step": step, "floor": floor} if path == "fast" else {"step": step}
     if "floor" in timed:
         floor()  # its warm-up
-    times = {name: [] for name in timed}
-    for _ in range(args.repeats):  # interleaved, so both see the same machine load
-        for name, fn in timed.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    out.update({f"{name}_s": sum(t) / len(t) for name, t in times.items()})
+    out.update({f"{name}_s": seconds for name, seconds in interleaved_seconds(timed, args.repeats).items()})
     return out
 
 
@@ -135,35 +128,20 @@ def main(argv: list[str] | None = None) -> None:
         "threads": fast["threads"],
         "autocast": args.autocast,
         "checkpoint": args.checkpoint,
-        "step_s": fast["step_s"],
-        "floor_s": fast["floor_s"],
-        "step_over_floor": fast["step_s"] / fast["floor_s"],
-        "peak_gib": fast["peak_gib"],
-        "loaded_gib": fast["loaded_gib"],
-        "baseline_step_s": plain["step_s"],
-        "baseline_peak_gib": plain["peak_gib"],
-        "speedup_vs_baseline": plain["step_s"] / fast["step_s"],
-        "loss": fast["loss"],
-        "loss_abs_diff": abs(fast["loss"] - plain["loss"]),
+        **compare(fast, plain),
     }
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    if args.json:
-        print(json.dumps(result, indent=1))
+    if emit(result, args.out, args.json):
         return
-    print(
+    title = (
         f"SmolLM2 fine-tune: batch {args.batch} x {result['positions']} positions, {result['threads']} thread(s), "
         f"autocast {args.autocast}, checkpoint {args.checkpoint}"
     )
-    print(f"{'':<34} {'s/step':>8} {'peak GiB':>9}")
-    print(f"{'fine-tune step (chunked CE)':<34} {result['step_s']:>8.3f} {result['peak_gib']:>9.2f}")
-    print(f"{'floor: model fwd+bwd':<34} {result['floor_s']:>8.3f} {'':>9}")
-    print(f"{'baseline step (full logits)':<34} {result['baseline_step_s']:>8.3f} {result['baseline_peak_gib']:>9.2f}")
-    print(
-        f"step / floor {result['step_over_floor']:.2f}x   baseline / step {result['speedup_vs_baseline']:.2f}x   "
-        f"|loss - baseline loss| {result['loss_abs_diff']:.1e}"
-    )
+    rows = [
+        ("fine-tune step (chunked CE)", result["step_s"], result["peak_gib"]),
+        ("floor: model fwd+bwd", result["floor_s"], None),
+        ("baseline step (full logits)", result["baseline_step_s"], result["baseline_peak_gib"]),
+    ]
+    print_table(title, rows, result)
 
 
 if __name__ == "__main__":

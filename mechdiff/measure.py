@@ -4,6 +4,8 @@ Example:
     >>> seconds = mean_seconds(lambda: sum(range(1000)), repeats=3)
     >>> seconds > 0
     True
+    >>> sorted(interleaved_seconds({"a": lambda: None, "b": lambda: sum(range(100))}, repeats=2))
+    ['a', 'b']
     >>> peak_rss_gib() > 0
     True
 """
@@ -33,6 +35,21 @@ def mean_seconds(
         fn()
     sync()
     return (time.perf_counter() - t0) / repeats
+
+
+def interleaved_seconds(timed: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Mean wall seconds per call of each function, called in turn ``repeats`` rounds (so all of
+    them see the same machine load; a ratio of two is fair on a shared machine). No warm-up: give
+    each one its own first."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, not {repeats}")
+    times = {name: 0.0 for name in timed}
+    for _ in range(repeats):
+        for name, fn in timed.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name] += time.perf_counter() - t0
+    return {name: total / repeats for name, total in times.items()}
 
 
 def peak_rss_gib() -> float:

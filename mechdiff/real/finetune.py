@@ -103,7 +103,19 @@ def response_loss(model, rows: dict, pad_id: int, autocast: str | None = None) -
 @contextmanager
 def training_mode(model, recipe: Recipe):
     """``model`` in train mode within the context, each decoder layer recomputed in backward when
-    ``recipe.checkpoint`` (transformers' gradient checkpointing); in eval mode, without it, after."""
+    ``recipe.checkpoint`` (transformers' gradient checkpointing); in eval mode, without it, after.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        ...                      num_attention_heads=2, num_key_value_heads=1)
+        >>> model = LlamaForCausalLM(config).eval()
+        >>> with training_mode(model, Recipe(checkpoint=True)):
+        ...     model.training, model.is_gradient_checkpointing
+        (True, True)
+        >>> model.training, model.is_gradient_checkpointing
+        (False, False)
+    """
     model.train()
     if recipe.checkpoint:
         model.gradient_checkpointing_enable()

@@ -25,6 +25,9 @@ Example (the stages load SmolLM2 and train for minutes to hours, so they are not
     >>> from mechdiff.studies.real_config import RealConfig
     >>> adapter_recipe(RealConfig(batch_size=2, adapter_resample=5), 16, 2, 10).n_traces
     20
+    >>> train = lora_train_config(RealConfig(lora_steps=10, recompute=True))
+    >>> train.n_traces, train.checkpoint
+    (40, True)
     >>> pick([{"d_sae": 512, "k": 8, "val_kl": 0.03, "fve_min": 0.95, "dead_fraction": 0.3},
     ...       {"d_sae": 1024, "k": 8, "val_kl": 0.01, "fve_min": 0.90, "dead_fraction": 0.3}])
     {'d_sae': 512, 'k': 8}

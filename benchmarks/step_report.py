@@ -1,0 +1,57 @@
+"""What every training-step benchmark reports: its step beside its floor (from the fast path's
+process) and beside the plain path (from the other process), written and printed one way.
+
+Example:
+    >>> fast = {"step_s": 3.0, "floor_s": 2.0, "peak_gib": 1.5, "loaded_gib": 1.0, "loss": 2.5}
+    >>> plain = {"step_s": 6.0, "peak_gib": 4.0, "loss": 2.5}
+    >>> r = compare(fast, plain)
+    >>> r["step_over_floor"], r["speedup_vs_baseline"], r["loss_abs_diff"]
+    (1.5, 2.0, 0.0)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def compare(fast: dict, plain: dict, step_key: str = "step_s") -> dict:
+    """The shared keys: ``step_s``, ``floor_s``, ``step_over_floor``, ``peak_gib``, ``loaded_gib``,
+    ``baseline_step_s``, ``baseline_peak_gib``, ``speedup_vs_baseline`` and, where both paths
+    measured their loss on the batch, ``loss`` and ``loss_abs_diff``. ``step_key`` names the fast
+    path's step time to report (one timed interleaved with the floor)."""
+    out = {
+        "step_s": fast[step_key],
+        "floor_s": fast["floor_s"],
+        "step_over_floor": fast[step_key] / fast["floor_s"],
+        "peak_gib": fast["peak_gib"],
+        "loaded_gib": fast["loaded_gib"],
+        "baseline_step_s": plain["step_s"],
+        "baseline_peak_gib": plain["peak_gib"],
+        "speedup_vs_baseline": plain["step_s"] / fast["step_s"],
+    }
+    if "loss" in fast and "loss" in plain:
+        out.update(loss=fast["loss"], loss_abs_diff=abs(fast["loss"] - plain["loss"]))
+    return out
+
+
+def emit(result: dict, out: str | None, as_json: bool) -> bool:
+    """Write ``result`` to ``out`` (if given) and print it with ``as_json``; True when printed."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1))
+    if as_json:
+        print(json.dumps(result, indent=1))
+    return as_json
+
+
+def print_table(title: str, rows: list[tuple[str, float, float | None]], result: dict) -> None:
+    """``title``, then ``(label, seconds per step, peak GiB or None)`` rows, then the ratios."""
+    print(title)
+    print(f"{'':<34} {'s/step':>8} {'peak GiB':>9}")
+    for label, seconds, peak in rows:
+        print(f"{label:<34} {seconds:>8.3f} {'' if peak is None else f'{peak:.2f}':>9}")
+    tail = f"step / floor {result['step_over_floor']:.2f}x   baseline / step {result['speedup_vs_baseline']:.2f}x"
+    if "loss_abs_diff" in result:
+        tail += f"   |loss - baseline loss| {result['loss_abs_diff']:.1e}"
+    print(tail)
