@@ -40,13 +40,11 @@ says so. ``--generation`` also times greedy generation with and without the adap
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 
 from benchmarks import interleaved_seconds, peak_rss_gib
 from benchmarks.bench_pair import load_bench_pair
-from benchmarks.isolated import measure_in_child
+from benchmarks.isolated import add_path_options, fast_and_plain
 from benchmarks.step_report import compare, emit, print_table
 from mechdiff.cli import add_pair_options, check_pair_options, offline_environment, run
 
@@ -221,16 +219,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generation", action="store_true", help="also time generation with adapters")
     parser.add_argument("--n", type=int, default=64, help="prompts generated at once (--generation)")
     parser.add_argument("--new", type=int, default=64, help="new tokens per prompt (--generation)")
-    parser.add_argument("--out", default=None, help="also write the JSON here")
-    parser.add_argument("--json", action="store_true", help="print one JSON object only")
-    parser.add_argument("--measure", choices=["fast", "plain"], help=argparse.SUPPRESS)
+    add_path_options(parser)
     args = parser.parse_args(argv)
     check_pair_options(args)
-    if args.measure:  # a child: measure one path, print its JSON
-        print(json.dumps(measure(args, args.measure)))
+    paths = fast_and_plain("benchmarks.adapters", args, argv, measure)
+    if paths is None:  # a child: it printed its path's JSON
         return
-    argv = argv if argv is not None else sys.argv[1:]
-    fast, plain = (measure_in_child("benchmarks.adapters", argv, path) for path in ("fast", "plain"))
+    fast, plain = paths
     result = {
         "pair": args.pair,
         "note": fast["note"],

@@ -28,12 +28,10 @@ less memory); ``--autocast bfloat16`` runs both paths' forwards in mixed precisi
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from dataclasses import replace
 
 from benchmarks import interleaved_seconds, peak_rss_gib
-from benchmarks.isolated import measure_in_child
+from benchmarks.isolated import add_path_options, fast_and_plain
 from benchmarks.step_report import compare, emit, print_table
 from mechdiff.cli import offline_environment, run
 
@@ -109,17 +107,14 @@ def main(argv: list[str] | None = None) -> None:
         "--autocast", default=None, choices=["bfloat16", "float16"], help="mixed precision for the forwards"
     )
     parser.add_argument("--checkpoint", action="store_true", help="recompute each layer in backward (less memory)")
-    parser.add_argument("--out", default=None, help="also write the JSON here")
-    parser.add_argument("--json", action="store_true", help="print one JSON object only")
-    parser.add_argument("--measure", choices=["fast", "plain"], help=argparse.SUPPRESS)
+    add_path_options(parser)
     args = parser.parse_args(argv)
     if args.batch < 1 or args.repeats < 1 or args.threads < 1:
         parser.error("--batch, --repeats and --threads must be >= 1")
-    if args.measure:  # a child: measure one path, print its JSON
-        print(json.dumps(measure(args, args.measure)))
+    paths = fast_and_plain("benchmarks.finetune", args, argv, measure)
+    if paths is None:  # a child: it printed its path's JSON
         return
-    argv = argv if argv is not None else sys.argv[1:]
-    fast, plain = (measure_in_child("benchmarks.finetune", argv, path) for path in ("fast", "plain"))
+    fast, plain = paths
     result = {
         "model": "SmolLM2-135M-Instruct (the fine-tune's start)",
         "batch": args.batch,

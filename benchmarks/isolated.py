@@ -11,9 +11,11 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 
 PARENT_FLAGS = ("--json", "--generation")
 PARENT_OPTIONS = ("--out",)
@@ -40,3 +42,21 @@ def measure_in_child(module: str, argv: list[str], path: str) -> dict:
     if done.returncode:
         raise RuntimeError(f"the {path} measurement of {module} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def add_path_options(parser: argparse.ArgumentParser) -> None:
+    """``--out`` and ``--json`` for the parent, and the hidden ``--measure PATH`` of a child."""
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    parser.add_argument("--measure", choices=["fast", "plain"], help=argparse.SUPPRESS)
+
+
+def fast_and_plain(module: str, args, argv: list[str] | None, measure: Callable) -> tuple[dict, dict] | None:
+    """In a child (``--measure``): print ``measure(args, path)`` as JSON and return None. In the
+    parent: each path measured in a child of its own, ``(fast, plain)``."""
+    if args.measure:
+        print(json.dumps(measure(args, args.measure)))
+        return None
+    argv = argv if argv is not None else sys.argv[1:]
+    fast, plain = (measure_in_child(module, argv, path) for path in ("fast", "plain"))
+    return fast, plain

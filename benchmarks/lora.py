@@ -31,12 +31,10 @@ both sides and says so. The SmolLM2 study trains its LoRA at batch 4 with ``--kl
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from benchmarks import interleaved_seconds, peak_rss_gib
 from benchmarks.bench_pair import load_bench_pair
-from benchmarks.isolated import measure_in_child
+from benchmarks.isolated import add_path_options, fast_and_plain
 from benchmarks.step_report import compare, emit, print_table
 from mechdiff.cli import add_pair_options, check_pair_options, offline_environment, run
 
@@ -118,18 +116,15 @@ def main(argv: list[str] | None = None) -> None:
         help="both paths' steps recompute each block in backward (TrainConfig(checkpoint=True): less memory)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per path (default 3)")
-    parser.add_argument("--out", default=None, help="also write the JSON here")
-    parser.add_argument("--json", action="store_true", help="print one JSON object only")
-    parser.add_argument("--measure", choices=["fast", "plain"], help=argparse.SUPPRESS)
+    add_path_options(parser)
     args = parser.parse_args(argv)
     check_pair_options(args)
     if not 0.0 <= args.kl_weight <= 1.0:
         parser.error(f"--kl-weight must be in [0, 1], not {args.kl_weight}")
-    if args.measure:  # a child: measure one path, print its JSON
-        print(json.dumps(measure(args, args.measure)))
+    paths = fast_and_plain("benchmarks.lora", args, argv, measure)
+    if paths is None:  # a child: it printed its path's JSON
         return
-    argv = argv if argv is not None else sys.argv[1:]
-    fast, plain = (measure_in_child("benchmarks.lora", argv, path) for path in ("fast", "plain"))
+    fast, plain = paths
     result = {
         "pair": args.pair,
         "note": fast["note"],
