@@ -9,8 +9,9 @@ with ``torch.autograd.graph.saved_tensors_hooks`` on models of several shapes (w
 
 * a layer whose output needs gradients: ``4.5 d + 3 h d_head + kv d_head + 3.7 d_mlp + 2.6 h S``
   values (TL materialises the full ``S x S`` attention pattern: the ``h S`` term dominates long
-  contexts, and TL has no fused attention; the training objectives' ``checkpoint=True``, which
-  recomputes each block in backward and keeps only its input, is not modelled here);
+  contexts, and TL has no fused attention); with ``recompute`` (the training objectives'
+  ``checkpoint=True``) a block keeps only its input, ``d`` values, and one block's worth is
+  rebuilt at a time in backward, for one more forward of every block that had gradients;
 * an adapter: ``1.5 d + d_sae``; a LoRA layer adds ``3 d + d_mlp``;
 * the logits of a KL/CE loss: ``2.5 V`` fp32 values, plus ~3 V fp32 of transients.
 
@@ -172,6 +173,7 @@ class Workload:
     feature_nodes: int = 8192
     n_targets: int = 10
     n_devices: int = 1
+    recompute: bool = False  # training: blocks recomputed in backward (checkpoint=True)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -252,38 +254,55 @@ def estimate(m: ModelShape, w: Workload) -> Estimate:
         ad_flops = tok * n * 4 * d * w.d_sae
         note = "2 model copies (base and target; the hybrid shares their tensors)"
     if w.task == "adapters":
-        saved = tok * main
-        if w.bridge:  # the worst cutoff k = 1: the two half passes run n - 1 layers each
-            saved += tok * ((2 * n - 3) * full + (n - 1) * adapter + 2 * 2.5 * logits)
+        # blocks with gradients: the adapted model's n, and at the worst cutoff k = 1 the two half
+        # passes' n - 1 each (the first is the target's blocks, the second the adapted model's)
+        bridged = 2 * (n - 1) if w.bridge else 0
+        if w.recompute:  # each block keeps its input; one block's internals at a time in backward
+            # outside the blocks: each layer's NMSE error (d) and feature activations (d_sae)
+            outside = n * (d + w.d_sae) * b
+            saved = tok * ((n + bridged) * d * b + outside + (3 if w.bridge else 1) * 2.5 * logits)
+            rebuilt = tok * (full + adapter)
+        else:
+            saved = tok * main
+            if w.bridge:
+                saved += tok * ((2 * n - 3) * full + (n - 1) * adapter + 2 * 2.5 * logits)
+            rebuilt = 0
         memory = {
             "weights": 2 * weights,
             "trained + adam": 12 * n_trained,
             "grads": 4 * n_trained,
             "saved activations": saved,
             "target cache": tok * ((n + 1) * d + m.d_vocab) * b,
-            "transients": tok * (3 * logits + full),
+            "transients": tok * (3 * logits + full) + rebuilt,
         }
         half = _forward_flops(m, tok, w.seq_len, n / 2) if w.bridge else 0
         flops = fwd + 2 * (fwd + 2 * half) + 3 * ad_flops * (1.5 if w.bridge else 1)
         calls = 4 * n if w.bridge else 2 * n + n // 2  # forwards, plus cheaper backwards
+        if w.recompute:  # the forwards of every block with gradients, again
+            flops += (
+                _forward_flops(m, tok, w.seq_len, n, unembed=False) + 2 * half + ad_flops * (1.5 if w.bridge else 1)
+            )
+            calls += n + (n if w.bridge else 0)
         return Estimate(w.task, memory, flops, calls, traffic=4 * saved, notes=[note], **kw)
     if w.task == "lora":
         # r x (in + out) for q, k, v, o, gate, up, down
         n_trained = n * w.lora_rank * (7 * d + 2 * (m.n_heads + m.n_kv_heads) * hd + 3 * m.d_mlp)
-        saved = tok * (n * (full + (3 * d + m.d_mlp) * b) + 2.5 * logits)
+        block = full + (3 * d + m.d_mlp) * b  # a block's saved values with its LoRA layer
+        saved = tok * ((n * d * b if w.recompute else n * block) + 2.5 * logits)
         memory = {
             "weights": 3 * weights,
             "trained + adam": 12 * n_trained,
             "grads": 4 * n_trained,
             "saved activations": saved,
-            "transients": tok * (3 * logits + (m.d_vocab * b if w.kl_weight else 0)),
+            "transients": tok * (3 * logits + (m.d_vocab * b if w.kl_weight else 0) + (block if w.recompute else 0)),
         }
         note = "3 model copies (base, target, the LoRA's copy of base); kl_weight 0 needs no target"
+        again = _forward_flops(m, tok, w.seq_len, n, unembed=False) if w.recompute else 0
         return Estimate(
             w.task,
             memory,
-            2 * fwd + (fwd if w.kl_weight else 0),
-            3 * n + (n if w.kl_weight else 0),
+            2 * fwd + (fwd if w.kl_weight else 0) + again,
+            3 * n + (n if w.kl_weight else 0) + (n if w.recompute else 0),
             traffic=4 * saved,
             notes=[note],
             **kw,
@@ -364,6 +383,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--kl-weight", type=float, default=0.0)
     p.add_argument("--no-bridge", action="store_true", help="adapter loss without bridging")
+    p.add_argument(
+        "--recompute", action="store_true", help="training recomputes each block in backward (checkpoint=True)"
+    )
     p.add_argument("--measure", action="store_true", help="also run it on the pair and compare")
     p.add_argument("--units", type=int, default=2, help="timed units with --measure")
     args = p.parse_args(argv)
@@ -388,7 +410,10 @@ def main(argv: list[str] | None = None) -> None:
         "n_devices",
     )
     loads = [
-        Workload(t, dtype=dtype, bridge=not args.no_bridge, **{k: getattr(args, k) for k in keys}) for t in args.task
+        Workload(
+            t, dtype=dtype, bridge=not args.no_bridge, recompute=args.recompute, **{k: getattr(args, k) for k in keys}
+        )
+        for t in args.task
     ]
     from mechdiff.estimate_check import measure_memory, measure_time
 

@@ -74,13 +74,15 @@ def _unit(pair, w: Workload):
                 adapted,
                 adapted.model,
             ]
-        objective = AdapterObjective(adapted, pair.target, LossWeights(bridge=2.0 if w.bridge else 0.0))
+        weights = LossWeights(bridge=2.0 if w.bridge else 0.0)
+        objective = AdapterObjective(adapted, pair.target, weights, checkpoint=w.recompute)
         opt = torch.optim.AdamW(adapted.adapters.parameters())
         mask = torch.ones_like(tokens, dtype=torch.bool)
         loss = lambda: objective(tokens, mask, cutoff=1)[0]  # noqa: E731 (the worst cutoff)
         modules = [adapted, adapted.model]
     elif w.task == "lora":
         from mechdiff.adapters.lora import LoRAConfig, LoRAModel
+        from mechdiff.training.block_recompute import checkpointed_blocks
         from mechdiff.training.lora_objective import distillation_loss
 
         lora = LoRAModel.from_base(pair.base, LoRAConfig(rank=w.lora_rank))
@@ -92,7 +94,8 @@ def _unit(pair, w: Workload):
             if w.kl_weight:
                 with torch.no_grad():
                     target_logits = pair.target(tokens)
-            return distillation_loss(lora(tokens), tokens, keep, target_logits, w.kl_weight)[0]
+            with checkpointed_blocks((lora.model,) if w.recompute else ()):
+                return distillation_loss(lora(tokens), tokens, keep, target_logits, w.kl_weight)[0]
 
         modules = [lora]
     else:

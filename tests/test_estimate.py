@@ -89,8 +89,11 @@ def _pair(config: dict, dtype="float32") -> ModelPair:
     return ModelPair(*models, None)
 
 
-@pytest.mark.parametrize("task, bridge", [("adapters", False), ("adapters", True), ("lora", False)])
-def test_saved_activations_within_25_percent(task, bridge):
+@pytest.mark.parametrize(
+    "task, bridge, recompute",
+    [(t, b, r) for t, b in (("adapters", False), ("adapters", True), ("lora", False)) for r in (False, True)],
+)
+def test_saved_activations_within_25_percent(task, bridge, recompute):
     """Exact autograd accounting (saved_tensors_hooks) against the formula, on a GQA shape."""
     config = dict(
         vocab_size=70,
@@ -102,7 +105,7 @@ def test_saved_activations_within_25_percent(task, bridge):
         max_position_embeddings=128,
     )
     shape = ModelShape.from_config(Qwen2Config(**config))
-    w = Workload(task, batch_size=4, seq_len=48, dtype="float32", d_sae=200, bridge=bridge)
+    w = Workload(task, batch_size=4, seq_len=48, dtype="float32", d_sae=200, bridge=bridge, recompute=recompute)
     predicted = estimate(shape, w).memory["saved activations"]
     measured = measure_memory(_pair(config), w)["saved_bytes"]
     assert 0.8 < measured / predicted < 1.25, (measured, predicted)
@@ -115,6 +118,8 @@ def test_organism_memory_within_stated_factor():
     pair = _pair(ORGANISM)
     loads = [
         Workload("adapters", batch_size=16, seq_len=76, dtype="float32", d_sae=1024),
+        Workload("adapters", batch_size=16, seq_len=76, dtype="float32", d_sae=1024, recompute=True),
+        Workload("lora", batch_size=16, seq_len=76, dtype="float32", recompute=True),
         Workload("generation", batch_size=64, seq_len=76, dtype="float32", new_tokens=24),
     ]
     for w in loads:
