@@ -40,12 +40,11 @@ says so. ``--generation`` also times greedy generation with and without the adap
 from __future__ import annotations
 
 import argparse
-import time
 
-from benchmarks import interleaved_seconds, peak_rss_gib
+from benchmarks import peak_rss_gib
 from benchmarks.bench_pair import load_bench_pair
 from benchmarks.isolated import add_path_options, fast_and_plain
-from benchmarks.step_report import compare, emit, print_table
+from benchmarks.step_report import compare, emit, print_table, time_after_warm_up
 from mechdiff.cli import add_pair_options, check_pair_options, offline_environment, run
 
 
@@ -106,43 +105,27 @@ def measure(args, path: str) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
 
-    step(cutoff=1)  # warm-up at the deepest bridges: the peak memory covers every cutoff
-    t0 = time.perf_counter()
-    for _ in range(args.repeats):
-        step()
-    step_s = (time.perf_counter() - t0) / args.repeats
+    def floor_in_precision():  # the floor in the step's mixed precision
+        with objective.precision():
+            floor()
+
     out = {
         "path": path,
-        "step_s": step_s,
-        "peak_gib": peak_rss_gib(),
         "loaded_gib": loaded_gib,
         "note": note,
         "tokens": int(mask.sum()),
         "positions": tokens.shape[1],
         "threads": torch.get_num_threads(),
     }
-    if fast and args.autocast:  # the price of the approximation, on this batch
-        out["autocast_error"] = autocast_error(adapted, pair.target, objective, tokens, mask, mean_cutoff)
-    if path == "fast":  # the floor, interleaved with more steps so both see the same machine load
-
-        def floor_in_precision():  # the floor in the step's mixed precision
-            with objective.precision():
-                floor()
-
-        timed = {"floor": floor, "step": step, "unbridged": step_without_bridging}
+    timed = {"step": step}
+    if path == "fast":  # the floor and the step without bridging, interleaved with the steps
+        timed = {"floor": floor, **timed, "step_without_bridging": step_without_bridging}
         if args.autocast:
             timed["floor_autocast"] = floor_in_precision
-        for name, fn in timed.items():  # warm-ups (the step has had its own)
-            if name != "step":
-                fn()
-        mean = interleaved_seconds(timed, args.repeats)
-        out.update(
-            floor_s=mean["floor"],
-            step_interleaved_s=mean["step"],
-            step_without_bridging_s=mean["unbridged"],
-        )
-        if args.autocast:
-            out["floor_autocast_s"] = mean["floor_autocast"]
+    # warm-up at the deepest bridges: the peak memory covers every cutoff
+    out.update(time_after_warm_up(lambda: step(cutoff=1), timed, args.repeats))
+    if fast and args.autocast:  # the price of the approximation, on this batch
+        out["autocast_error"] = autocast_error(adapted, pair.target, objective, tokens, mask, mean_cutoff)
     return out
 
 
@@ -236,14 +219,14 @@ def main(argv: list[str] | None = None) -> None:
         "threads": fast["threads"],
         "autocast": args.autocast,
         "checkpoint": args.checkpoint,
-        **compare(fast, plain, step_key="step_interleaved_s"),
+        **compare(fast, plain),
         "step_without_bridging_s": fast["step_without_bridging_s"],
         "step_without_bridging_over_floor": fast["step_without_bridging_s"] / fast["floor_s"],
     }
     if "autocast_error" in fast:
         result["autocast_error"] = fast["autocast_error"]
         result["floor_autocast_s"] = fast["floor_autocast_s"]
-        result["step_over_floor_autocast"] = fast["step_interleaved_s"] / fast["floor_autocast_s"]
+        result["step_over_floor_autocast"] = fast["step_s"] / fast["floor_autocast_s"]
     if args.generation:
         result["generation"] = generation(args)
     if emit(result, args.out, args.json):

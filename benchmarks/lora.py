@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import interleaved_seconds, peak_rss_gib
+from benchmarks import peak_rss_gib
 from benchmarks.bench_pair import load_bench_pair
 from benchmarks.isolated import add_path_options, fast_and_plain
-from benchmarks.step_report import compare, emit, print_table
+from benchmarks.step_report import compare, emit, print_table, time_after_warm_up
 from mechdiff.cli import add_pair_options, check_pair_options, offline_environment, run
 
 
@@ -81,7 +81,6 @@ def measure(args, path: str) -> dict:
 
     with torch.no_grad():
         loss_before_update = float(loss_fn(0)[0])
-    step()  # warm-up
     out = {
         "path": path,
         "loss": loss_before_update,
@@ -91,11 +90,8 @@ def measure(args, path: str) -> dict:
         "threads": torch.get_num_threads(),
         "loaded_gib": loaded_gib,
     }
-    out["peak_gib"] = peak_rss_gib()  # the step's own: before the floor (never recomputed) first runs
     timed = {"step": step, "floor": floor} if path == "fast" else {"step": step}
-    if "floor" in timed:
-        floor()  # its warm-up
-    out.update({f"{name}_s": seconds for name, seconds in interleaved_seconds(timed, args.repeats).items()})
+    out.update(time_after_warm_up(step, timed, args.repeats))
     return out
 
 

@@ -12,18 +12,35 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
+from mechdiff.measure import interleaved_seconds, peak_rss_gib
 
-def compare(fast: dict, plain: dict, step_key: str = "step_s") -> dict:
+
+def time_after_warm_up(warm_up: Callable[[], object], timed: dict[str, Callable[[], object]], repeats: int) -> dict:
+    """Every step benchmark's protocol in one process: ``warm_up()`` (the step's first call), then
+    ``peak_gib``, the peak resident memory through it (the step's own: read before any other
+    function first runs), one warm-up call of each function in ``timed`` other than ``"step"``,
+    and all of ``timed`` interleaved ``repeats`` rounds (so all see the same machine load), as
+    ``{name}_s`` mean seconds."""
+    warm_up()
+    out = {"peak_gib": peak_rss_gib()}
+    for name, fn in timed.items():
+        if name != "step":
+            fn()
+    out.update({f"{name}_s": seconds for name, seconds in interleaved_seconds(timed, repeats).items()})
+    return out
+
+
+def compare(fast: dict, plain: dict) -> dict:
     """The shared keys: ``step_s``, ``floor_s``, ``step_over_floor``, ``peak_gib``, ``loaded_gib``,
     ``baseline_step_s``, ``baseline_peak_gib``, ``speedup_vs_baseline`` and, where both paths
-    measured their loss on the batch, ``loss`` and ``loss_abs_diff``. ``step_key`` names the fast
-    path's step time to report (one timed interleaved with the floor)."""
+    measured their loss on the batch, ``loss`` and ``loss_abs_diff``."""
     out = {
-        "step_s": fast[step_key],
+        "step_s": fast["step_s"],
         "floor_s": fast["floor_s"],
-        "step_over_floor": fast[step_key] / fast["floor_s"],
+        "step_over_floor": fast["step_s"] / fast["floor_s"],
         "peak_gib": fast["peak_gib"],
         "loaded_gib": fast["loaded_gib"],
         "baseline_step_s": plain["step_s"],
