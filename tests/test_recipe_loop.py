@@ -28,7 +28,11 @@ def test_shipped_adapter_recipes_load_flat_and_nested(path):
     recipe = AdapterRecipe.from_dict(flat)
     assert (recipe.loop.steps, recipe.loop.lr, recipe.batch_size) == (flat["steps"], flat["lr"], flat["batch_size"])
     again = recipe.flat_dict()  # what keys a checkpoint folder: unchanged, so old runs resume
-    assert {k: again[k] for k in flat} == flat and set(again) - set(flat) <= {"autocast", "checkpoint"}  # newer
+    assert {k: again[k] for k in flat} == flat and set(again) - set(flat) <= {
+        "autocast",
+        "checkpoint",
+        "bridge_rows",
+    }  # newer
     nested = json.loads(json.dumps(recipe.to_dict()))
     assert nested["loop"]["steps"] == flat["steps"] and "steps" not in nested
     assert AdapterRecipe.from_dict(nested) == recipe

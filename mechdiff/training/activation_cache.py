@@ -302,12 +302,12 @@ class ActivationCache:
 
 
 def _last_layer(hook_names: Sequence[str], n_layers: int) -> int | None:
-    """The layer to stop the forward at (None: run the whole model)."""
+    """The layer to stop the forward at (None: run the whole model). Hooks inside blocks only
+    stop after the last block, before ``ln_final`` and the unembedding they do not need."""
     layers = [re.match(r"blocks\.(\d+)\.", n) for n in hook_names]
     if not all(layers):
         return None
-    stop = max(int(m.group(1)) for m in layers) + 1
-    return stop if stop < n_layers else None
+    return max(int(m.group(1)) for m in layers) + 1
 
 
 @torch.no_grad()

@@ -13,6 +13,15 @@ residual at layer ``k`` from the main forward (``stop_at_layer``) and finishes i
 (``start_at_layer``); the second starts the adapted model from the target's cached residual. So a
 step costs one target forward, one adapted forward and two half forwards, plus the backward.
 
+Two ways to pay less per step:
+
+* the target's side of a batch (:class:`TargetPass`) can come from a cache on disk
+  (:mod:`mechdiff.training.target_cache`): the same loss (float error), with the target's forward
+  paid once per trace set rather than once per run, which pays off across a sweep of recipes;
+* ``bridge_rows < 1`` runs the bridges on a random share of the batch's rows, weighted so that the
+  bridging term is an unbiased estimate of the whole batch's (like the random cutoff, it trades
+  variance for time; its spread is what ``benchmarks.adapters --bridge-rows`` reports).
+
 :func:`train_adapters` runs the recipe (:class:`AdapterRecipe`) through the project's one loop
 (:func:`mechdiff.training.loop.train`), with the sparsity levers measured for the organism:
 an L1 warm-up, a negative encoder-bias start, resampling of dead and always-on features, and the
@@ -51,8 +60,17 @@ from mechdiff.training.loop import LoopConfig, train
 from mechdiff.training.losses import Head, head_losses, hooked_head, masked_kl
 from mechdiff.training.recipe_loop import nests_loop
 from mechdiff.training.resampling import Resampler
+from mechdiff.training.target_cache import TargetPass
 
-__all__ = ["AdapterObjective", "AdapterRecipe", "LossWeights", "masked_kl", "run_capture", "train_adapters"]
+__all__ = [
+    "AdapterObjective",
+    "AdapterRecipe",
+    "LossWeights",
+    "TargetPass",
+    "masked_kl",
+    "run_capture",
+    "train_adapters",
+]
 
 Mask = Bool[Tensor, "batch pos"]
 
@@ -192,7 +210,11 @@ class AdapterObjective:
     ``autocast`` (e.g. ``"bfloat16"``) runs the forwards in that dtype (mixed precision).
     ``checkpoint`` recomputes each block's internals in the backward pass instead of keeping them
     (:func:`torch.utils.checkpoint.checkpoint`): the same loss and gradients for less memory and
-    about one more forward of time.
+    about one more forward of time. ``bridge_rows`` (a share in ``(0, 1]``) runs the bridges on
+    that share of the rows, drawn at random each step, with the bridging KLs reweighted so their
+    expectation is the whole batch's (1: all rows, exact). A call may pass ``target``, the batch's
+    :class:`TargetPass` (from :meth:`target_pass`, or a :mod:`~mechdiff.training.target_cache`),
+    instead of running the target.
 
     Under a process group each rank passes its shard of the global batch (and every rank must
     call it): token means and ratios of sums are weighted by :func:`rank_shares`, so the loss
@@ -207,9 +229,15 @@ class AdapterObjective:
         fast: bool = True,
         autocast: str | None = None,
         checkpoint: bool = False,
+        bridge_rows: float = 1.0,
     ):
+        if not 0 < bridge_rows <= 1:
+            raise ValueError(
+                f"bridge_rows is the share of a batch's rows that run the bridges: in (0, 1], not {bridge_rows}"
+            )
         self.adapted, self.target, self.weights = adapted, target, weights
         self.fast, self.autocast, self.checkpoint = fast, autocast, checkpoint
+        self.bridge_rows = bridge_rows
         for p in target.parameters():  # the target is a frozen teacher (bridging runs through it)
             p.requires_grad_(False)
         self.n_layers = adapted.config.n_layers
@@ -232,24 +260,38 @@ class AdapterObjective:
         l1_scale: float = 1.0,
         dead: Bool[Tensor, "layer d_sae"] | None = None,
         k_aux: int = 64,
+        target: TargetPass | None = None,
+        bridge_subset: Int[Tensor, " rows"] | None = None,
     ) -> tuple[Tensor, dict[str, float], dict[str, Tensor]]:
-        """``dead`` (features that have not fired lately) enables the AuxK part when ``weights.aux``."""
+        """``dead`` (features that have not fired lately) enables the AuxK part when ``weights.aux``;
+        ``target``: the batch's target pass, if already computed; ``bridge_subset``: the rows that
+        run the bridges (default: all, or a random ``bridge_rows`` share of them)."""
         models = (self.adapted.model, self.target) if self.checkpoint else ()
         with self.precision(), checkpointed_blocks(models):
-            return self._loss(tokens, mask, cutoff, l1_scale, dead, k_aux)
+            return self._loss(tokens, mask, cutoff, l1_scale, dead, k_aux, target, bridge_subset)
 
-    def _loss(self, tokens, mask, cutoff, l1_scale, dead, k_aux):
+    @torch.no_grad()
+    def target_pass(self, tokens: Int[Tensor, "batch pos"], mask: Mask) -> TargetPass:
+        """The target's forward on a batch: what :meth:`__call__` runs when given no ``target``."""
+        with self.precision():
+            out, resid, _ = run_capture(self.target, tokens, mask, logits=not self.fast)
+        return TargetPass(out, resid)
+
+    def _loss(self, tokens, mask, cutoff, l1_scale, dead, k_aux, target, bridge_subset):
         w, model = self.weights, self.adapted.model
         use_aux = bool(w.aux) and dead is not None and bool(dead.any())
         bridging = bool(w.bridge) and self.n_layers > 1
-        with torch.no_grad():
-            t_out, t_resid, _ = run_capture(self.target, tokens, mask, logits=not self.fast)
+        if target is None:
+            with torch.no_grad():
+                target = TargetPass(*run_capture(self.target, tokens, mask, logits=not self.fast)[:2])
+        t_out, t_resid = target.out, target.resid
         names = self.acts_names + self.in_names + (self.pre_names if use_aux else ())
         out, resid, extra = run_capture(model, tokens, mask, names, logits=not self.fast)
         acts = [extra[name] for name in self.acts_names]
         share = rank_shares(mask.sum())  # of the global batch's tokens
         k = (int(torch.randint(1, self.n_layers, ())) if cutoff is None else cutoff) if bridging else 0
-        kls = (self._fast_kls if self.fast else self._plain_kls)(t_out, out, t_resid, resid, mask, k)
+        rows = self._bridge_subset(mask, bridge_subset) if k else None
+        kls = (self._fast_kls if self.fast else self._plain_kls)(t_out, out, t_resid, resid, mask, k, rows)
         kl = kls["kl"] * share
         errors = layer_errors(resid, t_resid)  # shared by the NMSE and the resampler's statistics
         nmse = _shared_ratio(*nmse_sums(resid, t_resid, mask, errors))
@@ -268,10 +310,24 @@ class AdapterObjective:
         parts["l0"] = (stats["counts"].sum(-1).float().mean() / stats["n_tokens"]).item()
         return loss, parts, stats
 
+    def _bridge_subset(self, mask: Mask, subset: Tensor | None) -> Tensor | None:
+        """The rows that run the bridges this step (None: every row)."""
+        if subset is None and self.bridge_rows < 1:
+            n = max(1, round(self.bridge_rows * mask.shape[0]))
+            subset = torch.randperm(mask.shape[0])[:n].sort().values
+        if subset is None or len(subset) == mask.shape[0]:
+            return None
+        return subset.to(mask.device)
+
+    def _bridge_weight(self, mask: Mask, rows: Tensor | None) -> Tensor | float:
+        """What turns the bridges' mean KL over the subset's tokens into an unbiased estimate of
+        the mean over the batch's: ``(tokens in subset / tokens) * (rows / rows in subset)``."""
+        if rows is None:
+            return 1.0
+        return mask[rows].sum() / mask.sum().clamp(min=1) * (mask.shape[0] / len(rows))
+
     def _bridge_runs(self, t_resid: list[Tensor], resid: list[Tensor], mask: Mask, k: int, logits: bool):
-        """adapted[<k] -> target[>=k] and target[<k] -> adapted[>=k] (``k == 0``: no bridging)."""
-        if not k:
-            return None, None
+        """adapted[<k] -> target[>=k] and target[<k] -> adapted[>=k] on the rows of ``mask``."""
         attn = mask.long()
         if logits:
             return (
@@ -283,23 +339,48 @@ class AdapterObjective:
             final_hidden(self.adapted.model, t_resid[k], start_at_layer=k, attention_mask=attn),
         )
 
-    def _plain_kls(self, t_logits, logits, t_resid, resid, mask, k) -> dict[str, Tensor]:
+    @staticmethod
+    def _rows(tensors: list, rows: Tensor | None, k: int) -> list:
+        """The residual at layer ``k`` (all the bridges read) restricted to ``rows``."""
+        picked = [None] * len(tensors)
+        picked[k] = tensors[k] if rows is None else tensors[k][rows]
+        return picked
+
+    def _plain_kls(self, t_logits, logits, t_resid, resid, mask, k, rows) -> dict[str, Tensor]:
         out = {"kl": masked_kl(t_logits, logits, mask)}
-        a2t, t2a = self._bridge_runs(t_resid, resid, mask, k, logits=True)
-        if k:
-            out.update(bridge_a2t=masked_kl(t_logits, a2t, mask), bridge_t2a=masked_kl(t_logits, t2a, mask))
+        if not k:
+            return out
+        b_mask, b_teacher = (mask, t_logits) if rows is None else (mask[rows], t_logits[rows])
+        weight = self._bridge_weight(mask, rows)
+        if not b_mask.any():  # a subset of empty rows: its estimate is exactly 0
+            return {**out, "bridge_a2t": logits.new_zeros(()), "bridge_t2a": logits.new_zeros(())}
+        a2t, t2a = self._bridge_runs(self._rows(t_resid, rows, k), self._rows(resid, rows, k), b_mask, k, True)
+        out.update(
+            bridge_a2t=masked_kl(b_teacher, a2t, b_mask) * weight,
+            bridge_t2a=masked_kl(b_teacher, t2a, b_mask) * weight,
+        )
         return out
 
-    def _fast_kls(self, t_hidden, hidden, t_resid, resid, mask, k) -> dict[str, Tensor]:
-        a2t, t2a = self._bridge_runs(t_resid, resid, mask, k, logits=False)
+    def _fast_kls(self, t_hidden, hidden, t_resid, resid, mask, k, rows) -> dict[str, Tensor]:
         model = self.adapted.model
-        students = [hooked_head(model, hidden[mask])]
-        if k:
-            students += [hooked_head(self.target, a2t[mask]), hooked_head(model, t2a[mask])]
+        if not k or rows is None:  # one chunked pass scores the main head and both bridges
+            students = [hooked_head(model, hidden[mask])]
+            if k:
+                a2t, t2a = self._bridge_runs(t_resid, resid, mask, k, logits=False)
+                students += [hooked_head(self.target, a2t[mask]), hooked_head(model, t2a[mask])]
+            kl = head_losses(students, teacher=hooked_head(self.target, t_hidden[mask])).kl
+            names = ("kl", "bridge_a2t", "bridge_t2a")
+            return {name: kl[i] for i, name in enumerate(names[: len(students)])}
         teacher: Head = hooked_head(self.target, t_hidden[mask])
-        kl = head_losses(students, teacher=teacher).kl
-        names = ("kl", "bridge_a2t", "bridge_t2a")
-        return {name: kl[i] for i, name in enumerate(names[: len(students)])}
+        out = {"kl": head_losses([hooked_head(model, hidden[mask])], teacher=teacher).kl[0]}
+        b_mask = mask[rows]
+        if not b_mask.any():  # a subset of empty rows: its estimate is exactly 0
+            return {**out, "bridge_a2t": hidden.new_zeros(()), "bridge_t2a": hidden.new_zeros(())}
+        a2t, t2a = self._bridge_runs(self._rows(t_resid, rows, k), self._rows(resid, rows, k), b_mask, k, False)
+        students = [hooked_head(self.target, a2t[b_mask]), hooked_head(model, t2a[b_mask])]
+        kl = head_losses(students, teacher=hooked_head(self.target, t_hidden[rows][b_mask])).kl
+        weight = self._bridge_weight(mask, rows)
+        return {**out, "bridge_a2t": kl[0] * weight, "bridge_t2a": kl[1] * weight}
 
     @torch.no_grad()
     def _stats(
@@ -368,6 +449,7 @@ class AdapterRecipe:
     n_val: int = 256
     checkpoint: bool = False  # recompute blocks in backward: less memory, ~one more forward
     autocast: str | None = None  # e.g. "bfloat16": mixed-precision forwards
+    bridge_rows: float = 1.0  # share of each batch's rows that run the bridges (1: all, exact)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=300, lr=1e-3))
 
     def __post_init__(self):  # refused here, before any model loads (CLI and Python alike)
@@ -375,7 +457,8 @@ class AdapterRecipe:
             self,
             at_least_1=("d_sae", "k", "batch_size", "n_traces", "n_val", "dead_window"),
             non_negative=("resample_every", "k_aux", "dense_threshold"),
-            fraction=("l1_warmup_frac", "resample_until"),
+            positive=("bridge_rows",),
+            fraction=("l1_warmup_frac", "resample_until", "bridge_rows"),
             choices={"activation": ("relu", "topk"), "backbone": ("target", "base"), "data": ("corpus", "target")},
         )
 
@@ -433,12 +516,15 @@ def train_adapters(
     traces: Dataset | None = None,
     val_traces: Dataset | None = None,
     pad_id: int | None = None,
+    target_cache: str | Path | None = None,
 ) -> tuple[AdaptedModel, list[dict]]:
     """Train adapters for ``pair``; returns the adapted model and the logged history.
 
     ``traces`` / ``val_traces`` are datasets with ``input_ids`` (default: the organism's reasoning
     traces). ``out_dir`` holds checkpoints: a killed run resumes where it stopped. The adapters
-    take the pair's device and dtype. Under torchrun (see :mod:`mechdiff.distributed`) each rank
+    take the pair's device and dtype. ``target_cache``: a folder for the target's pass over
+    ``traces`` (:class:`~mechdiff.training.target_cache.TargetCache`), made on first use and read
+    by every later run over the same traces instead of running the target each step. Under torchrun (see :mod:`mechdiff.distributed`) each rank
     trains on its shard of every ``batch_size`` batch and the steps equal a single process's.
     """
     torch.manual_seed(recipe.loop.seed)
@@ -454,8 +540,18 @@ def train_adapters(
     val_traces = val_traces if val_traces is not None else organism_traces(recipe.n_val, "validation", spec=spec)
     pad_id = pad_id if pad_id is not None else (pair.tokenizer.pad_token_id or 0)
     objective = AdapterObjective(
-        adapted, pair.target, recipe.weights, checkpoint=recipe.checkpoint, autocast=recipe.autocast
+        adapted,
+        pair.target,
+        recipe.weights,
+        checkpoint=recipe.checkpoint,
+        autocast=recipe.autocast,
+        bridge_rows=recipe.bridge_rows,
     )
+    cached = None
+    if target_cache is not None:
+        from mechdiff.training.target_cache import TargetCache
+
+        cached = TargetCache.build(pair.target, traces["input_ids"], target_cache, progress=recipe.progress)
     resampler = Resampler(adapted, recipe)
     warm = max(1, int(recipe.l1_warmup_frac * recipe.steps))
     device = adapted.model.cfg.device
@@ -463,11 +559,12 @@ def train_adapters(
     def loss_fn(step: int):
         # This rank's slice of the step's global batch (all of it in one process); the objective
         # weights its means so that the ranks' averaged gradient is the whole batch's.
-        rows = traces[distributed.shard(step_indices(len(traces), recipe.batch_size, step, recipe.seed))]
-        tokens, mask = (t.to(device) for t in pad(rows["input_ids"], pad_id, side="right"))
+        indices = distributed.shard(step_indices(len(traces), recipe.batch_size, step, recipe.seed))
+        tokens, mask = (t.to(device) for t in pad(traces[indices]["input_ids"], pad_id, side="right"))
+        target = cached.batch(indices, tokens.shape[1]) if cached is not None else None
         l1_scale = min(1.0, (step + 1) / warm) if recipe.l1_warmup_frac else 1.0
         dead = (step - resampler.last_fired >= recipe.dead_window) if recipe.weights.aux else None
-        loss, parts, stats = objective(tokens, mask, l1_scale=l1_scale, dead=dead, k_aux=recipe.k_aux)
+        loss, parts, stats = objective(tokens, mask, l1_scale=l1_scale, dead=dead, k_aux=recipe.k_aux, target=target)
         parts["dead"] = resampler.observe(step, stats)
         return loss, parts
 
