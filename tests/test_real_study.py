@@ -117,10 +117,13 @@ def test_the_sweep_scores_each_candidate_and_the_adapters_take_its_pick(cache, t
         "16:2,32:4",
         "--sweep-steps",
         "2",
+        "--sweep-target-cache",
         *[a for a in TINY if a != "16" and a != "--d-sae"],
     ]
     saved = real.main(argv)
     sweep = json.loads((out / "sweep.json").read_text())
+    shared = list((smollm2.cache_dir() / "study").glob("*/sweep-target-pass-*"))
+    assert len(shared) == 1 and (shared[0] / "cache.json").is_file()  # one target pass for both candidates
     assert [(r["d_sae"], r["k"]) for r in sweep["candidates"]] == [(16, 2), (32, 4)]
     for r in sweep["candidates"]:
         assert len(r["fve_per_layer"]) == 2 and r["val_kl"] >= 0 and 0 <= r["dead_fraction"] <= 1

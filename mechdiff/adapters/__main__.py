@@ -48,6 +48,8 @@ _RECIPE_FLAGS = {  # flag -> (recipe field, type, help)
     "checkpoint_every": (int, "write a resumable checkpoint every N steps (default 200; Ctrl-C "
                               "writes one too)"),
     "seed": (int, "seed"),
+    "bridge_rows": (float, "share of each batch's rows that run the bridges (default 1: all, exact; "
+                           "less: an unbiased, noisier estimate for less time)"),
 }  # fmt: skip
 _WEIGHT_FLAGS = {
     "kl": "weight of KL(target || adapted)",
@@ -151,6 +153,8 @@ def _work_dir(args, recipe: AdapterRecipe, out: Path, pair) -> Path:
     # trained: keyed at their defaults (the flat form the recipe had before its loop settings were
     # nested: old runs' folders resume)
     keyed = {**recipe.flat_dict(), "checkpoint_every": 200, "progress": True, "checkpoint": False}
+    if keyed.get("bridge_rows") == 1.0:  # the exact default keys as before the option: runs resume
+        del keyed["bridge_rows"]
     parts = [keyed, pair.meta.get("base_name"), pair.meta.get("target_name"), args.dataset]
     if pair.meta.get("dtype", "float32") != "float32":  # float32 keys stay as before: runs resume
         parts.append(pair.meta["dtype"])  # a bf16 run must not resume float32 checkpoints
@@ -167,7 +171,14 @@ def train_and_save(args, recipe: AdapterRecipe, out: Path, pair=None):
     pair = pair or _pair(args)
     traces, val_traces = _training_traces(args, recipe, pair)
     work = _work_dir(args, recipe, out, pair)
-    adapted, history = train_adapters(pair, recipe, out_dir=work, traces=traces, val_traces=val_traces)
+    adapted, history = train_adapters(
+        pair,
+        recipe,
+        out_dir=work,
+        traces=traces,
+        val_traces=val_traces,
+        target_cache=getattr(args, "target_cache", None),
+    )
     last = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))} if history else {}
     if distributed.rank() == 0:  # under torchrun every rank holds the same adapters; one writes them
         save_adapters(adapted, out, recipe=recipe.to_dict(), metrics={"train_last": last})
@@ -320,6 +331,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     _add_pair_args(p)
     _add_recipe_args(p)
+    p.add_argument(
+        "--target-cache",
+        metavar="DIR",
+        help="store the target's pass over the training traces here once and read it each step "
+        "instead of running the target (the same loss; reused by every run over the same traces)",
+    )
     p.add_argument("--out", required=True, help="folder to write the adapters to")
     p.add_argument("--work", help="checkpoint folder (default: runs/adapters-ckpt/<OUT name>-<recipe hash>)")
     p.add_argument("--eval", action="store_true", help="evaluate after training (as `eval`)")

@@ -166,6 +166,7 @@ def stage_sweep(cfg: RealConfig, out: Path, progress: bool = True) -> dict:
             out_dir=cache_folder(cfg) / f"sweep-{d_sae}-k{k}-s{cfg.sweep_steps}",
             traces=traces,
             val_traces=val,
+            target_cache=sweep_target_cache(cfg, recipe.n_traces),
         )
         last = history[-1]
         fve = [last[f"val_fve_{i}"] for i in range(pair.base.cfg.n_layers)]
@@ -185,6 +186,13 @@ def stage_sweep(cfg: RealConfig, out: Path, progress: bool = True) -> dict:
             }
         )
     return {"candidates": rows, "picked": pick(rows), "rule": stage_sweep.__doc__.split("The pick: ")[1].strip()}
+
+
+def sweep_target_cache(cfg: RealConfig, n_traces: int) -> Path | None:
+    """Where the sweep's candidates share the target's pass over their ``n_traces`` traces (None:
+    each runs the target). The cache names the target and the traces it was made from, so a new
+    fine-tune or trace set is refused there rather than read."""
+    return cache_folder(cfg) / f"sweep-target-pass-{n_traces}" if cfg.sweep_target_cache else None
 
 
 def pick(rows: list[dict]) -> dict:
