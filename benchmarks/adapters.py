@@ -25,6 +25,18 @@ steps run at ``k = n_layers // 2``: the mean step, without the spread of a few r
 SmolLM2 a step ranges from about 1.5 to 4 floors). The warm-up step runs at ``k = 1``, the deepest
 bridges, so the peak memory covers every cutoff.
 
+Two cheaper steps can be timed beside them, in the same rounds:
+
+* ``--target-cache``: ``step_target_cache_s``, the step reading the target's pass from a
+  :class:`~mechdiff.training.target_cache.TargetCache` on disk (made once for the batch:
+  ``target_cache_build_s``; read every step) instead of running the target: the same loss
+  (``target_cache_loss_abs_diff``), for runs that share their traces (a sweep, a resumed run);
+* ``--bridge-rows R``: ``step_bridge_rows_s``, the step with the bridges on a share ``R`` of the
+  rows (with the cached target when ``--target-cache`` is given). Its price is noise, reported as
+  ``bridge_rows_error`` over every subset of that size on this batch: the bridging term's relative
+  spread, the gradient's cosine to the exact step's, and the mean's distance from the exact term
+  (zero up to float error: the estimate is unbiased).
+
 ``--checkpoint`` has the new path recompute each block in backward (the same loss and gradients,
 less memory, about one more forward); ``--autocast bfloat16`` runs its forwards in bf16, an
 approximation whose price on the batch is reported as ``autocast_error`` (relative error of the
@@ -85,12 +97,13 @@ def measure(args, path: str) -> dict:
         checkpoint=objective.checkpoint,
     )
     opt = torch.optim.AdamW(adapted.adapters.parameters(), lr=1e-6)
+    cheaper = cheaper_steps(args, adapted, pair.target, objective, traces, tokens, mask) if fast else {}
     keep = next_token_keep(mask)
 
     mean_cutoff = adapted.config.n_layers // 2  # see the module docstring
 
-    def step(objective=objective, cutoff=mean_cutoff):
-        loss, _, _ = objective(tokens, mask, cutoff=cutoff)
+    def step(objective=objective, cutoff=mean_cutoff, target=lambda: None):
+        loss, _, _ = objective(tokens, mask, cutoff=cutoff, target=target())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -122,10 +135,99 @@ def measure(args, path: str) -> dict:
         timed = {"floor": floor, **timed, "step_without_bridging": step_without_bridging}
         if args.autocast:
             timed["floor_autocast"] = floor_in_precision
+        if "target" in cheaper:
+            timed["step_target_cache"] = lambda: step(target=cheaper["target"])
+        if "rows" in cheaper:
+            timed["step_bridge_rows"] = lambda: step(cheaper["rows"], target=cheaper.get("target", lambda: None))
     # warm-up at the deepest bridges: the peak memory covers every cutoff
     out.update(time_after_warm_up(lambda: step(cutoff=1), timed, args.repeats))
     if fast and args.autocast:  # the price of the approximation, on this batch
         out["autocast_error"] = autocast_error(adapted, pair.target, objective, tokens, mask, mean_cutoff)
+    out.update(cheaper.get("report", {}))
+    if "rows" in cheaper:
+        out["bridge_rows_error"] = bridge_rows_error(adapted, objective, cheaper["rows"], tokens, mask, mean_cutoff)
+    return out
+
+
+def cheaper_steps(args, adapted, target, objective, traces, tokens, mask) -> dict:
+    """What ``--target-cache`` and ``--bridge-rows`` time: ``target`` (a function reading the
+    batch's cached target pass from disk), ``rows`` (the objective bridging a share of the rows)
+    and ``report`` (the cache's build time and its loss against the online target's)."""
+    import tempfile
+    import time
+
+    import torch
+
+    from mechdiff.training.adapter_objective import AdapterObjective
+    from mechdiff.training.target_cache import TargetCache
+
+    out: dict = {}
+    if args.target_cache:
+        folder = tempfile.mkdtemp(prefix="target-cache-")
+        start = time.perf_counter()
+        cache = TargetCache.build(target, traces["input_ids"], folder, batch_size=args.batch)
+        build_s = time.perf_counter() - start
+        rows = list(range(len(traces)))
+        out["target"] = lambda: cache.batch(rows, tokens.shape[1])
+        with torch.no_grad():
+            online = objective(tokens, mask, cutoff=1)[0]
+            read = objective(tokens, mask, cutoff=1, target=out["target"]())[0]
+        out["report"] = {"target_cache_build_s": build_s, "target_cache_loss_abs_diff": float(abs(read - online))}
+    if args.bridge_rows < 1:
+        out["rows"] = AdapterObjective(
+            adapted,
+            target,
+            objective.weights,
+            autocast=objective.autocast,
+            checkpoint=objective.checkpoint,
+            bridge_rows=args.bridge_rows,
+        )
+    return out
+
+
+def bridge_rows_error(adapted, exact, rows_objective, tokens, mask, cutoff: int, most: int = 32) -> dict:
+    """The bridges on a share of the rows against all rows, on this batch at ``cutoff``, over
+    every subset of that size (``most`` drawn at random when there are more): the bridging term's
+    relative spread (std / exact), the gradient's cosine to the exact one (mean and worst), and
+    the subsets' mean against the exact term. For scale, ``halves_grad_cosine``: the cosine
+    between the exact gradients of the batch's two halves, the noise of sampling half a batch."""
+    import itertools
+    import random
+
+    import torch
+
+    params = list(adapted.adapters.parameters())
+
+    def run(objective, subset=None, rows=slice(None)):
+        loss, parts, _ = objective(tokens[rows], mask[rows], cutoff=cutoff, bridge_subset=subset)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+        return parts.get("bridge_a2t", 0.0) + parts.get("bridge_t2a", 0.0), flat.float()
+
+    def cosine(a, b):
+        return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+    bridge, grad = run(exact)
+    n = max(1, round(rows_objective.bridge_rows * mask.shape[0]))
+    subsets = list(itertools.combinations(range(mask.shape[0]), n))
+    every = len(subsets) <= most
+    subsets = subsets if every else random.Random(0).sample(subsets, most)
+    runs = [run(rows_objective, torch.tensor(s)) for s in subsets]
+    terms = torch.tensor([b for b, _ in runs])
+    cosines = [cosine(g, grad) for _, g in runs]
+    half = mask.shape[0] // 2
+    out = {
+        "rows_per_step": n,
+        "subsets": len(subsets),
+        "every_subset": every,
+        "bridge_term": bridge,
+        "bridge_rel_std": float(terms.std(correction=0) / bridge),
+        "bridge_mean_rel_error": float(abs(terms.mean() - bridge) / bridge),
+        "grad_cosine_mean": sum(cosines) / len(cosines),
+        "grad_cosine_min": min(cosines),
+    }
+    if half:
+        out["halves_grad_cosine"] = cosine(run(exact, rows=slice(0, half))[1], run(exact, rows=slice(half, None))[1])
     return out
 
 
@@ -179,6 +281,12 @@ def generation(args) -> dict:
     }
 
 
+CHEAPER_ROWS = {
+    "step_target_cache_s": "the step, target from its cache",
+    "step_bridge_rows_s": "the step, bridging a share of rows",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.adapters", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -199,12 +307,26 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="the new path also recomputes each block in backward (less memory, more time)",
     )
+    parser.add_argument(
+        "--target-cache",
+        action="store_true",
+        help="also time the step reading the target's pass from a cache on disk (the same loss)",
+    )
+    parser.add_argument(
+        "--bridge-rows",
+        type=float,
+        default=1.0,
+        metavar="R",
+        help="also time the step bridging a share R < 1 of the rows (an unbiased estimate; its spread is reported)",
+    )
     parser.add_argument("--generation", action="store_true", help="also time generation with adapters")
     parser.add_argument("--n", type=int, default=64, help="prompts generated at once (--generation)")
     parser.add_argument("--new", type=int, default=64, help="new tokens per prompt (--generation)")
     add_path_options(parser)
     args = parser.parse_args(argv)
     check_pair_options(args)
+    if not 0 < args.bridge_rows <= 1:
+        parser.error(f"--bridge-rows is a share of the batch's rows: in (0, 1], not {args.bridge_rows}")
     paths = fast_and_plain("benchmarks.adapters", args, argv, measure)
     if paths is None:  # a child: it printed its path's JSON
         return
@@ -227,6 +349,15 @@ def main(argv: list[str] | None = None) -> None:
         result["autocast_error"] = fast["autocast_error"]
         result["floor_autocast_s"] = fast["floor_autocast_s"]
         result["step_over_floor_autocast"] = fast["step_s"] / fast["floor_autocast_s"]
+    for name in ("step_target_cache", "step_bridge_rows"):
+        if f"{name}_s" in fast:
+            result[f"{name}_s"] = fast[f"{name}_s"]
+            result[f"{name}_over_floor"] = fast[f"{name}_s"] / fast["floor_s"]
+    for key in ("target_cache_build_s", "target_cache_loss_abs_diff", "bridge_rows_error"):
+        if key in fast:
+            result[key] = fast[key]
+    if "step_bridge_rows_s" in fast:
+        result["bridge_rows"] = args.bridge_rows
     if args.generation:
         result["generation"] = generation(args)
     if emit(result, args.out, args.json):
@@ -238,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [
         ("adapter step (chunked losses)", result["step_s"], result["peak_gib"]),
         ("the step without bridging", result["step_without_bridging_s"], None),
+        *[(label, result[key], None) for key, label in CHEAPER_ROWS.items() if key in result],
         ("floor: adapted fwd+bwd", result["floor_s"], None),
         ("baseline step (full logits)", result["baseline_step_s"], result["baseline_peak_gib"]),
     ]
