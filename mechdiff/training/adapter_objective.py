@@ -281,9 +281,7 @@ class AdapterObjective:
         w, model = self.weights, self.adapted.model
         use_aux = bool(w.aux) and dead is not None and bool(dead.any())
         bridging = bool(w.bridge) and self.n_layers > 1
-        if target is None:
-            with torch.no_grad():
-                target = TargetPass(*run_capture(self.target, tokens, mask, logits=not self.fast)[:2])
+        target = self.target_pass(tokens, mask) if target is None else target
         t_out, t_resid = target.out, target.resid
         names = self.acts_names + self.in_names + (self.pre_names if use_aux else ())
         out, resid, extra = run_capture(model, tokens, mask, names, logits=not self.fast)
