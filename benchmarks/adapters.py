@@ -56,7 +56,7 @@ import argparse
 from benchmarks import peak_rss_gib
 from benchmarks.bench_pair import load_bench_pair
 from benchmarks.isolated import add_path_options, fast_and_plain
-from benchmarks.step_report import compare, emit, print_table, time_after_warm_up
+from benchmarks.step_report import compare, emit, pair_header, pair_title, print_table, time_after_warm_up
 from mechdiff.cli import add_pair_options, check_pair_options, offline_environment, run
 
 
@@ -185,6 +185,14 @@ def cheaper_steps(args, adapted, target, objective, traces, tokens, mask) -> dic
     return out
 
 
+def flat_grad(loss, params):
+    """The gradient of ``loss`` in ``params`` as one float32 vector (zeros where a parameter has none)."""
+    import torch
+
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]).float()
+
+
 def bridge_rows_error(adapted, exact, rows_objective, tokens, mask, cutoff: int, most: int = 32) -> dict:
     """The bridges on a share of the rows against all rows, on this batch at ``cutoff``, over
     every subset of that size (``most`` drawn at random when there are more): the bridging term's
@@ -200,9 +208,7 @@ def bridge_rows_error(adapted, exact, rows_objective, tokens, mask, cutoff: int,
 
     def run(objective, subset=None, rows=slice(None)):
         loss, parts, _ = objective(tokens[rows], mask[rows], cutoff=cutoff, bridge_subset=subset)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
-        return parts.get("bridge_a2t", 0.0) + parts.get("bridge_t2a", 0.0), flat.float()
+        return parts.get("bridge_a2t", 0.0) + parts.get("bridge_t2a", 0.0), flat_grad(loss, params)
 
     def cosine(a, b):
         return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
@@ -244,9 +250,7 @@ def autocast_error(adapted, target, objective, tokens, mask, cutoff: int) -> dic
     got = {}
     for name, obj in (("exact", exact), ("autocast", objective)):
         loss, parts, _ = obj(tokens, mask, cutoff=cutoff)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
-        got[name] = (float(loss), parts, flat.float())
+        got[name] = (float(loss), parts, flat_grad(loss, params))
     (loss, parts, g), (loss_ac, parts_ac, g_ac) = got["exact"], got["autocast"]
     return {
         "loss": loss,
@@ -332,24 +336,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     fast, plain = paths
     result = {
-        "pair": args.pair,
-        "note": fast["note"],
-        "batch": args.batch,
-        "positions": fast["positions"],
-        "tokens": fast["tokens"],
+        **pair_header(args, fast),
         "d_sae": args.d_sae,
-        "threads": fast["threads"],
         "autocast": args.autocast,
         "checkpoint": args.checkpoint,
         **compare(fast, plain),
-        "step_without_bridging_s": fast["step_without_bridging_s"],
-        "step_without_bridging_over_floor": fast["step_without_bridging_s"] / fast["floor_s"],
     }
     if "autocast_error" in fast:
         result["autocast_error"] = fast["autocast_error"]
         result["floor_autocast_s"] = fast["floor_autocast_s"]
         result["step_over_floor_autocast"] = fast["step_s"] / fast["floor_autocast_s"]
-    for name in ("step_target_cache", "step_bridge_rows"):
+    for name in ("step_without_bridging", "step_target_cache", "step_bridge_rows"):
         if f"{name}_s" in fast:
             result[f"{name}_s"] = fast[f"{name}_s"]
             result[f"{name}_over_floor"] = fast[f"{name}_s"] / fast["floor_s"]
@@ -362,10 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         result["generation"] = generation(args)
     if emit(result, args.out, args.json):
         return
-    title = (
-        f"{args.pair}: {result['note']}; batch {args.batch} x {result['positions']} positions, "
-        f"{result['threads']} thread(s)"
-    )
+    title = pair_title(result)
     rows = [
         ("adapter step (chunked losses)", result["step_s"], result["peak_gib"]),
         ("the step without bridging", result["step_without_bridging_s"], None),

@@ -35,7 +35,7 @@ import argparse
 from benchmarks import peak_rss_gib
 from benchmarks.bench_pair import load_bench_pair
 from benchmarks.isolated import add_path_options, fast_and_plain
-from benchmarks.step_report import compare, emit, print_table, time_after_warm_up
+from benchmarks.step_report import compare, emit, pair_header, pair_title, print_table, time_after_warm_up
 from mechdiff.cli import add_pair_options, check_pair_options, offline_environment, run
 
 
@@ -122,23 +122,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     fast, plain = paths
     result = {
-        "pair": args.pair,
-        "note": fast["note"],
-        "batch": args.batch,
-        "positions": fast["positions"],
-        "tokens": fast["tokens"],
+        **pair_header(args, fast),
         "rank": args.rank,
         "kl_weight": args.kl_weight,
         "checkpoint": args.checkpoint,
-        "threads": fast["threads"],
         **compare(fast, plain),
     }
     if emit(result, args.out, args.json):
         return
-    title = (
-        f"{args.pair}: {result['note']}; batch {args.batch} x {result['positions']} positions, "
-        f"rank {args.rank}, kl_weight {args.kl_weight}, {result['threads']} thread(s)"
-    )
+    title = pair_title(result, f"rank {args.rank}, kl_weight {args.kl_weight}, ")
     rows = [
         ("LoRA step (chunked losses)", result["step_s"], result["peak_gib"]),
         ("floor: LoRA model fwd+bwd", result["floor_s"], None),

@@ -33,6 +33,26 @@ def time_after_warm_up(warm_up: Callable[[], object], timed: dict[str, Callable[
     return out
 
 
+def pair_header(args, fast: dict) -> dict:
+    """The keys a pair's step benchmark starts with: the pair, how it loaded, and the batch."""
+    return {
+        "pair": args.pair,
+        "note": fast["note"],
+        "batch": args.batch,
+        "positions": fast["positions"],
+        "tokens": fast["tokens"],
+        "threads": fast["threads"],
+    }
+
+
+def pair_title(result: dict, detail: str = "") -> str:
+    """The table's title line for a :func:`pair_header` result (``detail``: the benchmark's own settings)."""
+    return (
+        f"{result['pair']}: {result['note']}; batch {result['batch']} x {result['positions']} positions, "
+        f"{detail}{result['threads']} thread(s)"
+    )
+
+
 def compare(fast: dict, plain: dict) -> dict:
     """The shared keys: ``step_s``, ``floor_s``, ``step_over_floor``, ``peak_gib``, ``loaded_gib``,
     ``baseline_step_s``, ``baseline_peak_gib``, ``speedup_vs_baseline`` and, where both paths
