@@ -123,6 +123,18 @@ def test_bridging_a_share_of_rows_is_unbiased(tiny, fast):
     assert drawn is not None and len(drawn) == 2 and len(set(drawn.tolist())) == 2
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_subset_without_tokens_estimates_zero(tiny, fast):
+    pair, adapted = tiny
+    tokens, mask = pad(_sequences()[:3], 0, side="right")
+    mask[2] = False  # a row of padding only
+    half = AdapterObjective(adapted, pair.target, LossWeights(), fast=fast, bridge_rows=0.5)
+    loss, parts, _ = half(tokens, mask, cutoff=1, bridge_subset=torch.tensor([2]))
+    assert parts["bridge_a2t"] == parts["bridge_t2a"] == 0.0 and torch.isfinite(loss)
+    with_tokens = half(tokens, mask, cutoff=1, bridge_subset=torch.tensor([0]))[1]
+    assert with_tokens["bridge_a2t"] > 0 and with_tokens["bridge_t2a"] > 0
+
+
 @pytest.mark.parametrize("share", [0.0, 1.5, float("nan")])
 def test_bridge_rows_outside_zero_one_is_refused(share):
     with pytest.raises(ConfigError, match="bridge_rows"):

@@ -289,7 +289,12 @@ class AdapterObjective:
         share = rank_shares(mask.sum())  # of the global batch's tokens
         k = (int(torch.randint(1, self.n_layers, ())) if cutoff is None else cutoff) if bridging else 0
         rows = self._bridge_subset(mask, bridge_subset) if k else None
-        kls = (self._fast_kls if self.fast else self._plain_kls)(t_out, out, t_resid, resid, mask, k, rows)
+        empty = rows is not None and not mask[rows].any()  # no tokens in the subset: the estimate is 0
+        kls = (self._fast_kls if self.fast else self._plain_kls)(
+            t_out, out, t_resid, resid, mask, 0 if empty else k, rows
+        )
+        if empty:
+            kls.update(bridge_a2t=kls["kl"].new_zeros(()), bridge_t2a=kls["kl"].new_zeros(()))
         kl = kls["kl"] * share
         errors = layer_errors(resid, t_resid)  # shared by the NMSE and the resampler's statistics
         nmse = _shared_ratio(*nmse_sums(resid, t_resid, mask, errors))
@@ -324,25 +329,19 @@ class AdapterObjective:
             return 1.0
         return mask[rows].sum() / mask.sum().clamp(min=1) * (mask.shape[0] / len(rows))
 
-    def _bridge_runs(self, t_resid: list[Tensor], resid: list[Tensor], mask: Mask, k: int, logits: bool):
-        """adapted[<k] -> target[>=k] and target[<k] -> adapted[>=k] on the rows of ``mask``."""
-        attn = mask.long()
+    def _bridge_runs(self, t_resid: list[Tensor], resid: list[Tensor], mask: Mask, k: int, logits: bool, rows=None):
+        """adapted[<k] -> target[>=k] and target[<k] -> adapted[>=k] on ``rows`` (None: all)."""
+        start, t_start = (resid[k], t_resid[k]) if rows is None else (resid[k][rows], t_resid[k][rows])
+        attn = (mask if rows is None else mask[rows]).long()
         if logits:
             return (
-                self.target(resid[k], start_at_layer=k, attention_mask=attn),
-                self.adapted.model(t_resid[k], start_at_layer=k, attention_mask=attn),
+                self.target(start, start_at_layer=k, attention_mask=attn),
+                self.adapted.model(t_start, start_at_layer=k, attention_mask=attn),
             )
         return (
-            final_hidden(self.target, resid[k], start_at_layer=k, attention_mask=attn),
-            final_hidden(self.adapted.model, t_resid[k], start_at_layer=k, attention_mask=attn),
+            final_hidden(self.target, start, start_at_layer=k, attention_mask=attn),
+            final_hidden(self.adapted.model, t_start, start_at_layer=k, attention_mask=attn),
         )
-
-    @staticmethod
-    def _rows(tensors: list, rows: Tensor | None, k: int) -> list:
-        """The residual at layer ``k`` (all the bridges read) restricted to ``rows``."""
-        picked = [None] * len(tensors)
-        picked[k] = tensors[k] if rows is None else tensors[k][rows]
-        return picked
 
     def _plain_kls(self, t_logits, logits, t_resid, resid, mask, k, rows) -> dict[str, Tensor]:
         out = {"kl": masked_kl(t_logits, logits, mask)}
@@ -350,9 +349,7 @@ class AdapterObjective:
             return out
         b_mask, b_teacher = (mask, t_logits) if rows is None else (mask[rows], t_logits[rows])
         weight = self._bridge_weight(mask, rows)
-        if not b_mask.any():  # a subset of empty rows: its estimate is exactly 0
-            return {**out, "bridge_a2t": logits.new_zeros(()), "bridge_t2a": logits.new_zeros(())}
-        a2t, t2a = self._bridge_runs(self._rows(t_resid, rows, k), self._rows(resid, rows, k), b_mask, k, True)
+        a2t, t2a = self._bridge_runs(t_resid, resid, mask, k, True, rows)
         out.update(
             bridge_a2t=masked_kl(b_teacher, a2t, b_mask) * weight,
             bridge_t2a=masked_kl(b_teacher, t2a, b_mask) * weight,
@@ -372,9 +369,7 @@ class AdapterObjective:
         teacher: Head = hooked_head(self.target, t_hidden[mask])
         out = {"kl": head_losses([hooked_head(model, hidden[mask])], teacher=teacher).kl[0]}
         b_mask = mask[rows]
-        if not b_mask.any():  # a subset of empty rows: its estimate is exactly 0
-            return {**out, "bridge_a2t": hidden.new_zeros(()), "bridge_t2a": hidden.new_zeros(())}
-        a2t, t2a = self._bridge_runs(self._rows(t_resid, rows, k), self._rows(resid, rows, k), b_mask, k, False)
+        a2t, t2a = self._bridge_runs(t_resid, resid, mask, k, False, rows)
         students = [hooked_head(self.target, a2t[b_mask]), hooked_head(model, t2a[b_mask])]
         kl = head_losses(students, teacher=hooked_head(self.target, t_hidden[rows][b_mask])).kl
         weight = self._bridge_weight(mask, rows)
