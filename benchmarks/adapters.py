@@ -9,15 +9,18 @@ features per layer (fresh ones: cost does not depend on training), three things 
 
 * ``step_s``: a full training step of :class:`~mechdiff.training.adapter_objective.AdapterObjective`
   (target forward once, adapted forward, two bridging half forwards, KL/NMSE/bridging losses
-  chunked over positions, backward, AdamW step);
+  chunked over positions, backward, AdamW step), its blocks run by
+  :mod:`~mechdiff.training.lean_blocks` (fused attention, no weight copies kept for backward);
 * ``floor_s``: one forward and backward of the adapted model alone on that batch (its
-  unembedding and next-token CE included, chunked; no target, no bridging), timed in the same
-  process, interleaved with the steps;
+  unembedding and next-token CE included, chunked; no target, no bridging), in the same lean
+  blocks, timed in the same process, interleaved with the steps; ``floor_transformer_lens_s``
+  is that floor in TransformerLens' own blocks (what a user of TransformerLens would pay);
 * ``step_without_bridging_s``: the same step with the bridging weight at 0 (interleaved too): the
   two bridges run about one more forward and backward of the model by construction (each half
   model is ``n_layers - k`` blocks, ``k`` uniform), so this is what the rest of the step costs;
 * ``baseline_step_s``: the same step on the plain path (``fast=False``: full ``[batch, pos,
-  vocab]`` logits through ``masked_kl``), which is what training ran before.
+  vocab]`` logits through ``masked_kl``, TransformerLens' blocks), which is what training ran
+  before.
 
 Training draws the bridging cutoff ``k`` uniformly from ``1 .. n_layers - 1`` each step, and a
 step's cost is affine in ``k`` (the two half models run ``n_layers - k`` blocks), so the timed
@@ -37,6 +40,9 @@ Two cheaper steps can be timed beside them, in the same rounds:
   spread, the gradient's cosine to the exact step's, and the mean's distance from the exact term
   (zero up to float error: the estimate is unbiased).
 
+With either, a third process runs only the cheaper step (both, when both are given), warmed up at
+the deepest bridges: ``cheaper_peak_gib`` is its own peak memory.
+
 ``--checkpoint`` has the new path recompute each block in backward (the same loss and gradients,
 less memory, about one more forward); ``--autocast bfloat16`` runs its forwards in bf16, an
 approximation whose price on the batch is reported as ``autocast_error`` (relative error of the
@@ -52,22 +58,27 @@ says so. ``--generation`` also times greedy generation with and without the adap
 from __future__ import annotations
 
 import argparse
+import sys
 
 from benchmarks import peak_rss_gib
 from benchmarks.bench_pair import load_bench_pair
-from benchmarks.isolated import add_path_options, fast_and_plain
+from benchmarks.isolated import add_path_options, fast_and_plain, measure_in_child
 from benchmarks.step_report import compare, emit, pair_header, pair_title, print_table, time_after_warm_up
 from mechdiff.cli import add_pair_options, check_pair_options, offline_environment, run
 
 
 def measure(args, path: str) -> dict:
-    """In this process: the step of ``path`` ("fast" or "plain"); with "fast" also the floor."""
+    """In this process: the step of ``path`` ("fast" or "plain"); with "fast" also the floor; with
+    "cheaper" only the peak memory of the cheaper step (``--target-cache``, ``--bridge-rows``)."""
+    from contextlib import nullcontext
+
     import torch
 
     from mechdiff.adapters.transcoder import AdaptedModel
     from mechdiff.capture import final_hidden
     from mechdiff.padding import pad
     from mechdiff.training.adapter_objective import AdapterObjective, LossWeights
+    from mechdiff.training.lean_blocks import lean_blocks
     from mechdiff.training.losses import Head, head_losses, next_token_keep
     from mechdiff.workloads import for_pair
 
@@ -79,7 +90,7 @@ def measure(args, path: str) -> dict:
     tokens, mask = (t.to(device) for t in pad(traces["input_ids"], pad_id, side="right"))
     adapted = AdaptedModel.from_pair(pair, args.d_sae, "topk", 8)
     loaded_gib = peak_rss_gib()
-    fast = path == "fast"
+    fast = path in ("fast", "cheaper")
     objective = AdapterObjective(
         adapted,
         pair.target,
@@ -87,6 +98,7 @@ def measure(args, path: str) -> dict:
         fast=fast,
         autocast=args.autocast if fast else None,
         checkpoint=fast and args.checkpoint,
+        lean=fast,
     )
     unbridged = AdapterObjective(
         adapted,
@@ -95,6 +107,7 @@ def measure(args, path: str) -> dict:
         fast=fast,
         autocast=objective.autocast,
         checkpoint=objective.checkpoint,
+        lean=fast,
     )
     opt = torch.optim.AdamW(adapted.adapters.parameters(), lr=1e-6)
     cheaper = cheaper_steps(args, adapted, pair.target, objective, traces, tokens, mask) if fast else {}
@@ -111,9 +124,10 @@ def measure(args, path: str) -> dict:
     def step_without_bridging():
         step(unbridged)
 
-    def floor():
+    def floor(lean=fast):
         model = adapted.model
-        hidden = final_hidden(model, tokens, attention_mask=mask.long())[:, :-1][keep]
+        with lean_blocks((model,)) if lean else nullcontext():
+            hidden = final_hidden(model, tokens, attention_mask=mask.long())[:, :-1][keep]
         loss = head_losses([Head(hidden, model.W_U, model.b_U)], labels=tokens[:, 1:][keep]).ce[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -130,9 +144,13 @@ def measure(args, path: str) -> dict:
         "positions": tokens.shape[1],
         "threads": torch.get_num_threads(),
     }
+    if path == "cheaper":  # its own process: the peak is the cheaper step's, at the deepest bridges
+        step(cheaper.get("rows", objective), cutoff=1, target=cheaper.get("target", lambda: None))
+        return {"peak_gib": peak_rss_gib()}
     timed = {"step": step}
     if path == "fast":  # the floor and the step without bridging, interleaved with the steps
         timed = {"floor": floor, **timed, "step_without_bridging": step_without_bridging}
+        timed["floor_transformer_lens"] = lambda: floor(lean=False)
         if args.autocast:
             timed["floor_autocast"] = floor_in_precision
         if "target" in cheaper:
@@ -326,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generation", action="store_true", help="also time generation with adapters")
     parser.add_argument("--n", type=int, default=64, help="prompts generated at once (--generation)")
     parser.add_argument("--new", type=int, default=64, help="new tokens per prompt (--generation)")
-    add_path_options(parser)
+    add_path_options(parser, ("fast", "plain", "cheaper"))
     args = parser.parse_args(argv)
     check_pair_options(args)
     if not 0 < args.bridge_rows <= 1:
@@ -335,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     if paths is None:  # a child: it printed its path's JSON
         return
     fast, plain = paths
+    if "step_bridge_rows_s" in fast or "step_target_cache_s" in fast:
+        fast["cheaper_peak_gib"] = measure_in_child("benchmarks.adapters", argv or sys.argv[1:], "cheaper")["peak_gib"]
     result = {
         **pair_header(args, fast),
         "d_sae": args.d_sae,
@@ -350,7 +370,8 @@ def main(argv: list[str] | None = None) -> None:
         if f"{name}_s" in fast:
             result[f"{name}_s"] = fast[f"{name}_s"]
             result[f"{name}_over_floor"] = fast[f"{name}_s"] / fast["floor_s"]
-    for key in ("target_cache_build_s", "target_cache_loss_abs_diff", "bridge_rows_error"):
+    result["floor_transformer_lens_s"] = fast["floor_transformer_lens_s"]
+    for key in ("target_cache_build_s", "target_cache_loss_abs_diff", "bridge_rows_error", "cheaper_peak_gib"):
         if key in fast:
             result[key] = fast[key]
     if "step_bridge_rows_s" in fast:
@@ -360,11 +381,17 @@ def main(argv: list[str] | None = None) -> None:
     if emit(result, args.out, args.json):
         return
     title = pair_title(result)
+    cheapest = [key for key in CHEAPER_ROWS if key in result][-1:]  # the one whose peak was measured
     rows = [
         ("adapter step (chunked losses)", result["step_s"], result["peak_gib"]),
         ("the step without bridging", result["step_without_bridging_s"], None),
-        *[(label, result[key], None) for key, label in CHEAPER_ROWS.items() if key in result],
+        *[
+            (label, result[key], result["cheaper_peak_gib"] if key in cheapest else None)
+            for key, label in CHEAPER_ROWS.items()
+            if key in result
+        ],
         ("floor: adapted fwd+bwd", result["floor_s"], None),
+        ("the floor in TransformerLens' blocks", result["floor_transformer_lens_s"], None),
         ("baseline step (full logits)", result["baseline_step_s"], result["baseline_peak_gib"]),
     ]
     print_table(title, rows, result)

@@ -44,11 +44,12 @@ def measure_in_child(module: str, argv: list[str], path: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def add_path_options(parser: argparse.ArgumentParser) -> None:
-    """``--out`` and ``--json`` for the parent, and the hidden ``--measure PATH`` of a child."""
+def add_path_options(parser: argparse.ArgumentParser, paths: tuple[str, ...] = ("fast", "plain")) -> None:
+    """``--out`` and ``--json`` for the parent, and the hidden ``--measure PATH`` of a child
+    (``paths``: the ones the benchmark measures)."""
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
-    parser.add_argument("--measure", choices=["fast", "plain"], help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=list(paths), help=argparse.SUPPRESS)
 
 
 def fast_and_plain(module: str, args, argv: list[str] | None, measure: Callable) -> tuple[dict, dict] | None:

@@ -85,9 +85,10 @@ def emit(result: dict, out: str | None, as_json: bool) -> bool:
 def print_table(title: str, rows: list[tuple[str, float, float | None]], result: dict) -> None:
     """``title``, then ``(label, seconds per step, peak GiB or None)`` rows, then the ratios."""
     print(title)
-    print(f"{'':<34} {'s/step':>8} {'peak GiB':>9}")
+    width = max(34, *(len(label) for label, _, _ in rows))
+    print(f"{'':<{width}} {'s/step':>8} {'peak GiB':>9}")
     for label, seconds, peak in rows:
-        print(f"{label:<34} {seconds:>8.3f} {'' if peak is None else f'{peak:.2f}':>9}")
+        print(f"{label:<{width}} {seconds:>8.3f} {'' if peak is None else f'{peak:.2f}':>9}")
     tail = f"step / floor {result['step_over_floor']:.2f}x   baseline / step {result['speedup_vs_baseline']:.2f}x"
     if "loss_abs_diff" in result:
         tail += f"   |loss - baseline loss| {result['loss_abs_diff']:.1e}"

@@ -12,6 +12,9 @@ with ``torch.autograd.graph.saved_tensors_hooks`` on models of several shapes (w
   contexts, and TL has no fused attention); with ``recompute`` (the training objectives'
   ``checkpoint=True``) a block keeps only its input, ``d`` values, and one block's worth is
   rebuilt at a time in backward, for one more forward of every block that had gradients;
+* the same layer in the adapter objective's lean blocks (:mod:`mechdiff.training.lean_blocks`:
+  fused attention, no weight copies): ``2 d + 2 (h + kv) d_head + h + 2 d_mlp + 4 d_head + S / 4``
+  (the last term: the boolean padding mask, ``S`` bytes per token);
 * an adapter: ``1.5 d + d_sae``; a LoRA layer adds ``3 d + d_mlp``;
 * the logits of a KL/CE loss: ``2.5 V`` fp32 values, plus ~3 V fp32 of transients.
 
@@ -235,6 +238,11 @@ def _full_layer(m: ModelShape, seq: int) -> float:
     return 4.5 * m.d_model + (3 * m.n_heads + m.n_kv_heads) * hd + 3.7 * m.d_mlp + 2.6 * m.n_heads * seq
 
 
+def _lean_layer(m: ModelShape, seq: int) -> float:
+    hd = m.head_dim
+    return 2 * m.d_model + (2 * (m.n_heads + m.n_kv_heads) + 4) * hd + m.n_heads + 2 * m.d_mlp + seq / 4
+
+
 def _forward_flops(m: ModelShape, tokens: float, seq: float, layers: float, unembed: bool = True) -> float:
     attn = 4 * seq * m.n_heads * m.head_dim  # QK^T and PV over the full (unmasked) S x S
     return tokens * (layers * (2 * m.layer_matmul_params() + attn) + (2 * m.d_model * m.d_vocab if unembed else 0))
@@ -254,6 +262,8 @@ def estimate(m: ModelShape, w: Workload) -> Estimate:
         ad_flops = tok * n * 4 * d * w.d_sae
         note = "2 model copies (base and target; the hybrid shares their tensors)"
     if w.task == "adapters":
+        full = _lean_layer(m, w.seq_len) * b  # the objective runs lean blocks
+        main = (n - 1) * full + n * adapter + 2.5 * logits
         # blocks with gradients: the adapted model's n, and at the worst cutoff k = 1 the two half
         # passes' n - 1 each (the first is the target's blocks, the second the adapted model's)
         bridged = 2 * (n - 1) if w.bridge else 0

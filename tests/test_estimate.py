@@ -73,10 +73,15 @@ def test_closed_forms():
     kv = 2 * 28 * 4 * 128 * 4 * 128 * 2  # K and V, layers, batch, positions, kv heads, d_head, bf16
     assert gen.memory["kv cache"] == pytest.approx(kv * (1 + 1 / 28))
     assert gen.memory["weights"] == 2 * m.params(hooked=True) * 2
-    short, long = (estimate(m, Workload("adapters", batch_size=1, seq_len=s)) for s in (512, 1024))
-    # attention patterns grow with S per token: doubling S more than doubles the activations
+    short, long = (estimate(m, Workload("attribution", batch_size=1, seq_len=s)) for s in (512, 1024))
+    # TransformerLens' attention patterns grow with S per token: doubling S more than doubles them
     assert long.memory["saved activations"] > 2.2 * short.memory["saved activations"]
-    assert "DOES NOT FIT" in long.report(DEVICES["h100"])  # 3 copies + fp32 adapters and Adam
+    short, long = (estimate(m, Workload("adapters", batch_size=1, seq_len=s)) for s in (512, 1024))
+    # the adapter objective's fused attention keeps no pattern: nearly linear in S
+    assert 2 < long.memory["saved activations"] / short.memory["saved activations"] < 2.1
+    assert "fits in" in long.report(DEVICES["h100"])
+    longer = estimate(m, Workload("adapters", batch_size=1, seq_len=4096))
+    assert "DOES NOT FIT" in longer.report(DEVICES["h100"])  # 2 copies + fp32 adapters, Adam, activations
     with pytest.raises(ValueError, match="task"):
         Workload("finetune")
 

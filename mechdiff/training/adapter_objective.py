@@ -56,6 +56,7 @@ from mechdiff.models import ModelPair
 from mechdiff.padding import pad
 from mechdiff.training.batches import step_indices
 from mechdiff.training.block_recompute import checkpointed_blocks
+from mechdiff.training.lean_blocks import lean_blocks
 from mechdiff.training.loop import LoopConfig, train
 from mechdiff.training.losses import Head, head_losses, hooked_head, masked_kl
 from mechdiff.training.recipe_loop import nests_loop
@@ -214,7 +215,10 @@ class AdapterObjective:
     that share of the rows, drawn at random each step, with the bridging KLs reweighted so their
     expectation is the whole batch's (1: all rows, exact). A call may pass ``target``, the batch's
     :class:`TargetPass` (from :meth:`target_pass`, or a :mod:`~mechdiff.training.target_cache`),
-    instead of running the target.
+    instead of running the target. ``lean`` (default) runs both models' blocks the way
+    :mod:`~mechdiff.training.lean_blocks` does (fused attention, no weight copies kept for
+    backward: half the memory of TransformerLens' blocks, equal to float error); ``lean=False``
+    runs TransformerLens' own.
 
     Under a process group each rank passes its shard of the global batch (and every rank must
     call it): token means and ratios of sums are weighted by :func:`rank_shares`, so the loss
@@ -230,6 +234,7 @@ class AdapterObjective:
         autocast: str | None = None,
         checkpoint: bool = False,
         bridge_rows: float = 1.0,
+        lean: bool = True,
     ):
         if not 0 < bridge_rows <= 1:
             raise ValueError(
@@ -237,7 +242,7 @@ class AdapterObjective:
             )
         self.adapted, self.target, self.weights = adapted, target, weights
         self.fast, self.autocast, self.checkpoint = fast, autocast, checkpoint
-        self.bridge_rows = bridge_rows
+        self.bridge_rows, self.lean = bridge_rows, lean
         for p in target.parameters():  # the target is a frozen teacher (bridging runs through it)
             p.requires_grad_(False)
         self.n_layers = adapted.config.n_layers
@@ -266,8 +271,12 @@ class AdapterObjective:
         """``dead`` (features that have not fired lately) enables the AuxK part when ``weights.aux``;
         ``target``: the batch's target pass, if already computed; ``bridge_subset``: the rows that
         run the bridges (default: all, or a random ``bridge_rows`` share of them)."""
-        models = (self.adapted.model, self.target) if self.checkpoint else ()
-        with self.precision(), checkpointed_blocks(models):
+        models = (self.adapted.model, self.target)
+        with (
+            self.precision(),
+            lean_blocks(models if self.lean else ()),
+            checkpointed_blocks(models if self.checkpoint else ()),
+        ):
             return self._loss(tokens, mask, cutoff, l1_scale, dead, k_aux, target, bridge_subset)
 
     @torch.no_grad()

@@ -33,6 +33,7 @@ def checkpointed_blocks(models: tuple[HookedTransformer, ...]):
     the rest (when gradients are on). A backward after the context still recomputes correctly: each
     wrapper holds the block's own forward."""
     blocks = [block for model in models for block in model.blocks]
+    previous = [block.__dict__.get("forward") for block in blocks]  # e.g. a lean forward (lean_blocks)
     for block in blocks:
 
         def run(*args, _forward=block.forward, **kwargs):
@@ -47,5 +48,8 @@ def checkpointed_blocks(models: tuple[HookedTransformer, ...]):
     try:
         yield
     finally:
-        for block in blocks:
-            del block.forward  # the class's forward again
+        for block, before in zip(blocks, previous, strict=True):
+            if before is None:
+                del block.forward  # the class's forward again
+            else:
+                block.forward = before
