@@ -79,6 +79,7 @@ def measure(args, path: str) -> dict:
     from mechdiff.padding import pad
     from mechdiff.training.adapter_objective import AdapterObjective, LossWeights
     from mechdiff.training.lean_blocks import lean_blocks
+    from mechdiff.training.loop import adamw
     from mechdiff.training.losses import Head, head_losses, next_token_keep
     from mechdiff.workloads import for_pair
 
@@ -109,7 +110,7 @@ def measure(args, path: str) -> dict:
         checkpoint=objective.checkpoint,
         lean=fast,
     )
-    opt = torch.optim.AdamW(adapted.adapters.parameters(), lr=1e-6)
+    opt = adamw(list(adapted.adapters.parameters()), lr=1e-6)  # as training builds it
     cheaper = cheaper_steps(args, adapted, pair.target, objective, traces, tokens, mask) if fast else {}
     keep = next_token_keep(mask)
 

@@ -43,6 +43,7 @@ def measure(args, path: str) -> dict:
     from mechdiff.padding import pad
     from mechdiff.real import chat, smollm2
     from mechdiff.real.finetune import Recipe, response_loss, training_mode
+    from mechdiff.training.loop import adamw
     from mechdiff.training.losses import next_token_ce, next_token_keep
 
     torch.set_num_threads(args.threads)
@@ -53,7 +54,7 @@ def measure(args, path: str) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loaded_gib = peak_rss_gib()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-9)  # tiny: the timed steps barely move the weights
+    opt = adamw(list(params), lr=1e-9)  # as training builds it; tiny: the timed steps barely move the weights
 
     def plain_loss():
         tokens, mask = pad(rows["input_ids"], pad_id)

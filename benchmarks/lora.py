@@ -45,6 +45,7 @@ def measure(args, path: str) -> dict:
 
     from mechdiff.adapters.lora import LoRAConfig, LoRAModel
     from mechdiff.capture import final_hidden
+    from mechdiff.training.loop import adamw
     from mechdiff.training.lora_objective import TraceBatches, make_loss_fn
     from mechdiff.training.losses import head_losses, hooked_head
     from mechdiff.workloads import for_pair
@@ -63,7 +64,7 @@ def measure(args, path: str) -> dict:
         lora, batches, target=target, kl_weight=args.kl_weight, fast=path == "fast", checkpoint=args.checkpoint
     )
     params = list(lora.layers.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-6)
+    opt = adamw(list(params), lr=1e-6)  # as training builds it
 
     def step():
         loss, _ = loss_fn(0)

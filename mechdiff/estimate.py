@@ -262,8 +262,8 @@ def estimate(m: ModelShape, w: Workload) -> Estimate:
         ad_flops = tok * n * 4 * d * w.d_sae
         note = "2 model copies (base and target; the hybrid shares their tensors)"
     if w.task == "adapters":
-        full = _lean_layer(m, w.seq_len) * b  # the objective runs lean blocks
-        main = (n - 1) * full + n * adapter + 2.5 * logits
+        lean = _lean_layer(m, w.seq_len) * b  # saved by the objective's lean blocks
+        main = (n - 1) * lean + n * adapter + 2.5 * logits
         # blocks with gradients: the adapted model's n, and at the worst cutoff k = 1 the two half
         # passes' n - 1 each (the first is the target's blocks, the second the adapted model's)
         bridged = 2 * (n - 1) if w.bridge else 0
@@ -271,11 +271,11 @@ def estimate(m: ModelShape, w: Workload) -> Estimate:
             # outside the blocks: each layer's NMSE error (d) and feature activations (d_sae)
             outside = n * (d + w.d_sae) * b
             saved = tok * ((n + bridged) * d * b + outside + (3 if w.bridge else 1) * 2.5 * logits)
-            rebuilt = tok * (full + adapter)
+            rebuilt = tok * (lean + adapter)
         else:
             saved = tok * main
             if w.bridge:
-                saved += tok * ((2 * n - 3) * full + (n - 1) * adapter + 2 * 2.5 * logits)
+                saved += tok * ((2 * n - 3) * lean + (n - 1) * adapter + 2 * 2.5 * logits)
             rebuilt = 0
         memory = {
             "weights": 2 * weights,
@@ -283,6 +283,7 @@ def estimate(m: ModelShape, w: Workload) -> Estimate:
             "grads": 4 * n_trained,
             "saved activations": saved,
             "target cache": tok * ((n + 1) * d + m.d_vocab) * b,
+            # a block's backward allocates about a TransformerLens layer's intermediates, lean or not
             "transients": tok * (3 * logits + full) + rebuilt,
         }
         half = _forward_flops(m, tok, w.seq_len, n / 2) if w.bridge else 0

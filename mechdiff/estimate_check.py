@@ -63,6 +63,7 @@ def _unit(pair, w: Workload):
     if w.task in ("adapters", "attribution"):
         from mechdiff.adapters.transcoder import AdaptedModel
         from mechdiff.training.adapter_objective import AdapterObjective, LossWeights
+        from mechdiff.training.loop import adamw
 
         adapted = AdaptedModel.from_pair(pair, w.d_sae)  # adapters follow the pair's device and dtype
         for p in pair.target.parameters():
@@ -76,17 +77,18 @@ def _unit(pair, w: Workload):
             ]
         weights = LossWeights(bridge=2.0 if w.bridge else 0.0)
         objective = AdapterObjective(adapted, pair.target, weights, checkpoint=w.recompute)
-        opt = torch.optim.AdamW(adapted.adapters.parameters())
+        opt = adamw(list(adapted.adapters.parameters()))
         mask = torch.ones_like(tokens, dtype=torch.bool)
         loss = lambda: objective(tokens, mask, cutoff=1)[0]  # noqa: E731 (the worst cutoff)
         modules = [adapted, adapted.model]
     elif w.task == "lora":
         from mechdiff.adapters.lora import LoRAConfig, LoRAModel
         from mechdiff.training.block_recompute import checkpointed_blocks
+        from mechdiff.training.loop import adamw
         from mechdiff.training.lora_objective import distillation_loss
 
         lora = LoRAModel.from_base(pair.base, LoRAConfig(rank=w.lora_rank))
-        opt = torch.optim.AdamW(lora.layers.parameters())
+        opt = adamw(list(lora.layers.parameters()))
         keep = torch.ones((w.batch_size, w.seq_len - 1), dtype=torch.bool, device=tokens.device)
 
         def loss():

@@ -59,10 +59,41 @@ def test_bad_input_is_refused():
     h, W = torch.randn(3, 4), torch.randn(4, 5)
     with pytest.raises(ValueError, match="nothing to compute"):
         head_losses([Head(h, W)])
-    with pytest.raises(ValueError, match="same rows"):
+    with pytest.raises(ValueError, match="more than the teacher"):
         head_losses([Head(h, W)], teacher=Head(torch.randn(2, 4), W))
     with pytest.raises(ValueError, match="prompt_len"):
         next_token_keep(torch.ones(1, 3, dtype=torch.bool), torch.tensor([5]))
+
+
+def test_students_on_a_prefix_of_the_rows_equal_their_own_call():
+    """A student covering the first rows shares the teacher's chunks: its losses and gradients (to
+    its rows, W and b) equal a call of its own on those rows, at chunk sizes that split it."""
+    gen = torch.Generator().manual_seed(0)
+    W, b = torch.randn(6, 13, generator=gen), torch.randn(13, generator=gen)
+    rows = torch.randn(9, 6, generator=gen)
+    teacher, labels = Head(torch.randn(9, 6, generator=gen), W * 1.5), torch.randint(0, 13, (9,), generator=gen)
+
+    def run(heads, n_rows, chunk):
+        leaves = [(h.clone().requires_grad_(True), w.clone().requires_grad_(True), c.clone().requires_grad_(True))
+                  for h, w, c in heads]  # fmt: skip
+        out = head_losses(
+            [Head(*leaf) for leaf in leaves],
+            labels=labels[:n_rows],
+            teacher=Head(teacher.hidden[:n_rows], teacher.W),
+            chunk=chunk,
+        )
+        (out.ce.sum() + 2 * out.kl.sum()).backward()
+        return out, [[t.grad for t in leaf] for leaf in leaves]
+
+    for chunk in (2, 4, 9):
+        both, grads = run([(rows, W, b), (rows[:5] * 0.5, W, b)], 9, chunk)
+        alone, alone_grads = run([(rows[:5] * 0.5, W, b)], 5, chunk)
+        full, full_grads = run([(rows, W, b)], 9, chunk)
+        for key in ("ce", "kl", "correct"):
+            torch.testing.assert_close(getattr(both, key)[1], getattr(alone, key)[0])
+            torch.testing.assert_close(getattr(both, key)[0], getattr(full, key)[0])
+        for got, expected in zip(grads[1] + grads[0], alone_grads[0] + full_grads[0], strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("tied", [False, True])

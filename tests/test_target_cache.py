@@ -123,6 +123,24 @@ def test_bridging_a_share_of_rows_is_unbiased(tiny, fast):
     assert drawn is not None and len(drawn) == 2 and len(set(drawn.tolist())) == 2
 
 
+def test_bridging_a_subset_fast_equals_plain(tiny):
+    """The chunked pass (the subset's tokens first, sharing the teacher's logits) against full
+    logits on the same subset: loss, parts and gradients."""
+    pair, adapted = tiny
+    tokens, mask = pad(_sequences()[:4], 0, side="right")
+    subset = torch.tensor([1, 3])
+    fast, plain = (
+        _step(AdapterObjective(adapted, pair.target, LossWeights(), fast=f, bridge_rows=0.5), adapted, tokens, mask,
+              bridge_subset=subset)
+        for f in (True, False)
+    )  # fmt: skip
+    torch.testing.assert_close(fast[0], plain[0], atol=1e-5, rtol=1e-5)
+    for name in ("kl", "bridge_a2t", "bridge_t2a"):
+        assert fast[1][name] == pytest.approx(plain[1][name], rel=1e-4, abs=1e-7), name
+    for g_fast, g_plain in zip(fast[2], plain[2], strict=True):
+        torch.testing.assert_close(g_fast, g_plain, atol=1e-5 * float(g_plain.abs().max()), rtol=1e-4)
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_a_subset_without_tokens_estimates_zero(tiny, fast):
     pair, adapted = tiny

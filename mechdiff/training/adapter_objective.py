@@ -58,7 +58,7 @@ from mechdiff.training.batches import step_indices
 from mechdiff.training.block_recompute import checkpointed_blocks
 from mechdiff.training.lean_blocks import lean_blocks
 from mechdiff.training.loop import LoopConfig, train
-from mechdiff.training.losses import Head, head_losses, hooked_head, masked_kl
+from mechdiff.training.losses import head_losses, hooked_head, masked_kl
 from mechdiff.training.recipe_loop import nests_loop
 from mechdiff.training.resampling import Resampler
 from mechdiff.training.target_cache import TargetPass
@@ -366,23 +366,27 @@ class AdapterObjective:
         return out
 
     def _fast_kls(self, t_hidden, hidden, t_resid, resid, mask, k, rows) -> dict[str, Tensor]:
+        """One chunked pass scores the main head and both bridges against the teacher's logits.
+        With bridges on a subset of the rows, the subset's tokens come first in every head, so
+        the bridges' students cover a prefix of the teacher's rows and share its logits."""
         model = self.adapted.model
-        if not k or rows is None:  # one chunked pass scores the main head and both bridges
-            students = [hooked_head(model, hidden[mask])]
-            if k:
-                a2t, t2a = self._bridge_runs(t_resid, resid, mask, k, logits=False)
-                students += [hooked_head(self.target, a2t[mask]), hooked_head(model, t2a[mask])]
-            kl = head_losses(students, teacher=hooked_head(self.target, t_hidden[mask])).kl
-            names = ("kl", "bridge_a2t", "bridge_t2a")
-            return {name: kl[i] for i, name in enumerate(names[: len(students)])}
-        teacher: Head = hooked_head(self.target, t_hidden[mask])
-        out = {"kl": head_losses([hooked_head(model, hidden[mask])], teacher=teacher).kl[0]}
-        b_mask = mask[rows]
+        if not k:
+            kl = head_losses([hooked_head(model, hidden[mask])], teacher=hooked_head(self.target, t_hidden[mask])).kl
+            return {"kl": kl[0]}
         a2t, t2a = self._bridge_runs(t_resid, resid, mask, k, False, rows)
-        students = [hooked_head(self.target, a2t[b_mask]), hooked_head(model, t2a[b_mask])]
-        kl = head_losses(students, teacher=hooked_head(self.target, t_hidden[rows][b_mask])).kl
+        first, bridged = (mask, mask) if rows is None else (torch.zeros_like(mask), mask[rows])
+        if rows is not None:
+            first[rows] = mask[rows]
+        rest = mask & ~first
+
+        def ordered(x: Tensor) -> Tensor:  # the bridged rows' tokens, then the others'
+            return torch.cat([x[first], x[rest]])
+
+        students = [hooked_head(model, ordered(hidden)), hooked_head(self.target, a2t[bridged])]
+        students.append(hooked_head(model, t2a[bridged]))
+        kl = head_losses(students, teacher=hooked_head(self.target, ordered(t_hidden))).kl
         weight = self._bridge_weight(mask, rows)
-        return {**out, "bridge_a2t": kl[0] * weight, "bridge_t2a": kl[1] * weight}
+        return {"kl": kl[0], "bridge_a2t": kl[1] * weight, "bridge_t2a": kl[2] * weight}
 
     @torch.no_grad()
     def _stats(

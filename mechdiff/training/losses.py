@@ -118,21 +118,34 @@ def head_losses(
     teacher: Head | None = None,
     chunk: int | None = None,
 ) -> HeadLosses:
-    """Mean CE(labels) and KL(teacher || student) of every student head over its ``n`` rows,
-    chunked over rows (see the module docstring); equal to :func:`next_token_ce` / :func:`masked_kl`
+    """Mean CE(labels) and KL(teacher || student) of every student head over its rows, chunked
+    over rows (see the module docstring); equal to :func:`next_token_ce` / :func:`masked_kl`
     on the full logits, gradients included (to the hidden rows, ``W`` and ``b`` where they need one).
+
+    A student may cover fewer rows than the teacher (or the labels): its ``n_s`` rows are the first
+    ``n_s`` of theirs, and its means are over those. So students on a subset of the rows share
+    the teacher's logits with the others instead of forming them again.
 
     ``chunk``: rows per chunk (default: :data:`CHUNK_ELEMENTS` logits per model). Under
     ``torch.autocast`` the matmuls run in the autocast dtype and the softmax in float32.
+
+    Example:
+        >>> _ = torch.manual_seed(0); W, h = torch.randn(4, 9), torch.randn(5, 4)
+        >>> teacher = Head(torch.randn(5, 4), W)
+        >>> both = head_losses([Head(h, W), Head(h[:2], W)], teacher=teacher).kl
+        >>> alone = head_losses([Head(h[:2], W)], teacher=Head(teacher.hidden[:2], W)).kl
+        >>> bool(torch.allclose(both[1], alone[0]))
+        True
     """
     if not students:
         raise ValueError("need at least one student head")
     if labels is None and teacher is None:
         raise ValueError("nothing to compute: give labels, a teacher, or both")
-    n = students[0].hidden.shape[0]
-    if any(s.hidden.shape[0] != n for s in students) or (teacher is not None and teacher.hidden.shape[0] != n):
-        raise ValueError("every head needs the same rows")
-    if n == 0:
+    n = max(s.hidden.shape[0] for s in students)
+    for rows in (labels, teacher.hidden if teacher is not None else None):
+        if rows is not None and rows.shape[0] < n:
+            raise ValueError(f"a student has {n} rows, more than the teacher or the labels ({rows.shape[0]})")
+    if any(s.hidden.shape[0] == 0 for s in students):
         raise ValueError("no rows to score")
     vocab = students[0].W.shape[1]
     chunk = chunk or max(1, CHUNK_ELEMENTS // vocab)
@@ -153,16 +166,21 @@ def _project(g: Tensor, W: Tensor, like: Tensor) -> Tensor:
 
 
 class _HeadLosses(torch.autograd.Function):
-    """Forward computes the losses and their gradients chunk by chunk; backward scales those."""
+    """Forward computes the losses and their gradients chunk by chunk; backward scales those.
+
+    Per chunk and student, one ``[rows, vocab]`` tensor goes from log-probabilities to
+    probabilities to the gradient in place, and the KL's difference goes through one scratch
+    buffer: each ``[rows, vocab]`` allocation and pass costs as much as a small matmul here.
+    """
 
     @staticmethod
     def forward(ctx, n_students, labels, chunk, t_hidden, t_W, t_b, *flat):
         heads = [flat[i : i + 3] for i in range(0, len(flat), 3)]
-        n = heads[0][0].shape[0]
-        dev = heads[0][0].device
+        sizes = [h.shape[0] for h, _, _ in heads]
+        n, dev = max(sizes), heads[0][0].device
         ce, kl = torch.zeros(n_students, device=dev), torch.zeros(n_students, device=dev)
         correct = torch.zeros(n_students, dtype=torch.long, device=dev)
-        grads = {}  # (student, term, which) -> accumulated gradient of that term's mean
+        grads = {}  # (student, term, which) -> accumulated gradient of that term's sum
         want = ctx.needs_input_grad[6:]
         terms = [t for t, on in (("ce", labels is not None), ("kl", t_hidden is not None)) if on]
         for s, (h, _, _) in enumerate(heads):
@@ -172,45 +190,54 @@ class _HeadLosses(torch.autograd.Function):
                 for j in (1, 2):
                     if want[3 * s + j]:
                         grads[s, term, j] = torch.zeros_like(heads[s][j], dtype=torch.float32)
+        scratch = None  # lp_t - lp, one chunk's worth
         with torch.no_grad():
             for lo in range(0, n, chunk):
-                rows = slice(lo, min(n, lo + chunk))
+                hi = min(n, lo + chunk)
                 p_t = lp_t = None
                 if t_hidden is not None:
-                    lp_t = _logits(t_hidden[rows], t_W, t_b).log_softmax(-1)
+                    lp_t = _logits(t_hidden[lo:hi], t_W, t_b).log_softmax(-1)
                     p_t = lp_t.exp()
+                    if scratch is None:
+                        scratch = torch.empty(min(chunk, n), lp_t.shape[1], device=dev)
                 for s, (h, W, b) in enumerate(heads):
-                    lp = _logits(h[rows], W, b).log_softmax(-1)
-                    p = lp.exp()
+                    if lo >= sizes[s]:
+                        continue
+                    m = min(hi, sizes[s]) - lo  # this student's rows in the chunk
+                    lp = _logits(h[lo : lo + m], W, b).log_softmax(-1)
                     term_grads = {}
+                    if lp_t is not None:
+                        diff = torch.sub(lp_t[:m], lp, out=scratch[:m])
+                        kl[s] += torch.dot(p_t[:m].flatten(), diff.flatten())
                     if labels is not None:
-                        y = labels[rows]
+                        y = labels[lo : lo + m]
                         ce[s] -= lp.gather(1, y[:, None]).sum()
                         correct[s] += (lp.argmax(-1) == y).sum()
-                        g = p.clone()
-                        g[torch.arange(len(y), device=dev), y] -= 1
+                    p = lp.exp_()  # lp is not needed again: probabilities in its place
+                    if labels is not None:
+                        g = p.clone() if lp_t is not None else p
+                        g[torch.arange(m, device=dev), y] -= 1
                         term_grads["ce"] = g
                     if lp_t is not None:
-                        kl[s] += (p_t * (lp_t - lp)).sum()
-                        term_grads["kl"] = p - p_t
+                        term_grads["kl"] = p.sub_(p_t[:m])
                     for term, g in term_grads.items():
-                        g = g / n
                         if (s, term, 0) in grads:
-                            grads[s, term, 0][rows] = _project(g, W, h)
+                            grads[s, term, 0][lo : lo + m] = _project(g, W, h)
                         if (s, term, 1) in grads:
-                            grads[s, term, 1] += h[rows].T.float() @ g
+                            grads[s, term, 1] += h[lo : lo + m].T.float() @ g
                         if (s, term, 2) in grads:
                             grads[s, term, 2] += g.sum(0)
-        ctx.n_students, ctx.grads = n_students, grads
+        size = torch.tensor(sizes, dtype=torch.float32, device=dev)
+        ctx.n_students, ctx.grads, ctx.sizes = n_students, grads, sizes
         ctx.dtypes = [(t.dtype if t is not None else None) for t in flat]
         ctx.mark_non_differentiable(correct)
-        return ce / n, kl / n, correct
+        return ce / size, kl / size, correct
 
     @staticmethod
     def backward(ctx, g_ce, g_kl, _):
         out = [None] * (3 * ctx.n_students)
         for (s, term, j), g in ctx.grads.items():
-            scale = (g_ce if term == "ce" else g_kl)[s]
+            scale = (g_ce if term == "ce" else g_kl)[s] / ctx.sizes[s]  # the gradients are of sums
             add = (g * scale).to(ctx.dtypes[3 * s + j])
             i = 3 * s + j
             out[i] = add if out[i] is None else out[i] + add
