@@ -279,7 +279,7 @@ def autocast_error(adapted, target, objective, tokens, mask, cutoff: int) -> dic
     (loss, parts, g), (loss_ac, parts_ac, g_ac) = got["exact"], got["autocast"]
     return {
         "loss": loss,
-        "loss_rel_error": abs(loss_ac - loss) / abs(loss),
+        "loss_rel_error": abs(loss_ac - loss) / max(abs(loss), 1e-12),
         "parts_rel_error": {k: abs(parts_ac[k] - v) / max(abs(v), 1e-12) for k, v in parts.items()},
         "grad_cosine": float(torch.nn.functional.cosine_similarity(g, g_ac, dim=0)),
         "grad_rel_norm_error": float((g_ac - g).norm() / g.norm()),

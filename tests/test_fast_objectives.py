@@ -43,6 +43,20 @@ def _random_adapters(pair, seed=0):
     return adapted
 
 
+def pair_and_batch(which: str, tiny_model_dir, organism):
+    """``(pair, tokens, mask)``: a tiny random pair with four right-padded rows, or the shipped
+    organism with six of its validation traces."""
+    if which == "tiny":
+        pair = _tiny_pair(tiny_model_dir)
+        gen = torch.Generator().manual_seed(3)
+        rows = [[2] + torch.randint(4, 64, (m,), generator=gen).tolist() for m in (5, 11, 8, 3)]
+    else:
+        pair = organism
+        rows = corpus.reasoning_traces(6, "validation")["input_ids"]
+    tokens, mask = pad(rows, pair.tokenizer.pad_token_id or 0, side="right")
+    return pair, tokens, mask
+
+
 def _grads(params):
     return [p.grad.clone() for p in params]
 
@@ -62,14 +76,7 @@ def _adapter_run(adapted, target, fast, tokens, mask, dead, checkpoint=False):
 
 @pytest.mark.parametrize("which,checkpoint", [("tiny", False), ("organism", False), ("tiny", True)])
 def test_adapter_objective_fast_equals_plain(which, checkpoint, tiny_model_dir, organism):
-    if which == "tiny":
-        pair = _tiny_pair(tiny_model_dir)
-        gen = torch.Generator().manual_seed(3)
-        rows = [[2] + torch.randint(4, 64, (m,), generator=gen).tolist() for m in (5, 11, 8, 3)]
-    else:
-        pair = organism
-        rows = corpus.reasoning_traces(6, "validation")["input_ids"]
-    tokens, mask = pad(rows, pair.tokenizer.pad_token_id or 0, side="right")
+    pair, tokens, mask = pair_and_batch(which, tiny_model_dir, organism)
     adapted = _random_adapters(pair)
     dead = torch.zeros(pair.n_layers, 32, dtype=torch.bool)
     dead[:, ::3] = True  # the AuxK part runs too

@@ -5,12 +5,11 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from test_fast_objectives import _random_adapters, pair_and_batch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from mechdiff.adapters.transcoder import AdaptedModel
 from mechdiff.models import load_pair
-from mechdiff.organism import corpus
-from mechdiff.padding import pad
 from mechdiff.training.adapter_objective import AdapterObjective, LossWeights
 from mechdiff.training.block_recompute import checkpointed_blocks
 from mechdiff.training.lean_blocks import lean_blocks, lean_unsupported
@@ -130,6 +129,14 @@ def test_a_hook_on_the_pattern_gets_transformer_lens_forward(tiny_model_dir):
     assert seen == [(2, 4, 7, 7)]
     torch.testing.assert_close(lean, model(tokens))
 
+    grads = []  # a backward hook on the pattern too
+    model.blocks[1].attn.hook_pattern.add_hook(lambda g, hook: grads.append(g.shape), dir="bwd")
+    resid = model.embed(tokens).detach().requires_grad_(True)
+    with lean_blocks((model,)):
+        model(resid, start_at_layer=0).sum().backward()
+    model.reset_hooks()
+    assert grads == [(2, 4, 7, 7)]
+
 
 def test_unsupported_blocks_and_restoring(tiny_model_dir):
     model = _custom(tiny_model_dir, "qwen2").requires_grad_(False)
@@ -167,19 +174,8 @@ def test_lean_blocks_keep_half_as_much_for_backward(tiny_model_dir):
 
 @pytest.mark.parametrize("which,checkpoint", [("tiny", False), ("organism", False), ("tiny", True)])
 def test_adapter_objective_lean_equals_transformer_lens(which, checkpoint, tiny_model_dir, organism):
-    if which == "tiny":
-        path = str(tiny_model_dir("qwen2", seed=0))
-        pair = load_pair("custom", base=path, target=str(tiny_model_dir("target", seed=1)), device="cpu")
-        gen = torch.Generator().manual_seed(3)
-        rows = [[2] + torch.randint(4, 64, (m,), generator=gen).tolist() for m in (5, 11, 8, 3)]
-    else:
-        pair = organism
-        rows = corpus.reasoning_traces(6, "validation")["input_ids"]
-    tokens, mask = pad(rows, pair.tokenizer.pad_token_id or 0, side="right")
-    torch.manual_seed(0)
-    adapted = AdaptedModel.from_pair(pair, 32, "topk", 4)
-    for a in adapted.adapters:
-        torch.nn.init.normal_(a.W_dec, std=0.3)
+    pair, tokens, mask = pair_and_batch(which, tiny_model_dir, organism)
+    adapted = _random_adapters(pair)
     params = list(adapted.adapters.parameters())
     got = {}
     for lean in (True, False):

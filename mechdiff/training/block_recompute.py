@@ -26,30 +26,25 @@ from contextlib import contextmanager
 import torch
 from transformer_lens import HookedTransformer
 
+from mechdiff.training.block_forwards import replaced_forwards
+
 
 @contextmanager
 def checkpointed_blocks(models: tuple[HookedTransformer, ...]):
     """Within the context, each block of ``models`` keeps only its input for backward and recomputes
     the rest (when gradients are on). A backward after the context still recomputes correctly: each
     wrapper holds the block's own forward."""
-    blocks = [block for model in models for block in model.blocks]
-    previous = [block.__dict__.get("forward") for block in blocks]  # e.g. a lean forward (lean_blocks)
-    for block in blocks:
 
-        def run(*args, _forward=block.forward, **kwargs):
+    def make(block, forward):
+        def run(*args, **kwargs):
             if not torch.is_grad_enabled():
-                return _forward(*args, **kwargs)
+                return forward(*args, **kwargs)
             # early_stop=False: the recomputation runs the whole block. Stopping once the saved
             # tensors are back would leave hooks that hand a tensor from one hook point to a later
             # one (LoRA's pending deltas) holding it, and with it the block's recomputed graph.
-            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, early_stop=False, **kwargs)
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, early_stop=False, **kwargs)
 
-        block.forward = run
-    try:
+        return run
+
+    with replaced_forwards([block for model in models for block in model.blocks], make):
         yield
-    finally:
-        for block, before in zip(blocks, previous, strict=True):
-            if before is None:
-                del block.forward  # the class's forward again
-            else:
-                block.forward = before

@@ -50,6 +50,8 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.components import GatedMLP, GroupedQueryAttention
 
+from mechdiff.training.block_forwards import replaced_forwards
+
 _UNSUPPORTED_FLAGS = (
     "use_attn_result",
     "use_split_qkv_input",
@@ -92,7 +94,7 @@ def lean_unsupported(block) -> str | None:
 def _hooks_unsupported(block) -> str | None:
     """The hooks that need TransformerLens' forward (checked on every call: hooks come and go)."""
     attn, mlp = block.attn, block.mlp
-    if attn.hook_attn_scores._forward_hooks or attn.hook_pattern._forward_hooks:
+    if any(point._forward_hooks or _has_backward_hooks(point) for point in (attn.hook_attn_scores, attn.hook_pattern)):
         return "hooks on the attention scores or pattern"
     if attn._forward_hooks or attn._forward_pre_hooks or mlp._forward_pre_hooks:
         return "module hooks on the attention or pre-hooks on the MLP"
@@ -110,27 +112,20 @@ def lean_blocks(models: tuple[HookedTransformer, ...]):
     """Within the context, every supported block of ``models`` runs the lean forward (module
     docstring); the others, and any block called with a key-value cache or shortformer position
     embeddings, run TransformerLens' own."""
-    blocks = [block for model in models for block in model.blocks if lean_unsupported(block) is None]
-    previous = [block.__dict__.get("forward") for block in blocks]
-    for block, before in zip(blocks, previous, strict=True):
-        fallback = before if before is not None else block.forward
 
-        def run(resid_pre, *args, _block=block, _fallback=fallback, **kwargs):
+    def make(block, fallback):
+        def run(resid_pre, *args, **kwargs):
             if args or kwargs.get("past_kv_cache_entry") is not None or kwargs.get("shortformer_pos_embed") is not None:
-                return _fallback(resid_pre, *args, **kwargs)
-            if _hooks_unsupported(_block) is not None:
-                return _fallback(resid_pre, **kwargs)
-            return lean_block_forward(_block, resid_pre, kwargs.get("attention_mask"))
+                return fallback(resid_pre, *args, **kwargs)
+            if _hooks_unsupported(block) is not None:
+                return fallback(resid_pre, **kwargs)
+            return lean_block_forward(block, resid_pre, kwargs.get("attention_mask"))
 
-        block.forward = run
-    try:
+        return run
+
+    blocks = [block for model in models for block in model.blocks if lean_unsupported(block) is None]
+    with replaced_forwards(blocks, make):
         yield
-    finally:
-        for block, before in zip(blocks, previous, strict=True):
-            if before is None:
-                del block.forward
-            else:
-                block.forward = before
 
 
 def lean_block_forward(
@@ -155,7 +150,7 @@ def _attention(attn, x: Tensor, attention_mask: Tensor | None) -> Tensor:
     def qkv_weight() -> Tensor:  # [d_model, (q + k + v heads) * d_head], rebuilt in backward
         return torch.cat([w.permute(1, 0, 2).flatten(1) for w in weights], dim=1)
 
-    bias = torch.cat([b_Q.flatten() for b_Q in (attn.b_Q, b_K, b_V)])
+    bias = torch.cat([b.flatten() for b in (attn.b_Q, b_K, b_V)])
     qkv = _FrozenLinear.apply(x, qkv_weight, bias)
     q, k, v = qkv.split([n_q * d_head, n_kv * d_head, n_kv * d_head], dim=-1)
     q = attn.hook_q(q.view(batch, pos, n_q, d_head))
