@@ -258,12 +258,12 @@ def estimate(m: ModelShape, w: Workload) -> Estimate:
     if w.task in ("adapters", "attribution"):
         n_trained = n * (2 * d * w.d_sae + w.d_sae + d)
         adapter = (1.5 * d + w.d_sae) * b
-        main = (n - 1) * full + n * adapter + 2.5 * logits
+        # a layer's saved values: the adapter objective runs lean blocks, attribution TL's own
+        layer = _lean_layer(m, w.seq_len) * b if w.task == "adapters" else full
+        main = (n - 1) * layer + n * adapter + 2.5 * logits
         ad_flops = tok * n * 4 * d * w.d_sae
         note = "2 model copies (base and target; the hybrid shares their tensors)"
     if w.task == "adapters":
-        lean = _lean_layer(m, w.seq_len) * b  # saved by the objective's lean blocks
-        main = (n - 1) * lean + n * adapter + 2.5 * logits
         # blocks with gradients: the adapted model's n, and at the worst cutoff k = 1 the two half
         # passes' n - 1 each (the first is the target's blocks, the second the adapted model's)
         bridged = 2 * (n - 1) if w.bridge else 0
@@ -271,11 +271,11 @@ def estimate(m: ModelShape, w: Workload) -> Estimate:
             # outside the blocks: each layer's NMSE error (d) and feature activations (d_sae)
             outside = n * (d + w.d_sae) * b
             saved = tok * ((n + bridged) * d * b + outside + (3 if w.bridge else 1) * 2.5 * logits)
-            rebuilt = tok * (lean + adapter)
+            rebuilt = tok * (layer + adapter)
         else:
             saved = tok * main
             if w.bridge:
-                saved += tok * ((2 * n - 3) * lean + (n - 1) * adapter + 2 * 2.5 * logits)
+                saved += tok * ((2 * n - 3) * layer + (n - 1) * adapter + 2 * 2.5 * logits)
             rebuilt = 0
         memory = {
             "weights": 2 * weights,

@@ -374,10 +374,10 @@ class AdapterObjective:
             kl = head_losses([hooked_head(model, hidden[mask])], teacher=hooked_head(self.target, t_hidden[mask])).kl
             return {"kl": kl[0]}
         a2t, t2a = self._bridge_runs(t_resid, resid, mask, k, False, rows)
-        first, bridged = (mask, mask) if rows is None else (torch.zeros_like(mask), mask[rows])
-        if rows is not None:
-            first[rows] = mask[rows]
-        rest = mask & ~first
+        in_subset = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+        in_subset[slice(None) if rows is None else rows] = True
+        first, rest = mask & in_subset[:, None], mask & ~in_subset[:, None]
+        bridged = mask if rows is None else mask[rows]  # the bridges ran on these rows
 
         def ordered(x: Tensor) -> Tensor:  # the bridged rows' tokens, then the others'
             return torch.cat([x[first], x[rest]])

@@ -190,7 +190,8 @@ class _HeadLosses(torch.autograd.Function):
                 for j in (1, 2):
                     if want[3 * s + j]:
                         grads[s, term, j] = torch.zeros_like(heads[s][j], dtype=torch.float32)
-        scratch = None  # lp_t - lp, one chunk's worth
+        # lp_t - lp, one chunk's worth
+        scratch = torch.empty(min(chunk, n), t_W.shape[1], device=dev) if t_hidden is not None else None
         with torch.no_grad():
             for lo in range(0, n, chunk):
                 hi = min(n, lo + chunk)
@@ -198,8 +199,6 @@ class _HeadLosses(torch.autograd.Function):
                 if t_hidden is not None:
                     lp_t = _logits(t_hidden[lo:hi], t_W, t_b).log_softmax(-1)
                     p_t = lp_t.exp()
-                    if scratch is None:
-                        scratch = torch.empty(min(chunk, n), lp_t.shape[1], device=dev)
                 for s, (h, W, b) in enumerate(heads):
                     if lo >= sizes[s]:
                         continue
