@@ -1,5 +1,10 @@
 """The memory/FLOPs estimator: shapes against transformers and TL, predictions against measurements."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -116,21 +121,40 @@ def test_saved_activations_within_25_percent(task, bridge, recompute):
     assert 0.8 < measured / predicted < 1.25, (measured, predicted)
 
 
+# Resident memory depends on what the process did before (glibc keeps freed pages, arenas of
+# finished threads): measured after other tests it read 1.8x for one workload, alone 1.06x. A
+# fresh interpreter measures what a user's `python -m mechdiff.estimate --measure` would.
+_MEASURE_IN_FRESH_PROCESS = """
+import json, sys
+from tests.test_estimate import ORGANISM, _pair
+from mechdiff.estimate import Workload
+from mechdiff.estimate_check import measure_memory
+pair = _pair(ORGANISM)
+print(json.dumps([measure_memory(pair, Workload(**w))["memory_growth"] for w in json.loads(sys.argv[1])]))
+"""
+
+
 def test_organism_memory_within_stated_factor():
-    """On the organism's shape: the working memory of a step within 1.5x (measured 1.0-1.25x).
+    """On the organism's shape: the working memory of a step within 1.5x (measured 1.03-1.25x).
     The time is a wall-clock measurement: ``python -m benchmarks.estimate`` compares it."""
     shape = ModelShape.from_config(Qwen2Config(**ORGANISM))
-    pair = _pair(ORGANISM)
+    common = dict(batch_size=16, seq_len=76, dtype="float32")
     loads = [
-        Workload("adapters", batch_size=16, seq_len=76, dtype="float32", d_sae=1024),
-        Workload("adapters", batch_size=16, seq_len=76, dtype="float32", d_sae=1024, recompute=True),
-        Workload("lora", batch_size=16, seq_len=76, dtype="float32", recompute=True),
-        Workload("generation", batch_size=64, seq_len=76, dtype="float32", new_tokens=24),
+        dict(task="adapters", d_sae=1024, **common),
+        dict(task="adapters", d_sae=1024, recompute=True, **common),
+        dict(task="lora", recompute=True, **common),
+        dict(task="generation", new_tokens=24, **{**common, "batch_size": 64}),
     ]
-    for w in loads:
-        got = measure_memory(pair, w)["memory_growth"]
-        est = estimate(shape, w)
-        assert 1 / 1.5 < got / est.working_bytes < 1.5, (w.task, got, est.memory)
+    child = subprocess.run(
+        [sys.executable, "-c", _MEASURE_IN_FRESH_PROCESS, json.dumps(loads)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    for load, got in zip(loads, json.loads(child.stdout.splitlines()[-1]), strict=True):
+        est = estimate(shape, Workload(**load))
+        assert 1 / 1.5 < got / est.working_bytes < 1.5, (load["task"], got, est.memory)
 
 
 def test_cli_prints_a_report(capsys):
