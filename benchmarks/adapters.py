@@ -184,7 +184,7 @@ def cheaper_steps(args, adapted, target, objective, traces, tokens, mask) -> dic
     if args.target_cache:
         folder = tempfile.mkdtemp(prefix="target-cache-")
         start = time.perf_counter()
-        cache = TargetCache.build(target, traces["input_ids"], folder, batch_size=args.batch)
+        cache = TargetCache.build(target, traces["input_ids"], folder, batch_size=args.batch, lean=objective.lean)
         build_s = time.perf_counter() - start
         rows = list(range(len(traces)))
         out["target"] = lambda: cache.batch(rows, tokens.shape[1])

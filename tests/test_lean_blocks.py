@@ -140,13 +140,24 @@ def test_a_hook_on_the_pattern_gets_transformer_lens_forward(tiny_model_dir):
 
 def test_unsupported_blocks_and_restoring(tiny_model_dir):
     model = _custom(tiny_model_dir, "qwen2").requires_grad_(False)
-    model.blocks[1].mlp.W_in.requires_grad_(True)  # a block whose weights train keeps TL's forward
+    W_in = model.blocks[1].mlp.W_in.requires_grad_(True)  # a block whose weights train keeps TL's forward
     assert "train" in lean_unsupported(model.blocks[1])
+    with torch.no_grad():
+        assert lean_unsupported(model.blocks[1]) is None  # ...while gradients are on
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+    model(tokens).sum().backward()
+    want, W_in.grad = W_in.grad, None
+    with lean_blocks((model,)):
+        model(tokens).sum().backward()
+    torch.testing.assert_close(W_in.grad, want)
     for outer, inner in ((lean_blocks, checkpointed_blocks), (checkpointed_blocks, lean_blocks)):
         with outer((model,)), inner((model,)):
-            assert "forward" in model.blocks[0].__dict__
-            assert ("forward" in model.blocks[1].__dict__) == (checkpointed_blocks in (outer, inner))
+            assert all("forward" in block.__dict__ for block in model.blocks)
         assert all("forward" not in block.__dict__ for block in model.blocks)
+    model.cfg.use_attn_result = True  # a block kind the lean forward never covers is left as it is
+    with lean_blocks((model,)):
+        assert all("forward" not in block.__dict__ for block in model.blocks)
+    model.cfg.use_attn_result = False
 
 
 def _saved_bytes(fn) -> int:

@@ -179,3 +179,29 @@ def test_the_train_command_line_passes_both_options(monkeypatch, tmp_path):
     )
     with pytest.raises(cli.UsageError, match="--bridge-rows"):
         adapters_cli._recipe(types.SimpleNamespace(**{**vars(args), "bridge_rows": 0.0}))
+
+
+def test_cache_runs_the_objectives_blocks(tiny, tmp_path, monkeypatch):
+    """``lean`` (default) builds the cache in lean blocks, as the objective's online target pass
+    runs: TransformerLens' attention module never runs; ``lean=False`` runs it. Both hold the
+    same values to float error."""
+    pair, _ = tiny
+    seqs = _sequences()
+    attention = type(pair.target.blocks[0].attn)
+    attention_calls, forward = [], attention.forward
+
+    def counted(self, *args, **kwargs):
+        attention_calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "forward", counted)  # a module hook would itself rule lean out
+    assert any(p.requires_grad for p in pair.target.parameters())  # no_grad is enough for lean
+    lean = TargetCache.build(pair.target, seqs, tmp_path / "lean", batch_size=3)
+    assert not attention_calls
+    plain = TargetCache.build(pair.target, seqs, tmp_path / "plain", batch_size=3, lean=False)
+    assert attention_calls
+    rows = [6, 1, 3]
+    got, want = lean.batch(rows, 13), plain.batch(rows, 13)
+    torch.testing.assert_close(got.out, want.out, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got.resid, want.resid, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

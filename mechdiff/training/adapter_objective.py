@@ -282,7 +282,7 @@ class AdapterObjective:
     @torch.no_grad()
     def target_pass(self, tokens: Int[Tensor, "batch pos"], mask: Mask) -> TargetPass:
         """The target's forward on a batch: what :meth:`__call__` runs when given no ``target``."""
-        with self.precision():
+        with self.precision(), lean_blocks((self.target,) if self.lean else ()):
             out, resid, _ = run_capture(self.target, tokens, mask, logits=not self.fast)
         return TargetPass(out, resid)
 
@@ -557,7 +557,9 @@ def train_adapters(
     if target_cache is not None:
         from mechdiff.training.target_cache import TargetCache
 
-        cached = TargetCache.build(pair.target, traces["input_ids"], target_cache, progress=recipe.progress)
+        cached = TargetCache.build(
+            pair.target, traces["input_ids"], target_cache, progress=recipe.progress, lean=objective.lean
+        )
     resampler = Resampler(adapted, recipe)
     warm = max(1, int(recipe.l1_warmup_frac * recipe.steps))
     device = adapted.model.cfg.device

@@ -70,7 +70,12 @@ _UNSUPPORTED_FLAGS = (
 
 def lean_unsupported(block) -> str | None:
     """Why ``block`` (a TransformerLens ``TransformerBlock``) must run TransformerLens' own
-    forward under :func:`lean_blocks`; None when the lean forward covers it."""
+    forward under :func:`lean_blocks` now; None when the lean forward covers it."""
+    return _config_unsupported(block) or _call_unsupported(block)
+
+
+def _config_unsupported(block) -> str | None:
+    """What the lean forward never covers: checked once, on entering :func:`lean_blocks`."""
     cfg, attn, mlp = block.cfg, block.attn, block.mlp
     for flag in _UNSUPPORTED_FLAGS:
         if getattr(cfg, flag, None):
@@ -85,9 +90,16 @@ def lean_unsupported(block) -> str | None:
         return "query/key norms"
     if type(mlp).__name__ not in ("GatedMLP", "MLP") or getattr(mlp, "ln", None) is not None:
         return f"MLP kind {type(mlp).__name__}"
-    frozen = (p for module in (attn, mlp, block.ln1, block.ln2) for p in module.parameters())
-    if any(p.requires_grad for p in frozen):
-        return "its weights train (the lean forward keeps no input for a weight's gradient)"
+    return None
+
+
+def _call_unsupported(block) -> str | None:
+    """What rules the lean forward out for one call: weights that train while gradients are on,
+    and hooks (checked on every call: hooks come and go, gradients switch on and off)."""
+    if torch.is_grad_enabled():
+        frozen = (p for module in (block.attn, block.mlp, block.ln1, block.ln2) for p in module.parameters())
+        if any(p.requires_grad for p in frozen):
+            return "its weights train (the lean forward keeps no input for a weight's gradient)"
     return _hooks_unsupported(block)
 
 
@@ -117,13 +129,13 @@ def lean_blocks(models: tuple[HookedTransformer, ...]):
         def run(resid_pre, *args, **kwargs):
             if args or kwargs.get("past_kv_cache_entry") is not None or kwargs.get("shortformer_pos_embed") is not None:
                 return fallback(resid_pre, *args, **kwargs)
-            if _hooks_unsupported(block) is not None:
+            if _call_unsupported(block) is not None:
                 return fallback(resid_pre, **kwargs)
             return lean_block_forward(block, resid_pre, kwargs.get("attention_mask"))
 
         return run
 
-    blocks = [block for model in models for block in model.blocks if lean_unsupported(block) is None]
+    blocks = [block for model in models for block in model.blocks if _config_unsupported(block) is None]
     with replaced_forwards(blocks, make):
         yield
 

@@ -45,6 +45,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from mechdiff.training.activation_cache import ActivationCache, CacheError, cache_activations
+from mechdiff.training.lean_blocks import lean_blocks
 
 __all__ = ["TargetCache", "TargetPass", "model_fingerprint", "traces_fingerprint"]
 
@@ -122,20 +123,25 @@ class TargetCache:
         batch_size: int = 8,
         shard_rows: int = 16384,
         progress: bool = False,
+        lean: bool = True,
     ) -> TargetCache:
         """Run ``target`` over ``sequences`` once and store its pass in ``directory``: a killed run
-        resumes, a finished cache is reused (after the same checks as opening it)."""
+        resumes, a finished cache is reused (after the same checks as opening it). ``lean``
+        (default) runs the blocks as the adapter objective's target pass does
+        (:mod:`~mechdiff.training.lean_blocks`: fused attention, faster); ``False``,
+        TransformerLens' own forward. Either agrees with the other to float error."""
         meta = {"target": model_fingerprint(target), "traces": traces_fingerprint(sequences)}
-        cache_activations(
-            target,
-            sequences,
-            directory,
-            _hook_names(target),
-            batch_size=batch_size,
-            shard_rows=shard_rows,
-            meta=meta,
-            progress=progress,
-        )
+        with lean_blocks((target,) if lean else ()):
+            cache_activations(
+                target,
+                sequences,
+                directory,
+                _hook_names(target),
+                batch_size=batch_size,
+                shard_rows=shard_rows,
+                meta=meta,
+                progress=progress,
+            )
         return cls(directory, target, sequences)
 
     def _locate(self, n_sequences: int) -> None:
