@@ -71,7 +71,7 @@ _UNSUPPORTED_FLAGS = (
 def lean_unsupported(block) -> str | None:
     """Why ``block`` (a TransformerLens ``TransformerBlock``) must run TransformerLens' own
     forward under :func:`lean_blocks` now; None when the lean forward covers it."""
-    return _config_unsupported(block) or _call_unsupported(block)
+    return _config_unsupported(block) or _call_unsupported(block, _weights_train(block))
 
 
 def _config_unsupported(block) -> str | None:
@@ -93,13 +93,16 @@ def _config_unsupported(block) -> str | None:
     return None
 
 
-def _call_unsupported(block) -> str | None:
-    """What rules the lean forward out for one call: weights that train while gradients are on,
-    and hooks (checked on every call: hooks come and go, gradients switch on and off)."""
-    if torch.is_grad_enabled():
-        frozen = (p for module in (block.attn, block.mlp, block.ln1, block.ln2) for p in module.parameters())
-        if any(p.requires_grad for p in frozen):
-            return "its weights train (the lean forward keeps no input for a weight's gradient)"
+def _weights_train(block) -> bool:
+    return any(p.requires_grad for module in (block.attn, block.mlp, block.ln1, block.ln2) for p in module.parameters())
+
+
+def _call_unsupported(block, trains: bool) -> str | None:
+    """What rules the lean forward out for one call: weights that train (``trains``) while
+    gradients are on, and hooks (checked on every call: hooks come and go, gradients switch on
+    and off)."""
+    if trains and torch.is_grad_enabled():
+        return "its weights train (the lean forward keeps no input for a weight's gradient)"
     return _hooks_unsupported(block)
 
 
@@ -126,10 +129,12 @@ def lean_blocks(models: tuple[HookedTransformer, ...]):
     embeddings, run TransformerLens' own."""
 
     def make(block, fallback):
+        trains = _weights_train(block)  # once per context, not per call (a walk over submodules)
+
         def run(resid_pre, *args, **kwargs):
             if args or kwargs.get("past_kv_cache_entry") is not None or kwargs.get("shortformer_pos_embed") is not None:
                 return fallback(resid_pre, *args, **kwargs)
-            if _call_unsupported(block) is not None:
+            if _call_unsupported(block, trains) is not None:
                 return fallback(resid_pre, **kwargs)
             return lean_block_forward(block, resid_pre, kwargs.get("attention_mask"))
 

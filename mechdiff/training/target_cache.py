@@ -10,8 +10,9 @@ On disk it is an :mod:`~mechdiff.training.activation_cache` (safetensors shards,
 resumable) of ``blocks.{i}.hook_resid_post`` for every layer, one row per real token, in the
 target's own dtype, computed in the lean blocks the objective's target pass runs
 (:mod:`~mechdiff.training.lean_blocks`): read back, the loss equals the online target's to float
-error (the batches are padded differently). Its header names the target (a fingerprint of its weights) and the
-traces (a hash of their tokens), so a cache is never read for another model or another trace set.
+error (the batches are padded differently). Its header names the target (a fingerprint of its
+weights) and the traces (a hash of their tokens), so a cache is never read for another model or
+another trace set.
 It costs ``n_layers * d_model`` values per token: 71 KB in float32 on SmolLM2-135M, 4 GB for the
 study's 240 training traces.
 
